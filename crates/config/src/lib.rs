@@ -1,0 +1,24 @@
+//! The `lb.yaml` model and everything YAML.
+//!
+//! Parsing is strict (unknown keys are errors), then every semantic problem is
+//! collected at once, each naming the file, the item (`listeners[1].role`), the
+//! line and column where it can be known, and what to write instead. Nothing
+//! outside this crate touches YAML. No sockets are bound here.
+#![forbid(unsafe_code)]
+
+mod duration;
+mod error;
+mod load;
+mod model;
+mod positions;
+mod raw;
+mod secret;
+mod validate;
+
+pub use duration::{format_duration, parse_duration};
+pub use error::{ConfigError, Problem};
+pub use load::{load_file, load_str};
+pub use model::{
+    AdminConfig, BackendConfig, Balance, Config, HealthConfig, ListenerConfig, Role, SslMode,
+};
+pub use secret::Secret;

@@ -1,0 +1,163 @@
+//! Routing table construction and selection against small configs.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use pglb_config::{load_str, Config};
+use pglb_routing::{BackendLoad, BackendState, Cursor, Observation, ObservedRole, RoutingTable};
+
+fn config(balance: &str, weights: [u32; 3]) -> Config {
+    let text = format!(
+        "listeners:
+  - {{name: rw, listen: 127.0.0.1:5432, role: primary}}
+  - {{name: ro, listen: 127.0.0.1:5433, role: replica, fallback: primary, balance: {balance}}}
+  - {{name: all, listen: 127.0.0.1:5434, role: any, balance: {balance}}}
+backends:
+  - {{name: a, address: 127.0.0.1:1, weight: {}}}
+  - {{name: b, address: 127.0.0.1:2, weight: {}}}
+  - {{name: c, address: 127.0.0.1:3, weight: {}}}
+",
+        weights[0], weights[1], weights[2]
+    );
+    load_str(Path::new("test.yaml"), &text).expect("valid config")
+}
+
+fn state(healthy: bool, role: ObservedRole) -> BackendState {
+    let mut s = BackendState::default();
+    let obs = if healthy {
+        Observation::Up { role }
+    } else {
+        Observation::Down { reason: "x".into() }
+    };
+    s.observe(obs, 1, 1);
+    if !healthy {
+        s.role = role;
+    }
+    s
+}
+
+fn table(config: &Config, states: &[BackendState]) -> RoutingTable {
+    let loads: Vec<_> = states.iter().map(|_| Arc::new(BackendLoad::default())).collect();
+    RoutingTable::build(1, config, states, &loads)
+}
+
+fn names(t: &RoutingTable, listener: &str) -> Vec<String> {
+    let route = t.listener(listener).expect("listener");
+    route.eligible.iter().map(|&i| t.backends[i].config.name.clone()).collect()
+}
+
+#[test]
+fn roles_map_to_listeners() {
+    let c = config("round_robin", [1, 1, 1]);
+    let t = table(
+        &c,
+        &[
+            state(true, ObservedRole::Primary),
+            state(true, ObservedRole::Replica),
+            state(false, ObservedRole::Replica),
+        ],
+    );
+    assert_eq!(names(&t, "rw"), ["a"]);
+    assert_eq!(names(&t, "ro"), ["b"]);
+    assert_eq!(names(&t, "all"), ["a", "b"]);
+    assert!(!t.listener("ro").expect("ro").via_fallback);
+}
+
+#[test]
+fn replica_listener_falls_back_to_primary() {
+    let c = config("round_robin", [1, 1, 1]);
+    let t = table(
+        &c,
+        &[
+            state(true, ObservedRole::Primary),
+            state(false, ObservedRole::Replica),
+            state(false, ObservedRole::Replica),
+        ],
+    );
+    assert_eq!(names(&t, "ro"), ["a"]);
+    assert!(t.listener("ro").expect("ro").via_fallback);
+}
+
+#[test]
+fn two_primaries_fence_the_primary_listener() {
+    let c = config("round_robin", [1, 1, 1]);
+    let t = table(
+        &c,
+        &[
+            state(true, ObservedRole::Primary),
+            state(true, ObservedRole::Primary),
+            state(true, ObservedRole::Replica),
+        ],
+    );
+    assert!(t.split_brain);
+    assert!(names(&t, "rw").is_empty());
+    assert_eq!(names(&t, "all"), ["c"]);
+}
+
+fn spread(balance: &str, weights: [u32; 3], picks: usize) -> HashMap<String, usize> {
+    let c = config(balance, weights);
+    let t = table(
+        &c,
+        &[
+            state(true, ObservedRole::Replica),
+            state(true, ObservedRole::Replica),
+            state(true, ObservedRole::Replica),
+        ],
+    );
+    let route = t.listener("ro").expect("ro");
+    let cursor = Cursor::default();
+    let mut counts = HashMap::new();
+    for _ in 0..picks {
+        let candidates = route.candidates(&t, &cursor);
+        assert_eq!(candidates.len(), 3, "every eligible backend is a candidate");
+        let first = candidates[0];
+        // Simulate a connection that stays open, so load-aware policies see it.
+        t.backends[first].load.open();
+        *counts.entry(t.backends[first].config.name.clone()).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn round_robin_honours_weights() {
+    let counts = spread("round_robin", [1, 2, 3], 600);
+    assert_eq!(counts["a"], 100);
+    assert_eq!(counts["b"], 200);
+    assert_eq!(counts["c"], 300);
+}
+
+#[test]
+fn least_conn_honours_weights() {
+    let counts = spread("least_conn", [1, 1, 2], 400);
+    assert_eq!(counts["a"], 100);
+    assert_eq!(counts["b"], 100);
+    assert_eq!(counts["c"], 200);
+}
+
+#[test]
+fn random_two_choices_balances_by_weight() {
+    let counts = spread("random", [1, 1, 2], 4000);
+    // Two choices over open connections keeps the spread tight.
+    for (name, expect) in [("a", 1000), ("b", 1000), ("c", 2000)] {
+        let got = counts[name] as i64;
+        assert!((got - expect).abs() < expect / 10, "{name}: {got} vs {expect}");
+    }
+}
+
+#[test]
+fn round_robin_smooths_weights() {
+    let c = config("round_robin", [5, 1, 1]);
+    let states = [
+        state(true, ObservedRole::Replica),
+        state(true, ObservedRole::Replica),
+        state(true, ObservedRole::Replica),
+    ];
+    let t = table(&c, &states);
+    let route = t.listener("ro").expect("ro");
+    let cursor = Cursor::default();
+    let order: String = (0..7)
+        .map(|_| t.backends[route.candidates(&t, &cursor)[0]].config.name.clone())
+        .collect();
+    assert_eq!(order, "aabacaa", "nginx's smooth order, not aaaaabc");
+}
