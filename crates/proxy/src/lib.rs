@@ -1,1 +1,18 @@
+//! The data path: listeners accept clients, read the PostgreSQL client's
+//! first message, pick a backend from the current routing table (a lock-free
+//! load), connect, and hand both sockets to a forwarder.
+//!
+//! Only `forward::splice` may use `unsafe`; everything else forbids it.
+#![deny(unsafe_code)]
 
+mod cancel;
+mod connect;
+pub mod forward;
+mod listener;
+mod metrics;
+pub mod protocol;
+mod refuse;
+mod session;
+
+pub use listener::{bind, serve, ListenerContext};
+pub use metrics::describe as describe_metrics;

@@ -1,0 +1,180 @@
+//! Just enough of the PostgreSQL wire protocol for a balancer: the client's
+//! first message (startup, SSL/GSS negotiation, cancel) and ErrorResponse.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// PostgreSQL's own cap on a startup packet (MAX_STARTUP_PACKET_LENGTH).
+pub const MAX_FIRST_MESSAGE: usize = 10_000;
+
+const CANCEL_REQUEST: u32 = 80_877_102;
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+
+/// What a client opened with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstKind {
+    SslRequest,
+    GssEncRequest,
+    /// A cancel for the session with this process id.
+    Cancel { pid: u32 },
+    /// A protocol-3 StartupMessage.
+    Startup {
+        user: Option<String>,
+        database: Option<String>,
+    },
+}
+
+/// A client's first message, kept whole so it can be passed on unchanged.
+#[derive(Debug, Clone)]
+pub struct FirstMessage {
+    pub bytes: Vec<u8>,
+    pub kind: FirstKind,
+}
+
+/// Why a first message was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum FirstMessageError {
+    #[error("client closed the connection before sending a startup message")]
+    Closed,
+    #[error("first message length {0} is outside 8..={MAX_FIRST_MESSAGE}")]
+    BadLength(u32),
+    #[error("first message has unknown code {0} (not a PostgreSQL client)")]
+    UnknownCode(u32),
+    #[error("cannot read first message: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl FirstMessageError {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Closed => "client_closed",
+            Self::BadLength(_) | Self::UnknownCode(_) => "bad_startup",
+            Self::Io(_) => "client_error",
+        }
+    }
+}
+
+/// Reads one client message that has no type byte (every pre-startup message).
+pub async fn read_first<R: AsyncRead + Unpin>(r: &mut R) -> Result<FirstMessage, FirstMessageError> {
+    let mut head = [0u8; 8];
+    match r.read_exact(&mut head[..4]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FirstMessageError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    if !(8..=MAX_FIRST_MESSAGE as u32).contains(&len) {
+        return Err(FirstMessageError::BadLength(len));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    bytes[..4].copy_from_slice(&head[..4]);
+    r.read_exact(&mut bytes[4..]).await.map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => FirstMessageError::Closed,
+        _ => FirstMessageError::Io(e),
+    })?;
+    let kind = classify(&bytes)?;
+    Ok(FirstMessage { bytes, kind })
+}
+
+fn classify(bytes: &[u8]) -> Result<FirstKind, FirstMessageError> {
+    let code = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    match code {
+        SSL_REQUEST if bytes.len() == 8 => Ok(FirstKind::SslRequest),
+        GSSENC_REQUEST if bytes.len() == 8 => Ok(FirstKind::GssEncRequest),
+        CANCEL_REQUEST if bytes.len() >= 16 => Ok(FirstKind::Cancel {
+            pid: u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+        }),
+        c if c >> 16 == 3 => Ok(startup(&bytes[8..])),
+        c => Err(FirstMessageError::UnknownCode(c)),
+    }
+}
+
+/// Reads `user` and `database` from StartupMessage parameters (for logs).
+fn startup(params: &[u8]) -> FirstKind {
+    let mut fields = params.split(|b| *b == 0);
+    let (mut user, mut database) = (None, None);
+    while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+        if k.is_empty() {
+            break;
+        }
+        let value = Some(String::from_utf8_lossy(v).into_owned());
+        match k {
+            b"user" => user = value,
+            b"database" => database = value,
+            _ => {}
+        }
+    }
+    FirstKind::Startup { user, database }
+}
+
+/// A protocol-3 ErrorResponse, severity FATAL.
+pub fn fatal_error(sqlstate: &str, message: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(message.len() + 32);
+    for (tag, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', sqlstate), (b'M', message)] {
+        body.push(tag);
+        body.extend(value.bytes().filter(|b| *b != 0));
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(b'E');
+    out.extend(((body.len() + 4) as u32).to_be_bytes());
+    out.extend(body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(code: u32, rest: &[u8]) -> Vec<u8> {
+        let mut m = ((8 + rest.len()) as u32).to_be_bytes().to_vec();
+        m.extend(code.to_be_bytes());
+        m.extend(rest);
+        m
+    }
+
+    async fn read(bytes: &[u8]) -> Result<FirstMessage, FirstMessageError> {
+        read_first(&mut &bytes[..]).await
+    }
+
+    #[tokio::test]
+    async fn reads_startup_with_parameters() {
+        let m = msg(196_608, b"user\0alice\0database\0app\0\0");
+        let first = read(&m).await.expect("valid startup");
+        assert_eq!(first.bytes, m);
+        assert_eq!(
+            first.kind,
+            FirstKind::Startup { user: Some("alice".into()), database: Some("app".into()) }
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_negotiation_and_cancel() {
+        assert_eq!(read(&msg(SSL_REQUEST, b"")).await.expect("ssl").kind, FirstKind::SslRequest);
+        assert_eq!(read(&msg(GSSENC_REQUEST, b"")).await.expect("gss").kind, FirstKind::GssEncRequest);
+        let cancel = msg(CANCEL_REQUEST, &[0, 0, 0, 42, 1, 2, 3, 4]);
+        assert_eq!(read(&cancel).await.expect("cancel").kind, FirstKind::Cancel { pid: 42 });
+    }
+
+    #[tokio::test]
+    async fn rejects_garbage() {
+        assert!(matches!(read(b"GET / HTTP/1.1\r\n\r\n").await, Err(FirstMessageError::BadLength(_))));
+        assert!(matches!(read(&msg(1234, b"")).await, Err(FirstMessageError::UnknownCode(1234))));
+        assert!(matches!(read(&[0, 0, 0x27, 0x11]).await, Err(FirstMessageError::BadLength(10001))));
+        assert!(matches!(read(&[0, 0, 0, 20, 0]).await, Err(FirstMessageError::Closed)));
+        assert!(matches!(read(b"").await, Err(FirstMessageError::Closed)));
+    }
+
+    #[test]
+    fn error_response_is_well_formed() {
+        let e = fatal_error("57P03", "pglb: no healthy primary");
+        assert_eq!(e[0], b'E');
+        let len = u32::from_be_bytes([e[1], e[2], e[3], e[4]]) as usize;
+        assert_eq!(len + 1, e.len());
+        assert!(e.ends_with(b"pglb: no healthy primary\0\0"));
+    }
+}
