@@ -1,6 +1,29 @@
-#[test]
-fn nested() {
-    let out = std::process::Command::new(env!("CARGO")).args(["build", "-p", "pglb", "--bin", "pglb"]).output().unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success());
+//! The end-to-end harness: builds the `pglb` binary, starts it with a config
+//! file the way an operator would, and talks to it over PostgreSQL and HTTP.
+//! Every wait polls a condition with a deadline; nothing sleeps blindly.
+
+pub mod cluster;
+pub mod http;
+pub mod pglb;
+pub mod psql;
+
+use std::time::{Duration, Instant};
+
+pub use cluster::{shared_cluster, SharedCluster};
+pub use pglb::{Pglb, Yaml};
+
+/// Polls `f` every 50ms until it returns `Some`, or panics after `timeout`
+/// with `what` and the last value seen.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match f() {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -61,7 +61,11 @@ pub fn status_json(table: &RoutingTable) -> String {
             fallback: l.config.fallback.map(|r| r.as_str()),
             balance: l.config.balance.as_str(),
             via_fallback: l.via_fallback,
-            backends: l.eligible.iter().map(|&i| table.backends[i].config.name.as_str()).collect(),
+            backends: l
+                .eligible
+                .iter()
+                .map(|&i| table.backends[i].config.name.as_str())
+                .collect(),
         })
         .collect();
     let status = Status {

@@ -52,19 +52,27 @@ impl Node {
     /// Starts the server and waits until it accepts connections.
     pub fn start(&self) -> Result<(), ClusterError> {
         let mut cmd = self.pg_ctl();
-        cmd.args(["-w", "-t", "60", "-l"]).arg(&self.log).arg("start");
+        cmd.args(["-w", "-t", "60", "-l"])
+            .arg(&self.log)
+            .arg("start");
         run(&mut cmd, &format!("start {}", self.name)).map_err(|e| self.with_log(e))?;
         Ok(())
     }
 
     /// Stops the server (`fast` or `immediate`); a server already down is fine.
     pub fn stop(&self, mode: &str) {
-        let _ = self.pg_ctl().args(["-w", "-t", "60", "-m", mode, "stop"]).output();
+        let _ = self
+            .pg_ctl()
+            .args(["-w", "-t", "60", "-m", mode, "stop"])
+            .output();
     }
 
     /// Promotes a standby and waits until it is out of recovery.
     pub fn promote(&self) -> Result<(), ClusterError> {
-        run(self.pg_ctl().args(["-w", "-t", "60", "promote"]), &format!("promote {}", self.name))?;
+        run(
+            self.pg_ctl().args(["-w", "-t", "60", "promote"]),
+            &format!("promote {}", self.name),
+        )?;
         Ok(())
     }
 
@@ -80,7 +88,12 @@ impl Node {
             what: format!("signal {}", self.name),
             detail: "postmaster.pid is missing: the server is not running".into(),
         })?;
-        run(Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()), "kill")?;
+        run(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string()),
+            "kill",
+        )?;
         Ok(())
     }
 
@@ -88,7 +101,17 @@ impl Node {
     pub fn sql(&self, sql: &str) -> Result<String, ClusterError> {
         let out = run(
             Command::new("psql")
-                .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-XAtq", "-v", "ON_ERROR_STOP=1"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-XAtq",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                ])
                 .arg("-p")
                 .arg(self.port.to_string())
                 .arg("-c")
@@ -111,7 +134,10 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Err(ClusterError::Timeout(format!("{}: `{sql}` never returned `{want}` (last: {last})", self.name)))
+        Err(ClusterError::Timeout(format!(
+            "{}: `{sql}` never returned `{want}` (last: {last})",
+            self.name
+        )))
     }
 
     /// Appends settings to postgresql.conf (they override earlier lines).
@@ -131,10 +157,13 @@ impl Node {
 
 pub(crate) fn append(path: &Path, lines: &[String]) -> Result<(), ClusterError> {
     use std::io::Write;
-    let mut file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| ClusterError::Io {
-        path: path.to_owned(),
-        source: e,
-    })?;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| ClusterError::Io {
+            path: path.to_owned(),
+            source: e,
+        })?;
     for line in lines {
         writeln!(file, "{line}").map_err(|e| ClusterError::Io {
             path: path.to_owned(),

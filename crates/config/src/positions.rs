@@ -40,8 +40,14 @@ impl Positions {
 
 enum Frame {
     /// In a mapping: the key waiting for its value, if any.
-    Map { path: String, key: Option<String> },
-    Seq { path: String, next: usize },
+    Map {
+        path: String,
+        key: Option<String>,
+    },
+    Seq {
+        path: String,
+        next: usize,
+    },
 }
 
 #[derive(Default)]

@@ -148,7 +148,10 @@ impl<'a> Validator<'a> {
                     self.problem(
                         "health.password_env",
                         format!("environment variable `{}` is not set", var.0),
-                        format!("export {}=... before starting pglb, or use password_file", var.0),
+                        format!(
+                            "export {}=... before starting pglb, or use password_file",
+                            var.0
+                        ),
                     );
                     None
                 }
@@ -192,7 +195,8 @@ impl<'a> Validator<'a> {
                     "give every listener a distinct name",
                 );
             }
-            let listen = self.required(&at("listen"), l.listen, "an address such as 127.0.0.1:5432");
+            let listen =
+                self.required(&at("listen"), l.listen, "an address such as 127.0.0.1:5432");
             let listen = self.socket_addr(&at("listen"), &listen);
             if let Some(addr) = listen {
                 if let Some(prev) = addrs.insert(addr, i) {
@@ -212,8 +216,16 @@ impl<'a> Validator<'a> {
                 role,
                 fallback,
                 balance,
-                connect_timeout: self.duration(&at("connect_timeout"), l.connect_timeout, Duration::from_secs(3)),
-                startup_timeout: self.duration(&at("startup_timeout"), l.startup_timeout, Duration::from_secs(10)),
+                connect_timeout: self.duration(
+                    &at("connect_timeout"),
+                    l.connect_timeout,
+                    Duration::from_secs(3),
+                ),
+                startup_timeout: self.duration(
+                    &at("startup_timeout"),
+                    l.startup_timeout,
+                    Duration::from_secs(10),
+                ),
             });
         }
         out
@@ -241,7 +253,10 @@ impl<'a> Validator<'a> {
             return Some(Role::Primary);
         }
         let message = if text == "primary" {
-            format!("fallback `primary` makes no sense on a `{}` listener", role.as_str())
+            format!(
+                "fallback `primary` makes no sense on a `{}` listener",
+                role.as_str()
+            )
         } else {
             format!("unknown fallback `{text}`")
         };
@@ -290,7 +305,11 @@ impl<'a> Validator<'a> {
                     "give every backend a distinct name",
                 );
             }
-            let address = self.required(&at("address"), b.address, "host:port such as 10.0.0.11:5432");
+            let address = self.required(
+                &at("address"),
+                b.address,
+                "host:port such as 10.0.0.11:5432",
+            );
             let (host, port) = self.host_port(&at("address"), &address).unwrap_or_default();
             if !host.is_empty() {
                 if let Some(prev) = addrs.insert((host.clone(), port), i) {
@@ -309,7 +328,12 @@ impl<'a> Validator<'a> {
                     "write a weight from 1 to 1000 (drain a backend by removing it instead)",
                 );
             }
-            out.push(BackendConfig { name, host, port, weight });
+            out.push(BackendConfig {
+                name,
+                host,
+                port,
+                weight,
+            });
         }
         out
     }
@@ -328,7 +352,11 @@ impl<'a> Validator<'a> {
         match raw {
             None => default.to_owned(),
             Some(t) if t.0.trim().is_empty() => {
-                self.problem(item, "empty value".into(), format!("write a name, e.g. `{default}`"));
+                self.problem(
+                    item,
+                    "empty value".into(),
+                    format!("write a name, e.g. `{default}`"),
+                );
                 default.to_owned()
             }
             Some(t) => t.0,
@@ -338,7 +366,11 @@ impl<'a> Validator<'a> {
     fn count(&mut self, item: &str, raw: Option<u32>, default: u32) -> u32 {
         let n = raw.unwrap_or(default);
         if n == 0 || n > 100 {
-            self.problem(item, format!("{n} is out of range"), "write a count from 1 to 100");
+            self.problem(
+                item,
+                format!("{n} is out of range"),
+                "write a count from 1 to 100",
+            );
             return default;
         }
         n
@@ -349,7 +381,11 @@ impl<'a> Validator<'a> {
         match parse_duration(&text.0) {
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
-                self.problem(item, "duration is zero".into(), "write a positive duration such as `500ms` or `2s`");
+                self.problem(
+                    item,
+                    "duration is zero".into(),
+                    "write a positive duration such as `500ms` or `2s`",
+                );
                 default
             }
             Err(why) => {
@@ -379,12 +415,20 @@ impl<'a> Validator<'a> {
 
     fn host_port(&mut self, item: &str, text: &str) -> Option<(String, u16)> {
         let text = text.trim();
-        let parsed = text.parse::<SocketAddr>().ok().map(|a| (a.ip().to_string(), a.port()));
+        let parsed = text
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| (a.ip().to_string(), a.port()));
         let parsed = parsed.or_else(|| {
             let (host, port) = text.rsplit_once(':')?;
             let valid_host = !host.is_empty()
-                && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
-            Some((host.to_owned(), port.parse::<u16>().ok().filter(|p| *p != 0 && valid_host)?))
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            Some((
+                host.to_owned(),
+                port.parse::<u16>().ok().filter(|p| *p != 0 && valid_host)?,
+            ))
         });
         if parsed.is_none() {
             self.problem(
@@ -396,4 +440,3 @@ impl<'a> Validator<'a> {
         parsed
     }
 }
-

@@ -56,8 +56,12 @@ async fn login_and_ask(
     let _ = driver.await;
     match result {
         Ok(row) => match row.try_get::<_, bool>(0) {
-            Ok(true) => Observation::Up { role: ObservedRole::Replica },
-            Ok(false) => Observation::Up { role: ObservedRole::Primary },
+            Ok(true) => Observation::Up {
+                role: ObservedRole::Replica,
+            },
+            Ok(false) => Observation::Up {
+                role: ObservedRole::Primary,
+            },
             Err(err) => Observation::Down {
                 reason: format!("unexpected answer to `{ROLE_QUERY}`: {err}"),
             },
@@ -92,6 +96,11 @@ fn classify(err: &tokio_postgres::Error, health: &HealthConfig) -> Observation {
         String::new()
     };
     Observation::Down {
-        reason: format!("{}: {} [SQLSTATE {}]{hint}", db.severity(), db.message(), code.code()),
+        reason: format!(
+            "{}: {} [SQLSTATE {}]{hint}",
+            db.severity(),
+            db.message(),
+            code.code()
+        ),
     }
 }

@@ -51,7 +51,10 @@ async fn run(
             obs = crate::check_once(&config.health, backend, &tls) => obs,
         };
         duration.record(started.elapsed().as_secs_f64());
-        let report = Report { backend: backend.name.clone(), observation };
+        let report = Report {
+            backend: backend.name.clone(),
+            observation,
+        };
         if reports.send(report).await.is_err() {
             return;
         }

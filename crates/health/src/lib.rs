@@ -17,8 +17,21 @@ pub use topology::{export_state, Report, Topology};
 /// Registers help text for the health metrics.
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!("pglb_backend_up", "1 if the backend passes health checks, else 0.");
-    describe_gauge!("pglb_backend_role", "1 for the backend's current role (primary, replica, unknown), else 0.");
-    describe_histogram!("pglb_health_check_duration_seconds", Unit::Seconds, "Time of one health check: connect, login and query.");
-    describe_counter!("pglb_health_check_failures_total", "Health checks that failed, per backend.");
+    describe_gauge!(
+        "pglb_backend_up",
+        "1 if the backend passes health checks, else 0."
+    );
+    describe_gauge!(
+        "pglb_backend_role",
+        "1 for the backend's current role (primary, replica, unknown), else 0."
+    );
+    describe_histogram!(
+        "pglb_health_check_duration_seconds",
+        Unit::Seconds,
+        "Time of one health check: connect, login and query."
+    );
+    describe_counter!(
+        "pglb_health_check_failures_total",
+        "Health checks that failed, per backend."
+    );
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use pglb_config::Config;
-use pglb_routing::{BackendLoad, BackendState, Observation, ObservedRole, RoutingTable, Transition};
+use pglb_routing::{
+    BackendLoad, BackendState, Observation, ObservedRole, RoutingTable, Transition,
+};
 use tokio::sync::mpsc;
 
 /// One check's outcome, from a checker task.
@@ -56,12 +58,18 @@ impl Topology {
 
     /// Applies one report; publishes a new table if routing changed.
     pub fn apply(&mut self, report: Report) {
-        let Some(index) = self.config.backends.iter().position(|b| b.name == report.backend) else {
+        let Some(index) = self
+            .config
+            .backends
+            .iter()
+            .position(|b| b.name == report.backend)
+        else {
             return;
         };
         let name = report.backend;
         if let Observation::Down { .. } = &report.observation {
-            metrics::counter!("pglb_health_check_failures_total", "backend" => name.clone()).increment(1);
+            metrics::counter!("pglb_health_check_failures_total", "backend" => name.clone())
+                .increment(1);
         }
         let health = &self.config.health;
         let before = self.states[index].clone();
@@ -110,16 +118,24 @@ fn log_transition(name: &str, address: &str, t: &Transition) {
             "backend is down"
         ),
         Transition::Role { from, to } => {
-            tracing::info!(backend = name, address, from = from.as_str(), to = to.as_str(), "backend role changed")
+            tracing::info!(
+                backend = name,
+                address,
+                from = from.as_str(),
+                to = to.as_str(),
+                "backend role changed"
+            )
         }
     }
 }
 
 /// Sets `pglb_backend_up` and `pglb_backend_role` for one backend.
 pub fn export_state(name: &str, state: &BackendState) {
-    metrics::gauge!("pglb_backend_up", "backend" => name.to_owned()).set(f64::from(u8::from(state.healthy)));
+    metrics::gauge!("pglb_backend_up", "backend" => name.to_owned())
+        .set(f64::from(u8::from(state.healthy)));
     for role in ObservedRole::ALL {
         let value = f64::from(u8::from(state.role == role));
-        metrics::gauge!("pglb_backend_role", "backend" => name.to_owned(), "role" => role.as_str()).set(value);
+        metrics::gauge!("pglb_backend_role", "backend" => name.to_owned(), "role" => role.as_str())
+            .set(value);
     }
 }

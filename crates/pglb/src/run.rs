@@ -43,7 +43,11 @@ fn print_config_error(err: &ConfigError) {
         eprintln!("{}: error: {problem}", err.location(problem));
     }
     let n = err.problems.len();
-    eprintln!("{}: {n} problem{} found", err.file.display(), if n == 1 { "" } else { "s" });
+    eprintln!(
+        "{}: {n} problem{} found",
+        err.file.display(),
+        if n == 1 { "" } else { "s" }
+    );
 }
 
 /// Runs the balancer on a new runtime until SIGTERM or SIGINT.
@@ -67,7 +71,10 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn wait_for_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop pglb with SIGKILL");
         return std::future::pending().await;
     };
@@ -79,24 +86,32 @@ pub async fn wait_for_signal() {
 
 /// Binds every socket first (an invalid setup starts nothing), then serves
 /// until `stop` resolves.
-pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let admin_socket = pglb_proxy::bind(config.admin.listen)
         .with_context(|| format!("cannot bind admin listener to {}", config.admin.listen))?;
     let mut sockets = Vec::new();
     for l in &config.listeners {
         let socket = pglb_proxy::bind(l.listen).with_context(|| {
-            format!("cannot bind listener `{}` to {} (is another pglb or server running there?)", l.name, l.listen)
+            format!(
+                "cannot bind listener `{}` to {} (is another pglb or server running there?)",
+                l.name, l.listen
+            )
         })?;
         sockets.push(socket);
     }
-    let tls = pglb_health::make_tls(config.health.sslrootcert.as_deref()).context("health.sslrootcert")?;
+    let tls = pglb_health::make_tls(config.health.sslrootcert.as_deref())
+        .context("health.sslrootcert")?;
     let metrics = crate::telemetry::init_metrics()?;
 
     let topology = Topology::new(config.clone());
     for b in &config.backends {
         pglb_health::export_state(&b.name, &BackendState::default());
-        metrics::counter!("pglb_health_check_failures_total", "backend" => b.name.clone()).increment(0);
+        metrics::counter!("pglb_health_check_failures_total", "backend" => b.name.clone())
+            .increment(0);
     }
     let table = topology.table();
     let shutdown = CancellationToken::new();
@@ -104,15 +119,28 @@ pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) 
     tokio::spawn(topology.run(inbox));
     pglb_health::spawn_checkers(config.clone(), tls, reports, shutdown.clone());
 
-    let admin = Arc::new(AdminState { table: table.clone(), metrics: metrics.clone(), draining: AtomicBool::new(false) });
-    tokio::spawn(pglb_admin::serve(admin_socket, admin.clone(), shutdown.clone()));
+    let admin = Arc::new(AdminState {
+        table: table.clone(),
+        metrics: metrics.clone(),
+        draining: AtomicBool::new(false),
+    });
+    tokio::spawn(pglb_admin::serve(
+        admin_socket,
+        admin.clone(),
+        shutdown.clone(),
+    ));
     spawn_upkeep(metrics, shutdown.clone());
 
     let sessions = TaskTracker::new();
     for (index, socket) in sockets.into_iter().enumerate() {
         let ctx = Arc::new(ListenerContext::new(index, table.clone()));
         log_listening(&config, index, &socket);
-        tokio::spawn(pglb_proxy::serve(socket, ctx, sessions.clone(), shutdown.clone()));
+        tokio::spawn(pglb_proxy::serve(
+            socket,
+            ctx,
+            sessions.clone(),
+            shutdown.clone(),
+        ));
     }
     tracing::info!(admin = %config.admin.listen, backends = config.backends.len(), "pglb is running");
 
@@ -120,7 +148,10 @@ pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) 
     admin.draining.store(true, Ordering::Relaxed);
     shutdown.cancel();
     sessions.close();
-    if tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), sessions.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("sessions did not end within 5s of shutdown; exiting anyway");
     }
     tracing::info!("pglb stopped");
@@ -129,12 +160,18 @@ pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) 
 
 fn log_listening(config: &Config, index: usize, socket: &TcpListener) {
     let l = &config.listeners[index];
-    let addr = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let addr = socket
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     tracing::info!(listener = %l.name, listen = %addr, role = l.role.as_str(), balance = l.balance.as_str(), "listening");
 }
 
 /// Histograms need periodic upkeep in the Prometheus exporter.
-fn spawn_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, shutdown: CancellationToken) {
+fn spawn_upkeep(
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: CancellationToken,
+) {
     tokio::spawn(async move {
         loop {
             tokio::select! {

@@ -23,7 +23,11 @@ pub async fn fan_out(ctx: &ListenerContext, request: &[u8]) {
             .backends
             .iter()
             .enumerate()
-            .filter(|(i, _)| ctx.holding.get(*i).is_some_and(|h| h.load(Ordering::Relaxed) > 0))
+            .filter(|(i, _)| {
+                ctx.holding
+                    .get(*i)
+                    .is_some_and(|h| h.load(Ordering::Relaxed) > 0)
+            })
             .map(|(_, b)| (b.config.name.clone(), b.config.host.clone(), b.config.port))
             .collect()
     };
@@ -40,7 +44,9 @@ pub async fn fan_out(ctx: &ListenerContext, request: &[u8]) {
             .await;
             match result {
                 Ok(Ok(())) => tracing::debug!(backend = %name, "cancel request forwarded"),
-                Ok(Err(err)) => tracing::warn!(backend = %name, error = %err, "cannot forward cancel request"),
+                Ok(Err(err)) => {
+                    tracing::warn!(backend = %name, error = %err, "cannot forward cancel request")
+                }
                 Err(_) => tracing::warn!(backend = %name, "forwarding cancel request timed out"),
             }
         });

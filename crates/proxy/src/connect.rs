@@ -26,11 +26,16 @@ pub async fn connect(host: &str, port: u16, timeout: Duration) -> io::Result<Tcp
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")))
+        Err(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")
+        }))
     };
-    let stream = tokio::time::timeout(timeout, attempt)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect timed out after {timeout:?}")))??;
+    let stream = tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {timeout:?}"),
+        )
+    })??;
     tune(&stream);
     Ok(stream)
 }

@@ -41,7 +41,11 @@ impl ListenerContext {
             .iter()
             .map(|b| PairMetrics::new(&name, &b.config.name))
             .collect();
-        let holding = snapshot.backends.iter().map(|_| AtomicUsize::new(0)).collect();
+        let holding = snapshot
+            .backends
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect();
         drop(snapshot);
         Self {
             index,
@@ -57,7 +61,11 @@ impl ListenerContext {
 
 /// Binds a listening socket. Does not set SO_REUSEPORT.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
@@ -65,7 +73,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Accepts clients until `shutdown` fires; each session runs on `tracker`
 /// with a child token of `shutdown`.
-pub async fn serve(listener: TcpListener, ctx: Arc<ListenerContext>, tracker: TaskTracker, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<ListenerContext>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -74,7 +87,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ListenerContext>, tracker: Ta
         match accepted {
             Ok((stream, peer)) => {
                 let span = tracing::debug_span!("session", listener = %ctx.name, client = %peer);
-                let session = crate::session::run(ctx.clone(), stream, peer, shutdown.child_token());
+                let session =
+                    crate::session::run(ctx.clone(), stream, peer, shutdown.child_token());
                 tracker.spawn(session.instrument(span));
             }
             Err(err) => {
@@ -94,5 +108,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ListenerContext>, tracker: Ta
 }
 
 fn is_resource_exhaustion(err: &io::Error) -> bool {
-    matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }

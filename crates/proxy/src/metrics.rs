@@ -4,14 +4,29 @@
 use metrics::{describe_counter, describe_gauge, Counter, Gauge, Unit};
 
 /// Reasons a client is turned away; a closed set of label values.
-pub const REJECT_REASONS: [&str; 5] =
-    ["no_backend", "connect_failed", "startup_timeout", "bad_startup", "client_closed"];
+pub const REJECT_REASONS: [&str; 5] = [
+    "no_backend",
+    "connect_failed",
+    "startup_timeout",
+    "bad_startup",
+    "client_closed",
+];
 
 /// Registers help text for every data-path metric.
 pub fn describe() {
-    describe_gauge!("pglb_connections_active", "Client connections being forwarded now, per listener and backend.");
-    describe_counter!("pglb_connections_total", "Client connections forwarded to a backend, per listener and backend.");
-    describe_counter!("pglb_bytes_total", Unit::Bytes, "Bytes forwarded, per listener, backend and direction.");
+    describe_gauge!(
+        "pglb_connections_active",
+        "Client connections being forwarded now, per listener and backend."
+    );
+    describe_counter!(
+        "pglb_connections_total",
+        "Client connections forwarded to a backend, per listener and backend."
+    );
+    describe_counter!(
+        "pglb_bytes_total",
+        Unit::Bytes,
+        "Bytes forwarded, per listener, backend and direction."
+    );
     describe_counter!(
         "pglb_backend_connect_failures_total",
         "Failed connection attempts from pglb to a backend, per listener and backend."
@@ -20,7 +35,10 @@ pub fn describe() {
         "pglb_clients_rejected_total",
         "Clients turned away before reaching a backend, per listener and reason."
     );
-    describe_counter!("pglb_cancel_requests_total", "Query cancel requests received, per listener.");
+    describe_counter!(
+        "pglb_cancel_requests_total",
+        "Query cancel requests received, per listener."
+    );
     describe_counter!(
         "pglb_accept_errors_total",
         "Errors accepting client connections (EMFILE/ENFILE and others), per listener."
@@ -39,7 +57,10 @@ pub struct PairMetrics {
 
 impl PairMetrics {
     pub fn new(listener: &str, backend: &str) -> Self {
-        let labels = [("listener", listener.to_owned()), ("backend", backend.to_owned())];
+        let labels = [
+            ("listener", listener.to_owned()),
+            ("backend", backend.to_owned()),
+        ];
         let bytes = |direction: &'static str| {
             let mut l = labels.to_vec();
             l.push(("direction", direction.to_owned()));
@@ -54,7 +75,12 @@ impl PairMetrics {
         };
         // Register at start-up: dashboards see zero before the first event.
         pair.active.set(0.0);
-        for c in [&pair.total, &pair.client_to_backend, &pair.backend_to_client, &pair.connect_failures] {
+        for c in [
+            &pair.total,
+            &pair.client_to_backend,
+            &pair.backend_to_client,
+            &pair.connect_failures,
+        ] {
             c.increment(0);
         }
         pair
@@ -78,11 +104,17 @@ impl ListenerMetrics {
                 c
             })
             .collect();
-        let cancels = metrics::counter!("pglb_cancel_requests_total", "listener" => listener.to_owned());
-        let accept_errors = metrics::counter!("pglb_accept_errors_total", "listener" => listener.to_owned());
+        let cancels =
+            metrics::counter!("pglb_cancel_requests_total", "listener" => listener.to_owned());
+        let accept_errors =
+            metrics::counter!("pglb_accept_errors_total", "listener" => listener.to_owned());
         cancels.increment(0);
         accept_errors.increment(0);
-        Self { rejected, cancels, accept_errors }
+        Self {
+            rejected,
+            cancels,
+            accept_errors,
+        }
     }
 
     /// Counts a rejected client; `reason` must be one of [`REJECT_REASONS`].

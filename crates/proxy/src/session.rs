@@ -31,7 +31,12 @@ struct Candidate {
 }
 
 /// Serves one client until its session ends.
-pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+pub async fn run(
+    ctx: Arc<ListenerContext>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
     tune(&client);
     let (startup_timeout, connect_timeout, role, fallback) = {
         let table = ctx.table.load();
@@ -61,13 +66,30 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
         ctx.metrics.reject("no_backend");
         let message = no_backend_message(&ctx.name, role, fallback);
         tracing::info!(reason = %message, "refused client");
-        refuse(&mut client, first, CANNOT_CONNECT_NOW, &message, startup_timeout).await;
+        refuse(
+            &mut client,
+            first,
+            CANNOT_CONNECT_NOW,
+            &message,
+            startup_timeout,
+        )
+        .await;
         return;
     }
     let Some((candidate, backend)) = connect_any(&ctx, candidates, connect_timeout).await else {
         ctx.metrics.reject("connect_failed");
-        let message = format!("pglb: cannot connect to any backend for listener \"{}\"", ctx.name);
-        refuse(&mut client, first, CANNOT_CONNECT_NOW, &message, startup_timeout).await;
+        let message = format!(
+            "pglb: cannot connect to any backend for listener \"{}\"",
+            ctx.name
+        );
+        refuse(
+            &mut client,
+            first,
+            CANNOT_CONNECT_NOW,
+            &message,
+            startup_timeout,
+        )
+        .await;
         return;
     };
     relay(&ctx, client, backend, candidate, first, peer, stop).await;
@@ -132,7 +154,9 @@ async fn relay(
     peer: SocketAddr,
     stop: CancellationToken,
 ) {
-    let Some(pair) = ctx.pairs.get(candidate.index) else { return };
+    let Some(pair) = ctx.pairs.get(candidate.index) else {
+        return;
+    };
     let started = Instant::now();
     let local_port = backend.local_addr().map(|a| a.port()).unwrap_or(0);
     let _open = OpenSession::new(ctx, &candidate);
@@ -175,7 +199,11 @@ impl<'a> OpenSession<'a> {
             pair.active.increment(1.0);
             pair.total.increment(1);
         }
-        Self { ctx, index: candidate.index, load: candidate.load.clone() }
+        Self {
+            ctx,
+            index: candidate.index,
+            load: candidate.load.clone(),
+        }
     }
 }
 

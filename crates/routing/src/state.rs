@@ -46,7 +46,10 @@ pub enum Observation {
 pub enum Transition {
     /// Health flipped; `reason` is the last failure when going down.
     Health { up: bool, reason: Option<String> },
-    Role { from: ObservedRole, to: ObservedRole },
+    Role {
+        from: ObservedRole,
+        to: ObservedRole,
+    },
 }
 
 /// Health and role of one backend, as the checks have seen it.
@@ -85,7 +88,10 @@ impl BackendState {
             Observation::Up { role } => {
                 self.success(first, rise, &mut out);
                 if role != self.role {
-                    out.push(Transition::Role { from: self.role, to: role });
+                    out.push(Transition::Role {
+                        from: self.role,
+                        to: role,
+                    });
                     self.role = role;
                 }
             }
@@ -96,7 +102,10 @@ impl BackendState {
                 self.last_error = Some(reason.clone());
                 if (self.healthy && self.failures >= fall) || first {
                     self.healthy = false;
-                    out.push(Transition::Health { up: false, reason: Some(reason) });
+                    out.push(Transition::Health {
+                        up: false,
+                        reason: Some(reason),
+                    });
                 }
             }
         }
@@ -109,7 +118,10 @@ impl BackendState {
         if !self.healthy && (first || self.successes >= rise) {
             self.healthy = true;
             self.last_error = None;
-            out.push(Transition::Health { up: true, reason: None });
+            out.push(Transition::Health {
+                up: true,
+                reason: None,
+            });
         }
     }
 }
@@ -122,7 +134,9 @@ mod tests {
         Observation::Up { role }
     }
     fn down() -> Observation {
-        Observation::Down { reason: "refused".into() }
+        Observation::Down {
+            reason: "refused".into(),
+        }
     }
 
     #[test]
@@ -145,7 +159,10 @@ mod tests {
         assert!(s.observe(down(), 2, 2).is_empty());
         assert_eq!(
             s.observe(down(), 2, 2),
-            vec![Transition::Health { up: false, reason: Some("refused".into()) }]
+            vec![Transition::Health {
+                up: false,
+                reason: Some("refused".into())
+            }]
         );
         assert!(s.observe(up(ObservedRole::Replica), 2, 2).is_empty());
         assert!(!s.healthy);
@@ -160,7 +177,10 @@ mod tests {
         let t = s.observe(up(ObservedRole::Primary), 2, 2);
         assert_eq!(
             t,
-            vec![Transition::Role { from: ObservedRole::Replica, to: ObservedRole::Primary }]
+            vec![Transition::Role {
+                from: ObservedRole::Replica,
+                to: ObservedRole::Primary
+            }]
         );
         assert_eq!(s.role, ObservedRole::Primary);
     }

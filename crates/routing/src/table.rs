@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use pglb_config::{Balance, BackendConfig, Config, ListenerConfig, Role};
+use pglb_config::{BackendConfig, Balance, Config, ListenerConfig, Role};
 
 use crate::state::{BackendState, ObservedRole};
 
@@ -113,7 +113,9 @@ fn eligible_for(role: Role, backends: &[BackendEntry], split_brain: bool) -> Vec
         Role::Primary => with_role(backends, ObservedRole::Primary),
         Role::Replica => with_role(backends, ObservedRole::Replica),
         Role::Any => (0..backends.len())
-            .filter(|&i| backends[i].state.healthy && backends[i].state.role != ObservedRole::Unknown)
+            .filter(|&i| {
+                backends[i].state.healthy && backends[i].state.role != ObservedRole::Unknown
+            })
             .filter(|&i| !(split_brain && backends[i].state.role == ObservedRole::Primary))
             .collect(),
     }
@@ -156,7 +158,8 @@ fn smooth_cycle(eligible: &[usize], backends: &[BackendEntry]) -> Vec<usize> {
         for (c, w) in current.iter_mut().zip(&weights) {
             *c += w;
         }
-        let Some(best) = (0..current.len()).max_by_key(|&k| (current[k], std::cmp::Reverse(k))) else {
+        let Some(best) = (0..current.len()).max_by_key(|&k| (current[k], std::cmp::Reverse(k)))
+        else {
             break;
         };
         current[best] -= total;

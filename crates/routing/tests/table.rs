@@ -38,13 +38,20 @@ fn state(healthy: bool, role: ObservedRole) -> BackendState {
 }
 
 fn table(config: &Config, states: &[BackendState]) -> RoutingTable {
-    let loads: Vec<_> = states.iter().map(|_| Arc::new(BackendLoad::default())).collect();
+    let loads: Vec<_> = states
+        .iter()
+        .map(|_| Arc::new(BackendLoad::default()))
+        .collect();
     RoutingTable::build(1, config, states, &loads)
 }
 
 fn names(t: &RoutingTable, listener: &str) -> Vec<String> {
     let route = t.listener(listener).expect("listener");
-    route.eligible.iter().map(|&i| t.backends[i].config.name.clone()).collect()
+    route
+        .eligible
+        .iter()
+        .map(|&i| t.backends[i].config.name.clone())
+        .collect()
 }
 
 #[test]
@@ -114,7 +121,9 @@ fn spread(balance: &str, weights: [u32; 3], picks: usize) -> HashMap<String, usi
         let first = candidates[0];
         // Simulate a connection that stays open, so load-aware policies see it.
         t.backends[first].load.open();
-        *counts.entry(t.backends[first].config.name.clone()).or_default() += 1;
+        *counts
+            .entry(t.backends[first].config.name.clone())
+            .or_default() += 1;
     }
     counts
 }
@@ -141,7 +150,10 @@ fn random_two_choices_balances_by_weight() {
     // Two choices over open connections keeps the spread tight.
     for (name, expect) in [("a", 1000), ("b", 1000), ("c", 2000)] {
         let got = counts[name] as i64;
-        assert!((got - expect).abs() < expect / 10, "{name}: {got} vs {expect}");
+        assert!(
+            (got - expect).abs() < expect / 10,
+            "{name}: {got} vs {expect}"
+        );
     }
 }
 
@@ -157,7 +169,12 @@ fn round_robin_smooths_weights() {
     let route = t.listener("ro").expect("ro");
     let cursor = Cursor::default();
     let order: String = (0..7)
-        .map(|_| t.backends[route.candidates(&t, &cursor)[0]].config.name.clone())
+        .map(|_| {
+            t.backends[route.candidates(&t, &cursor)[0]]
+                .config
+                .name
+                .clone()
+        })
         .collect();
     assert_eq!(order, "aabacaa", "nginx's smooth order, not aaaaabc");
 }

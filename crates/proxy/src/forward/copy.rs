@@ -1,7 +1,6 @@
 //! The userspace copy forwarder: read into a buffer, write it out.
 //! Portable, and the fallback when splice pipes cannot be had.
 
-
 use metrics::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -19,41 +18,46 @@ enum Failure {
 }
 
 /// Copies both ways; see [`super::forward`].
-pub async fn copy(mut client: TcpStream, mut backend: TcpStream, counters: &Counters, stop: &CancellationToken) -> Outcome {
+pub async fn copy(
+    mut client: TcpStream,
+    mut backend: TcpStream,
+    counters: &Counters,
+    stop: &CancellationToken,
+) -> Outcome {
     let (cr, cw) = client.split();
     let (br, bw) = backend.split();
     let mut c2b_bytes = 0u64;
     let mut b2c_bytes = 0u64;
     let end = {
-    let c2b = one_way(cr, bw, &counters.client_to_backend, &mut c2b_bytes);
-    let b2c = one_way(br, cw, &counters.backend_to_client, &mut b2c_bytes);
-    tokio::pin!(c2b, b2c);
-    let (mut c2b_done, mut b2c_done) = (false, false);
-    let mut first_eof = None;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break End::Stopped,
-            r = &mut c2b, if !c2b_done => match r {
-                Ok(()) => {
-                    c2b_done = true;
-                    first_eof.get_or_insert(End::ClientClosed);
-                }
-                Err(Failure::Read) => break End::ClientError,
-                Err(Failure::Write) => break End::BackendError,
-            },
-            r = &mut b2c, if !b2c_done => match r {
-                Ok(()) => {
-                    b2c_done = true;
-                    first_eof.get_or_insert(End::BackendClosed);
-                }
-                Err(Failure::Read) => break End::BackendError,
-                Err(Failure::Write) => break End::ClientError,
-            },
+        let c2b = one_way(cr, bw, &counters.client_to_backend, &mut c2b_bytes);
+        let b2c = one_way(br, cw, &counters.backend_to_client, &mut b2c_bytes);
+        tokio::pin!(c2b, b2c);
+        let (mut c2b_done, mut b2c_done) = (false, false);
+        let mut first_eof = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break End::Stopped,
+                r = &mut c2b, if !c2b_done => match r {
+                    Ok(()) => {
+                        c2b_done = true;
+                        first_eof.get_or_insert(End::ClientClosed);
+                    }
+                    Err(Failure::Read) => break End::ClientError,
+                    Err(Failure::Write) => break End::BackendError,
+                },
+                r = &mut b2c, if !b2c_done => match r {
+                    Ok(()) => {
+                        b2c_done = true;
+                        first_eof.get_or_insert(End::BackendClosed);
+                    }
+                    Err(Failure::Read) => break End::BackendError,
+                    Err(Failure::Write) => break End::ClientError,
+                },
+            }
+            if c2b_done && b2c_done {
+                break first_eof.unwrap_or(End::ClientClosed);
+            }
         }
-        if c2b_done && b2c_done {
-            break first_eof.unwrap_or(End::ClientClosed);
-        }
-    }
     };
     Outcome {
         end,

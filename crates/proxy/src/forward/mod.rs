@@ -52,6 +52,11 @@ pub struct Outcome {
 }
 
 /// Forwards until both directions end, an error occurs, or `stop` fires.
-pub async fn forward(client: TcpStream, backend: TcpStream, counters: &Counters, stop: &CancellationToken) -> Outcome {
+pub async fn forward(
+    client: TcpStream,
+    backend: TcpStream,
+    counters: &Counters,
+    stop: &CancellationToken,
+) -> Outcome {
     copy(client, backend, counters, stop).await
 }

@@ -1,0 +1,234 @@
+//! Running the real `pglb` binary with a config file.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pglb_cluster::{free_port, Cluster};
+
+use crate::{http, wait_until};
+
+/// The `pglb` binary of this workspace, built once per test binary with the
+/// same profile as the tests (or `$PGLB_BIN`).
+pub fn pglb_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("PGLB_BIN") {
+            return PathBuf::from(bin);
+        }
+        let exe = std::env::current_exe().expect("current exe");
+        // target/<profile>/deps/<test> → target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_owned();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "pglb", "--bin", "pglb"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for pglb");
+        assert!(status.success(), "cargo build -p pglb failed");
+        profile_dir.join("pglb")
+    })
+}
+
+/// A config under construction: the cluster's nodes as backends, free ports
+/// for the listeners and the admin endpoint.
+pub struct Yaml {
+    pub admin: u16,
+    pub health: String,
+    pub listeners: Vec<(String, u16, String)>,
+    pub backends: Vec<(String, String)>,
+}
+
+impl Yaml {
+    /// Backends `pg0..` for the cluster's nodes; quick checks with trust auth.
+    pub fn for_cluster(cluster: &Cluster) -> Self {
+        Self {
+            admin: free_port().expect("free port"),
+            health: "interval: 500ms\n  timeout: 500ms\n  rise: 2\n  fall: 2\n  user: pglb_check\n  sslmode: disable".into(),
+            listeners: Vec::new(),
+            backends: cluster
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("pg{i}"), format!("address: {}", n.address())))
+                .collect(),
+        }
+    }
+
+    /// Adds a listener on a free port; `extra` is more YAML for it
+    /// (e.g. `"role: replica\n    balance: round_robin"`).
+    pub fn listener(mut self, name: &str, extra: &str) -> Self {
+        self.listeners
+            .push((name.into(), free_port().expect("free port"), extra.into()));
+        self
+    }
+
+    pub fn health(mut self, health: &str) -> Self {
+        self.health = health.into();
+        self
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "admin:\n  listen: 127.0.0.1:{}\nhealth:\n  {}\nlisteners:\n",
+            self.admin, self.health
+        );
+        for (name, port, extra) in &self.listeners {
+            out += &format!("  - name: {name}\n    listen: 127.0.0.1:{port}\n    {extra}\n");
+        }
+        out += "backends:\n";
+        for (name, extra) in &self.backends {
+            out += &format!("  - name: {name}\n    {extra}\n");
+        }
+        out
+    }
+}
+
+/// A running pglb; killed on drop.
+pub struct Pglb {
+    child: Child,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub admin: SocketAddr,
+    pub ports: Vec<(String, u16)>,
+    log: PathBuf,
+}
+
+impl Pglb {
+    /// Writes `yaml` to a temp dir and starts pglb on it; waits for /health.
+    pub fn start(yaml: &Yaml) -> Self {
+        Self::start_with(yaml, &[])
+    }
+
+    pub fn start_with(yaml: &Yaml, env: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "pglb-run-{}-{}",
+            std::process::id(),
+            free_port().expect("port")
+        ));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let config = dir.join("lb.yaml");
+        fs::write(&config, yaml.render()).expect("write config");
+        let log = dir.join("pglb.log");
+        let mut cmd = Command::new(pglb_bin());
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info,pglb_proxy=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("log file"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn pglb");
+        let mut pglb = Self {
+            child,
+            dir,
+            config,
+            admin: SocketAddr::from(([127, 0, 0, 1], yaml.admin)),
+            ports: yaml
+                .listeners
+                .iter()
+                .map(|(n, p, _)| (n.clone(), *p))
+                .collect(),
+            log,
+        };
+        wait_until("pglb /health", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = pglb.child.try_wait() {
+                panic!("pglb exited with {status}:\n{}", pglb.log());
+            }
+            match http::get(pglb.admin, "/health") {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        pglb
+    }
+
+    /// The port of listener `name`.
+    pub fn port(&self, name: &str) -> u16 {
+        self.ports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| *p)
+            .expect("listener name")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = http::get(self.admin, "/status").expect("GET /status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    pub fn metrics(&self) -> String {
+        http::get(self.admin, "/metrics").expect("GET /metrics").1
+    }
+
+    /// Names of the backends listener `name` may use now.
+    pub fn eligible(&self, name: &str) -> Vec<String> {
+        let status = self.status();
+        let listeners = status["listeners"].as_array().cloned().unwrap_or_default();
+        let listener = listeners
+            .iter()
+            .find(|l| l["name"] == name)
+            .cloned()
+            .unwrap_or_default();
+        let backends = listener["backends"].as_array().cloned().unwrap_or_default();
+        backends
+            .iter()
+            .filter_map(|b| b.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Waits until listener `name` may use exactly `want` (sorted names).
+    pub fn wait_eligible(&self, name: &str, want: &[&str], timeout: Duration) {
+        wait_until(
+            &format!("listener {name} to route to {want:?}"),
+            timeout,
+            || {
+                let mut got = self.eligible(name);
+                got.sort();
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}\n{}", self.log()))
+                }
+            },
+        );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        wait_until("pglb to exit", timeout, || match self.child.try_wait() {
+            Ok(Some(status)) => Ok(status.code()),
+            _ => Err("still running".into()),
+        })
+    }
+}
+
+impl Drop for Pglb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- pglb log ---\n{}", self.log());
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
