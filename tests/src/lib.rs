@@ -5,7 +5,9 @@
 pub mod cluster;
 pub mod http;
 pub mod pglb;
+pub mod proc;
 pub mod psql;
+pub mod wire;
 
 use std::time::{Duration, Instant};
 

@@ -41,6 +41,8 @@ pub fn pglb_bin() -> &'static Path {
 /// A config under construction: the cluster's nodes as backends, free ports
 /// for the listeners and the admin endpoint.
 pub struct Yaml {
+    /// Extra top-level YAML, e.g. `forwarder: copy`.
+    pub top: String,
     pub admin: u16,
     pub health: String,
     pub listeners: Vec<(String, u16, String)>,
@@ -51,6 +53,7 @@ impl Yaml {
     /// Backends `pg0..` for the cluster's nodes; quick checks with trust auth.
     pub fn for_cluster(cluster: &Cluster) -> Self {
         Self {
+            top: String::new(),
             admin: free_port().expect("free port"),
             health: "interval: 500ms\n  timeout: 500ms\n  rise: 2\n  fall: 2\n  user: pglb_check\n  sslmode: disable".into(),
             listeners: Vec::new(),
@@ -71,6 +74,13 @@ impl Yaml {
         self
     }
 
+    /// Adds top-level YAML (one or more `key: value` lines).
+    pub fn top(mut self, yaml: &str) -> Self {
+        self.top.push_str(yaml);
+        self.top.push('\n');
+        self
+    }
+
     pub fn health(mut self, health: &str) -> Self {
         self.health = health.into();
         self
@@ -78,8 +88,8 @@ impl Yaml {
 
     pub fn render(&self) -> String {
         let mut out = format!(
-            "admin:\n  listen: 127.0.0.1:{}\nhealth:\n  {}\nlisteners:\n",
-            self.admin, self.health
+            "{}admin:\n  listen: 127.0.0.1:{}\nhealth:\n  {}\nlisteners:\n",
+            self.top, self.admin, self.health
         );
         for (name, port, extra) in &self.listeners {
             out += &format!("  - name: {name}\n    listen: 127.0.0.1:{port}\n    {extra}\n");

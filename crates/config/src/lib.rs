@@ -6,6 +6,7 @@
 //! outside this crate touches YAML. No sockets are bound here.
 #![forbid(unsafe_code)]
 
+mod cidr;
 mod duration;
 mod error;
 mod load;
@@ -13,12 +14,16 @@ mod model;
 mod positions;
 mod raw;
 mod secret;
+mod size;
 mod validate;
 
+pub use cidr::Cidr;
 pub use duration::{format_duration, parse_duration};
+pub use size::parse_bytes;
 pub use error::{ConfigError, Problem};
 pub use load::{load_file, load_str};
 pub use model::{
-    AdminConfig, BackendConfig, Balance, Config, HealthConfig, ListenerConfig, Role, SslMode,
+    AdminConfig, BackendConfig, Balance, Config, Forwarder, HealthConfig, ListenerConfig, LogFormat, MultiPrimary,
+    OnIneligible, OnLag, Role, SslMode,
 };
 pub use secret::Secret;

@@ -4,11 +4,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::Secret;
+use crate::{Cidr, Secret};
 
 /// A whole, valid `lb.yaml`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// The data path: splice(2) pipes on Linux, or a userspace copy.
+    pub forwarder: Forwarder,
+    /// How long sessions may finish after SIGTERM before they are closed.
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+    /// What to do when more than one backend claims to be primary.
+    pub multi_primary: MultiPrimary,
     pub admin: AdminConfig,
     pub health: HealthConfig,
     pub listeners: Vec<ListenerConfig>,
@@ -18,11 +25,49 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Bearer token required by mutating endpoints, when set.
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarder {
+    Splice,
+    Copy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MultiPrimary {
+    /// Route writes only to the primary on the highest timeline; none on a tie.
+    Fence,
+    /// Balance writes over every writable backend (logical replication, BDR).
+    Allow,
+}
+
+/// What happens to sessions on a backend the listener may no longer use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnIneligible {
+    Close,
+    Keep,
+}
+
+/// What happens to sessions on a replica that falls behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLag {
+    Keep,
+    Close,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
     pub interval: Duration,
+    /// Check interval while the topology is settling after a change.
+    pub fast_interval: Duration,
     /// Covers connect + login + query of one check.
     pub timeout: Duration,
     pub rise: u32,
@@ -93,6 +138,22 @@ pub struct ListenerConfig {
     pub connect_timeout: Duration,
     /// How long a new client may take to send its first message.
     pub startup_timeout: Duration,
+    pub on_ineligible: OnIneligible,
+    pub on_lag: OnLag,
+    /// How long a client waits for an eligible backend; zero refuses at once.
+    pub hold_timeout: Duration,
+    /// Most clients held at once; more are refused at once.
+    pub hold_max: usize,
+    pub max_lag_bytes: Option<u64>,
+    pub max_lag_seconds: Option<Duration>,
+    /// Most clients forwarded at once through this listener.
+    pub max_clients: Option<usize>,
+    /// How long a client waits for a free place under a connection limit.
+    pub queue_timeout: Duration,
+    /// Clients allowed to connect; empty allows everyone.
+    pub allow: Vec<Cidr>,
+    /// Bind even if the address is not (yet) local (IP_FREEBIND), for a VIP.
+    pub freebind: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +163,10 @@ pub struct BackendConfig {
     pub host: String,
     pub port: u16,
     pub weight: u32,
+    /// Most connections pglb opens to this backend (all listeners).
+    pub max_connections: Option<usize>,
+    /// A pinned role: the backend serves only as this, whatever it reports.
+    pub role: Option<Role>,
 }
 
 impl BackendConfig {

@@ -42,6 +42,11 @@ impl<'de> Deserialize<'de> for Text {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    pub forwarder: Option<Text>,
+    pub shutdown_timeout: Option<Text>,
+    pub log_format: Option<Text>,
+    pub multi_primary: Option<Text>,
+    pub defaults: Option<RawDefaults>,
     pub admin: Option<RawAdmin>,
     pub health: Option<RawHealth>,
     #[serde(default)]
@@ -54,12 +59,29 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<Text>,
+    pub token_env: Option<Text>,
+    pub token_file: Option<Text>,
+}
+
+/// Listener settings that every listener inherits unless it sets its own.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    pub on_ineligible: Option<Text>,
+    pub on_lag: Option<Text>,
+    pub hold_timeout: Option<Text>,
+    pub hold_max: Option<Text>,
+    pub max_lag_bytes: Option<Text>,
+    pub max_lag_seconds: Option<Text>,
+    pub max_clients: Option<Text>,
+    pub queue_timeout: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
     pub interval: Option<Text>,
+    pub fast_interval: Option<Text>,
     pub timeout: Option<Text>,
     pub rise: Option<u32>,
     pub fall: Option<u32>,
@@ -82,6 +104,16 @@ pub struct RawListener {
     pub balance: Option<Text>,
     pub connect_timeout: Option<Text>,
     pub startup_timeout: Option<Text>,
+    pub on_ineligible: Option<Text>,
+    pub on_lag: Option<Text>,
+    pub hold_timeout: Option<Text>,
+    pub hold_max: Option<Text>,
+    pub max_lag_bytes: Option<Text>,
+    pub max_lag_seconds: Option<Text>,
+    pub max_clients: Option<Text>,
+    pub queue_timeout: Option<Text>,
+    pub allow: Option<Vec<Text>>,
+    pub freebind: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,4 +122,6 @@ pub struct RawBackend {
     pub name: Option<Text>,
     pub address: Option<Text>,
     pub weight: Option<u32>,
+    pub max_connections: Option<Text>,
+    pub role: Option<Text>,
 }

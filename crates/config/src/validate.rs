@@ -9,7 +9,7 @@ use crate::error::Problem;
 use crate::model::*;
 use crate::positions::Positions;
 use crate::raw::*;
-use crate::{parse_duration, Secret};
+use crate::{parse_bytes, parse_duration, Cidr, Secret};
 
 pub struct Validator<'a> {
     positions: &'a Positions,
@@ -27,12 +27,21 @@ impl<'a> Validator<'a> {
     }
 
     pub fn run(mut self, raw: RawConfig) -> Result<Config, Vec<Problem>> {
+        let forwarder = self.choice("forwarder", raw.forwarder, &[("splice", Forwarder::Splice), ("copy", Forwarder::Copy)], Forwarder::Splice);
+        let shutdown_timeout = self.duration("shutdown_timeout", raw.shutdown_timeout, Duration::from_secs(30));
+        let log_format = self.choice("log_format", raw.log_format, &[("text", LogFormat::Text), ("json", LogFormat::Json)], LogFormat::Text);
+        let multi_primary = self.choice("multi_primary", raw.multi_primary, &[("fence", MultiPrimary::Fence), ("allow", MultiPrimary::Allow)], MultiPrimary::Fence);
         let admin = self.admin(raw.admin);
         let health = self.health(raw.health.unwrap_or_default());
-        let listeners = self.listeners(raw.listeners);
+        let defaults = raw.defaults.unwrap_or_default();
+        let listeners = self.listeners(raw.listeners, &defaults);
         let backends = self.backends(raw.backends);
         if self.problems.is_empty() {
             Ok(Config {
+                forwarder,
+                shutdown_timeout,
+                log_format,
+                multi_primary,
                 admin,
                 health,
                 listeners,
@@ -55,14 +64,32 @@ impl<'a> Validator<'a> {
     }
 
     fn admin(&mut self, raw: Option<RawAdmin>) -> AdminConfig {
-        let text = raw.and_then(|a| a.listen).map(|t| t.0);
-        let listen = match text {
-            Some(t) => self.socket_addr("admin.listen", &t),
+        let (listen, token_env, token_file) = match raw {
+            Some(a) => (a.listen, a.token_env, a.token_file),
+            None => (None, None, None),
+        };
+        let listen = match listen {
+            Some(t) => self.socket_addr("admin.listen", &t.0),
             None => None,
         };
+        let token = self.secret("admin.token", None, token_env, token_file);
+        if token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
+            self.problem("admin.token_env", "the admin token is empty".into(), "set a long random token, e.g. `openssl rand -hex 32`");
+        }
         AdminConfig {
             listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9631))),
+            token,
         }
+    }
+
+    fn choice<T: Copy>(&mut self, item: &str, raw: Option<Text>, options: &[(&str, T)], default: T) -> T {
+        let Some(text) = raw else { return default };
+        if let Some((_, v)) = options.iter().find(|(name, _)| *name == text.0) {
+            return *v;
+        }
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        self.problem(item, format!("unknown value `{}`", text.0), format!("write one of: {}", names.join(", ")));
+        default
     }
 
     fn health(&mut self, raw: RawHealth) -> HealthConfig {
@@ -82,9 +109,17 @@ impl<'a> Validator<'a> {
                 "a check must finish before the next one starts: make health.timeout at most health.interval",
             );
         }
+        let fast_interval = self.duration("health.fast_interval", raw.fast_interval, interval.min(Duration::from_millis(250)));
+        if fast_interval > interval {
+            self.problem(
+                "health.fast_interval",
+                "fast_interval is longer than interval".into(),
+                "fast_interval is the quicker pace used while the topology settles: make it at most health.interval",
+            );
+        }
         let rise = self.count("health.rise", raw.rise, 2);
         let fall = self.count("health.fall", raw.fall, 2);
-        let password = self.password(raw.password, raw.password_env, raw.password_file);
+        let password = self.secret("health.password", raw.password, raw.password_env, raw.password_file);
         let sslmode = match raw.sslmode.map(|t| t.0).as_deref() {
             None | Some("prefer") => SslMode::Prefer,
             Some("disable") => SslMode::Disable,
@@ -110,6 +145,7 @@ impl<'a> Validator<'a> {
         }
         HealthConfig {
             interval,
+            fast_interval,
             timeout,
             rise,
             fall,
@@ -121,23 +157,16 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn password(
-        &mut self,
-        inline: Option<Text>,
-        env: Option<Text>,
-        file: Option<Text>,
-    ) -> Option<Secret> {
+    /// Resolves a secret given inline, as `<prefix>_env` or as `<prefix>_file`.
+    fn secret(&mut self, prefix: &str, inline: Option<Text>, env: Option<Text>, file: Option<Text>) -> Option<Secret> {
         let given = [inline.is_some(), env.is_some(), file.is_some()];
+        let what = prefix.rsplit('.').next().unwrap_or(prefix);
         if given.iter().filter(|g| **g).count() > 1 {
-            let item = if env.is_some() {
-                "health.password_env"
-            } else {
-                "health.password_file"
-            };
+            let item = if env.is_some() { format!("{prefix}_env") } else { format!("{prefix}_file") };
             self.problem(
-                item,
-                "more than one password source is set".into(),
-                "keep exactly one of password_env, password_file, password (or none for trust auth)",
+                &item,
+                format!("more than one {what} source is set"),
+                format!("keep exactly one of {what}_env, {what}_file, {what} (or none)"),
             );
             return None;
         }
@@ -146,7 +175,7 @@ impl<'a> Validator<'a> {
                 Ok(value) => Some(Secret::new(value)),
                 Err(_) => {
                     self.problem(
-                        "health.password_env",
+                        &format!("{prefix}_env"),
                         format!("environment variable `{}` is not set", var.0),
                         format!(
                             "export {}=... before starting pglb, or use password_file",
@@ -163,8 +192,8 @@ impl<'a> Validator<'a> {
                 Ok(text) => Some(Secret::new(text.trim_end_matches(['\r', '\n']))),
                 Err(err) => {
                     self.problem(
-                        "health.password_file",
-                        format!("cannot read password file {}: {err}", path.display()),
+                        &format!("{prefix}_file"),
+                        format!("cannot read {what} file {}: {err}", path.display()),
                         "make the file readable by the user pglb runs as (relative paths start at the config file's folder)",
                     );
                     None
@@ -174,7 +203,7 @@ impl<'a> Validator<'a> {
         inline.map(|t| Secret::new(t.0))
     }
 
-    fn listeners(&mut self, raw: Vec<RawListener>) -> Vec<ListenerConfig> {
+    fn listeners(&mut self, raw: Vec<RawListener>, defaults: &RawDefaults) -> Vec<ListenerConfig> {
         if raw.is_empty() {
             self.problem(
                 "listeners",
@@ -186,49 +215,125 @@ impl<'a> Validator<'a> {
         let mut addrs = HashMap::new();
         let mut out = Vec::new();
         for (i, l) in raw.into_iter().enumerate() {
-            let at = |key: &str| format!("listeners[{i}].{key}");
-            let name = self.required(&at("name"), l.name, "a short name such as `rw`");
-            if let Some(prev) = names.insert(name.clone(), i) {
+            let listener = self.listener(i, l, defaults);
+            if let Some(prev) = names.insert(listener.name.clone(), i) {
                 self.problem(
-                    &at("name"),
-                    format!("duplicate listener name `{name}` (also listeners[{prev}])"),
+                    &format!("listeners[{i}].name"),
+                    format!("duplicate listener name `{}` (also listeners[{prev}])", listener.name),
                     "give every listener a distinct name",
                 );
             }
-            let listen =
-                self.required(&at("listen"), l.listen, "an address such as 127.0.0.1:5432");
-            let listen = self.socket_addr(&at("listen"), &listen);
-            if let Some(addr) = listen {
-                if let Some(prev) = addrs.insert(addr, i) {
+            if listener.listen.port() != 0 {
+                if let Some(prev) = addrs.insert(listener.listen, i) {
                     self.problem(
-                        &at("listen"),
-                        format!("address {addr} is already used by listeners[{prev}]"),
+                        &format!("listeners[{i}].listen"),
+                        format!("address {} is already used by listeners[{prev}]", listener.listen),
                         "give every listener its own address or port",
                     );
                 }
             }
-            let role = self.role(&at("role"), l.role);
-            let fallback = self.fallback(&at("fallback"), l.fallback, role);
-            let balance = self.balance(&at("balance"), l.balance);
-            out.push(ListenerConfig {
-                name,
-                listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-                role,
-                fallback,
-                balance,
-                connect_timeout: self.duration(
-                    &at("connect_timeout"),
-                    l.connect_timeout,
-                    Duration::from_secs(3),
-                ),
-                startup_timeout: self.duration(
-                    &at("startup_timeout"),
-                    l.startup_timeout,
-                    Duration::from_secs(10),
-                ),
-            });
+            out.push(listener);
         }
         out
+    }
+
+    fn listener(&mut self, i: usize, l: RawListener, d: &RawDefaults) -> ListenerConfig {
+        let at = |key: &str| format!("listeners[{i}].{key}");
+        // A listener's own value wins; else the `defaults:` one (errors name it there).
+        let inherit = |key: &str, own: Option<Text>, default: &Option<Text>| match own {
+            Some(v) => (format!("listeners[{i}].{key}"), Some(v)),
+            None => (format!("defaults.{key}"), default.clone()),
+        };
+        let name = self.required(&at("name"), l.name, "a short name such as `rw`");
+        let listen = self.required(&at("listen"), l.listen, "an address such as 127.0.0.1:5432");
+        let listen = self.socket_addr(&at("listen"), &listen);
+        let role = self.role(&at("role"), l.role);
+        let fallback = self.fallback(&at("fallback"), l.fallback, role);
+        let balance = self.balance(&at("balance"), l.balance);
+        let (item, v) = inherit("on_ineligible", l.on_ineligible, &d.on_ineligible);
+        let on_ineligible = self.choice(&item, v, &[("close", OnIneligible::Close), ("keep", OnIneligible::Keep)], OnIneligible::Close);
+        let (item, v) = inherit("on_lag", l.on_lag, &d.on_lag);
+        let on_lag = self.choice(&item, v, &[("keep", OnLag::Keep), ("close", OnLag::Close)], OnLag::Keep);
+        let (item, v) = inherit("hold_timeout", l.hold_timeout, &d.hold_timeout);
+        let hold_timeout = self.duration_or_zero(&item, v, Duration::from_secs(5));
+        let (item, v) = inherit("hold_max", l.hold_max, &d.hold_max);
+        let hold_max = self.limit(&item, v).unwrap_or(1000);
+        let (item, v) = inherit("max_lag_bytes", l.max_lag_bytes, &d.max_lag_bytes);
+        let max_lag_bytes = v.and_then(|t| self.bytes(&item, &t.0));
+        let (item, v) = inherit("max_lag_seconds", l.max_lag_seconds, &d.max_lag_seconds);
+        let max_lag_seconds = v.map(|t| self.duration(&item, Some(t), Duration::from_secs(1)));
+        let (item, v) = inherit("max_clients", l.max_clients, &d.max_clients);
+        let max_clients = self.limit(&item, v);
+        let (item, v) = inherit("queue_timeout", l.queue_timeout, &d.queue_timeout);
+        let queue_timeout = self.duration_or_zero(&item, v, Duration::from_secs(5));
+        let allow = self.allowlist(&at("allow"), l.allow.unwrap_or_default());
+        ListenerConfig {
+            name,
+            listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            role,
+            fallback,
+            balance,
+            connect_timeout: self.duration(&at("connect_timeout"), l.connect_timeout, Duration::from_secs(3)),
+            startup_timeout: self.duration(&at("startup_timeout"), l.startup_timeout, Duration::from_secs(10)),
+            on_ineligible,
+            on_lag,
+            hold_timeout,
+            hold_max,
+            max_lag_bytes,
+            max_lag_seconds,
+            max_clients,
+            queue_timeout,
+            allow,
+            freebind: l.freebind.unwrap_or(false),
+        }
+    }
+
+    fn allowlist(&mut self, item: &str, raw: Vec<Text>) -> Vec<Cidr> {
+        let mut out = Vec::new();
+        for (k, entry) in raw.into_iter().enumerate() {
+            match Cidr::parse(&entry.0) {
+                Ok(c) => out.push(c),
+                Err(why) => self.problem(
+                    &format!("{item}[{k}]"),
+                    format!("invalid allowlist entry: {why}"),
+                    "write an address block such as 10.0.0.0/8, 127.0.0.1/32 or fd00::/8",
+                ),
+            }
+        }
+        out
+    }
+
+    /// A positive count; absent means unlimited (`None`).
+    fn limit(&mut self, item: &str, raw: Option<Text>) -> Option<usize> {
+        let text = raw?.0;
+        match text.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                self.problem(item, format!("`{text}` is not a positive whole number"), "write a count such as 100, or remove the key for no limit");
+                None
+            }
+        }
+    }
+
+    fn bytes(&mut self, item: &str, text: &str) -> Option<u64> {
+        match parse_bytes(text) {
+            Ok(n) if n > 0 => Some(n),
+            Ok(_) => {
+                self.problem(item, "size is zero".into(), "write a positive size such as 16MB, or remove the key");
+                None
+            }
+            Err(why) => {
+                self.problem(item, format!("invalid size: {why}"), "write a byte count such as 16777216 or 16MB");
+                None
+            }
+        }
+    }
+
+    fn duration_or_zero(&mut self, item: &str, raw: Option<Text>, default: Duration) -> Duration {
+        match raw {
+            Some(t) if parse_duration(&t.0).is_ok_and(|d| d.is_zero()) => Duration::ZERO,
+            other => self.duration(item, other, default),
+        }
     }
 
     fn role(&mut self, item: &str, raw: Option<Text>) -> Role {
@@ -328,12 +433,21 @@ impl<'a> Validator<'a> {
                     "write a weight from 1 to 1000 (drain a backend by removing it instead)",
                 );
             }
-            out.push(BackendConfig {
-                name,
-                host,
-                port,
-                weight,
-            });
+            let max_connections = self.limit(&at("max_connections"), b.max_connections);
+            let role = match b.role.map(|t| t.0).as_deref() {
+                None => None,
+                Some("primary") => Some(Role::Primary),
+                Some("replica") => Some(Role::Replica),
+                Some(other) => {
+                    self.problem(
+                        &at("role"),
+                        format!("unknown backend role `{other}`"),
+                        "write `replica` (reads only, e.g. a writable logical-replication subscriber) or `primary`, or remove the key to use the role the backend reports",
+                    );
+                    None
+                }
+            };
+            out.push(BackendConfig { name, host, port, weight, max_connections, role });
         }
         out
     }

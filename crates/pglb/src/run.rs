@@ -19,6 +19,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Most empty splice pipes kept for reuse (each is two fds).
+const PIPE_POOL: usize = 64;
+/// Bytes per splice pipe (F_SETPIPE_SZ); within the unprivileged pipe-max-size.
+const PIPE_SIZE: usize = 256 * 1024;
+
 /// `pglb check`: validate only; never binds a socket.
 pub fn check(path: &Path) -> ExitCode {
     match pglb_config::load_file(path) {
@@ -131,9 +136,13 @@ pub async fn serve(
     ));
     spawn_upkeep(metrics, shutdown.clone());
 
+    let pipes = match config.forwarder {
+        pglb_config::Forwarder::Splice => Some(Arc::new(pglb_proxy::PipePool::new(PIPE_POOL, PIPE_SIZE))),
+        pglb_config::Forwarder::Copy => None,
+    };
     let sessions = TaskTracker::new();
     for (index, socket) in sockets.into_iter().enumerate() {
-        let ctx = Arc::new(ListenerContext::new(index, table.clone()));
+        let ctx = Arc::new(ListenerContext::new(index, table.clone(), pipes.clone()));
         log_listening(&config, index, &socket);
         tokio::spawn(pglb_proxy::serve(
             socket,

@@ -14,5 +14,6 @@ pub mod protocol;
 mod refuse;
 mod session;
 
+pub use forward::PipePool;
 pub use listener::{bind, serve, ListenerContext};
 pub use metrics::describe as describe_metrics;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::forward::PipePool;
 use crate::metrics::{ListenerMetrics, PairMetrics};
 
 /// Everything a listener's sessions share. Built once per config.
@@ -28,12 +29,14 @@ pub struct ListenerContext {
     pub(crate) pairs: Vec<PairMetrics>,
     /// Per backend: sessions of this listener open there (cancel fan-out).
     pub(crate) holding: Vec<AtomicUsize>,
+    /// Splice pipes; `None` forwards by copying.
+    pub(crate) pipes: Option<Arc<PipePool>>,
 }
 
 impl ListenerContext {
     /// The context for listener `index` of the current table; registers all
     /// its metric series at zero.
-    pub fn new(index: usize, table: Arc<ArcSwap<RoutingTable>>) -> Self {
+    pub fn new(index: usize, table: Arc<ArcSwap<RoutingTable>>, pipes: Option<Arc<PipePool>>) -> Self {
         let snapshot = table.load();
         let name = snapshot.listeners[index].config.name.clone();
         let pairs = snapshot
@@ -55,6 +58,7 @@ impl ListenerContext {
             cursor: Cursor::default(),
             pairs,
             holding,
+            pipes,
         }
     }
 }

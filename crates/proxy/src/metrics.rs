@@ -39,6 +39,11 @@ pub fn describe() {
         "pglb_cancel_requests_total",
         "Query cancel requests received, per listener."
     );
+    describe_gauge!("pglb_splice_pipes", "Splice pipes, by state: in_use (held by a session) or pooled.");
+    describe_counter!(
+        "pglb_splice_fallbacks_total",
+        "Times no splice pipe could be had (fd limit, pipe-user-pages-soft) and a session copied instead."
+    );
     describe_counter!(
         "pglb_accept_errors_total",
         "Errors accepting client connections (EMFILE/ENFILE and others), per listener."

@@ -169,7 +169,7 @@ async fn relay(
         client_to_backend: pair.client_to_backend.clone(),
         backend_to_client: pair.backend_to_client.clone(),
     };
-    let outcome = forward(client, backend, &counters, &stop).await;
+    let outcome = forward(client, backend, ctx.pipes.as_deref(), &counters, &stop).await;
     tracing::debug!(
         client = %peer,
         backend = %candidate.name,

@@ -1,14 +1,26 @@
 //! Forwarders move bytes both ways between a client and its backend until
 //! both directions are done, passing each side's EOF on as a write shutdown
 //! (half-close), and count the bytes as they go.
+//!
+//! Two data paths behind one interface: `Splice` (Linux: small reads copied,
+//! bulk moved with splice(2) through pooled pipes) and `Copy` (userspace
+//! copy only; portable, and what `Splice` falls back to when no pipe can be
+//! had).
 
-mod copy;
+mod pump;
+#[cfg(target_os = "linux")]
+pub mod splice;
 
 use metrics::Counter;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-pub use copy::copy;
+#[cfg(target_os = "linux")]
+pub use splice::PipePool;
+#[cfg(not(target_os = "linux"))]
+pub use pump::PipePool;
+
+use pump::pump;
 
 /// Byte counters for one session, per direction.
 pub struct Counters {
@@ -52,11 +64,43 @@ pub struct Outcome {
 }
 
 /// Forwards until both directions end, an error occurs, or `stop` fires.
+/// `pipes` selects splice (Some) or copy (None).
 pub async fn forward(
     client: TcpStream,
     backend: TcpStream,
+    pipes: Option<&PipePool>,
     counters: &Counters,
     stop: &CancellationToken,
 ) -> Outcome {
-    copy(client, backend, counters, stop).await
+    let (mut up, mut down) = (0u64, 0u64);
+    let end = {
+        let c2b = pump(&client, &backend, pipes, &counters.client_to_backend, &mut up);
+        let b2c = pump(&backend, &client, pipes, &counters.backend_to_client, &mut down);
+        tokio::pin!(c2b, b2c);
+        let (mut c2b_done, mut b2c_done) = (false, false);
+        let mut first_eof = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break End::Stopped,
+                r = &mut c2b, if !c2b_done => match r {
+                    Ok(()) => {
+                        c2b_done = true;
+                        first_eof.get_or_insert(End::ClientClosed);
+                    }
+                    Err(f) => break f.end("client", "backend"),
+                },
+                r = &mut b2c, if !b2c_done => match r {
+                    Ok(()) => {
+                        b2c_done = true;
+                        first_eof.get_or_insert(End::BackendClosed);
+                    }
+                    Err(f) => break f.end("backend", "client"),
+                },
+            }
+            if c2b_done && b2c_done {
+                break first_eof.unwrap_or(End::ClientClosed);
+            }
+        }
+    };
+    Outcome { end, client_to_backend: up, backend_to_client: down }
 }

@@ -1,0 +1,187 @@
+//! One direction of a session: bytes from `src` to `dst` until EOF.
+//!
+//! Driven by tokio readiness: await `readable()`/`writable()`, then make the
+//! syscall inside `try_io`/`try_read`/`try_write`, so readiness is cleared
+//! only by a real EAGAIN from that socket. Nothing is buffered beyond one
+//! read: while `dst` cannot take more, `src` is not read (backpressure).
+//!
+//! Small reads are copied through a stack buffer (one read + one write each,
+//! the cheapest for PostgreSQL's small messages). When a read fills the
+//! buffer, a bulk transfer is under way and, if a pipe pool is given, the
+//! direction switches to splice(2) until the source goes idle, when the pipe
+//! goes back to the pool — an idle session holds no pipe and no buffer.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use metrics::Counter;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+#[cfg(target_os = "linux")]
+use super::splice::{Pipe, PipePool};
+
+/// The copy buffer; a read that fills it switches to splice.
+const CHUNK: usize = 16 * 1024;
+
+/// Which side failed.
+#[derive(Debug)]
+pub enum Failure {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Failure {
+    /// The session end this failure means, for a direction `from` → `to`.
+    pub fn end(self, from: &'static str, to: &'static str) -> super::End {
+        let (side, error) = match self {
+            Failure::Read(e) => (from, e),
+            Failure::Write(e) => (to, e),
+        };
+        tracing::debug!(side, %error, "forwarding failed");
+        if side == "client" {
+            super::End::ClientError
+        } else {
+            super::End::BackendError
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub struct PipePool;
+
+/// Moves bytes from `src` to `dst` until `src` ends, then shuts down `dst`'s
+/// write side (half-close). Counts bytes as they are written.
+pub async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pool: Option<&PipePool>,
+    counter: &Counter,
+    total: &mut u64,
+) -> Result<(), Failure> {
+    let mut bulk = false;
+    loop {
+        #[cfg(target_os = "linux")]
+        if let (true, Some(pool)) = (bulk, pool) {
+            if let Some(pipe) = pool.take() {
+                let (ended, empty, result) = splice_burst(src, dst, &pipe, pool.pipe_size(), counter, total).await;
+                pool.give_back(pipe, empty);
+                result?;
+                if ended {
+                    return shutdown_write(dst);
+                }
+                bulk = false;
+                continue;
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = pool;
+        src.readable().await.map_err(Failure::Read)?;
+        let (n, rest) = match copy_step(src, dst) {
+            Step::Idle => continue,
+            Step::End => return shutdown_write(dst),
+            Step::Moved { read, rest } => (read, rest),
+            Step::Failed(f) => return Err(f),
+        };
+        if let Some(rest) = rest {
+            flush(dst, rest).await?;
+        }
+        counter.increment(n as u64);
+        *total += n as u64;
+        bulk = n == CHUNK;
+    }
+}
+
+enum Step {
+    /// Spurious readiness: nothing to read.
+    Idle,
+    /// The source ended.
+    End,
+    /// `read` bytes were read; `rest` is what `dst` could not take yet.
+    Moved { read: usize, rest: Option<Vec<u8>> },
+    Failed(Failure),
+}
+
+/// One read and one write, synchronously: the stack buffer never lives
+/// across an await, so an idle session's task holds no buffer.
+fn copy_step(src: &TcpStream, dst: &TcpStream) -> Step {
+    let mut buf = [0u8; CHUNK];
+    let n = match src.try_read(&mut buf) {
+        Ok(0) => return Step::End,
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Idle,
+        Err(e) => return Step::Failed(Failure::Read(e)),
+    };
+    let written = match dst.try_write(&buf[..n]) {
+        Ok(w) => w,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Step::Failed(Failure::Write(e)),
+    };
+    let rest = (written < n).then(|| buf[written..n].to_vec());
+    Step::Moved { read: n, rest }
+}
+
+/// Writes `rest` once `dst` has room; `src` is not read meanwhile.
+async fn flush(dst: &TcpStream, mut rest: Vec<u8>) -> Result<(), Failure> {
+    while !rest.is_empty() {
+        dst.writable().await.map_err(Failure::Write)?;
+        match dst.try_write(&rest) {
+            Ok(n) => {
+                rest.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(Failure::Write(e)),
+        }
+    }
+    Ok(())
+}
+
+fn shutdown_write(dst: &TcpStream) -> Result<(), Failure> {
+    match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
+        Ok(()) => Ok(()),
+        // The peer is already gone: nothing left to tell it.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(Failure::Write(e)),
+    }
+}
+
+/// Splices while `src` has data. Returns (source ended, pipe empty, result).
+/// The pipe is filled only when empty, so an EAGAIN from the fill is the
+/// socket's, never a full pipe's, and may clear the socket's readiness.
+#[cfg(target_os = "linux")]
+async fn splice_burst(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    size: usize,
+    counter: &Counter,
+    total: &mut u64,
+) -> (bool, bool, Result<(), Failure>) {
+    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    loop {
+        let held = match src.try_io(Interest::READABLE, || pipe.fill_from(src_fd, size)) {
+            Ok(0) => return (true, true, Ok(())),
+            Ok(n) => n,
+            // Idle: hand the pipe back and wait in copy mode.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (false, true, Ok(())),
+            Err(e) => return (false, true, Err(Failure::Read(e))),
+        };
+        let mut left = held;
+        while left > 0 {
+            if let Err(e) = dst.writable().await {
+                return (false, false, Err(Failure::Write(e)));
+            }
+            match dst.try_io(Interest::WRITABLE, || pipe.drain_to(dst_fd, left)) {
+                Ok(n) => {
+                    left -= n;
+                    counter.increment(n as u64);
+                    *total += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return (false, false, Err(Failure::Write(e))),
+            }
+        }
+        // Let other tasks run between bursts on a busy stream.
+        tokio::task::yield_now().await;
+    }
+}

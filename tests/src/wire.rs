@@ -1,0 +1,61 @@
+//! A raw PostgreSQL client over a plain TcpStream, for tests that need
+//! control over the socket itself (half-close, slow reading).
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+/// Connects to 127.0.0.1:`port` as `postgres` (trust) and waits for ReadyForQuery.
+pub fn login(port: u16) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    let mut msg = ((8 + params.len()) as u32).to_be_bytes().to_vec();
+    msg.extend(196_608u32.to_be_bytes());
+    msg.extend(params);
+    s.write_all(&msg)?;
+    loop {
+        let (tag, body) = read_message(&mut s)?;
+        match tag {
+            b'Z' => return Ok(s),
+            b'E' => return Err(io::Error::other(String::from_utf8_lossy(&body).into_owned())),
+            _ => {}
+        }
+    }
+}
+
+/// Sends a simple Query message.
+pub fn query(s: &mut TcpStream, sql: &str) -> io::Result<()> {
+    let mut msg = vec![b'Q'];
+    msg.extend(((sql.len() + 5) as u32).to_be_bytes());
+    msg.extend(sql.as_bytes());
+    msg.push(0);
+    s.write_all(&msg)
+}
+
+/// Reads one backend message: its tag and body.
+pub fn read_message(s: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head)?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    s.read_exact(&mut body)?;
+    Ok((head[0], body))
+}
+
+/// Half-closes the client's sending side.
+pub fn shutdown_write(s: &TcpStream) -> io::Result<()> {
+    s.shutdown(Shutdown::Write)
+}
+
+/// Reads everything until EOF; returns the tags of the messages seen.
+pub fn read_to_eof(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut tags = Vec::new();
+    loop {
+        match read_message(s) {
+            Ok((tag, _)) => tags.push(tag),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(tags),
+            Err(e) => return Err(e),
+        }
+    }
+}
