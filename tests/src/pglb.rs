@@ -21,11 +21,7 @@ pub fn pglb_bin() -> &'static Path {
         }
         let exe = std::env::current_exe().expect("current exe");
         // target/<profile>/deps/<test> → target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .to_owned();
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_owned();
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet", "-p", "pglb", "--bin", "pglb"])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
@@ -55,7 +51,8 @@ impl Yaml {
         Self {
             top: String::new(),
             admin: free_port().expect("free port"),
-            health: "interval: 500ms\n  timeout: 500ms\n  rise: 2\n  fall: 2\n  user: pglb_check\n  sslmode: disable".into(),
+            health: "interval: 500ms\n  timeout: 500ms\n  rise: 2\n  fall: 2\n  user: pglb_check\n  sslmode: disable"
+                .into(),
             listeners: Vec::new(),
             backends: cluster
                 .nodes
@@ -69,8 +66,7 @@ impl Yaml {
     /// Adds a listener on a free port; `extra` is more YAML for it
     /// (e.g. `"role: replica\n    balance: round_robin"`).
     pub fn listener(mut self, name: &str, extra: &str) -> Self {
-        self.listeners
-            .push((name.into(), free_port().expect("free port"), extra.into()));
+        self.listeners.push((name.into(), free_port().expect("free port"), extra.into()));
         self
     }
 
@@ -87,10 +83,8 @@ impl Yaml {
     }
 
     pub fn render(&self) -> String {
-        let mut out = format!(
-            "{}admin:\n  listen: 127.0.0.1:{}\nhealth:\n  {}\nlisteners:\n",
-            self.top, self.admin, self.health
-        );
+        let mut out =
+            format!("{}admin:\n  listen: 127.0.0.1:{}\nhealth:\n  {}\nlisteners:\n", self.top, self.admin, self.health);
         for (name, port, extra) in &self.listeners {
             out += &format!("  - name: {name}\n    listen: 127.0.0.1:{port}\n    {extra}\n");
         }
@@ -119,11 +113,7 @@ impl Pglb {
     }
 
     pub fn start_with(yaml: &Yaml, env: &[(&str, &str)]) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "pglb-run-{}-{}",
-            std::process::id(),
-            free_port().expect("port")
-        ));
+        let dir = std::env::temp_dir().join(format!("pglb-run-{}-{}", std::process::id(), free_port().expect("port")));
         fs::create_dir_all(&dir).expect("temp dir");
         let config = dir.join("lb.yaml");
         fs::write(&config, yaml.render()).expect("write config");
@@ -144,11 +134,7 @@ impl Pglb {
             dir,
             config,
             admin: SocketAddr::from(([127, 0, 0, 1], yaml.admin)),
-            ports: yaml
-                .listeners
-                .iter()
-                .map(|(n, p, _)| (n.clone(), *p))
-                .collect(),
+            ports: yaml.listeners.iter().map(|(n, p, _)| (n.clone(), *p)).collect(),
             log,
         };
         wait_until("pglb /health", Duration::from_secs(20), || {
@@ -165,11 +151,7 @@ impl Pglb {
 
     /// The port of listener `name`.
     pub fn port(&self, name: &str) -> u16 {
-        self.ports
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, p)| *p)
-            .expect("listener name")
+        self.ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p).expect("listener name")
     }
 
     pub fn log(&self) -> String {
@@ -190,33 +172,22 @@ impl Pglb {
     pub fn eligible(&self, name: &str) -> Vec<String> {
         let status = self.status();
         let listeners = status["listeners"].as_array().cloned().unwrap_or_default();
-        let listener = listeners
-            .iter()
-            .find(|l| l["name"] == name)
-            .cloned()
-            .unwrap_or_default();
+        let listener = listeners.iter().find(|l| l["name"] == name).cloned().unwrap_or_default();
         let backends = listener["backends"].as_array().cloned().unwrap_or_default();
-        backends
-            .iter()
-            .filter_map(|b| b.as_str().map(str::to_owned))
-            .collect()
+        backends.iter().filter_map(|b| b.as_str().map(str::to_owned)).collect()
     }
 
     /// Waits until listener `name` may use exactly `want` (sorted names).
     pub fn wait_eligible(&self, name: &str, want: &[&str], timeout: Duration) {
-        wait_until(
-            &format!("listener {name} to route to {want:?}"),
-            timeout,
-            || {
-                let mut got = self.eligible(name);
-                got.sort();
-                if got == want {
-                    Ok(())
-                } else {
-                    Err(format!("{got:?}\n{}", self.log()))
-                }
-            },
-        );
+        wait_until(&format!("listener {name} to route to {want:?}"), timeout, || {
+            let mut got = self.eligible(name);
+            got.sort();
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got:?}\n{}", self.log()))
+            }
+        });
     }
 
     pub fn pid(&self) -> u32 {

@@ -6,22 +6,12 @@ use std::process::Command;
 /// `env` adds libpq variables such as `PGSSLMODE`.
 pub fn psql(port: u16, sql: &str, env: &[(&str, &str)]) -> Result<String, String> {
     let mut cmd = Command::new("psql");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-        "-XAtq",
-        "-v",
-        "ON_ERROR_STOP=1",
-    ])
-    .arg("-p")
-    .arg(port.to_string())
-    .arg("-c")
-    .arg(sql)
-    .env("PGCONNECT_TIMEOUT", "10");
+    cmd.args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-XAtq", "-v", "ON_ERROR_STOP=1"])
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-c")
+        .arg(sql)
+        .env("PGCONNECT_TIMEOUT", "10");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -36,8 +26,6 @@ pub fn psql(port: u16, sql: &str, env: &[(&str, &str)]) -> Result<String, String
 /// `SELECT inet_server_port(), pg_is_in_recovery()` through `port`.
 pub fn where_am_i(port: u16) -> Result<(u16, bool), String> {
     let out = psql(port, "SELECT inet_server_port(), pg_is_in_recovery()", &[])?;
-    let (p, r) = out
-        .split_once('|')
-        .ok_or(format!("unexpected output `{out}`"))?;
+    let (p, r) = out.split_once('|').ok_or(format!("unexpected output `{out}`"))?;
     Ok((p.parse().map_err(|_| format!("bad port `{p}`"))?, r == "t"))
 }

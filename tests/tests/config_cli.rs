@@ -14,13 +14,8 @@ fn run(args: &[&str], config: &str) -> (i32, String, String) {
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("lb.yaml");
     std::fs::write(&path, config).expect("write");
-    let out = Command::new(pglb_bin())
-        .args(args)
-        .arg("--config")
-        .arg(&path)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run pglb");
+    let out =
+        Command::new(pglb_bin()).args(args).arg("--config").arg(&path).env("NO_COLOR", "1").output().expect("run pglb");
     let _ = std::fs::remove_dir_all(&dir);
     (
         out.status.code().unwrap_or(-1),
@@ -71,24 +66,15 @@ fn check_reports_every_problem_with_file_line_and_fix() {
 fn pglb_refuses_to_start_on_a_bad_config() {
     let (code, _, err) = run(&[], BAD);
     assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("lb.yaml:14:5: error: listeners[1].role"),
-        "{err}"
-    );
+    assert!(err.contains("lb.yaml:14:5: error: listeners[1].role"), "{err}");
     assert!(err.contains("nothing was started"), "{err}");
 }
 
 #[test]
 fn syntax_and_unknown_keys_are_located() {
-    let (code, _, err) = run(
-        &["check"],
-        "listeners:\n  - name: rw\n    lisen: 127.0.0.1:1\n",
-    );
+    let (code, _, err) = run(&["check"], "listeners:\n  - name: rw\n    lisen: 127.0.0.1:1\n");
     assert_eq!(code, 1);
-    assert!(
-        err.contains("lb.yaml:3:5: error: listeners[0]: unknown field `lisen`"),
-        "{err}"
-    );
+    assert!(err.contains("lb.yaml:3:5: error: listeners[0]: unknown field `lisen`"), "{err}");
     let (code, _, err) = run(&["check"], "listeners: [\n");
     assert_eq!(code, 1);
     assert!(err.contains("lb.yaml:2:1: error:"), "{err}");
@@ -99,7 +85,12 @@ fn unset_password_env_is_an_error() {
     let cfg = "health:\n  password_env: PGLB_TEST_SURELY_UNSET\nlisteners:\n  - {name: rw, listen: 127.0.0.1:1, role: primary}\nbackends:\n  - {name: a, address: 127.0.0.1:2}\n";
     let (code, _, err) = run(&["check"], cfg);
     assert_eq!(code, 1);
-    assert!(err.contains("lb.yaml:2:3: error: health.password_env: environment variable `PGLB_TEST_SURELY_UNSET` is not set"), "{err}");
+    assert!(
+        err.contains(
+            "lb.yaml:2:3: error: health.password_env: environment variable `PGLB_TEST_SURELY_UNSET` is not set"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -123,8 +114,5 @@ fn a_taken_port_fails_startup_with_the_listener_named() {
     );
     let (code, _, err) = run(&[], &cfg);
     assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains(&format!("cannot bind listener `rw` to 127.0.0.1:{port}")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("cannot bind listener `rw` to 127.0.0.1:{port}")), "{err}");
 }

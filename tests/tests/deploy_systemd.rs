@@ -39,9 +39,7 @@ fn directives(unit: &str) -> Vec<(String, String, String)> {
             section = name.to_owned();
             continue;
         }
-        let (key, value) = line
-            .split_once('=')
-            .unwrap_or_else(|| panic!("not an assignment: `{line}`"));
+        let (key, value) = line.split_once('=').unwrap_or_else(|| panic!("not an assignment: `{line}`"));
         assert!(!value.ends_with('\\'), "keep `{line}` on one line");
         out.push((section.clone(), key.trim().into(), value.trim().into()));
     }
@@ -50,31 +48,21 @@ fn directives(unit: &str) -> Vec<(String, String, String)> {
 
 /// Every value of `key` in `[Service]`, in order.
 fn service_values(unit: &str, key: &str) -> Vec<String> {
-    directives(unit)
-        .into_iter()
-        .filter(|(s, k, _)| s == "Service" && k == key)
-        .map(|(_, _, v)| v)
-        .collect()
+    directives(unit).into_iter().filter(|(s, k, _)| s == "Service" && k == key).map(|(_, _, v)| v).collect()
 }
 
 /// The last value of `key` in `[Service]` (what systemd uses for scalars).
 fn service_value(unit: &str, key: &str) -> String {
-    service_values(unit, key)
-        .pop()
-        .unwrap_or_else(|| panic!("pglb.service sets no {key}="))
+    service_values(unit, key).pop().unwrap_or_else(|| panic!("pglb.service sets no {key}="))
 }
 
 /// A systemd time span such as `45s`, `1min 30s`, `500ms` or `90`.
 fn timespan(text: &str) -> Duration {
     let mut total = Duration::ZERO;
     for part in text.split_whitespace() {
-        let split = part
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(part.len());
+        let split = part.find(|c: char| !c.is_ascii_digit()).unwrap_or(part.len());
         let (n, unit) = part.split_at(split);
-        let n: u64 = n
-            .parse()
-            .unwrap_or_else(|_| panic!("bad time span `{text}`"));
+        let n: u64 = n.parse().unwrap_or_else(|_| panic!("bad time span `{text}`"));
         total += match unit {
             "ms" | "msec" => Duration::from_millis(n),
             "" | "s" | "sec" | "second" | "seconds" => Duration::from_secs(n),
@@ -122,11 +110,7 @@ fn unit_for_built_binary() -> String {
 }
 
 fn output_text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 #[test]
@@ -146,11 +130,7 @@ fn unit_passes_systemd_analyze_verify_with_and_without_the_drop_in() {
             .expect("run systemd-analyze verify");
         // verify exits 0 on warnings such as an unknown key: none is allowed.
         let text = output_text(&out);
-        assert!(
-            out.status.success() && text.trim().is_empty(),
-            "systemd-analyze verify: {}\n{text}",
-            out.status
-        );
+        assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {}\n{text}", out.status);
     };
     verify();
 
@@ -167,11 +147,7 @@ fn unit_passes_systemd_analyze_verify_with_and_without_the_drop_in() {
         .arg(&unit)
         .output()
         .expect("run systemd-analyze security");
-    assert!(
-        out.status.success(),
-        "exposure above 2.0:\n{}",
-        output_text(&out)
-    );
+    assert!(out.status.success(), "exposure above 2.0:\n{}", output_text(&out));
 }
 
 #[test]
@@ -193,13 +169,8 @@ fn unit_runs_as_pglb_sandboxed_and_outlasts_the_drain() {
     ] {
         assert_eq!(service_value(&unit, key), want, "{key}=");
     }
-    let nofile: u64 = service_value(&unit, "LimitNOFILE")
-        .parse()
-        .expect("LimitNOFILE is a number");
-    assert!(
-        (65_536..=1_048_576).contains(&nofile),
-        "LimitNOFILE={nofile}"
-    );
+    let nofile: u64 = service_value(&unit, "LimitNOFILE").parse().expect("LimitNOFILE is a number");
+    assert!((65_536..=1_048_576).contains(&nofile), "LimitNOFILE={nofile}");
 
     // systemd must not SIGKILL pglb while it drains sessions.
     let stop = timespan(&service_value(&unit, "TimeoutStopSec"));
@@ -208,16 +179,10 @@ fn unit_runs_as_pglb_sandboxed_and_outlasts_the_drain() {
         "TimeoutStopSec={stop:?} leaves pglb's {DEFAULT_SHUTDOWN_TIMEOUT:?} drain no margin"
     );
     let example = read(&systemd_dir().join("lb.yaml"));
-    if let Some(line) = example
-        .lines()
-        .find(|l| l.trim_start().starts_with("shutdown_timeout:"))
-    {
+    if let Some(line) = example.lines().find(|l| l.trim_start().starts_with("shutdown_timeout:")) {
         let value = line.split(':').nth(1).expect("value");
         let value = value.split('#').next().expect("value").trim();
-        assert!(
-            timespan(value) < stop,
-            "lb.yaml shutdown_timeout {value} >= TimeoutStopSec"
-        );
+        assert!(timespan(value) < stop, "lb.yaml shutdown_timeout {value} >= TimeoutStopSec");
     }
 
     // The credential pglb reads is the one the unit loads.
@@ -228,11 +193,7 @@ fn unit_runs_as_pglb_sandboxed_and_outlasts_the_drain() {
 
     let dropin = read(&systemd_dir().join("pglb.service.d/low-ports.conf"));
     for key in ["AmbientCapabilities", "CapabilityBoundingSet"] {
-        assert_eq!(
-            service_value(&dropin, key),
-            "CAP_NET_BIND_SERVICE",
-            "low-ports.conf {key}="
-        );
+        assert_eq!(service_value(&dropin, key), "CAP_NET_BIND_SERVICE", "low-ports.conf {key}=");
     }
 }
 
@@ -240,10 +201,7 @@ fn unit_runs_as_pglb_sandboxed_and_outlasts_the_drain() {
 /// binary, `config` and `mainpid`; returns the argv.
 fn command_line(exec: &str, config: &Path, mainpid: Option<u32>) -> Vec<String> {
     // No prefix such as `-` (ignore failure) or `+` (full privileges).
-    assert!(
-        exec.starts_with('/'),
-        "`{exec}` should be an absolute path without prefix"
-    );
+    assert!(exec.starts_with('/'), "`{exec}` should be an absolute path without prefix");
     exec.split_whitespace()
         .map(|word| match word {
             UNIT_BIN => pglb_bin().to_string_lossy().into_owned(),
@@ -287,8 +245,7 @@ fn valid_config(admin: u16) -> String {
     )
 }
 
-const INVALID_CONFIG: &str =
-    "listeners:\n  - name: rw\n    listen: 127.0.0.1:1\n    role: reader\nbackends: []\n";
+const INVALID_CONFIG: &str = "listeners:\n  - name: rw\n    listen: 127.0.0.1:1\n    role: reader\nbackends: []\n";
 
 /// The service's main process; killed on drop if still running.
 struct MainProcess {
@@ -332,11 +289,7 @@ fn unit_commands_are_the_real_cli() {
     let reload = service_values(&unit, "ExecReload");
     assert_eq!(pre, [format!("{UNIT_BIN} check --config {UNIT_CONFIG}")]);
     assert_eq!(start, [format!("{UNIT_BIN} --config {UNIT_CONFIG}")]);
-    assert_eq!(
-        reload.len(),
-        2,
-        "ExecReload: check, then SIGHUP: {reload:?}"
-    );
+    assert_eq!(reload.len(), 2, "ExecReload: check, then SIGHUP: {reload:?}");
     assert!(reload[1].contains("-HUP $MAINPID"), "{reload:?}");
 
     let tmp = TempDir::new("unit-cli");
@@ -352,11 +305,7 @@ fn unit_commands_are_the_real_cli() {
     assert!(run_sequence(&pre, &good, None).is_none());
     let (_, out) = run_sequence(&pre, &bad, None).expect("check fails");
     assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
-    assert!(
-        output_text(&out).contains("unknown role `reader`"),
-        "{}",
-        output_text(&out)
-    );
+    assert!(output_text(&out).contains("unknown role `reader`"), "{}", output_text(&out));
 
     // ExecStart serves.
     let argv = command_line(&start[0], &good, None);
@@ -376,57 +325,38 @@ fn unit_commands_are_the_real_cli() {
     if let Some((i, out)) = run_sequence(&reload, &good, Some(pid)) {
         panic!("ExecReload[{i}] failed: {}", output_text(&out));
     }
-    wait_until(
-        "the SIGHUP reload to succeed",
-        Duration::from_secs(10),
-        || {
-            if let Ok(Some(status)) = main.child.try_wait() {
-                panic!("pglb exited on SIGHUP with {status}:\n{}", main.log());
-            }
-            let metrics = http::get(admin, "/metrics")?.1;
-            let line = r#"pglb_config_reloads_total{result="success"} 1"#;
-            match metrics.lines().any(|l| l == line) {
-                true => Ok(()),
-                false => Err(format!("no `{line}` in /metrics")),
-            }
-        },
-    );
+    wait_until("the SIGHUP reload to succeed", Duration::from_secs(10), || {
+        if let Ok(Some(status)) = main.child.try_wait() {
+            panic!("pglb exited on SIGHUP with {status}:\n{}", main.log());
+        }
+        let metrics = http::get(admin, "/metrics")?.1;
+        let line = r#"pglb_config_reloads_total{result="success"} 1"#;
+        match metrics.lines().any(|l| l == line) {
+            true => Ok(()),
+            false => Err(format!("no `{line}` in /metrics")),
+        }
+    });
     main.assert_serves(admin, "pglb to serve after the reload");
 
     // ExecReload on a bad file stops at `pglb check`: `systemctl reload`
     // reports the failure, SIGHUP is never sent, the old config serves.
     fs::write(&good, INVALID_CONFIG).expect("break config");
     let (i, out) = run_sequence(&reload, &good, Some(pid)).expect("reload fails");
-    assert_eq!(
-        (i, out.status.code()),
-        (0, Some(1)),
-        "{}",
-        output_text(&out)
-    );
+    assert_eq!((i, out.status.code()), (0, Some(1)), "{}", output_text(&out));
     main.assert_serves(admin, "pglb to keep serving after a refused reload");
 
     // Stop as systemd does: KillSignal, then SIGKILL after TimeoutStopSec.
     let signal = service_value(&unit, "KillSignal");
     let stop_timeout = timespan(&service_value(&unit, "TimeoutStopSec"));
     let sig = signal.trim_start_matches("SIG");
-    let kill = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
+    let kill = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("run kill");
     assert!(kill.success());
     let began = Instant::now();
-    let status = wait_until("pglb to stop", stop_timeout, || {
-        match main.child.try_wait() {
-            Ok(Some(status)) => Ok(status),
-            _ => Err("still running".into()),
-        }
+    let status = wait_until("pglb to stop", stop_timeout, || match main.child.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        _ => Err("still running".into()),
     });
-    assert!(
-        status.success(),
-        "pglb exited with {status} on {signal}:\n{}",
-        main.log()
-    );
+    assert!(status.success(), "pglb exited with {status} on {signal}:\n{}", main.log());
     println!("pglb stopped {:?} after {signal}", began.elapsed());
 }
 
@@ -435,8 +365,7 @@ fn the_example_config_passes_pglb_check() {
     let tmp = TempDir::new("unit-example");
     let password = tmp.0.join("check-password");
     fs::write(&password, "example-secret\n").expect("write password");
-    let example = read(&systemd_dir().join("lb.yaml"))
-        .replace(CREDENTIAL_PATH, password.to_str().expect("utf-8"));
+    let example = read(&systemd_dir().join("lb.yaml")).replace(CREDENTIAL_PATH, password.to_str().expect("utf-8"));
     let config = tmp.0.join("lb.yaml");
     fs::write(&config, example).expect("write config");
     let out = Command::new(pglb_bin())

@@ -76,15 +76,18 @@ fn large_copy_out_and_in_is_byte_exact(forwarder: &str) {
 
         // ~120 MB sent through pglb, read back directly.
         let table = format!("fwd_{forwarder}");
-        via.batch_execute(&format!("DROP TABLE IF EXISTS {table}; CREATE UNLOGGED TABLE {table} (id int, payload text)"))
-            .await
-            .expect("create table");
+        via.batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; CREATE UNLOGGED TABLE {table} (id int, payload text)"
+        ))
+        .await
+        .expect("create table");
         let sink = via.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN")).await.expect("copy in");
         futures_util::pin_mut!(sink);
         let (mut sent, mut sent_bytes, mut chunk) = (Sha256::new(), 0usize, Vec::with_capacity(1 << 20));
         let rows = 400_000u32;
         for id in 0..rows {
-            let payload: String = (0..290u32).map(|k| char::from(b'a' + ((id.wrapping_mul(31) + k) % 26) as u8)).collect();
+            let payload: String =
+                (0..290u32).map(|k| char::from(b'a' + ((id.wrapping_mul(31) + k) % 26) as u8)).collect();
             chunk.extend_from_slice(format!("{id}\t{payload}\n").as_bytes());
             if chunk.len() > (1 << 20) || id + 1 == rows {
                 sent.update(&chunk);
@@ -93,7 +96,8 @@ fn large_copy_out_and_in_is_byte_exact(forwarder: &str) {
             }
         }
         assert_eq!(sink.finish().await.expect("finish copy"), u64::from(rows));
-        let (got, bytes) = copy_out_digest(&direct, &format!("COPY (SELECT * FROM {table} ORDER BY id) TO STDOUT")).await;
+        let (got, bytes) =
+            copy_out_digest(&direct, &format!("COPY (SELECT * FROM {table} ORDER BY id) TO STDOUT")).await;
         assert_eq!(bytes, sent_bytes, "COPY IN byte count ({forwarder})");
         assert_eq!(got, sent.finalize().to_vec(), "COPY IN through pglb ({forwarder}) changed the data");
         direct.batch_execute(&format!("DROP TABLE {table}")).await.expect("drop");
@@ -124,7 +128,11 @@ fn backend_close_reaches_the_client(forwarder: &str) {
     drop(s);
     wait_until("the session to be closed", Duration::from_secs(10), || {
         let m = pglb.metrics();
-        if m.contains("pglb_connections_active{listener=\"rw\",backend=\"pg0\"} 0") { Ok(()) } else { Err(m) }
+        if m.contains("pglb_connections_active{listener=\"rw\",backend=\"pg0\"} 0") {
+            Ok(())
+        } else {
+            Err(m)
+        }
     });
 }
 
@@ -147,7 +155,10 @@ fn slow_consumer_does_not_grow_memory(forwarder: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let after = rss_kib(pglb.pid());
-    assert!(after < before + 8 * 1024, "pglb ({forwarder}) RSS grew from {before} KiB to {after} KiB under a slow reader");
+    assert!(
+        after < before + 8 * 1024,
+        "pglb ({forwarder}) RSS grew from {before} KiB to {after} KiB under a slow reader"
+    );
     eprintln!("{forwarder}: RSS {before} KiB -> {after} KiB under a slow reader");
 }
 
@@ -207,5 +218,9 @@ fn thousands_of_connections_leak_no_fds_or_pipes(forwarder: &str) {
     if forwarder == "splice" {
         assert!(m.contains("pglb_splice_pipes{state=\"in_use\"} 0"), "{m}");
     }
-    eprintln!("{forwarder}: {} fds after 2000 connections (baseline {baseline}), {} pipe fds", fd_count(pid), pipe_count(pid));
+    eprintln!(
+        "{forwarder}: {} fds after 2000 connections (baseline {baseline}), {} pipe fds",
+        fd_count(pid),
+        pipe_count(pid)
+    );
 }

@@ -9,12 +9,8 @@ use pglb_tests::{wait_until, Pglb, Yaml};
 
 #[test]
 fn stopped_replica_leaves_rotation_and_returns() {
-    let cluster = Cluster::start(&Spec {
-        tag: "replica-down".into(),
-        replicas: 2,
-        ..Spec::default()
-    })
-    .expect("cluster");
+    let cluster =
+        Cluster::start(&Spec { tag: "replica-down".into(), replicas: 2, ..Spec::default() }).expect("cluster");
     pglb_tests::cluster::create_check_users(&cluster);
     let (interval, timeout, fall, rise) = (1.0, 1.0, 2.0, 2.0);
     let yaml = Yaml::for_cluster(&cluster)
@@ -30,35 +26,22 @@ fn stopped_replica_leaves_rotation_and_returns() {
     let left_after = t0.elapsed().as_secs_f64();
     // The bound the docs promise, plus one interval of scheduling slack.
     let bound = fall * interval + timeout + interval;
-    assert!(
-        left_after <= bound,
-        "replica left rotation after {left_after:.2}s, bound {bound}s"
-    );
+    assert!(left_after <= bound, "replica left rotation after {left_after:.2}s, bound {bound}s");
     for _ in 0..4 {
         let (port, replica) = where_am_i(pglb.port("ro")).expect("ro still serves");
-        assert!(
-            replica && port == cluster.nodes[1].port,
-            "ro went to {port}"
-        );
+        assert!(replica && port == cluster.nodes[1].port, "ro went to {port}");
     }
 
     stopped.start().expect("restart replica");
     let t1 = Instant::now();
     pglb.wait_eligible("ro", &["pg1", "pg2"], Duration::from_secs(15));
     let back_after = t1.elapsed().as_secs_f64();
-    assert!(
-        back_after <= rise * interval + timeout + interval,
-        "returned after {back_after:.2}s"
-    );
+    assert!(back_after <= rise * interval + timeout + interval, "returned after {back_after:.2}s");
     let status = pglb.status();
     assert_eq!(status["backends"][2]["healthy"], true, "{status}");
-    wait_until(
-        "ro to reach the returned replica",
-        Duration::from_secs(10),
-        || match where_am_i(pglb.port("ro")) {
-            Ok((p, true)) if p == stopped.port => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    );
+    wait_until("ro to reach the returned replica", Duration::from_secs(10), || match where_am_i(pglb.port("ro")) {
+        Ok((p, true)) if p == stopped.port => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
     eprintln!("replica left rotation after {left_after:.2}s and returned after {back_after:.2}s");
 }

@@ -21,32 +21,20 @@ fn rw_goes_to_the_primary_and_ro_spreads_over_replicas() {
     pglb.wait_eligible("ro", &["pg1", "pg2"], SETTLE);
 
     for _ in 0..3 {
-        assert_eq!(
-            where_am_i(pglb.port("rw")),
-            Ok((cluster.primary().port, false))
-        );
+        assert_eq!(where_am_i(pglb.port("rw")), Ok((cluster.primary().port, false)));
     }
     let mut seen = HashSet::new();
     for _ in 0..6 {
         let (port, in_recovery) = where_am_i(pglb.port("ro")).expect("ro query");
-        assert!(
-            in_recovery,
-            "ro landed on a node that is not a replica (port {port})"
-        );
+        assert!(in_recovery, "ro landed on a node that is not a replica (port {port})");
         seen.insert(port);
     }
     let replicas: HashSet<u16> = cluster.nodes[1..].iter().map(|n| n.port).collect();
     assert_eq!(seen, replicas, "ro spreads over both replicas");
 
     let metrics = pglb.metrics();
-    assert!(
-        metrics.contains("pglb_connections_total{listener=\"rw\",backend=\"pg0\"} 3"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("pglb_backend_role{backend=\"pg0\",role=\"primary\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("pglb_connections_total{listener=\"rw\",backend=\"pg0\"} 3"), "{metrics}");
+    assert!(metrics.contains("pglb_backend_role{backend=\"pg0\",role=\"primary\"} 1"), "{metrics}");
 }
 
 fn start_auth(cluster: &pglb_cluster::Cluster, user: &str, password: &str, sslmode: &str) -> Pglb {
@@ -72,15 +60,9 @@ fn md5_check_user_really_uses_md5() {
     let cluster = shared_cluster();
     let stored = cluster
         .primary()
-        .sql(&format!(
-            "SELECT left(rolpassword, 3) FROM pg_authid WHERE rolname = '{}'",
-            MD5_USER.0
-        ))
+        .sql(&format!("SELECT left(rolpassword, 3) FROM pg_authid WHERE rolname = '{}'", MD5_USER.0))
         .expect("read pg_authid");
-    assert_eq!(
-        stored, "md5",
-        "the md5 user's password must be stored as md5, or pg_hba's md5 uses SCRAM"
-    );
+    assert_eq!(stored, "md5", "the md5 user's password must be stored as md5, or pg_hba's md5 uses SCRAM");
     let pglb = start_auth(&cluster, MD5_USER.0, MD5_USER.1, "disable");
     pglb.wait_eligible("rw", &["pg0"], SETTLE);
     pglb.wait_eligible("ro", &["pg1", "pg2"], SETTLE);
@@ -92,8 +74,7 @@ fn wrong_password_marks_backends_down_and_says_why() {
     let pglb = start_auth(&cluster, SCRAM_USER.0, "not-the-password", "disable");
     wait_until("a log line about the password", SETTLE, || {
         let log = pglb.log();
-        let down =
-            log.contains("backend is down") && log.contains("password authentication failed");
+        let down = log.contains("backend is down") && log.contains("password authentication failed");
         if down {
             Ok(())
         } else {
@@ -103,19 +84,10 @@ fn wrong_password_marks_backends_down_and_says_why() {
     let status = pglb.status();
     for b in status["backends"].as_array().expect("backends") {
         assert_eq!(b["healthy"], false, "{b}");
-        assert!(
-            b["last_error"].as_str().unwrap_or("").contains("28P01"),
-            "{b}"
-        );
+        assert!(b["last_error"].as_str().unwrap_or("").contains("28P01"), "{b}");
     }
-    assert!(
-        !pglb.log().contains("not-the-password"),
-        "the password leaked into the log"
-    );
-    assert!(
-        !status.to_string().contains("not-the-password"),
-        "the password leaked into /status"
-    );
+    assert!(!pglb.log().contains("not-the-password"), "the password leaked into the log");
+    assert!(!status.to_string().contains("not-the-password"), "the password leaked into /status");
     assert!(pglb.eligible("rw").is_empty());
 }
 
@@ -154,55 +126,36 @@ fn no_eligible_backend_answers_with_a_postgres_error() {
         }
     });
     for sslmode in ["prefer", "disable", "allow"] {
-        let err = psql(pglb.port("ro"), "SELECT 1", &[("PGSSLMODE", sslmode)])
-            .expect_err("must be refused");
-        assert!(
-            err.contains("pglb: no healthy replica for listener \"ro\""),
-            "sslmode={sslmode}: {err}"
-        );
+        let err = psql(pglb.port("ro"), "SELECT 1", &[("PGSSLMODE", sslmode)]).expect_err("must be refused");
+        assert!(err.contains("pglb: no healthy replica for listener \"ro\""), "sslmode={sslmode}: {err}");
     }
     // The documented limit: with sslmode=require libpq stops at our 'N'.
-    let err = psql(pglb.port("ro"), "SELECT 1", &[("PGSSLMODE", "require")])
-        .expect_err("must be refused");
+    let err = psql(pglb.port("ro"), "SELECT 1", &[("PGSSLMODE", "require")]).expect_err("must be refused");
     assert!(err.contains("server does not support SSL"), "{err}");
-    assert!(pglb
-        .metrics()
-        .contains("pglb_clients_rejected_total{listener=\"ro\",reason=\"no_backend\"} 4"));
+    assert!(pglb.metrics().contains("pglb_clients_rejected_total{listener=\"ro\",reason=\"no_backend\"} 4"));
 }
 
 #[test]
 fn garbage_and_silent_clients_are_dropped_and_counted() {
     use std::io::{Read, Write};
     let cluster = shared_cluster();
-    let yaml =
-        Yaml::for_cluster(&cluster).listener("rw", "role: primary\n    startup_timeout: 500ms");
+    let yaml = Yaml::for_cluster(&cluster).listener("rw", "role: primary\n    startup_timeout: 500ms");
     let pglb = Pglb::start(&yaml);
     let addr = ("127.0.0.1", pglb.port("rw"));
     let mut http = std::net::TcpStream::connect(addr).expect("connect");
-    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("write");
+    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
     let mut buf = Vec::new();
     let _ = http.read_to_end(&mut buf);
     assert!(buf.is_empty(), "pglb answered garbage with {buf:?}");
     let mut silent = std::net::TcpStream::connect(addr).expect("connect");
-    silent
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    silent.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let started = Instant::now();
-    assert_eq!(
-        silent.read(&mut [0u8; 16]).expect("closed, not timed out"),
-        0
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(9),
-        "silent client was not dropped"
-    );
+    assert_eq!(silent.read(&mut [0u8; 16]).expect("closed, not timed out"), 0);
+    assert!(started.elapsed() < Duration::from_secs(9), "silent client was not dropped");
     wait_until("rejections to be counted", SETTLE, || {
         let m = pglb.metrics();
-        let bad =
-            m.contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"bad_startup\"} 1");
-        let slow =
-            m.contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"startup_timeout\"} 1");
+        let bad = m.contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"bad_startup\"} 1");
+        let slow = m.contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"startup_timeout\"} 1");
         if bad && slow {
             Ok(())
         } else {
@@ -211,28 +164,21 @@ fn garbage_and_silent_clients_are_dropped_and_counted() {
     });
     // And the listener still serves.
     pglb.wait_eligible("rw", &["pg0"], SETTLE);
-    assert_eq!(
-        where_am_i(pglb.port("rw")),
-        Ok((cluster.primary().port, false))
-    );
+    assert_eq!(where_am_i(pglb.port("rw")), Ok((cluster.primary().port, false)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_through_the_ro_port_cancels_the_query() {
     let cluster = shared_cluster();
-    let yaml =
-        Yaml::for_cluster(&cluster).listener("ro", "role: replica\n    balance: round_robin");
+    let yaml = Yaml::for_cluster(&cluster).listener("ro", "role: replica\n    balance: round_robin");
     let pglb = Pglb::start(&yaml);
     pglb.wait_eligible("ro", &["pg1", "pg2"], SETTLE);
     let port = pglb.port("ro");
     // Two sessions, so the listener holds sessions on both replicas.
     let mut clients = Vec::new();
     for _ in 0..2 {
-        let conn =
-            format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable");
-        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-            .await
-            .expect("connect via ro");
+        let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable");
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.expect("connect via ro");
         tokio::spawn(connection);
         clients.push(client);
     }
@@ -247,23 +193,14 @@ async fn cancel_through_the_ro_port_cancels_the_query() {
         let (result, cancelled) = tokio::join!(sleeper, canceller);
         cancelled.expect("send cancel through pglb");
         let err = result.expect_err("the query must be cancelled");
-        assert_eq!(
-            err.code(),
-            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
-            "{err}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "pg_sleep(30) ran to its end"
-        );
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(20), "pg_sleep(30) ran to its end");
     }
 }
 
 async fn connect(port: u16) -> tokio_postgres::Client {
     let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable");
-    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.expect("connect");
     tokio::spawn(connection);
     client
 }
@@ -292,31 +229,22 @@ async fn large_copy_in_and_out_is_byte_exact() {
     let pglb = Pglb::start(&yaml);
     pglb.wait_eligible("rw", &["pg0"], SETTLE);
     let via = connect(pglb.port("rw")).await;
-    via.batch_execute(
-        "DROP TABLE IF EXISTS copy_e2e; CREATE TABLE copy_e2e (id int, payload text)",
-    )
-    .await
-    .expect("create table");
+    via.batch_execute("DROP TABLE IF EXISTS copy_e2e; CREATE TABLE copy_e2e (id int, payload text)")
+        .await
+        .expect("create table");
     // ~64 MB of rows whose text form is canonical, so COPY OUT returns them as sent.
     let (mut sent, mut sent_bytes) = (Sha256::new(), 0usize);
-    let sink = via
-        .copy_in::<_, bytes::Bytes>("COPY copy_e2e FROM STDIN")
-        .await
-        .expect("copy in");
+    let sink = via.copy_in::<_, bytes::Bytes>("COPY copy_e2e FROM STDIN").await.expect("copy in");
     futures_util::pin_mut!(sink);
     let mut chunk = Vec::with_capacity(1 << 20);
     for id in 0..200_000u32 {
         let pad = (id.wrapping_mul(2_654_435_761) % 26) as u8;
-        let payload: String = (0..300u32)
-            .map(|k| char::from(b'a' + ((u32::from(pad) + k) % 26) as u8))
-            .collect();
+        let payload: String = (0..300u32).map(|k| char::from(b'a' + ((u32::from(pad) + k) % 26) as u8)).collect();
         chunk.extend_from_slice(format!("{id}\t{payload}\n").as_bytes());
         if chunk.len() > (1 << 20) || id == 199_999 {
             sent.update(&chunk);
             sent_bytes += chunk.len();
-            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk)))
-                .await
-                .expect("send copy data");
+            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk))).await.expect("send copy data");
         }
     }
     assert_eq!(sink.finish().await.expect("finish copy"), 200_000);
@@ -328,7 +256,5 @@ async fn large_copy_in_and_out_is_byte_exact() {
         assert_eq!(bytes, sent_bytes, "COPY OUT via {label}: byte count");
         assert_eq!(got, sent, "COPY OUT via {label} differs from what was sent");
     }
-    via.batch_execute("DROP TABLE copy_e2e")
-        .await
-        .expect("drop table");
+    via.batch_execute("DROP TABLE copy_e2e").await.expect("drop table");
 }

@@ -1,14 +1,19 @@
-//! The admin HTTP endpoint. It reads snapshots and renders them; it is never
-//! on the data path.
+//! The admin HTTP endpoint. It reads snapshots and renders them, and turns
+//! operator actions into commands for the topology task; it is never on the
+//! data path.
 //!
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /health`: 200 while pglb serves (liveness of pglb, not of the
 //!   database), 503 once it is shutting down.
-//! - `GET /status`: backends and listeners as JSON.
+//! - `GET /status`: backends, listeners and the live config as JSON.
+//! - `GET /connections`: open client sessions.
+//! - `POST /backends/{name}/{drain|disable|enable|unfence}`: operator
+//!   actions, behind `Authorization: Bearer` when a token is configured.
 #![forbid(unsafe_code)]
 
+mod actions;
 mod server;
 mod status;
 
-pub use server::{serve, AdminState};
-pub use status::status_json;
+pub use server::{serve, AdminState, LiveConfig};
+pub use status::{connections_json, status_json};

@@ -3,25 +3,41 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::CONTENT_TYPE;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
-use pglb_routing::RoutingTable;
+use pglb_config::Secret;
+use pglb_health::TopologyHandle;
+use pglb_proxy::ListenerContext;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// What the admin endpoint reads.
+/// Which config is live.
+#[derive(Debug, Clone)]
+pub struct LiveConfig {
+    pub path: String,
+    /// SHA-256 of the file's bytes, hex.
+    pub hash: String,
+    pub loaded_at: SystemTime,
+}
+
+/// What the admin endpoint reads and acts on.
 pub struct AdminState {
-    pub table: Arc<ArcSwap<RoutingTable>>,
+    pub topology: TopologyHandle,
     pub metrics: PrometheusHandle,
     /// Set once shutdown begins: `/health` turns 503.
     pub draining: AtomicBool,
+    pub listeners: ArcSwap<Vec<Arc<ListenerContext>>>,
+    pub live: ArcSwap<LiveConfig>,
+    /// Bearer token for mutating endpoints, when configured.
+    pub token: ArcSwap<Option<Secret>>,
 }
 
 /// Serves admin requests on `listener` until `shutdown` fires.
@@ -43,10 +59,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req)) }
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             if let Err(err) = conn.await {
                 tracing::debug!(error = %err, "admin connection ended with an error");
             }
@@ -54,39 +69,69 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     }
 }
 
-fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
-        (&Method::GET, "/health") => {
+async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
+        (&Method::GET, ["health"]) => {
             if state.draining.load(Ordering::Relaxed) {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".into())
             } else {
                 reply(StatusCode::OK, "text/plain", "ok\n".into())
             }
         }
-        (&Method::GET, "/status") => {
-            let table = state.table.load();
-            reply(StatusCode::OK, "application/json", crate::status_json(&table))
+        (&Method::GET, ["status"]) => {
+            let table = state.topology.table.load();
+            let body = crate::status_json(&table, &state.live.load(), &state.listeners.load());
+            reply(StatusCode::OK, "application/json", body)
         }
-        (_, "/metrics" | "/health" | "/status") => reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "application/json",
-            "{\"error\":\"method not allowed: use GET\"}\n".into(),
-        ),
-        (_, path) => reply(
-            StatusCode::NOT_FOUND,
-            "application/json",
-            format!("{{\"error\":\"no such endpoint: {}\",\"endpoints\":[\"/metrics\",\"/health\",\"/status\"]}}\n", path.escape_default()),
-        ),
+        (&Method::GET, ["connections"]) => {
+            reply(StatusCode::OK, "application/json", crate::connections_json(&state.listeners.load()))
+        }
+        (&Method::POST, ["backends", name, action]) => {
+            if !authorized(state, &req) {
+                return json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "this endpoint needs `Authorization: Bearer <admin token>`",
+                );
+            }
+            let outcome = crate::actions::run(&state.topology.commands, name, action).await;
+            let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            reply(status, "application/json", outcome.body)
+        }
+        (_, ["metrics" | "health" | "status" | "connections"]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (_, ["backends", _, _]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+        _ => json_error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }
+}
+
+/// Mutating endpoints need `Authorization: Bearer <token>` when a token is set.
+fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
+    let token = state.token.load();
+    let Some(token) = token.as_ref() else { return true };
+    let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if constant_time_eq(given.trim().as_bytes(), token.expose().as_bytes()) => true,
+        _ => {
+            tracing::warn!(path = %req.uri().path(), "admin action refused: missing or wrong bearer token");
+            false
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message }).to_string() + "\n";
+    reply(status, "application/json", body)
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
+    response.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
     response
 }

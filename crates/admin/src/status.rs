@@ -1,78 +1,99 @@
-//! `/status`: what the current routing table says, as JSON. No secrets.
+//! `/status` and `/connections`: what the current routing table and the
+//! session registries say, as JSON. No secrets.
 
+use std::sync::atomic::Ordering;
+use std::time::UNIX_EPOCH;
+
+use pglb_proxy::ListenerContext;
 use pglb_routing::RoutingTable;
-use serde::Serialize;
+use serde_json::{json, Value};
 
-#[derive(Serialize)]
-struct Status<'a> {
-    generation: u64,
-    split_brain: bool,
-    backends: Vec<Backend<'a>>,
-    listeners: Vec<Listener<'a>>,
-}
+use crate::server::LiveConfig;
 
-#[derive(Serialize)]
-struct Backend<'a> {
-    name: &'a str,
-    address: String,
-    weight: u32,
-    healthy: bool,
-    checked: bool,
-    role: &'static str,
-    active_connections: usize,
-    last_error: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct Listener<'a> {
-    name: &'a str,
-    listen: String,
-    role: &'static str,
-    fallback: Option<&'static str>,
-    balance: &'static str,
-    via_fallback: bool,
-    /// Backends eligible now, in config order.
-    backends: Vec<&'a str>,
-}
-
-/// Renders the table as the `/status` document.
-pub fn status_json(table: &RoutingTable) -> String {
-    let backends = table
+/// Renders the `/status` document.
+pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[std::sync::Arc<ListenerContext>]) -> String {
+    let backends: Vec<Value> = table
         .backends
         .iter()
-        .map(|b| Backend {
-            name: &b.config.name,
-            address: b.config.address(),
-            weight: b.config.weight,
-            healthy: b.state.healthy,
-            checked: b.state.checked,
-            role: b.state.role.as_str(),
-            active_connections: b.load.active(),
-            last_error: b.state.last_error.as_deref(),
+        .map(|b| {
+            json!({
+                "name": b.config.name,
+                "address": b.config.address(),
+                "weight": b.config.weight,
+                "healthy": b.state.healthy,
+                "checked": b.state.checked,
+                "role": b.role.as_str(),
+                "observed_role": b.state.role.as_str(),
+                "pinned_role": b.config.role.map(|r| r.as_str()),
+                "timeline": b.state.facts.timeline,
+                "system_identifier": b.state.facts.system_id.map(|id| id.to_string()),
+                "fenced": b.fenced.is_some(),
+                "fence_reason": b.fenced,
+                "admin_state": b.admin.as_str(),
+                "lag_bytes": b.lag.bytes,
+                "lag_seconds": b.lag.seconds,
+                "active_connections": b.load.active(),
+                "max_connections": b.config.max_connections,
+                "last_error": b.state.last_error,
+            })
         })
         .collect();
-    let listeners = table
+    let routes: Vec<Value> = table
         .listeners
         .iter()
-        .map(|l| Listener {
-            name: &l.config.name,
-            listen: l.config.listen.to_string(),
-            role: l.config.role.as_str(),
-            fallback: l.config.fallback.map(|r| r.as_str()),
-            balance: l.config.balance.as_str(),
-            via_fallback: l.via_fallback,
-            backends: l
-                .eligible
-                .iter()
-                .map(|&i| table.backends[i].config.name.as_str())
-                .collect(),
+        .enumerate()
+        .map(|(i, l)| {
+            let names = |set: &[usize]| set.iter().map(|&b| table.backends[b].config.name.clone()).collect::<Vec<_>>();
+            let ctx = listeners.iter().find(|c| c.name == l.config.name);
+            json!({
+                "name": l.config.name,
+                "listen": l.config.listen.to_string(),
+                "role": l.config.role.as_str(),
+                "fallback": l.config.fallback.map(|r| r.as_str()),
+                "balance": l.config.balance.as_str(),
+                "via_fallback": l.via_fallback,
+                "backends": names(&l.eligible),
+                "lagging": names(&l.lagging),
+                "clients_held": ctx.map(|c| c.held()),
+                "clients_queued": ctx.map(|c| c.queued()),
+                "clients_active": ctx.map(|c| c.active()),
+                "index": i,
+            })
         })
         .collect();
-    let status = Status {
-        generation: table.generation,
-        split_brain: table.split_brain,
-        backends,
-        listeners,
-    };
+    let status = json!({
+        "generation": table.generation,
+        "split_brain": table.split_brain,
+        "primary_visible": table.primary_visible,
+        "config": {
+            "path": live.path,
+            "hash": live.hash,
+            "loaded_at": live.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        },
+        "backends": backends,
+        "listeners": routes,
+    });
     serde_json::to_string_pretty(&status).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// Renders `/connections`: every open session of every listener.
+pub fn connections_json(listeners: &[std::sync::Arc<ListenerContext>]) -> String {
+    let mut out = Vec::new();
+    for ctx in listeners {
+        for s in ctx.registry.list() {
+            let started = s.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+            out.push(json!({
+                "listener": ctx.name,
+                "client": s.client.to_string(),
+                "backend": s.backend,
+                "backend_local_port": s.backend_local_port,
+                "via_fallback": s.via_fallback,
+                "started_at": started,
+                "duration_seconds": s.started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                "bytes_client_to_backend": s.bytes_in.load(Ordering::Relaxed),
+                "bytes_backend_to_client": s.bytes_out.load(Ordering::Relaxed),
+            }));
+        }
+    }
+    serde_json::to_string_pretty(&json!({ "connections": out })).unwrap_or_default()
 }

@@ -13,10 +13,7 @@ pub enum ClusterError {
     #[error("{what} failed: {detail}")]
     Command { what: String, detail: String },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("{0}")]
@@ -62,30 +59,20 @@ impl Cluster {
             )));
         }
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let root =
-            std::env::temp_dir().join(format!("pglb-{}-{}-{n}", spec.tag, std::process::id()));
+        let root = std::env::temp_dir().join(format!("pglb-{}-{}-{n}", spec.tag, std::process::id()));
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| ClusterError::Io { path, source }
         };
         std::fs::create_dir_all(&root).map_err(io(&root))?;
-        std::fs::write(root.join("owner.pid"), std::process::id().to_string())
-            .map_err(io(&root))?;
+        std::fs::write(root.join("owner.pid"), std::process::id().to_string()).map_err(io(&root))?;
         user.own(&root).map_err(io(&root))?;
-        let mut cluster = Cluster {
-            root,
-            nodes: Vec::new(),
-            user,
-        };
+        let mut cluster = Cluster { root, nodes: Vec::new(), user };
         let mut taken = Vec::new();
         for i in 0..=spec.replicas {
             let port = pick_port(spec.ports.get(i).copied(), &taken)?;
             taken.push(port);
-            let name = if i == 0 {
-                "node0".to_owned()
-            } else {
-                format!("node{i}")
-            };
+            let name = if i == 0 { "node0".to_owned() } else { format!("node{i}") };
             let node = Node {
                 data: cluster.root.join(&name),
                 log: cluster.root.join(format!("{name}.log")),
@@ -114,19 +101,7 @@ impl Cluster {
 
     fn init_primary(&self, node: &Node, spec: &Spec) -> Result<(), ClusterError> {
         let mut initdb = self.user.command(node.bin.join("initdb"));
-        initdb
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "-D",
-            ])
-            .arg(&node.data);
+        initdb.args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C", "-D"]).arg(&node.data);
         run(&mut initdb, "initdb")?;
         let mut hba = spec.hba.clone();
         hba.extend([
@@ -134,12 +109,8 @@ impl Cluster {
             "host all all 127.0.0.1/32 trust".to_owned(),
             "host replication all 127.0.0.1/32 trust".to_owned(),
         ]);
-        std::fs::write(node.data.join("pg_hba.conf"), hba.join("\n") + "\n").map_err(|e| {
-            ClusterError::Io {
-                path: node.data.join("pg_hba.conf"),
-                source: e,
-            }
-        })?;
+        std::fs::write(node.data.join("pg_hba.conf"), hba.join("\n") + "\n")
+            .map_err(|e| ClusterError::Io { path: node.data.join("pg_hba.conf"), source: e })?;
         let mut settings = vec![
             "listen_addresses = '127.0.0.1'".to_owned(),
             "max_connections = 200".to_owned(),
@@ -168,48 +139,21 @@ impl Cluster {
     fn make_certificate(&self, node: &Node) -> Result<(), ClusterError> {
         let mut openssl = self.user.command("openssl");
         openssl
-            .args([
-                "req",
-                "-new",
-                "-x509",
-                "-days",
-                "2",
-                "-nodes",
-                "-newkey",
-                "rsa:2048",
-                "-subj",
-                "/CN=localhost",
-            ])
+            .args(["req", "-new", "-x509", "-days", "2", "-nodes", "-newkey", "rsa:2048", "-subj", "/CN=localhost"])
             .arg("-keyout")
             .arg(node.data.join("server.key"))
             .arg("-out")
             .arg(node.data.join("server.crt"));
         run(&mut openssl, "openssl (making a test certificate)")?;
         let key = node.data.join("server.key");
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(
-            |e| ClusterError::Io {
-                path: key,
-                source: e,
-            },
-        )
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| ClusterError::Io { path: key, source: e })
     }
 
     fn clone_replica(&self, primary: &Node, node: &Node) -> Result<(), ClusterError> {
         let mut backup = self.user.command(node.bin.join("pg_basebackup"));
         backup
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-R",
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-                "--no-sync",
-                "-p",
-            ])
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync", "-p"])
             .arg(primary.port.to_string())
             .arg("-D")
             .arg(&node.data);
@@ -229,10 +173,7 @@ impl Cluster {
 }
 
 fn node_settings(node: &Node) -> Vec<String> {
-    vec![
-        format!("port = {}", node.port),
-        format!("unix_socket_directories = '{}'", node.data.display()),
-    ]
+    vec![format!("port = {}", node.port), format!("unix_socket_directories = '{}'", node.data.display())]
 }
 
 fn pick_port(preferred: Option<u16>, taken: &[u16]) -> Result<u16, ClusterError> {
@@ -240,8 +181,7 @@ fn pick_port(preferred: Option<u16>, taken: &[u16]) -> Result<u16, ClusterError>
         return Ok(p);
     }
     for _ in 0..20 {
-        let p = free_port()
-            .map_err(|e| ClusterError::Setup(format!("cannot find a free port: {e}")))?;
+        let p = free_port().map_err(|e| ClusterError::Setup(format!("cannot find a free port: {e}")))?;
         if !taken.contains(&p) {
             return Ok(p);
         }
@@ -265,10 +205,7 @@ fn sweep_stale() {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let is_ours = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with("pglb-"));
+        let is_ours = entry.file_name().to_str().is_some_and(|n| n.starts_with("pglb-"));
         let owner = std::fs::read_to_string(path.join("owner.pid")).ok();
         let Some(owner) = owner.and_then(|o| o.trim().parse::<u32>().ok()) else {
             continue;
@@ -281,9 +218,7 @@ fn sweep_stale() {
                 .ok()
                 .and_then(|t| t.lines().next().map(str::to_owned))
             {
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", pid.trim()])
-                    .output();
+                let _ = std::process::Command::new("kill").args(["-9", pid.trim()]).output();
             }
         }
         let _ = std::fs::remove_dir_all(&path);

@@ -37,16 +37,13 @@ impl PgUser {
         if !is_root() {
             return Ok(Self { ids: None });
         }
-        let passwd = std::fs::read_to_string("/etc/passwd")
-            .map_err(|e| format!("cannot read /etc/passwd: {e}"))?;
+        let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("cannot read /etc/passwd: {e}"))?;
         let ids = passwd
             .lines()
             .map(|l| l.split(':').collect::<Vec<_>>())
             .find(|f| f.len() > 3 && f[0] == "postgres")
             .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-            .ok_or(
-                "running as root but there is no `postgres` user: install the postgresql package",
-            )?;
+            .ok_or("running as root but there is no `postgres` user: install the postgresql package")?;
         Ok(Self { ids: Some(ids) })
     }
 

@@ -19,10 +19,7 @@ pub struct Node {
 }
 
 pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<Output, ClusterError> {
-    let out = cmd.output().map_err(|e| ClusterError::Command {
-        what: what.to_owned(),
-        detail: e.to_string(),
-    })?;
+    let out = cmd.output().map_err(|e| ClusterError::Command { what: what.to_owned(), detail: e.to_string() })?;
     if !out.status.success() {
         return Err(ClusterError::Command {
             what: what.to_owned(),
@@ -52,27 +49,19 @@ impl Node {
     /// Starts the server and waits until it accepts connections.
     pub fn start(&self) -> Result<(), ClusterError> {
         let mut cmd = self.pg_ctl();
-        cmd.args(["-w", "-t", "60", "-l"])
-            .arg(&self.log)
-            .arg("start");
+        cmd.args(["-w", "-t", "60", "-l"]).arg(&self.log).arg("start");
         run(&mut cmd, &format!("start {}", self.name)).map_err(|e| self.with_log(e))?;
         Ok(())
     }
 
     /// Stops the server (`fast` or `immediate`); a server already down is fine.
     pub fn stop(&self, mode: &str) {
-        let _ = self
-            .pg_ctl()
-            .args(["-w", "-t", "60", "-m", mode, "stop"])
-            .output();
+        let _ = self.pg_ctl().args(["-w", "-t", "60", "-m", mode, "stop"]).output();
     }
 
     /// Promotes a standby and waits until it is out of recovery.
     pub fn promote(&self) -> Result<(), ClusterError> {
-        run(
-            self.pg_ctl().args(["-w", "-t", "60", "promote"]),
-            &format!("promote {}", self.name),
-        )?;
+        run(self.pg_ctl().args(["-w", "-t", "60", "promote"]), &format!("promote {}", self.name))?;
         Ok(())
     }
 
@@ -88,12 +77,7 @@ impl Node {
             what: format!("signal {}", self.name),
             detail: "postmaster.pid is missing: the server is not running".into(),
         })?;
-        run(
-            Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(pid.to_string()),
-            "kill",
-        )?;
+        run(Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()), "kill")?;
         Ok(())
     }
 
@@ -101,17 +85,7 @@ impl Node {
     pub fn sql(&self, sql: &str) -> Result<String, ClusterError> {
         let out = run(
             Command::new("psql")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-XAtq",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                ])
+                .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-XAtq", "-v", "ON_ERROR_STOP=1"])
                 .arg("-p")
                 .arg(self.port.to_string())
                 .arg("-c")
@@ -134,10 +108,7 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Err(ClusterError::Timeout(format!(
-            "{}: `{sql}` never returned `{want}` (last: {last})",
-            self.name
-        )))
+        Err(ClusterError::Timeout(format!("{}: `{sql}` never returned `{want}` (last: {last})", self.name)))
     }
 
     /// Appends settings to postgresql.conf (they override earlier lines).
@@ -148,10 +119,7 @@ impl Node {
     fn with_log(&self, err: ClusterError) -> ClusterError {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        ClusterError::Command {
-            what: format!("{err}"),
-            detail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-        }
+        ClusterError::Command { what: format!("{err}"), detail: tail.into_iter().rev().collect::<Vec<_>>().join("\n") }
     }
 }
 
@@ -160,15 +128,9 @@ pub(crate) fn append(path: &Path, lines: &[String]) -> Result<(), ClusterError> 
     let mut file = std::fs::OpenOptions::new()
         .append(true)
         .open(path)
-        .map_err(|e| ClusterError::Io {
-            path: path.to_owned(),
-            source: e,
-        })?;
+        .map_err(|e| ClusterError::Io { path: path.to_owned(), source: e })?;
     for line in lines {
-        writeln!(file, "{line}").map_err(|e| ClusterError::Io {
-            path: path.to_owned(),
-            source: e,
-        })?;
+        writeln!(file, "{line}").map_err(|e| ClusterError::Io { path: path.to_owned(), source: e })?;
     }
     Ok(())
 }

@@ -5,13 +5,10 @@ use std::time::Duration;
 /// Parses a duration with a unit suffix (`ms`, `s`, `m`, `h`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("`{text}` has no unit"))?;
+    let split =
+        text.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(|| format!("`{text}` has no unit"))?;
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` does not start with a number"))?;
+    let value: f64 = number.parse().map_err(|_| format!("`{text}` does not start with a number"))?;
     let scale = match unit.trim() {
         "ms" => 0.001,
         "s" => 1.0,

@@ -52,12 +52,7 @@ impl ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
-        write!(
-            f,
-            "invalid config {}: {n} problem{}",
-            self.file.display(),
-            if n == 1 { "" } else { "s" }
-        )?;
+        write!(f, "invalid config {}: {n} problem{}", self.file.display(), if n == 1 { "" } else { "s" })?;
         for problem in &self.problems {
             write!(f, "\n{}: error: {problem}", self.location(problem))?;
         }

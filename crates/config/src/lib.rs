@@ -19,7 +19,6 @@ mod validate;
 
 pub use cidr::Cidr;
 pub use duration::{format_duration, parse_duration};
-pub use size::parse_bytes;
 pub use error::{ConfigError, Problem};
 pub use load::{load_file, load_str};
 pub use model::{
@@ -27,3 +26,4 @@ pub use model::{
     OnIneligible, OnLag, Role, SslMode,
 };
 pub use secret::Secret;
+pub use size::parse_bytes;

@@ -27,10 +27,7 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validates config `text`; `path` names it in errors and anchors relative paths.
 pub fn load_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let fail = |problems| ConfigError {
-        file: path.to_owned(),
-        problems,
-    };
+    let fail = |problems| ConfigError { file: path.to_owned(), problems };
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| fail(vec![syntax_problem(&e)]))?;
     let positions = Positions::index(text);
     let base = path.parent().unwrap_or_else(|| Path::new("."));

@@ -85,9 +85,7 @@ impl Builder {
     }
 
     fn record(&mut self, path: &str, mark: Marker) {
-        self.map
-            .entry(path.to_owned())
-            .or_insert((mark.line(), mark.col() + 1));
+        self.map.entry(path.to_owned()).or_insert((mark.line(), mark.col() + 1));
     }
 }
 
@@ -127,7 +125,8 @@ impl MarkedEventReceiver for Builder {
 mod tests {
     use super::Positions;
 
-    const TEXT: &str = "health:\n  interval: 1s\nlisteners:\n  - name: rw\n    role: primary\n  - name: ro\n    role: bogus\n";
+    const TEXT: &str =
+        "health:\n  interval: 1s\nlisteners:\n  - name: rw\n    role: primary\n  - name: ro\n    role: bogus\n";
 
     #[test]
     fn finds_items_by_path() {

@@ -19,34 +19,36 @@ pub struct Validator<'a> {
 
 impl<'a> Validator<'a> {
     pub fn new(positions: &'a Positions, base: &'a Path) -> Self {
-        Self {
-            positions,
-            base,
-            problems: Vec::new(),
-        }
+        Self { positions, base, problems: Vec::new() }
     }
 
     pub fn run(mut self, raw: RawConfig) -> Result<Config, Vec<Problem>> {
-        let forwarder = self.choice("forwarder", raw.forwarder, &[("splice", Forwarder::Splice), ("copy", Forwarder::Copy)], Forwarder::Splice);
+        let forwarder = self.choice(
+            "forwarder",
+            raw.forwarder,
+            &[("splice", Forwarder::Splice), ("copy", Forwarder::Copy)],
+            Forwarder::Splice,
+        );
         let shutdown_timeout = self.duration("shutdown_timeout", raw.shutdown_timeout, Duration::from_secs(30));
-        let log_format = self.choice("log_format", raw.log_format, &[("text", LogFormat::Text), ("json", LogFormat::Json)], LogFormat::Text);
-        let multi_primary = self.choice("multi_primary", raw.multi_primary, &[("fence", MultiPrimary::Fence), ("allow", MultiPrimary::Allow)], MultiPrimary::Fence);
+        let log_format = self.choice(
+            "log_format",
+            raw.log_format,
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            LogFormat::Text,
+        );
+        let multi_primary = self.choice(
+            "multi_primary",
+            raw.multi_primary,
+            &[("fence", MultiPrimary::Fence), ("allow", MultiPrimary::Allow)],
+            MultiPrimary::Fence,
+        );
         let admin = self.admin(raw.admin);
         let health = self.health(raw.health.unwrap_or_default());
         let defaults = raw.defaults.unwrap_or_default();
         let listeners = self.listeners(raw.listeners, &defaults);
         let backends = self.backends(raw.backends);
         if self.problems.is_empty() {
-            Ok(Config {
-                forwarder,
-                shutdown_timeout,
-                log_format,
-                multi_primary,
-                admin,
-                health,
-                listeners,
-                backends,
-            })
+            Ok(Config { forwarder, shutdown_timeout, log_format, multi_primary, admin, health, listeners, backends })
         } else {
             Err(self.problems)
         }
@@ -74,12 +76,13 @@ impl<'a> Validator<'a> {
         };
         let token = self.secret("admin.token", None, token_env, token_file);
         if token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
-            self.problem("admin.token_env", "the admin token is empty".into(), "set a long random token, e.g. `openssl rand -hex 32`");
+            self.problem(
+                "admin.token_env",
+                "the admin token is empty".into(),
+                "set a long random token, e.g. `openssl rand -hex 32`",
+            );
         }
-        AdminConfig {
-            listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9631))),
-            token,
-        }
+        AdminConfig { listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9631))), token }
     }
 
     fn choice<T: Copy>(&mut self, item: &str, raw: Option<Text>, options: &[(&str, T)], default: T) -> T {
@@ -109,7 +112,8 @@ impl<'a> Validator<'a> {
                 "a check must finish before the next one starts: make health.timeout at most health.interval",
             );
         }
-        let fast_interval = self.duration("health.fast_interval", raw.fast_interval, interval.min(Duration::from_millis(250)));
+        let fast_interval =
+            self.duration("health.fast_interval", raw.fast_interval, interval.min(Duration::from_millis(250)));
         if fast_interval > interval {
             self.problem(
                 "health.fast_interval",
@@ -177,10 +181,7 @@ impl<'a> Validator<'a> {
                     self.problem(
                         &format!("{prefix}_env"),
                         format!("environment variable `{}` is not set", var.0),
-                        format!(
-                            "export {}=... before starting pglb, or use password_file",
-                            var.0
-                        ),
+                        format!("export {}=... before starting pglb, or use password_file", var.0),
                     );
                     None
                 }
@@ -251,7 +252,8 @@ impl<'a> Validator<'a> {
         let fallback = self.fallback(&at("fallback"), l.fallback, role);
         let balance = self.balance(&at("balance"), l.balance);
         let (item, v) = inherit("on_ineligible", l.on_ineligible, &d.on_ineligible);
-        let on_ineligible = self.choice(&item, v, &[("close", OnIneligible::Close), ("keep", OnIneligible::Keep)], OnIneligible::Close);
+        let on_ineligible =
+            self.choice(&item, v, &[("close", OnIneligible::Close), ("keep", OnIneligible::Keep)], OnIneligible::Close);
         let (item, v) = inherit("on_lag", l.on_lag, &d.on_lag);
         let on_lag = self.choice(&item, v, &[("keep", OnLag::Keep), ("close", OnLag::Close)], OnLag::Keep);
         let (item, v) = inherit("hold_timeout", l.hold_timeout, &d.hold_timeout);
@@ -309,7 +311,11 @@ impl<'a> Validator<'a> {
         match text.trim().parse::<usize>() {
             Ok(n) if n > 0 => Some(n),
             _ => {
-                self.problem(item, format!("`{text}` is not a positive whole number"), "write a count such as 100, or remove the key for no limit");
+                self.problem(
+                    item,
+                    format!("`{text}` is not a positive whole number"),
+                    "write a count such as 100, or remove the key for no limit",
+                );
                 None
             }
         }
@@ -358,10 +364,7 @@ impl<'a> Validator<'a> {
             return Some(Role::Primary);
         }
         let message = if text == "primary" {
-            format!(
-                "fallback `primary` makes no sense on a `{}` listener",
-                role.as_str()
-            )
+            format!("fallback `primary` makes no sense on a `{}` listener", role.as_str())
         } else {
             format!("unknown fallback `{text}`")
         };
@@ -410,11 +413,7 @@ impl<'a> Validator<'a> {
                     "give every backend a distinct name",
                 );
             }
-            let address = self.required(
-                &at("address"),
-                b.address,
-                "host:port such as 10.0.0.11:5432",
-            );
+            let address = self.required(&at("address"), b.address, "host:port such as 10.0.0.11:5432");
             let (host, port) = self.host_port(&at("address"), &address).unwrap_or_default();
             if !host.is_empty() {
                 if let Some(prev) = addrs.insert((host.clone(), port), i) {
@@ -466,11 +465,7 @@ impl<'a> Validator<'a> {
         match raw {
             None => default.to_owned(),
             Some(t) if t.0.trim().is_empty() => {
-                self.problem(
-                    item,
-                    "empty value".into(),
-                    format!("write a name, e.g. `{default}`"),
-                );
+                self.problem(item, "empty value".into(), format!("write a name, e.g. `{default}`"));
                 default.to_owned()
             }
             Some(t) => t.0,
@@ -480,11 +475,7 @@ impl<'a> Validator<'a> {
     fn count(&mut self, item: &str, raw: Option<u32>, default: u32) -> u32 {
         let n = raw.unwrap_or(default);
         if n == 0 || n > 100 {
-            self.problem(
-                item,
-                format!("{n} is out of range"),
-                "write a count from 1 to 100",
-            );
+            self.problem(item, format!("{n} is out of range"), "write a count from 1 to 100");
             return default;
         }
         n
@@ -495,11 +486,7 @@ impl<'a> Validator<'a> {
         match parse_duration(&text.0) {
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
-                self.problem(
-                    item,
-                    "duration is zero".into(),
-                    "write a positive duration such as `500ms` or `2s`",
-                );
+                self.problem(item, "duration is zero".into(), "write a positive duration such as `500ms` or `2s`");
                 default
             }
             Err(why) => {
@@ -529,20 +516,12 @@ impl<'a> Validator<'a> {
 
     fn host_port(&mut self, item: &str, text: &str) -> Option<(String, u16)> {
         let text = text.trim();
-        let parsed = text
-            .parse::<SocketAddr>()
-            .ok()
-            .map(|a| (a.ip().to_string(), a.port()));
+        let parsed = text.parse::<SocketAddr>().ok().map(|a| (a.ip().to_string(), a.port()));
         let parsed = parsed.or_else(|| {
             let (host, port) = text.rsplit_once(':')?;
-            let valid_host = !host.is_empty()
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
-            Some((
-                host.to_owned(),
-                port.parse::<u16>().ok().filter(|p| *p != 0 && valid_host)?,
-            ))
+            let valid_host =
+                !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            Some((host.to_owned(), port.parse::<u16>().ok().filter(|p| *p != 0 && valid_host)?))
         });
         if parsed.is_none() {
             self.problem(

@@ -5,9 +5,7 @@
 use std::path::{Path, PathBuf};
 
 fn yaml_files(dir: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(dir);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(dir);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("fixture dir")
         .map(|e| e.expect("entry").path())
@@ -33,35 +31,17 @@ fn invalid_fixtures_fail_with_located_problems() {
     let files = yaml_files("invalid");
     assert!(files.len() >= 5, "fixtures not found: {files:?}");
     for file in files {
-        let err = pglb_config::load_file(&file)
-            .expect_err(&format!("{} should be invalid", file.display()));
-        let expected = std::fs::read_to_string(file.with_extension("expected"))
-            .expect("an .expected file per fixture");
+        let err = pglb_config::load_file(&file).expect_err(&format!("{} should be invalid", file.display()));
+        let expected = std::fs::read_to_string(file.with_extension("expected")).expect("an .expected file per fixture");
         let got: Vec<String> = err
             .problems
             .iter()
-            .map(|p| {
-                format!(
-                    "{}:{} {}{}",
-                    p.line.unwrap_or(0),
-                    p.column.unwrap_or(0),
-                    item(p),
-                    p.message
-                )
-            })
+            .map(|p| format!("{}:{} {}{}", p.line.unwrap_or(0), p.column.unwrap_or(0), item(p), p.message))
             .collect();
         for want in expected.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            assert!(
-                got.iter().any(|g| g.starts_with(want)),
-                "{}: no problem `{want}` in {got:#?}",
-                file.display()
-            );
+            assert!(got.iter().any(|g| g.starts_with(want)), "{}: no problem `{want}` in {got:#?}", file.display());
         }
-        assert!(
-            err.problems.iter().all(|p| p.help.is_some()),
-            "{}: every problem says what to write",
-            file.display()
-        );
+        assert!(err.problems.iter().all(|p| p.help.is_some()), "{}: every problem says what to write", file.display());
     }
 }
 
@@ -78,8 +58,5 @@ fn secrets_do_not_print() {
     let text = "health:\n  password: hunter2\nlisteners:\n  - {name: rw, listen: 127.0.0.1:1, role: primary}\nbackends:\n  - {name: a, address: 127.0.0.1:2}\n";
     let config = pglb_config::load_str(Path::new("x.yaml"), text).expect("valid");
     assert!(!format!("{config:?}").contains("hunter2"));
-    assert_eq!(
-        config.health.password.as_ref().map(|s| s.expose()),
-        Some("hunter2")
-    );
+    assert_eq!(config.health.password.as_ref().map(|s| s.expose()), Some("hunter2"));
 }

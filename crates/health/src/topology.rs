@@ -1,141 +1,169 @@
-//! The single writer of routing tables: applies each check report to the
-//! backend's state machine and, when anything routing-relevant changed,
-//! builds the next table and publishes it. Nothing else stores tables, so
-//! two publishes can never interleave.
+//! The single writer of routing tables. Check reports, operator actions and
+//! config changes arrive as [`Command`]s; each is applied to the pure
+//! [`pglb_routing::Topology`], and the table it builds is published through
+//! the `ArcSwap` (and its generation through a watch channel, for sessions
+//! waiting on routing changes). Nothing else stores tables, so two publishes
+//! never interleave.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use pglb_config::Config;
-use pglb_routing::{
-    BackendLoad, BackendState, Observation, ObservedRole, RoutingTable, Transition,
-};
-use tokio::sync::mpsc;
+use pglb_config::{Config, Role};
+use pglb_routing::{ActionError, AdminState, Event, FenceChange, GateChange, Observation, RoutingTable, Transition};
+use tokio::sync::{mpsc, oneshot, watch};
 
-/// One check's outcome, from a checker task.
-#[derive(Debug)]
-pub struct Report {
-    pub backend: String,
-    pub observation: Observation,
+use crate::metrics::export_table;
+
+/// Work for the topology task.
+pub enum Command {
+    /// One check's outcome, from a checker task.
+    Report { backend: String, observation: Observation },
+    /// An operator sets a backend's admin state.
+    Admin { backend: String, state: AdminState, reply: oneshot::Sender<Result<(), ActionError>> },
+    /// An operator clears a fence.
+    Unfence { backend: String, reply: oneshot::Sender<Result<bool, ActionError>> },
+    /// A reload: the next config (already validated).
+    Reconfigure { config: Arc<Config>, reply: oneshot::Sender<()> },
 }
 
-pub struct Topology {
-    config: Arc<Config>,
-    states: Vec<BackendState>,
-    loads: Vec<Arc<BackendLoad>>,
-    generation: u64,
+/// Handles the rest of pglb holds on the topology task.
+#[derive(Clone)]
+pub struct TopologyHandle {
+    pub commands: mpsc::Sender<Command>,
+    pub table: Arc<ArcSwap<RoutingTable>>,
+    /// The routing generation; changes when choices or verdicts may change.
+    pub generation: watch::Receiver<u64>,
+    /// Until when checks run at `fast_interval`.
+    pub fast_until: watch::Receiver<Instant>,
+}
+
+/// The task's state.
+pub struct Publisher {
+    topology: pglb_routing::Topology,
     table: Arc<ArcSwap<RoutingTable>>,
+    generation: watch::Sender<u64>,
+    fast_until: watch::Sender<Instant>,
 }
 
-impl Topology {
-    /// A topology with every backend unchecked, and its first (empty) table.
-    pub fn new(config: Arc<Config>) -> Self {
-        let states = vec![BackendState::default(); config.backends.len()];
-        let loads = (0..config.backends.len())
-            .map(|_| Arc::new(BackendLoad::default()))
-            .collect::<Vec<_>>();
-        let table = RoutingTable::build(0, &config, &states, &loads);
-        Self {
-            config,
-            states,
-            loads,
-            generation: 0,
-            table: Arc::new(ArcSwap::from_pointee(table)),
+impl Publisher {
+    /// A publisher for `config` and the handle to reach it.
+    pub fn new(config: Arc<Config>) -> (Self, TopologyHandle, mpsc::Receiver<Command>) {
+        let mut topology = pglb_routing::Topology::new(config);
+        let (table, _) = topology.table();
+        export_table(&table);
+        let (generation_tx, generation_rx) = watch::channel(table.generation);
+        let (fast_tx, fast_rx) = watch::channel(Instant::now());
+        let (tx, rx) = mpsc::channel(1024);
+        let table = Arc::new(ArcSwap::from_pointee(table));
+        let handle =
+            TopologyHandle { commands: tx, table: table.clone(), generation: generation_rx, fast_until: fast_rx };
+        (Self { topology, table, generation: generation_tx, fast_until: fast_tx }, handle, rx)
+    }
+
+    /// Applies commands until every sender is gone.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        while let Some(command) = commands.recv().await {
+            self.apply(command);
         }
     }
 
-    /// The handle readers load snapshots from.
-    pub fn table(&self) -> Arc<ArcSwap<RoutingTable>> {
-        self.table.clone()
-    }
-
-    /// Applies reports until every sender is gone.
-    pub async fn run(mut self, mut reports: mpsc::Receiver<Report>) {
-        while let Some(report) = reports.recv().await {
-            self.apply(report);
-        }
-    }
-
-    /// Applies one report; publishes a new table if routing changed.
-    pub fn apply(&mut self, report: Report) {
-        let Some(index) = self
-            .config
-            .backends
-            .iter()
-            .position(|b| b.name == report.backend)
-        else {
-            return;
+    fn apply(&mut self, command: Command) {
+        let events = match command {
+            Command::Report { backend, observation } => {
+                if matches!(observation, Observation::Down { .. } | Observation::Lost { .. }) {
+                    metrics::counter!("pglb_health_check_failures_total", "backend" => backend.clone()).increment(1);
+                }
+                self.topology.observe(&backend, observation)
+            }
+            Command::Admin { backend, state, reply } => {
+                let result = self.topology.set_admin(&backend, state);
+                if result.is_ok() {
+                    tracing::warn!(backend, state = state.as_str(), "operator set backend admin state");
+                }
+                let _ = reply.send(result);
+                Vec::new()
+            }
+            Command::Unfence { backend, reply } => {
+                let result = self.topology.unfence(&backend);
+                if let Ok(was) = &result {
+                    tracing::warn!(backend, was_fenced = was, "operator cleared backend fence");
+                }
+                let _ = reply.send(result);
+                Vec::new()
+            }
+            Command::Reconfigure { config, reply } => {
+                self.topology.reconfigure(config);
+                self.publish(Vec::new());
+                let _ = reply.send(());
+                return;
+            }
         };
-        let name = report.backend;
-        if let Observation::Down { .. } = &report.observation {
-            metrics::counter!("pglb_health_check_failures_total", "backend" => name.clone())
-                .increment(1);
-        }
-        let health = &self.config.health;
-        let before = self.states[index].clone();
-        let transitions = self.states[index].observe(report.observation, health.rise, health.fall);
-        for t in &transitions {
-            log_transition(&name, &self.config.backends[index].address(), t);
-        }
-        let after = &self.states[index];
-        if before.healthy != after.healthy || before.role != after.role || !before.checked {
-            export_state(&name, after);
-            self.publish();
-        }
+        self.publish(events);
     }
 
-    fn publish(&mut self) {
-        self.generation += 1;
-        let was_split = self.table.load().split_brain;
-        let table = RoutingTable::build(self.generation, &self.config, &self.states, &self.loads);
-        if table.split_brain && !was_split {
-            let primaries: Vec<&str> = table
-                .backends
-                .iter()
-                .filter(|b| b.state.healthy && b.state.role == ObservedRole::Primary)
-                .map(|b| b.config.name.as_str())
-                .collect();
-            tracing::error!(
-                ?primaries,
-                "split brain: more than one backend claims to be primary; primary listeners route to none until one remains"
-            );
-        } else if was_split && !table.split_brain {
-            tracing::warn!("split brain over: at most one primary is visible again");
+    fn publish(&mut self, mut events: Vec<Event>) {
+        let (table, more) = self.topology.table();
+        events.extend(more);
+        for event in &events {
+            log_event(event);
         }
+        export_table(&table);
+        let changed = table.generation != *self.generation.borrow();
+        let unsettled = table.listeners.iter().any(|l| l.config.role == Role::Primary && l.eligible.is_empty());
+        if changed || unsettled || !events.is_empty() {
+            // Settling: check everyone at the fast pace for a while.
+            let config = self.topology.config();
+            let window = config.health.interval * 2 + config.health.fast_interval;
+            let until = Instant::now() + window.max(Duration::from_millis(500));
+            self.fast_until.send_if_modified(|current| {
+                let later = until > *current + config.health.fast_interval;
+                if later {
+                    *current = until;
+                }
+                later
+            });
+        }
+        let generation = table.generation;
         self.table.store(Arc::new(table));
+        // Race: a reader may load the new table before the generation moves;
+        // that is fine, waiters re-read the table after every change.
+        self.generation.send_if_modified(|g| {
+            let moved = *g != generation;
+            *g = generation;
+            moved
+        });
     }
 }
 
-fn log_transition(name: &str, address: &str, t: &Transition) {
-    match t {
-        Transition::Health { up: true, .. } => {
-            tracing::info!(backend = name, address, "backend is up")
+fn log_event(event: &Event) {
+    match event {
+        Event::Backend { backend, transition: Transition::Health { up: true, .. } } => {
+            tracing::info!(backend, "backend is up")
         }
-        Transition::Health { up: false, reason } => tracing::warn!(
-            backend = name,
-            address,
-            reason = reason.as_deref().unwrap_or("unknown"),
-            "backend is down"
+        Event::Backend { backend, transition: Transition::Health { up: false, reason } } => {
+            tracing::warn!(backend, reason = reason.as_deref().unwrap_or("unknown"), "backend is down")
+        }
+        Event::Backend { backend, transition: Transition::Role { from, to } } => {
+            tracing::info!(backend, from = from.as_str(), to = to.as_str(), "backend role changed")
+        }
+        Event::Fence { backend, change: FenceChange::Fenced { reason, .. } } => {
+            tracing::error!(backend, reason, "backend fenced: it gets no traffic until it rejoins as a replica or an operator unfences it")
+        }
+        Event::Fence { backend, change: FenceChange::Cleared { reason, .. } } => {
+            tracing::warn!(backend, reason, "backend fence cleared")
+        }
+        Event::Lag { listener, backend, change, lag } => {
+            let (bytes, seconds) = (lag.bytes, lag.seconds);
+            match change {
+                GateChange::Out => tracing::warn!(listener, backend, ?bytes, ?seconds, "replica lags over the limit: out of the pool"),
+                GateChange::In => tracing::info!(listener, backend, ?bytes, ?seconds, "replica caught up: back in the pool"),
+            }
+        }
+        Event::SplitBrain { primaries } => tracing::error!(
+            ?primaries,
+            "split brain: more than one backend is primary on the same timeline; primary listeners route to none until one remains"
         ),
-        Transition::Role { from, to } => {
-            tracing::info!(
-                backend = name,
-                address,
-                from = from.as_str(),
-                to = to.as_str(),
-                "backend role changed"
-            )
-        }
-    }
-}
-
-/// Sets `pglb_backend_up` and `pglb_backend_role` for one backend.
-pub fn export_state(name: &str, state: &BackendState) {
-    metrics::gauge!("pglb_backend_up", "backend" => name.to_owned())
-        .set(f64::from(u8::from(state.healthy)));
-    for role in ObservedRole::ALL {
-        let value = f64::from(u8::from(state.role == role));
-        metrics::gauge!("pglb_backend_role", "backend" => name.to_owned(), "role" => role.as_str())
-            .set(value);
+        Event::SplitBrainOver => tracing::warn!("split brain over: at most one primary is visible again"),
     }
 }

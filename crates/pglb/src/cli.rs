@@ -24,9 +24,7 @@ pub enum Command {
 pub fn parse(args: impl Iterator<Item = OsString>) -> Result<Command, String> {
     let mut args = args.peekable();
     let sub = match args.peek().and_then(|a| a.to_str()) {
-        Some("check") | Some("demo") | Some("run") => {
-            args.next().and_then(|a| a.into_string().ok())
-        }
+        Some("check") | Some("demo") | Some("run") => args.next().and_then(|a| a.into_string().ok()),
         _ => None,
     };
     let mut config = PathBuf::from("lb.yaml");
@@ -35,14 +33,9 @@ pub fn parse(args: impl Iterator<Item = OsString>) -> Result<Command, String> {
             Some("-h" | "--help") => return Ok(Command::Help),
             Some("-V" | "--version") => return Ok(Command::Version),
             Some("-c" | "--config") => {
-                config = args
-                    .next()
-                    .map(PathBuf::from)
-                    .ok_or("--config needs a FILE")?;
+                config = args.next().map(PathBuf::from).ok_or("--config needs a FILE")?;
             }
-            Some(s) if s.starts_with("--config=") => {
-                config = PathBuf::from(&s["--config=".len()..])
-            }
+            Some(s) if s.starts_with("--config=") => config = PathBuf::from(&s["--config=".len()..]),
             _ => return Err(format!("unexpected argument `{}`", arg.to_string_lossy())),
         }
     }
@@ -63,24 +56,9 @@ mod tests {
 
     #[test]
     fn parses_commands() {
-        assert_eq!(
-            p(&[]),
-            Ok(Command::Run {
-                config: "lb.yaml".into()
-            })
-        );
-        assert_eq!(
-            p(&["--config", "x.yaml"]),
-            Ok(Command::Run {
-                config: "x.yaml".into()
-            })
-        );
-        assert_eq!(
-            p(&["check", "--config=y.yaml"]),
-            Ok(Command::Check {
-                config: "y.yaml".into()
-            })
-        );
+        assert_eq!(p(&[]), Ok(Command::Run { config: "lb.yaml".into() }));
+        assert_eq!(p(&["--config", "x.yaml"]), Ok(Command::Run { config: "x.yaml".into() }));
+        assert_eq!(p(&["check", "--config=y.yaml"]), Ok(Command::Check { config: "y.yaml".into() }));
         assert_eq!(p(&["demo"]), Ok(Command::Demo));
         assert_eq!(p(&["--help"]), Ok(Command::Help));
         assert!(p(&["--config"]).is_err());

@@ -12,15 +12,8 @@ const LB_YAML: &str = include_str!("../../../lb.yaml");
 const DEMO_PORTS: [u16; 3] = [15432, 15433, 15434];
 
 pub fn run() -> anyhow::Result<()> {
-    println!(
-        "pglb demo: starting a primary and two streaming replicas (initdb + pg_basebackup)..."
-    );
-    let spec = Spec {
-        tag: "demo".into(),
-        replicas: 2,
-        ports: DEMO_PORTS.to_vec(),
-        ..Spec::default()
-    };
+    println!("pglb demo: starting a primary and two streaming replicas (initdb + pg_basebackup)...");
+    let spec = Spec { tag: "demo".into(), replicas: 2, ports: DEMO_PORTS.to_vec(), ..Spec::default() };
     let cluster = Cluster::start(&spec).context("cannot start the demo cluster")?;
     cluster
         .primary()
@@ -34,11 +27,8 @@ pub fn run() -> anyhow::Result<()> {
     let config = pglb_config::load_str(&path, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     print_welcome(&cluster, &config, &path);
     let runtime = crate::run::runtime()?;
-    let result = runtime.block_on(crate::run::serve(config, crate::run::wait_for_signal()));
-    println!(
-        "pglb demo: stopping the cluster and removing {}",
-        cluster.root.display()
-    );
+    let result = runtime.block_on(crate::run::serve(path.clone(), config));
+    println!("pglb demo: stopping the cluster and removing {}", cluster.root.display());
     drop(cluster);
     result
 }
@@ -49,10 +39,7 @@ fn config_for(cluster: &Cluster) -> anyhow::Result<(PathBuf, String)> {
     let mut text = LB_YAML.to_owned();
     for (node, wanted) in cluster.nodes.iter().zip(DEMO_PORTS) {
         if node.port != wanted {
-            text = text.replace(
-                &format!("127.0.0.1:{wanted}"),
-                &format!("127.0.0.1:{}", node.port),
-            );
+            text = text.replace(&format!("127.0.0.1:{wanted}"), &format!("127.0.0.1:{}", node.port));
         }
     }
     for port in [6432u16, 6433, 9631] {
@@ -76,14 +63,7 @@ fn port_free(port: u16) -> bool {
 }
 
 fn print_welcome(cluster: &Cluster, config: &pglb_config::Config, path: &std::path::Path) {
-    let port_of = |name: &str| {
-        config
-            .listeners
-            .iter()
-            .find(|l| l.name == name)
-            .map(|l| l.listen.port())
-            .unwrap_or(0)
-    };
+    let port_of = |name: &str| config.listeners.iter().find(|l| l.name == name).map(|l| l.listen.port()).unwrap_or(0);
     let bin = pglb_cluster::pg_bin();
     let primary = cluster.primary();
     let standby = &cluster.nodes[1];

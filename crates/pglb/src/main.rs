@@ -1,8 +1,12 @@
 //! `pglb`: run the balancer, check a config, or start the demo.
 #![forbid(unsafe_code)]
 
+mod checkers;
 mod cli;
 mod demo;
+mod enforce;
+mod limits;
+mod reload;
 mod run;
 mod telemetry;
 
@@ -26,12 +30,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         cli::Command::Check { config } => run::check(&config),
-        cli::Command::Run { config } => {
-            telemetry::init_logging();
-            report(run::run_blocking(&config))
-        }
+        cli::Command::Run { config } => report(run::run_blocking(&config)),
         cli::Command::Demo => {
-            telemetry::init_logging();
+            telemetry::init_logging(pglb_config::LogFormat::Text);
             report(demo::run())
         }
     }

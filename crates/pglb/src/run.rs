@@ -1,26 +1,29 @@
 //! Wiring: config → topology (routing tables) ← checkers; listeners → table
-//! → forwarders; the admin endpoint reads tables and metrics.
+//! → forwarders; the admin endpoint reads tables and metrics. Signals: SIGHUP
+//! reloads, SIGTERM/SIGINT drain and stop, a second one stops at once.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use pglb_admin::AdminState;
+use arc_swap::ArcSwap;
+use pglb_admin::{AdminState, LiveConfig};
 use pglb_config::{Config, ConfigError};
-use pglb_health::{Report, Topology};
-use pglb_proxy::ListenerContext;
-use pglb_routing::BackendState;
+use pglb_health::{Publisher, TopologyHandle};
+use pglb_proxy::{ListenerContext, PipePool, Shared};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::checkers::Checkers;
+
 /// Most empty splice pipes kept for reuse (each is two fds).
-const PIPE_POOL: usize = 64;
+pub const PIPE_POOL: usize = 64;
 /// Bytes per splice pipe (F_SETPIPE_SZ); within the unprivileged pipe-max-size.
 const PIPE_SIZE: usize = 256 * 1024;
 
@@ -43,19 +46,15 @@ pub fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn print_config_error(err: &ConfigError) {
+pub fn print_config_error(err: &ConfigError) {
     for problem in &err.problems {
         eprintln!("{}: error: {problem}", err.location(problem));
     }
     let n = err.problems.len();
-    eprintln!(
-        "{}: {n} problem{} found",
-        err.file.display(),
-        if n == 1 { "" } else { "s" }
-    );
+    eprintln!("{}: {n} problem{} found", err.file.display(), if n == 1 { "" } else { "s" });
 }
 
-/// Runs the balancer on a new runtime until SIGTERM or SIGINT.
+/// Loads the config, sets up logging, and runs the balancer until stopped.
 pub fn run_blocking(path: &Path) -> anyhow::Result<()> {
     let config = match pglb_config::load_file(path) {
         Ok(c) => c,
@@ -64,123 +63,222 @@ pub fn run_blocking(path: &Path) -> anyhow::Result<()> {
             anyhow::bail!("{} is invalid; nothing was started", path.display());
         }
     };
-    runtime()?.block_on(serve(config, wait_for_signal()))
+    crate::telemetry::init_logging(config.log_format);
+    crate::limits::raise_fd_limit();
+    runtime()?.block_on(serve(path.to_owned(), config))
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn wait_for_signal() {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop pglb with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT received: shutting down"),
-    }
+/// One listening socket and the context its accept loop uses.
+pub struct Live {
+    pub addr: std::net::SocketAddr,
+    pub context: Arc<ArcSwap<ListenerContext>>,
+    pub stop: CancellationToken,
+}
+
+/// A running balancer.
+pub struct Server {
+    pub path: PathBuf,
+    pub config: Arc<Config>,
+    pub topology: TopologyHandle,
+    pub shared: Shared,
+    pub listeners: Vec<Live>,
+    pub admin: Arc<AdminState>,
+    pub sessions: TaskTracker,
+    pub checkers: Checkers,
+    /// Ends the admin endpoint and background tasks at the very end.
+    pub background: CancellationToken,
 }
 
 /// Binds every socket first (an invalid setup starts nothing), then serves
-/// until `stop` resolves.
-pub async fn serve(
-    config: Config,
-    stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let config = Arc::new(config);
-    let admin_socket = pglb_proxy::bind(config.admin.listen)
-        .with_context(|| format!("cannot bind admin listener to {}", config.admin.listen))?;
-    let mut sockets = Vec::new();
-    for l in &config.listeners {
-        let socket = pglb_proxy::bind(l.listen).with_context(|| {
-            format!(
-                "cannot bind listener `{}` to {} (is another pglb or server running there?)",
-                l.name, l.listen
-            )
-        })?;
-        sockets.push(socket);
+/// until a stop signal, reloading on SIGHUP.
+pub async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
+    let mut server = Server::start(path, config).await?;
+    while let Sig::Hup = signals.next().await {
+        server.reload().await;
     }
-    let tls = pglb_health::make_tls(config.health.sslrootcert.as_deref())
-        .context("health.sslrootcert")?;
-    let metrics = crate::telemetry::init_metrics()?;
-
-    let topology = Topology::new(config.clone());
-    for b in &config.backends {
-        pglb_health::export_state(&b.name, &BackendState::default());
-        metrics::counter!("pglb_health_check_failures_total", "backend" => b.name.clone())
-            .increment(0);
-    }
-    let table = topology.table();
-    let shutdown = CancellationToken::new();
-    let (reports, inbox) = mpsc::channel::<Report>(256);
-    tokio::spawn(topology.run(inbox));
-    pglb_health::spawn_checkers(config.clone(), tls, reports, shutdown.clone());
-
-    let admin = Arc::new(AdminState {
-        table: table.clone(),
-        metrics: metrics.clone(),
-        draining: AtomicBool::new(false),
-    });
-    tokio::spawn(pglb_admin::serve(
-        admin_socket,
-        admin.clone(),
-        shutdown.clone(),
-    ));
-    spawn_upkeep(metrics, shutdown.clone());
-
-    let pipes = match config.forwarder {
-        pglb_config::Forwarder::Splice => Some(Arc::new(pglb_proxy::PipePool::new(PIPE_POOL, PIPE_SIZE))),
-        pglb_config::Forwarder::Copy => None,
-    };
-    let sessions = TaskTracker::new();
-    for (index, socket) in sockets.into_iter().enumerate() {
-        let ctx = Arc::new(ListenerContext::new(index, table.clone(), pipes.clone()));
-        log_listening(&config, index, &socket);
-        tokio::spawn(pglb_proxy::serve(
-            socket,
-            ctx,
-            sessions.clone(),
-            shutdown.clone(),
-        ));
-    }
-    tracing::info!(admin = %config.admin.listen, backends = config.backends.len(), "pglb is running");
-
-    stop.await;
-    admin.draining.store(true, Ordering::Relaxed);
-    shutdown.cancel();
-    sessions.close();
-    if tokio::time::timeout(Duration::from_secs(5), sessions.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("sessions did not end within 5s of shutdown; exiting anyway");
-    }
-    tracing::info!("pglb stopped");
+    server.shutdown(&mut signals).await;
     Ok(())
 }
 
-fn log_listening(config: &Config, index: usize, socket: &TcpListener) {
-    let l = &config.listeners[index];
-    let addr = socket
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!(listener = %l.name, listen = %addr, role = l.role.as_str(), balance = l.balance.as_str(), "listening");
+impl Server {
+    pub async fn start(path: PathBuf, config: Config) -> anyhow::Result<Self> {
+        let config = Arc::new(config);
+        let admin_socket = pglb_proxy::bind(config.admin.listen, false)
+            .with_context(|| format!("cannot bind admin listener to {}", config.admin.listen))?;
+        let sockets = bind_listeners(&config, &[])?;
+        let tls = pglb_health::make_tls(config.health.sslrootcert.as_deref()).context("health.sslrootcert")?;
+        let metrics = crate::telemetry::init_metrics()?;
+
+        let (publisher, topology, inbox) = Publisher::new(config.clone());
+        tokio::spawn(publisher.run(inbox));
+        let checkers = Checkers::start(config.clone(), tls, &topology);
+        let shared = Shared {
+            table: topology.table.clone(),
+            generation: topology.generation.clone(),
+            capacity: Arc::new(Notify::new()),
+            pipes: pipes_for(&config),
+            draining: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        };
+        let live = LiveConfig {
+            path: path.display().to_string(),
+            hash: crate::reload::file_hash(&path),
+            loaded_at: SystemTime::now(),
+        };
+        crate::reload::record_success(false);
+        let admin = Arc::new(AdminState {
+            topology: topology.clone(),
+            metrics: metrics.clone(),
+            draining: AtomicBool::new(false),
+            listeners: ArcSwap::from_pointee(Vec::new()),
+            live: ArcSwap::from_pointee(live),
+            token: ArcSwap::from_pointee(config.admin.token.clone()),
+        });
+        let background = CancellationToken::new();
+        tokio::spawn(pglb_admin::serve(admin_socket, admin.clone(), background.clone()));
+        spawn_upkeep(metrics, background.clone());
+        let mut server = Server {
+            path,
+            config,
+            topology,
+            shared,
+            listeners: Vec::new(),
+            admin,
+            sessions: TaskTracker::new(),
+            checkers,
+            background,
+        };
+        server.open_listeners(sockets);
+        tokio::spawn(crate::enforce::run(server.admin.clone(), server.topology.clone(), server.background.clone()));
+        tracing::info!(admin = %server.config.admin.listen, backends = server.config.backends.len(), "pglb is running");
+        Ok(server)
+    }
+
+    /// Starts accept loops on freshly bound sockets.
+    pub fn open_listeners(&mut self, sockets: Vec<(usize, TcpListener)>) {
+        let table = self.topology.table.load();
+        for (index, socket) in sockets {
+            let ctx = Arc::new(ListenerContext::new(index, self.shared.clone()));
+            let l = &table.listeners[index].config;
+            tracing::info!(listener = %l.name, listen = %l.listen, role = l.role.as_str(), balance = l.balance.as_str(), "listening");
+            let context = Arc::new(ArcSwap::new(ctx.clone()));
+            let stop = CancellationToken::new();
+            tokio::spawn(pglb_proxy::serve(socket, context.clone(), self.sessions.clone(), stop.clone()));
+            self.listeners.push(Live { addr: l.listen, context, stop });
+            self.admin.listeners.rcu(|all| {
+                let mut all = Vec::clone(all);
+                all.push(ctx.clone());
+                all
+            });
+        }
+    }
+
+    /// SIGTERM/SIGINT: `/health` turns 503, new, held and queued clients get
+    /// 57P01, sessions may finish for `shutdown_timeout`, then are closed. A
+    /// second signal stops at once.
+    async fn shutdown(self, signals: &mut Signals) {
+        self.admin.draining.store(true, Ordering::Relaxed);
+        self.shared.draining.cancel();
+        self.sessions.close();
+        let timeout = self.config.shutdown_timeout;
+        let open: usize = self.admin.listeners.load().iter().map(|c| c.registry.list().len()).sum();
+        tracing::info!(sessions = open, timeout = ?timeout, "draining: new clients are refused; waiting for sessions to finish");
+        tokio::select! {
+            _ = self.sessions.wait() => tracing::info!("all sessions finished"),
+            _ = tokio::time::sleep(timeout) => {
+                tracing::warn!(timeout = ?timeout, "shutdown timeout: closing the remaining sessions");
+                for ctx in self.admin.listeners.load().iter() {
+                    ctx.registry.close_all("shutdown_timeout");
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.sessions.wait()).await;
+            }
+            _ = signals.stop() => {
+                tracing::warn!("second stop signal: exiting now");
+            }
+        }
+        for live in &self.listeners {
+            live.stop.cancel();
+        }
+        self.shared.hard_stop.cancel();
+        self.checkers.stop_all().await;
+        self.background.cancel();
+        tracing::info!("pglb stopped");
+    }
+}
+
+/// Binds the listeners of `config` whose address is not in `keep`, all or
+/// nothing; returns them with their index in `config.listeners`.
+pub fn bind_listeners(config: &Config, keep: &[std::net::SocketAddr]) -> anyhow::Result<Vec<(usize, TcpListener)>> {
+    let mut sockets = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        if keep.contains(&l.listen) {
+            continue;
+        }
+        let socket = pglb_proxy::bind(l.listen, l.freebind).with_context(|| {
+            format!("cannot bind listener `{}` to {} (is another pglb or server running there?)", l.name, l.listen)
+        })?;
+        sockets.push((i, socket));
+    }
+    Ok(sockets)
+}
+
+pub fn pipes_for(config: &Config) -> Option<Arc<PipePool>> {
+    match config.forwarder {
+        pglb_config::Forwarder::Splice if cfg!(target_os = "linux") => {
+            Some(Arc::new(PipePool::new(PIPE_POOL, PIPE_SIZE)))
+        }
+        _ => None,
+    }
+}
+
+/// What a signal asks for.
+pub enum Sig {
+    Hup,
+    Stop,
+}
+
+/// The signals pglb acts on.
+pub struct Signals {
+    pub hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    pub fn new() -> anyhow::Result<Self> {
+        let install = |kind| signal(kind).context("cannot install signal handlers");
+        Ok(Self {
+            hup: install(SignalKind::hangup())?,
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next signal.
+    pub async fn next(&mut self) -> Sig {
+        tokio::select! {
+            _ = self.hup.recv() => Sig::Hup,
+            _ = self.term.recv() => { tracing::info!("SIGTERM received"); Sig::Stop }
+            _ = self.int.recv() => { tracing::info!("SIGINT received"); Sig::Stop }
+        }
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    pub async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
 }
 
 /// Histograms need periodic upkeep in the Prometheus exporter.
-fn spawn_upkeep(
-    handle: metrics_exporter_prometheus::PrometheusHandle,
-    shutdown: CancellationToken,
-) {
+fn spawn_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, shutdown: CancellationToken) {
     tokio::spawn(async move {
         loop {
             tokio::select! {

@@ -2,22 +2,23 @@
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use pglb_config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
-/// Logs to stderr; `RUST_LOG` overrides the default `info` level.
-pub fn init_logging() {
+/// Logs to stderr as text or JSON lines; `RUST_LOG` overrides the default
+/// `info` level.
+pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }
 
 /// Installs the Prometheus recorder and describes every metric.
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
-    let buckets = [
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ];
+    let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
         .context("cannot configure histogram buckets")?
@@ -25,5 +26,14 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("cannot install the metrics recorder")?;
     pglb_health::describe_metrics();
     pglb_proxy::describe_metrics();
+    metrics::describe_counter!(
+        "pglb_config_reloads_total",
+        "Config loads by result (success, failure); SIGHUP reloads and the start."
+    );
+    metrics::describe_gauge!(
+        "pglb_config_last_reload_success_timestamp_seconds",
+        metrics::Unit::Seconds,
+        "Unix time of the last successful config load."
+    );
     Ok(handle)
 }

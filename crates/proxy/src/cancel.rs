@@ -1,10 +1,11 @@
 //! Query cancellation. A CancelRequest arrives on a new connection and names
 //! a session only by process id and secret key, which pglb cannot see inside
 //! TLS. So it is fanned out, in parallel with a short timeout, to every
-//! backend that holds a session of this listener now; only the server whose
-//! process id and secret key match acts on it.
+//! backend that holds a pglb session now (eligible or not: a drained or
+//! lagging replica still has sessions); only the server whose process id and
+//! secret key match acts on it.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -18,20 +19,15 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn fan_out(ctx: &ListenerContext, request: &[u8]) {
     ctx.metrics.cancels.increment(1);
     let targets: Vec<(String, String, u16)> = {
-        let table = ctx.table.load();
+        let table = ctx.shared.table.load();
         table
             .backends
             .iter()
-            .enumerate()
-            .filter(|(i, _)| {
-                ctx.holding
-                    .get(*i)
-                    .is_some_and(|h| h.load(Ordering::Relaxed) > 0)
-            })
-            .map(|(_, b)| (b.config.name.clone(), b.config.host.clone(), b.config.port))
+            .filter(|b| b.load.active() > 0)
+            .map(|b| (b.config.name.clone(), b.config.host.clone(), b.config.port))
             .collect()
     };
-    let request: std::sync::Arc<[u8]> = request.into();
+    let request: Arc<[u8]> = request.into();
     let mut sends = tokio::task::JoinSet::new();
     for (name, host, port) in targets {
         let request = request.clone();
@@ -44,9 +40,7 @@ pub async fn fan_out(ctx: &ListenerContext, request: &[u8]) {
             .await;
             match result {
                 Ok(Ok(())) => tracing::debug!(backend = %name, "cancel request forwarded"),
-                Ok(Err(err)) => {
-                    tracing::warn!(backend = %name, error = %err, "cannot forward cancel request")
-                }
+                Ok(Err(err)) => tracing::warn!(backend = %name, error = %err, "cannot forward cancel request"),
                 Err(_) => tracing::warn!(backend = %name, "forwarding cancel request timed out"),
             }
         });

@@ -9,10 +9,8 @@ use tokio::net::TcpStream;
 /// TCP_NODELAY and keepalive, so a dead peer is noticed within minutes.
 pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
+    let keepalive =
+        TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10)).with_retries(6);
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
@@ -26,16 +24,11 @@ pub async fn connect(host: &str, port: u16, timeout: Duration) -> io::Result<Tcp
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")
-        }))
+        Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")))
     };
-    let stream = tokio::time::timeout(timeout, attempt).await.map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connect timed out after {timeout:?}"),
-        )
-    })??;
+    let stream = tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect timed out after {timeout:?}")))??;
     tune(&stream);
     Ok(stream)
 }

@@ -12,8 +12,11 @@ mod listener;
 mod metrics;
 pub mod protocol;
 mod refuse;
+mod registry;
 mod session;
+mod wait;
 
 pub use forward::PipePool;
-pub use listener::{bind, serve, ListenerContext};
+pub use listener::{bind, serve, ListenerContext, Shared};
 pub use metrics::describe as describe_metrics;
+pub use registry::{Registry, SessionHandle};

@@ -1,119 +1,216 @@
 //! Listeners: binding (no SO_REUSEPORT, so a second pglb cannot silently
-//! share a port) and the accept loop, which never dies on an accept error.
+//! share a port; IP_FREEBIND on request, for a virtual IP not yet owned) and
+//! the accept loop, which never dies on an accept error.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use metrics::Gauge;
+use pglb_config::ListenerConfig;
 use pglb_routing::{Cursor, RoutingTable};
-use tokio::net::{TcpListener, TcpSocket};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::forward::PipePool;
 use crate::metrics::{ListenerMetrics, PairMetrics};
+use crate::registry::Registry;
 
-/// Everything a listener's sessions share. Built once per config.
-pub struct ListenerContext {
-    /// Position of this listener in the table's `listeners`.
-    pub index: usize,
-    pub name: String,
+/// What every listener shares.
+#[derive(Clone)]
+pub struct Shared {
     pub table: Arc<ArcSwap<RoutingTable>>,
+    /// The routing generation: changes when choices or verdicts may change.
+    pub generation: watch::Receiver<u64>,
+    /// Notified whenever a session ends (a place under the limits is free).
+    pub capacity: Arc<Notify>,
+    /// Splice pipes; `None` forwards by copying.
+    pub pipes: Option<Arc<PipePool>>,
+    /// Cancelled when shutdown begins: new, held and queued clients get 57P01.
+    pub draining: CancellationToken,
+    /// Cancelled when sessions in progress must end (shutdown timeout).
+    pub hard_stop: CancellationToken,
+}
+
+/// Everything one listener's sessions share. A reload builds new contexts;
+/// sessions keep theirs. A context finds its listener in the current table
+/// by address (a reload matches listeners by address, so a rename is not a
+/// rebind), so it can never read another listener's route.
+pub struct ListenerContext {
+    pub listen: SocketAddr,
+    pub name: String,
+    pub shared: Shared,
     pub(crate) cursor: Cursor,
     pub(crate) metrics: ListenerMetrics,
-    /// Per backend (table order): metric handles for this listener.
-    pub(crate) pairs: Vec<PairMetrics>,
-    /// Per backend: sessions of this listener open there (cancel fan-out).
-    pub(crate) holding: Vec<AtomicUsize>,
-    /// Splice pipes; `None` forwards by copying.
-    pub(crate) pipes: Option<Arc<PipePool>>,
+    /// Per backend name: this listener's metric handles.
+    pub(crate) pairs: HashMap<String, PairMetrics>,
+    /// Per backend name: all-listener connection gauges.
+    pub(crate) backend_gauges: HashMap<String, Gauge>,
+    pub(crate) held: AtomicUsize,
+    pub(crate) queued: AtomicUsize,
+    pub(crate) clients: AtomicUsize,
+    pub registry: Registry,
 }
 
 impl ListenerContext {
     /// The context for listener `index` of the current table; registers all
     /// its metric series at zero.
-    pub fn new(index: usize, table: Arc<ArcSwap<RoutingTable>>, pipes: Option<Arc<PipePool>>) -> Self {
-        let snapshot = table.load();
-        let name = snapshot.listeners[index].config.name.clone();
-        let pairs = snapshot
+    pub fn new(index: usize, shared: Shared) -> Self {
+        let snapshot = shared.table.load();
+        let config = &snapshot.listeners[index].config;
+        let name = config.name.clone();
+        let pairs = snapshot.backends.iter().map(|b| (b.config.name.clone(), PairMetrics::new(&name, &b.config.name)));
+        let gauges = snapshot
             .backends
             .iter()
-            .map(|b| PairMetrics::new(&name, &b.config.name))
-            .collect();
-        let holding = snapshot
-            .backends
-            .iter()
-            .map(|_| AtomicUsize::new(0))
-            .collect();
+            .map(|b| (b.config.name.clone(), crate::metrics::backend_connections(&b.config.name)));
+        let metrics = ListenerMetrics::new(&name, config.max_clients);
+        let (pairs, backend_gauges) = (pairs.collect(), gauges.collect());
+        let listen = config.listen;
         drop(snapshot);
         Self {
-            index,
-            metrics: ListenerMetrics::new(&name),
+            listen,
+            metrics,
             name,
-            table,
+            shared,
             cursor: Cursor::default(),
             pairs,
-            holding,
-            pipes,
+            backend_gauges,
+            held: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            clients: AtomicUsize::new(0),
+            registry: Registry::default(),
         }
+    }
+
+    /// This listener's position in `table`, if it still exists there.
+    pub fn route_in(&self, table: &RoutingTable) -> Option<usize> {
+        table.listeners.iter().position(|l| l.config.listen == self.listen)
+    }
+
+    /// The listener's config in the current table.
+    pub fn config(&self) -> Option<ListenerConfig> {
+        let table = self.shared.table.load();
+        self.route_in(&table).map(|i| table.listeners[i].config.clone())
+    }
+
+    /// Clients waiting for an eligible backend now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Clients waiting under a connection limit now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Clients forwarded now.
+    pub fn active(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Closes sessions on backends that may no longer serve this listener
+    /// (or all of them, per `on_ineligible`, if the listener was removed).
+    pub fn enforce(&self, table: &RoutingTable) -> usize {
+        match self.route_in(table) {
+            Some(index) => self.registry.enforce(table, index),
+            None => self.registry.enforce_removed(),
+        }
+    }
+
+    /// This listener's metric handles for `backend` (made on the spot for a
+    /// backend a reload added after this context was built).
+    pub(crate) fn pair(&self, backend: &str) -> PairMetrics {
+        self.pairs.get(backend).cloned().unwrap_or_else(|| PairMetrics::new(&self.name, backend))
     }
 }
 
-/// Binds a listening socket. Does not set SO_REUSEPORT.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+/// Binds a listening socket. Never SO_REUSEPORT; IP_FREEBIND if `freebind`.
+pub fn bind(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    if freebind {
+        #[cfg(target_os = "linux")]
+        match addr {
+            SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+            SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+        }
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
-/// Accepts clients until `shutdown` fires; each session runs on `tracker`
-/// with a child token of `shutdown`.
+/// Accepts clients until `stop` fires. Each client is served by the context
+/// current at its accept (a reload swaps it); sessions run on `tracker`.
 pub async fn serve(
     listener: TcpListener,
-    ctx: Arc<ListenerContext>,
+    ctx: Arc<ArcSwap<ListenerContext>>,
     tracker: TaskTracker,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
+    let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
+        let current = ctx.load_full();
         match accepted {
             Ok((stream, peer)) => {
-                let span = tracing::debug_span!("session", listener = %ctx.name, client = %peer);
-                let session =
-                    crate::session::run(ctx.clone(), stream, peer, shutdown.child_token());
+                backoff = Duration::from_millis(10);
+                if !allowed(&current, peer) {
+                    current.metrics.reject("not_allowed");
+                    tracing::info!(
+                        target: "pglb::connection",
+                        client = %peer,
+                        listener = %current.name,
+                        backend = "",
+                        end = "not_allowed",
+                        detail = "client address is not in the listener's allow list",
+                        "connection closed"
+                    );
+                    drop(stream);
+                    continue;
+                }
+                let span = tracing::debug_span!("session", listener = %current.name, client = %peer);
+                let session = crate::session::run(current.clone(), stream, peer);
                 tracker.spawn(session.instrument(span));
             }
-            Err(err) => {
-                ctx.metrics.accept_errors.increment(1);
-                if is_resource_exhaustion(&err) {
-                    tracing::warn!(listener = %ctx.name, error = %err, "cannot accept: out of file descriptors or memory; pausing accepts for 100ms");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    }
-                } else {
-                    tracing::debug!(listener = %ctx.name, error = %err, "accept failed");
+            Err(err) if is_resource_exhaustion(&err) => {
+                current.metrics.accept_errors.increment(1);
+                tracing::warn!(listener = %current.name, error = %err, pause = ?backoff, "cannot accept: out of file descriptors or memory; pausing accepts");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
                 }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(err) => {
+                current.metrics.accept_errors.increment(1);
+                tracing::debug!(listener = %current.name, error = %err, "accept failed");
             }
         }
     }
+}
+
+fn allowed(ctx: &ListenerContext, peer: SocketAddr) -> bool {
+    let table = ctx.shared.table.load();
+    let Some(route) = ctx.route_in(&table).map(|i| &table.listeners[i]) else { return true };
+    route.config.allow.is_empty() || route.config.allow.iter().any(|c| c.contains(peer.ip()))
 }
 
 fn is_resource_exhaustion(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
+    matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }

@@ -1,32 +1,41 @@
 //! Data-path metrics: described once, handles cached per listener × backend
 //! so the hot path does no label lookups.
 
-use metrics::{describe_counter, describe_gauge, Counter, Gauge, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
 
 /// Reasons a client is turned away; a closed set of label values.
-pub const REJECT_REASONS: [&str; 5] = [
+pub const REJECT_REASONS: [&str; 10] = [
     "no_backend",
+    "hold_full",
+    "queue_timeout",
     "connect_failed",
     "startup_timeout",
     "bad_startup",
     "client_closed",
+    "client_gave_up",
+    "shutdown",
+    "not_allowed",
+];
+
+/// Why pglb closed a forwarded session; a closed set of label values.
+pub const CLOSE_REASONS: [&str; 10] = [
+    "backend_down",
+    "fenced",
+    "disabled",
+    "split_brain",
+    "role_changed",
+    "lagging",
+    "removed",
+    "shutdown",
+    "listener_removed",
+    "shutdown_timeout",
 ];
 
 /// Registers help text for every data-path metric.
 pub fn describe() {
-    describe_gauge!(
-        "pglb_connections_active",
-        "Client connections being forwarded now, per listener and backend."
-    );
-    describe_counter!(
-        "pglb_connections_total",
-        "Client connections forwarded to a backend, per listener and backend."
-    );
-    describe_counter!(
-        "pglb_bytes_total",
-        Unit::Bytes,
-        "Bytes forwarded, per listener, backend and direction."
-    );
+    describe_gauge!("pglb_connections_active", "Client connections being forwarded now, per listener and backend.");
+    describe_counter!("pglb_connections_total", "Client connections forwarded to a backend, per listener and backend.");
+    describe_counter!("pglb_bytes_total", Unit::Bytes, "Bytes forwarded, per listener, backend and direction.");
     describe_counter!(
         "pglb_backend_connect_failures_total",
         "Failed connection attempts from pglb to a backend, per listener and backend."
@@ -35,9 +44,20 @@ pub fn describe() {
         "pglb_clients_rejected_total",
         "Clients turned away before reaching a backend, per listener and reason."
     );
+    describe_counter!("pglb_cancel_requests_total", "Query cancel requests received, per listener.");
+    describe_gauge!("pglb_clients_held", "Clients waiting for an eligible backend (hold_timeout), per listener.");
+    describe_gauge!("pglb_clients_queued", "Clients waiting under a connection limit (queue_timeout), per listener.");
+    describe_histogram!(
+        "pglb_client_wait_seconds",
+        Unit::Seconds,
+        "Time clients waited before being forwarded or refused, per listener and kind (hold, queue)."
+    );
+    describe_gauge!("pglb_clients_active", "Clients forwarded now, per listener (counted against max_clients).");
+    describe_gauge!("pglb_listener_max_clients", "The listener's max_clients (0: none).");
+    describe_gauge!("pglb_backend_connections", "Connections pglb has open to the backend now, all listeners.");
     describe_counter!(
-        "pglb_cancel_requests_total",
-        "Query cancel requests received, per listener."
+        "pglb_sessions_closed_total",
+        "Sessions pglb closed itself, per listener and reason (role change, fencing, lag, shutdown...)."
     );
     describe_gauge!("pglb_splice_pipes", "Splice pipes, by state: in_use (held by a session) or pooled.");
     describe_counter!(
@@ -62,10 +82,7 @@ pub struct PairMetrics {
 
 impl PairMetrics {
     pub fn new(listener: &str, backend: &str) -> Self {
-        let labels = [
-            ("listener", listener.to_owned()),
-            ("backend", backend.to_owned()),
-        ];
+        let labels = [("listener", listener.to_owned()), ("backend", backend.to_owned())];
         let bytes = |direction: &'static str| {
             let mut l = labels.to_vec();
             l.push(("direction", direction.to_owned()));
@@ -80,12 +97,7 @@ impl PairMetrics {
         };
         // Register at start-up: dashboards see zero before the first event.
         pair.active.set(0.0);
-        for c in [
-            &pair.total,
-            &pair.client_to_backend,
-            &pair.backend_to_client,
-            &pair.connect_failures,
-        ] {
+        for c in [&pair.total, &pair.client_to_backend, &pair.backend_to_client, &pair.connect_failures] {
             c.increment(0);
         }
         pair
@@ -95,30 +107,50 @@ impl PairMetrics {
 /// Handles for one listener.
 pub struct ListenerMetrics {
     rejected: Vec<Counter>,
+    closed: Vec<Counter>,
     pub cancels: Counter,
     pub accept_errors: Counter,
+    pub held: Gauge,
+    pub queued: Gauge,
+    pub hold_wait: Histogram,
+    pub queue_wait: Histogram,
+    pub active: Gauge,
 }
 
 impl ListenerMetrics {
-    pub fn new(listener: &str) -> Self {
-        let rejected = REJECT_REASONS
-            .iter()
-            .map(|r| {
-                let c = metrics::counter!("pglb_clients_rejected_total", "listener" => listener.to_owned(), "reason" => *r);
-                c.increment(0);
-                c
-            })
-            .collect();
-        let cancels =
-            metrics::counter!("pglb_cancel_requests_total", "listener" => listener.to_owned());
-        let accept_errors =
-            metrics::counter!("pglb_accept_errors_total", "listener" => listener.to_owned());
-        cancels.increment(0);
-        accept_errors.increment(0);
+    pub fn new(listener: &str, max_clients: Option<usize>) -> Self {
+        let counters = |name: &'static str, reasons: &[&'static str]| -> Vec<Counter> {
+            reasons
+                .iter()
+                .map(|r| {
+                    let c = metrics::counter!(name, "listener" => listener.to_owned(), "reason" => *r);
+                    c.increment(0);
+                    c
+                })
+                .collect()
+        };
+        let counter = |name: &'static str| {
+            let c = metrics::counter!(name, "listener" => listener.to_owned());
+            c.increment(0);
+            c
+        };
+        let gauge = |name: &'static str| {
+            let g = metrics::gauge!(name, "listener" => listener.to_owned());
+            g.set(0.0);
+            g
+        };
+        let wait = |kind: &'static str| metrics::histogram!("pglb_client_wait_seconds", "listener" => listener.to_owned(), "kind" => kind);
+        gauge("pglb_listener_max_clients").set(max_clients.unwrap_or(0) as f64);
         Self {
-            rejected,
-            cancels,
-            accept_errors,
+            rejected: counters("pglb_clients_rejected_total", &REJECT_REASONS),
+            closed: counters("pglb_sessions_closed_total", &CLOSE_REASONS),
+            cancels: counter("pglb_cancel_requests_total"),
+            accept_errors: counter("pglb_accept_errors_total"),
+            held: gauge("pglb_clients_held"),
+            queued: gauge("pglb_clients_queued"),
+            hold_wait: wait("hold"),
+            queue_wait: wait("queue"),
+            active: gauge("pglb_clients_active"),
         }
     }
 
@@ -128,4 +160,16 @@ impl ListenerMetrics {
             self.rejected[i].increment(1);
         }
     }
+
+    /// Counts a session pglb closed; `reason` must be one of [`CLOSE_REASONS`].
+    pub fn closed(&self, reason: &str) {
+        if let Some(i) = CLOSE_REASONS.iter().position(|r| *r == reason) {
+            self.closed[i].increment(1);
+        }
+    }
+}
+
+/// Per-backend gauge of connections from all listeners.
+pub fn backend_connections(backend: &str) -> Gauge {
+    metrics::gauge!("pglb_backend_connections", "backend" => backend.to_owned())
 }

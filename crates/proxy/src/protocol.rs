@@ -60,15 +60,11 @@ impl FirstMessageError {
 }
 
 /// Reads one client message that has no type byte (every pre-startup message).
-pub async fn read_first<R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<FirstMessage, FirstMessageError> {
+pub async fn read_first<R: AsyncRead + Unpin>(r: &mut R) -> Result<FirstMessage, FirstMessageError> {
     let mut head = [0u8; 8];
     match r.read_exact(&mut head[..4]).await {
         Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            return Err(FirstMessageError::Closed)
-        }
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FirstMessageError::Closed),
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
@@ -77,12 +73,10 @@ pub async fn read_first<R: AsyncRead + Unpin>(
     }
     let mut bytes = vec![0u8; len as usize];
     bytes[..4].copy_from_slice(&head[..4]);
-    r.read_exact(&mut bytes[4..])
-        .await
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => FirstMessageError::Closed,
-            _ => FirstMessageError::Io(e),
-        })?;
+    r.read_exact(&mut bytes[4..]).await.map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => FirstMessageError::Closed,
+        _ => FirstMessageError::Io(e),
+    })?;
     let kind = classify(&bytes)?;
     Ok(FirstMessage { bytes, kind })
 }
@@ -92,9 +86,9 @@ fn classify(bytes: &[u8]) -> Result<FirstKind, FirstMessageError> {
     match code {
         SSL_REQUEST if bytes.len() == 8 => Ok(FirstKind::SslRequest),
         GSSENC_REQUEST if bytes.len() == 8 => Ok(FirstKind::GssEncRequest),
-        CANCEL_REQUEST if bytes.len() >= 16 => Ok(FirstKind::Cancel {
-            pid: u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
-        }),
+        CANCEL_REQUEST if bytes.len() >= 16 => {
+            Ok(FirstKind::Cancel { pid: u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) })
+        }
         c if c >> 16 == 3 => Ok(startup(&bytes[8..])),
         c => Err(FirstMessageError::UnknownCode(c)),
     }
@@ -121,12 +115,7 @@ fn startup(params: &[u8]) -> FirstKind {
 /// A protocol-3 ErrorResponse, severity FATAL.
 pub fn fatal_error(sqlstate: &str, message: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(message.len() + 32);
-    for (tag, value) in [
-        (b'S', "FATAL"),
-        (b'V', "FATAL"),
-        (b'C', sqlstate),
-        (b'M', message),
-    ] {
+    for (tag, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', sqlstate), (b'M', message)] {
         body.push(tag);
         body.extend(value.bytes().filter(|b| *b != 0));
         body.push(0);
@@ -159,50 +148,23 @@ mod tests {
         let m = msg(196_608, b"user\0alice\0database\0app\0\0");
         let first = read(&m).await.expect("valid startup");
         assert_eq!(first.bytes, m);
-        assert_eq!(
-            first.kind,
-            FirstKind::Startup {
-                user: Some("alice".into()),
-                database: Some("app".into())
-            }
-        );
+        assert_eq!(first.kind, FirstKind::Startup { user: Some("alice".into()), database: Some("app".into()) });
     }
 
     #[tokio::test]
     async fn reads_negotiation_and_cancel() {
-        assert_eq!(
-            read(&msg(SSL_REQUEST, b"")).await.expect("ssl").kind,
-            FirstKind::SslRequest
-        );
-        assert_eq!(
-            read(&msg(GSSENC_REQUEST, b"")).await.expect("gss").kind,
-            FirstKind::GssEncRequest
-        );
+        assert_eq!(read(&msg(SSL_REQUEST, b"")).await.expect("ssl").kind, FirstKind::SslRequest);
+        assert_eq!(read(&msg(GSSENC_REQUEST, b"")).await.expect("gss").kind, FirstKind::GssEncRequest);
         let cancel = msg(CANCEL_REQUEST, &[0, 0, 0, 42, 1, 2, 3, 4]);
-        assert_eq!(
-            read(&cancel).await.expect("cancel").kind,
-            FirstKind::Cancel { pid: 42 }
-        );
+        assert_eq!(read(&cancel).await.expect("cancel").kind, FirstKind::Cancel { pid: 42 });
     }
 
     #[tokio::test]
     async fn rejects_garbage() {
-        assert!(matches!(
-            read(b"GET / HTTP/1.1\r\n\r\n").await,
-            Err(FirstMessageError::BadLength(_))
-        ));
-        assert!(matches!(
-            read(&msg(1234, b"")).await,
-            Err(FirstMessageError::UnknownCode(1234))
-        ));
-        assert!(matches!(
-            read(&[0, 0, 0x27, 0x11]).await,
-            Err(FirstMessageError::BadLength(10001))
-        ));
-        assert!(matches!(
-            read(&[0, 0, 0, 20, 0]).await,
-            Err(FirstMessageError::Closed)
-        ));
+        assert!(matches!(read(b"GET / HTTP/1.1\r\n\r\n").await, Err(FirstMessageError::BadLength(_))));
+        assert!(matches!(read(&msg(1234, b"")).await, Err(FirstMessageError::UnknownCode(1234))));
+        assert!(matches!(read(&[0, 0, 0x27, 0x11]).await, Err(FirstMessageError::BadLength(10001))));
+        assert!(matches!(read(&[0, 0, 0, 20, 0]).await, Err(FirstMessageError::Closed)));
         assert!(matches!(read(b"").await, Err(FirstMessageError::Closed)));
     }
 

@@ -13,13 +13,7 @@ use crate::protocol::{fatal_error, read_first, FirstKind, FirstMessage};
 ///
 /// Limit: a client with `sslmode=require` gives up at the 'N' and reports
 /// "server does not support SSL" instead of `message`.
-pub async fn refuse(
-    client: &mut TcpStream,
-    first: FirstMessage,
-    sqlstate: &str,
-    message: &str,
-    timeout: Duration,
-) {
+pub async fn refuse(client: &mut TcpStream, first: FirstMessage, sqlstate: &str, message: &str, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, exchange(client, first, sqlstate, message)).await;
     let _ = client.shutdown().await;
 }

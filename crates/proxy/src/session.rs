@@ -1,11 +1,13 @@
-//! One client connection, from its first message to its last byte.
+//! One client connection, from its first message to its last byte:
+//! read the first message, find a backend (holding the client while there is
+//! none, queueing it while limits are full), connect, forward.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime};
 
-use pglb_config::Role;
+use pglb_config::{ListenerConfig, OnIneligible, Role};
 use pglb_routing::BackendLoad;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -16,43 +18,70 @@ use crate::forward::{forward, Counters};
 use crate::listener::ListenerContext;
 use crate::protocol::{read_first, FirstKind, FirstMessage};
 use crate::refuse::refuse;
+use crate::registry::SessionHandle;
+use crate::wait::{wait, Slot, Wake};
 
 /// SQLSTATE cannot_connect_now.
 const CANNOT_CONNECT_NOW: &str = "57P03";
+/// SQLSTATE too_many_connections.
+const TOO_MANY_CONNECTIONS: &str = "53300";
+/// SQLSTATE admin_shutdown.
+const ADMIN_SHUTDOWN: &str = "57P01";
 
 /// A backend picked for this client, copied out of the routing snapshot so
 /// no snapshot is held across an await.
 struct Candidate {
-    index: usize,
     name: String,
     host: String,
     port: u16,
+    limit: Option<usize>,
     load: Arc<BackendLoad>,
 }
 
+/// A backend place and a listener place, taken under the limits.
+struct Places<'a> {
+    ctx: &'a ListenerContext,
+    candidate: Candidate,
+    via_fallback: bool,
+}
+
+impl Drop for Places<'_> {
+    fn drop(&mut self) {
+        self.candidate.load.close();
+        self.ctx.clients.fetch_sub(1, Ordering::AcqRel);
+        self.ctx.metrics.active.decrement(1.0);
+        if let Some(g) = self.ctx.backend_gauges.get(&self.candidate.name) {
+            g.decrement(1.0);
+        }
+        self.ctx.shared.capacity.notify_waiters();
+    }
+}
+
+/// How finding a backend ended without one.
+enum Refusal {
+    Refuse {
+        reason: &'static str,
+        sqlstate: &'static str,
+        message: String,
+    },
+    /// The client left; nothing to say.
+    Gone,
+}
+
 /// Serves one client until its session ends.
-pub async fn run(
-    ctx: Arc<ListenerContext>,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    stop: CancellationToken,
-) {
+pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketAddr) {
     tune(&client);
-    let (startup_timeout, connect_timeout, role, fallback) = {
-        let table = ctx.table.load();
-        let c = &table.listeners[ctx.index].config;
-        (c.startup_timeout, c.connect_timeout, c.role, c.fallback)
-    };
-    let first = match tokio::time::timeout(startup_timeout, read_first(&mut client)).await {
+    let Some(config) = ctx.config() else { return };
+    let first = match tokio::time::timeout(config.startup_timeout, read_first(&mut client)).await {
         Ok(Ok(first)) => first,
         Ok(Err(err)) => {
             ctx.metrics.reject(err.kind());
-            tracing::debug!(error = %err, "dropped client before startup");
+            log_refusal(&ctx, peer, err.kind(), &err.to_string());
             return;
         }
         Err(_) => {
             ctx.metrics.reject("startup_timeout");
-            tracing::debug!(timeout = ?startup_timeout, "dropped client: no startup message in time");
+            log_refusal(&ctx, peer, "startup_timeout", "no startup message in time");
             return;
         }
     };
@@ -61,160 +90,307 @@ pub async fn run(
         crate::cancel::fan_out(&ctx, &first.bytes).await;
         return;
     }
-    let candidates = pick(&ctx);
-    if candidates.is_empty() {
-        ctx.metrics.reject("no_backend");
-        let message = no_backend_message(&ctx.name, role, fallback);
-        tracing::info!(reason = %message, "refused client");
-        refuse(
-            &mut client,
-            first,
-            CANNOT_CONNECT_NOW,
-            &message,
-            startup_timeout,
-        )
-        .await;
+    if ctx.shared.draining.is_cancelled() {
+        ctx.metrics.reject("shutdown");
+        log_refusal(&ctx, peer, "shutdown", "pglb is shutting down");
+        refuse(&mut client, first, ADMIN_SHUTDOWN, "pglb: shutting down", config.startup_timeout).await;
         return;
     }
-    let Some((candidate, backend)) = connect_any(&ctx, candidates, connect_timeout).await else {
-        ctx.metrics.reject("connect_failed");
-        let message = format!(
-            "pglb: cannot connect to any backend for listener \"{}\"",
-            ctx.name
-        );
-        refuse(
-            &mut client,
-            first,
-            CANNOT_CONNECT_NOW,
-            &message,
-            startup_timeout,
-        )
-        .await;
-        return;
+    let stop = ctx.shared.draining.clone();
+    let (places, backend) = match find_backend(&ctx, &config, &client, &stop).await {
+        Ok(found) => found,
+        Err(Refusal::Gone) => {
+            ctx.metrics.reject("client_gave_up");
+            log_refusal(&ctx, peer, "client_gave_up", "the client hung up while waiting");
+            return;
+        }
+        Err(Refusal::Refuse { reason, sqlstate, message }) => {
+            ctx.metrics.reject(reason);
+            log_refusal(&ctx, peer, reason, &message);
+            refuse(&mut client, first, sqlstate, &message, config.startup_timeout).await;
+            return;
+        }
     };
-    relay(&ctx, client, backend, candidate, first, peer, stop).await;
+    relay(&ctx, &config, client, backend, places, first, peer).await;
 }
 
-/// The current candidates, in the order to try them.
-fn pick(ctx: &ListenerContext) -> Vec<Candidate> {
-    let table = ctx.table.load();
-    let route = &table.listeners[ctx.index];
-    route
+/// Finds, reserves and connects to a backend: holds the client while none
+/// is eligible (up to `hold_timeout`), queues it while limits are full (up
+/// to `queue_timeout`), tries the next candidate when one refuses.
+async fn find_backend<'a>(
+    ctx: &'a ListenerContext,
+    config: &ListenerConfig,
+    client: &TcpStream,
+    stop: &CancellationToken,
+) -> Result<(Places<'a>, TcpStream), Refusal> {
+    let started = Instant::now();
+    let mut generation = ctx.shared.generation.clone();
+    let (mut held, mut queued): (Option<Slot<'_>>, Option<Slot<'_>>) = (None, None);
+    loop {
+        generation.borrow_and_update();
+        let (candidates, via_fallback) = pick(ctx);
+        let (deadline, capacity) = if candidates.is_empty() {
+            if held.is_none() {
+                if config.hold_timeout.is_zero() {
+                    return Err(no_backend(config));
+                }
+                held =
+                    Some(Slot::take(&ctx.held, config.hold_max, &ctx.metrics.held).ok_or_else(|| Refusal::Refuse {
+                        reason: "hold_full",
+                        sqlstate: CANNOT_CONNECT_NOW,
+                        message: format!(
+                            "pglb: no healthy backend for listener \"{}\" and hold_max clients already wait",
+                            ctx.name
+                        ),
+                    })?);
+            }
+            (started + config.hold_timeout, None)
+        } else {
+            match reserve(ctx, config, candidates, via_fallback) {
+                Some(places) => {
+                    record_wait(ctx, started, held.take().is_some(), queued.take().is_some());
+                    match connect_reserved(ctx, places, config).await {
+                        Some(found) => return Ok(found),
+                        None => {
+                            return Err(Refusal::Refuse {
+                                reason: "connect_failed",
+                                sqlstate: CANNOT_CONNECT_NOW,
+                                message: format!("pglb: cannot connect to any backend for listener \"{}\"", ctx.name),
+                            })
+                        }
+                    }
+                }
+                None => {
+                    if queued.is_none() {
+                        queued = Slot::take(&ctx.queued, usize::MAX, &ctx.metrics.queued);
+                    }
+                    (started + config.queue_timeout, Some(&*ctx.shared.capacity))
+                }
+            }
+        };
+        match wait(client, &mut generation, capacity, deadline, stop).await {
+            Wake::Retry => {}
+            Wake::ClientGone => return Err(Refusal::Gone),
+            Wake::Shutdown => {
+                return Err(Refusal::Refuse {
+                    reason: "shutdown",
+                    sqlstate: ADMIN_SHUTDOWN,
+                    message: "pglb: shutting down".into(),
+                })
+            }
+            Wake::Timeout if capacity.is_some() => {
+                record_wait(ctx, started, false, true);
+                return Err(Refusal::Refuse {
+                    reason: "queue_timeout",
+                    sqlstate: TOO_MANY_CONNECTIONS,
+                    message: format!(
+                        "pglb: too many connections for listener \"{}\" (max_clients or backend max_connections reached; waited {:?})",
+                        ctx.name, config.queue_timeout
+                    ),
+                });
+            }
+            Wake::Timeout => {
+                record_wait(ctx, started, true, false);
+                return Err(no_backend(config));
+            }
+        }
+    }
+}
+
+/// The connection log line of a client that never reached a backend.
+fn log_refusal(ctx: &ListenerContext, peer: SocketAddr, end: &str, detail: &str) {
+    tracing::info!(
+        target: "pglb::connection",
+        client = %peer,
+        listener = %ctx.name,
+        backend = "",
+        backend_local_port = 0,
+        duration_s = 0.0,
+        bytes_client_to_backend = 0,
+        bytes_backend_to_client = 0,
+        end,
+        detail,
+        "connection closed"
+    );
+}
+
+fn record_wait(ctx: &ListenerContext, started: Instant, held: bool, queued: bool) {
+    let waited = started.elapsed().as_secs_f64();
+    if held {
+        ctx.metrics.hold_wait.record(waited);
+    }
+    if queued {
+        ctx.metrics.queue_wait.record(waited);
+    }
+}
+
+fn no_backend(config: &ListenerConfig) -> Refusal {
+    Refusal::Refuse { reason: "no_backend", sqlstate: CANNOT_CONNECT_NOW, message: no_backend_message(config) }
+}
+
+fn no_backend_message(config: &ListenerConfig) -> String {
+    let what = match (config.role, config.fallback) {
+        (Role::Replica, Some(f)) => format!("replica (nor {} fallback)", f.as_str()),
+        (Role::Any, _) => "backend".to_owned(),
+        (r, _) => r.as_str().to_owned(),
+    };
+    format!("pglb: no healthy {what} for listener \"{}\"", config.name)
+}
+
+/// The current candidates, in the order to try them, and whether they come
+/// from the listener's fallback.
+fn pick(ctx: &ListenerContext) -> (Vec<Candidate>, bool) {
+    let table = ctx.shared.table.load();
+    let Some(route) = ctx.route_in(&table).map(|i| &table.listeners[i]) else { return (Vec::new(), false) };
+    let candidates = route
         .candidates(&table, &ctx.cursor)
         .into_iter()
         .map(|i| {
             let b = &table.backends[i];
             Candidate {
-                index: i,
                 name: b.config.name.clone(),
                 host: b.config.host.clone(),
                 port: b.config.port,
+                limit: b.config.max_connections,
                 load: b.load.clone(),
             }
         })
-        .collect()
+        .collect();
+    (candidates, route.via_fallback)
 }
 
-fn no_backend_message(listener: &str, role: Role, fallback: Option<Role>) -> String {
-    let what = match (role, fallback) {
-        (Role::Replica, Some(f)) => format!("replica (nor {} fallback)", f.as_str()),
-        (Role::Any, _) => "backend".to_owned(),
-        (r, _) => r.as_str().to_owned(),
-    };
-    format!("pglb: no healthy {what} for listener \"{listener}\"")
-}
-
-/// Tries candidates in order; a refused or timed-out connect moves on.
-async fn connect_any(
-    ctx: &ListenerContext,
+/// Takes a listener place and a place on the first candidate with room;
+/// the other candidates stay as the connect fallbacks.
+fn reserve<'a>(
+    ctx: &'a ListenerContext,
+    config: &ListenerConfig,
     candidates: Vec<Candidate>,
-    timeout: Duration,
-) -> Option<(Candidate, TcpStream)> {
+    via_fallback: bool,
+) -> Option<Places<'a>> {
+    let limit = config.max_clients.unwrap_or(usize::MAX);
+    ctx.clients.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok()?;
     for candidate in candidates {
-        match connect(&candidate.host, candidate.port, timeout).await {
-            Ok(stream) => return Some((candidate, stream)),
-            Err(err) => {
-                if let Some(pair) = ctx.pairs.get(candidate.index) {
-                    pair.connect_failures.increment(1);
-                }
-                tracing::warn!(backend = %candidate.name, error = %err, "cannot connect to backend; trying the next one");
+        if candidate.load.try_open(candidate.limit) {
+            ctx.metrics.active.increment(1.0);
+            if let Some(g) = ctx.backend_gauges.get(&candidate.name) {
+                g.increment(1.0);
             }
+            return Some(Places { ctx, candidate, via_fallback });
         }
     }
+    ctx.clients.fetch_sub(1, Ordering::AcqRel);
     None
+}
+
+/// Connects to the reserved backend; if it refuses, moves the reservation
+/// to the next eligible backend with room.
+async fn connect_reserved<'a>(
+    ctx: &'a ListenerContext,
+    mut places: Places<'a>,
+    config: &ListenerConfig,
+) -> Option<(Places<'a>, TcpStream)> {
+    let mut tried: Vec<String> = Vec::new();
+    loop {
+        let c = &places.candidate;
+        match connect(&c.host, c.port, config.connect_timeout).await {
+            Ok(stream) => return Some((places, stream)),
+            Err(err) => {
+                ctx.pair(&c.name).connect_failures.increment(1);
+                tracing::warn!(backend = %c.name, error = %err, "cannot connect to backend; trying the next one");
+                tried.push(c.name.clone());
+            }
+        }
+        let (candidates, via_fallback) = pick(ctx);
+        let rest: Vec<Candidate> = candidates.into_iter().filter(|c| !tried.contains(&c.name)).collect();
+        drop(places);
+        places = reserve(ctx, config, rest, via_fallback)?;
+    }
 }
 
 /// Passes the first message on and forwards until the session ends.
 async fn relay(
     ctx: &ListenerContext,
+    config: &ListenerConfig,
     client: TcpStream,
     mut backend: TcpStream,
-    candidate: Candidate,
+    places: Places<'_>,
     first: FirstMessage,
     peer: SocketAddr,
-    stop: CancellationToken,
 ) {
-    let Some(pair) = ctx.pairs.get(candidate.index) else {
-        return;
-    };
+    let candidate = &places.candidate;
+    let pair = ctx.pair(&candidate.name);
     let started = Instant::now();
     let local_port = backend.local_addr().map(|a| a.port()).unwrap_or(0);
-    let _open = OpenSession::new(ctx, &candidate);
+    let handle = Arc::new(SessionHandle {
+        client: peer,
+        backend: candidate.name.clone(),
+        backend_local_port: local_port,
+        via_fallback: places.via_fallback,
+        keep_when_removed: config.on_ineligible == OnIneligible::Keep,
+        started: SystemTime::now(),
+        stop: ctx.shared.hard_stop.child_token(),
+        reason: OnceLock::new(),
+        bytes_in: Default::default(),
+        bytes_out: Default::default(),
+    });
+    let _open = OpenSession::new(ctx, &candidate.name, handle.clone());
+    // Race: routing may have changed between the pick and registration;
+    // judge this session against the table of now, as the enforcer would.
+    ctx.enforce(&ctx.shared.table.load());
     if let Err(err) = backend.write_all(&first.bytes).await {
         tracing::warn!(backend = %candidate.name, error = %err, "backend closed before startup");
         return;
     }
     pair.client_to_backend.increment(first.bytes.len() as u64);
+    handle.bytes_in.fetch_add(first.bytes.len() as u64, Ordering::Relaxed);
     let counters = Counters {
         client_to_backend: pair.client_to_backend.clone(),
         backend_to_client: pair.backend_to_client.clone(),
+        up: &handle.bytes_in,
+        down: &handle.bytes_out,
     };
-    let outcome = forward(client, backend, ctx.pipes.as_deref(), &counters, &stop).await;
-    tracing::debug!(
+    let outcome = forward(client, backend, ctx.shared.pipes.as_deref(), &counters, &handle.stop).await;
+    let end = match (outcome.end, handle.reason.get()) {
+        (crate::forward::End::Stopped, Some(reason)) => {
+            ctx.metrics.closed(reason);
+            *reason
+        }
+        (end, _) => end.as_str(),
+    };
+    tracing::info!(
+        target: "pglb::connection",
         client = %peer,
+        listener = %ctx.name,
         backend = %candidate.name,
         backend_local_port = local_port,
         duration_s = started.elapsed().as_secs_f64(),
-        bytes_client_to_backend = outcome.client_to_backend + first.bytes.len() as u64,
+        bytes_client_to_backend = outcome.client_to_backend,
         bytes_backend_to_client = outcome.backend_to_client,
-        end = outcome.end.as_str(),
-        "session closed"
+        end,
+        "connection closed"
     );
 }
 
-/// Counts a session as open on its backend for as long as it lives.
+/// Registers a session and counts it as open for as long as it lives.
 struct OpenSession<'a> {
     ctx: &'a ListenerContext,
-    index: usize,
-    load: Arc<BackendLoad>,
+    backend: &'a str,
+    id: u64,
 }
 
 impl<'a> OpenSession<'a> {
-    fn new(ctx: &'a ListenerContext, candidate: &Candidate) -> Self {
-        candidate.load.open();
-        if let Some(h) = ctx.holding.get(candidate.index) {
-            h.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(pair) = ctx.pairs.get(candidate.index) {
-            pair.active.increment(1.0);
-            pair.total.increment(1);
-        }
-        Self {
-            ctx,
-            index: candidate.index,
-            load: candidate.load.clone(),
-        }
+    fn new(ctx: &'a ListenerContext, backend: &'a str, handle: Arc<SessionHandle>) -> Self {
+        let pair = ctx.pair(backend);
+        pair.active.increment(1.0);
+        pair.total.increment(1);
+        let id = ctx.registry.insert(handle);
+        Self { ctx, backend, id }
     }
 }
 
 impl Drop for OpenSession<'_> {
     fn drop(&mut self) {
-        self.load.close();
-        if let Some(h) = self.ctx.holding.get(self.index) {
-            h.fetch_sub(1, Ordering::Relaxed);
-        }
-        if let Some(pair) = self.ctx.pairs.get(self.index) {
-            pair.active.decrement(1.0);
-        }
+        self.ctx.registry.remove(self.id);
+        self.ctx.pair(self.backend).active.decrement(1.0);
     }
 }

@@ -1,16 +1,23 @@
-//! Roles, backend health state, and the immutable routing table.
+//! Roles, backend health state, fencing, lag, and the immutable routing table.
 //!
-//! Pure logic, no I/O: health observations go in through [`BackendState`],
-//! a [`RoutingTable`] is rebuilt from the config and the states, and the proxy
-//! asks a [`ListenerRoute`] for candidates in fallback order. Tables are never
-//! mutated after they are built; the only shared mutable state is the atomic
-//! load counters in [`BackendLoad`], which survive rebuilds.
+//! Pure logic, no I/O: check observations, operator actions and config
+//! changes go into a [`Topology`], which builds [`RoutingTable`]s; the proxy
+//! asks a [`ListenerRoute`] for candidates in fallback order and a table for
+//! each session's [`Verdict`]. Tables are never mutated after they are built;
+//! the only shared mutable state is the atomic load counters in
+//! [`BackendLoad`], which survive rebuilds.
 #![forbid(unsafe_code)]
 
+mod fence;
+mod lag;
 mod select;
 mod state;
 mod table;
+mod topology;
 
+pub use fence::{FenceChange, Fencing};
+pub use lag::{lag, GateChange, Lag, LagGate};
 pub use select::Cursor;
-pub use state::{BackendState, Observation, ObservedRole, Transition};
-pub use table::{BackendEntry, BackendLoad, ListenerRoute, RoutingTable};
+pub use state::{BackendState, Facts, Observation, ObservedRole, Transition, Wal};
+pub use table::{AdminState, BackendEntry, BackendLoad, ListenerRoute, RoutingTable, Verdict};
+pub use topology::{ActionError, Event, Topology};

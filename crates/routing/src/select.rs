@@ -59,11 +59,7 @@ impl ListenerRoute {
     }
 
     fn weighted_draw(&self, table: &RoutingTable) -> usize {
-        let total: u64 = self
-            .eligible
-            .iter()
-            .map(|&i| u64::from(table.backends[i].config.weight))
-            .sum();
+        let total: u64 = self.eligible.iter().map(|&i| u64::from(table.backends[i].config.weight)).sum();
         let mut pick = fastrand::u64(0..total.max(1));
         for &i in &self.eligible {
             let w = u64::from(table.backends[i].config.weight);

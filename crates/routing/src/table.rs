@@ -1,11 +1,13 @@
 //! The routing table: an immutable snapshot of which backends each listener
-//! may use now, in selection order. Rebuilt, never mutated.
+//! may use now, in selection order. Built by [`crate::Topology`], never
+//! mutated after it is published.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use pglb_config::{BackendConfig, Balance, Config, ListenerConfig, Role};
+use pglb_config::{BackendConfig, Balance, ListenerConfig, Role};
 
+use crate::lag::Lag;
 use crate::state::{BackendState, ObservedRole};
 
 /// Live load of one backend, shared by every table that lists it.
@@ -21,8 +23,39 @@ impl BackendLoad {
     pub fn open(&self) {
         self.active.fetch_add(1, Ordering::Relaxed);
     }
+    /// Opens one more if that stays within `limit` (lock-free).
+    pub fn try_open(&self, limit: Option<usize>) -> bool {
+        let Some(limit) = limit else {
+            self.open();
+            return true;
+        };
+        self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).is_ok()
+    }
     pub fn close(&self) {
         self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An operator's say over a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdminState {
+    #[default]
+    Enabled,
+    /// No new connections; existing ones finish.
+    Drained,
+    /// No new connections; existing ones are closed.
+    Disabled,
+}
+
+impl AdminState {
+    pub const ALL: [AdminState; 3] = [Self::Enabled, Self::Drained, Self::Disabled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enabled => "enabled",
+            Self::Drained => "drained",
+            Self::Disabled => "disabled",
+        }
     }
 }
 
@@ -31,7 +64,21 @@ impl BackendLoad {
 pub struct BackendEntry {
     pub config: BackendConfig,
     pub state: BackendState,
+    /// The role routing uses: the observed one, unless the config pins it.
+    pub role: ObservedRole,
+    /// Why it must get no traffic, if fenced.
+    pub fenced: Option<String>,
+    pub admin: AdminState,
+    /// Last known lag behind the primary (replicas).
+    pub lag: Lag,
     pub load: Arc<BackendLoad>,
+}
+
+impl BackendEntry {
+    /// Up, unfenced, and not disabled: may keep its sessions.
+    pub fn serving(&self) -> bool {
+        self.state.healthy && self.fenced.is_none() && self.admin != AdminState::Disabled
+    }
 }
 
 /// What one listener may use now.
@@ -42,55 +89,39 @@ pub struct ListenerRoute {
     pub eligible: Vec<usize>,
     /// True when `eligible` comes from the listener's fallback role.
     pub via_fallback: bool,
+    /// Replicas kept out of this listener's pool for lag.
+    pub lagging: Vec<usize>,
     /// Weighted round-robin order over `eligible` (smooth, one full cycle).
     pub(crate) cycle: Vec<usize>,
+}
+
+/// What should happen to a session of a listener on a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    /// The listener may no longer use this backend; the reason is a label.
+    Ineligible(&'static str),
+    /// A replica over the listener's lag limit.
+    Lagging,
 }
 
 /// An immutable snapshot, published whole.
 #[derive(Debug, Clone)]
 pub struct RoutingTable {
+    /// Bumped whenever any listener's choices or any session's verdict may
+    /// have changed; equal generations route alike.
     pub generation: u64,
     pub backends: Vec<BackendEntry>,
     pub listeners: Vec<ListenerRoute>,
-    /// More than one backend claims to be primary: primary listeners get none.
+    /// More than one unfenced primary on the highest timeline (fence mode).
     pub split_brain: bool,
+    /// Some unfenced primary is up (lag is only judged while one is).
+    pub primary_visible: bool,
+    /// Every backend has been checked at least once.
+    pub all_checked: bool,
 }
 
 impl RoutingTable {
-    /// Builds the table for `config` given the states (same order as
-    /// `config.backends`) and the load counters to share.
-    pub fn build(
-        generation: u64,
-        config: &Config,
-        states: &[BackendState],
-        loads: &[Arc<BackendLoad>],
-    ) -> Self {
-        let backends: Vec<BackendEntry> = config
-            .backends
-            .iter()
-            .zip(states)
-            .zip(loads)
-            .map(|((c, s), l)| BackendEntry {
-                config: c.clone(),
-                state: s.clone(),
-                load: l.clone(),
-            })
-            .collect();
-        let primaries = with_role(&backends, ObservedRole::Primary);
-        let split_brain = primaries.len() > 1;
-        let listeners = config
-            .listeners
-            .iter()
-            .map(|l| ListenerRoute::build(l, &backends, split_brain))
-            .collect();
-        Self {
-            generation,
-            backends,
-            listeners,
-            split_brain,
-        }
-    }
-
     pub fn listener(&self, name: &str) -> Option<&ListenerRoute> {
         self.listeners.iter().find(|l| l.config.name == name)
     }
@@ -98,59 +129,88 @@ impl RoutingTable {
     pub fn backend_index(&self, name: &str) -> Option<usize> {
         self.backends.iter().position(|b| b.config.name == name)
     }
-}
 
-fn with_role(backends: &[BackendEntry], role: ObservedRole) -> Vec<usize> {
-    (0..backends.len())
-        .filter(|&i| backends[i].state.healthy && backends[i].state.role == role)
-        .collect()
-}
-
-fn eligible_for(role: Role, backends: &[BackendEntry], split_brain: bool) -> Vec<usize> {
-    match role {
-        // Never a write to a node that is not the one primary.
-        Role::Primary if split_brain => Vec::new(),
-        Role::Primary => with_role(backends, ObservedRole::Primary),
-        Role::Replica => with_role(backends, ObservedRole::Replica),
-        Role::Any => (0..backends.len())
-            .filter(|&i| {
-                backends[i].state.healthy && backends[i].state.role != ObservedRole::Unknown
-            })
-            .filter(|&i| !(split_brain && backends[i].state.role == ObservedRole::Primary))
-            .collect(),
+    /// Whether a session of `listener` on `backend` may go on. Sessions that
+    /// came through the fallback are judged against the fallback role, so a
+    /// returning replica does not close them.
+    pub fn verdict(&self, listener: usize, backend: usize, via_fallback: bool) -> Verdict {
+        let (Some(route), Some(b)) = (self.listeners.get(listener), self.backends.get(backend)) else {
+            return Verdict::Ineligible("removed");
+        };
+        if !b.state.healthy {
+            return Verdict::Ineligible("backend_down");
+        }
+        if b.fenced.is_some() {
+            return Verdict::Ineligible("fenced");
+        }
+        if b.admin == AdminState::Disabled {
+            return Verdict::Ineligible("disabled");
+        }
+        let wanted = match (via_fallback, route.config.fallback) {
+            (true, Some(f)) => f,
+            _ => route.config.role,
+        };
+        match (wanted, b.role) {
+            (Role::Primary, ObservedRole::Primary) if self.split_brain => Verdict::Ineligible("split_brain"),
+            (Role::Primary, ObservedRole::Primary) => Verdict::Keep,
+            (Role::Replica, ObservedRole::Replica) if route.lagging.contains(&backend) => Verdict::Lagging,
+            (Role::Replica, ObservedRole::Replica) => Verdict::Keep,
+            (Role::Any, ObservedRole::Primary) if self.split_brain => Verdict::Ineligible("split_brain"),
+            (Role::Any, ObservedRole::Primary | ObservedRole::Replica) => Verdict::Keep,
+            _ => Verdict::Ineligible("role_changed"),
+        }
     }
 }
 
+/// Backends a listener of `role` may use, before lag.
+pub(crate) fn candidates_for(role: Role, table: &RoutingTable) -> Vec<usize> {
+    let usable = |i: &usize| {
+        let b = &table.backends[*i];
+        b.serving() && b.admin == AdminState::Enabled
+    };
+    let primaries_ok = table.all_checked && !table.split_brain;
+    (0..table.backends.len())
+        .filter(usable)
+        .filter(|&i| match (role, table.backends[i].role) {
+            (Role::Primary, ObservedRole::Primary) => primaries_ok,
+            (Role::Replica, ObservedRole::Replica) => true,
+            (Role::Any, ObservedRole::Primary) => primaries_ok,
+            (Role::Any, ObservedRole::Replica) => true,
+            _ => false,
+        })
+        .collect()
+}
+
 impl ListenerRoute {
-    fn build(config: &ListenerConfig, backends: &[BackendEntry], split_brain: bool) -> Self {
-        let mut eligible = eligible_for(config.role, backends, split_brain);
+    /// Builds one listener's route; `admitted(i)` says whether replica `i`
+    /// passes this listener's lag gate.
+    pub(crate) fn build(config: &ListenerConfig, table: &RoutingTable, admitted: impl Fn(usize) -> bool) -> Self {
+        let mut eligible = candidates_for(config.role, table);
+        let lagging: Vec<usize> = eligible
+            .iter()
+            .copied()
+            .filter(|&i| table.backends[i].role == ObservedRole::Replica && !admitted(i))
+            .collect();
+        eligible.retain(|i| !lagging.contains(i));
         let mut via_fallback = false;
         if eligible.is_empty() {
             if let Some(fallback) = config.fallback {
-                eligible = eligible_for(fallback, backends, split_brain);
+                eligible = candidates_for(fallback, table);
                 via_fallback = !eligible.is_empty();
             }
         }
         let cycle = match config.balance {
-            Balance::RoundRobin => smooth_cycle(&eligible, backends),
+            Balance::RoundRobin => smooth_cycle(&eligible, &table.backends),
             _ => Vec::new(),
         };
-        Self {
-            config: config.clone(),
-            eligible,
-            via_fallback,
-            cycle,
-        }
+        Self { config: config.clone(), eligible, via_fallback, lagging, cycle }
     }
 }
 
 /// nginx's smooth weighted round robin, unrolled over one cycle of
 /// `sum(weights)` picks so selection is a single atomic increment.
 fn smooth_cycle(eligible: &[usize], backends: &[BackendEntry]) -> Vec<usize> {
-    let weights: Vec<i64> = eligible
-        .iter()
-        .map(|&i| i64::from(backends[i].config.weight))
-        .collect();
+    let weights: Vec<i64> = eligible.iter().map(|&i| i64::from(backends[i].config.weight)).collect();
     let total: i64 = weights.iter().sum();
     let mut current = vec![0i64; eligible.len()];
     let mut cycle = Vec::with_capacity(total as usize);
@@ -158,8 +218,7 @@ fn smooth_cycle(eligible: &[usize], backends: &[BackendEntry]) -> Vec<usize> {
         for (c, w) in current.iter_mut().zip(&weights) {
             *c += w;
         }
-        let Some(best) = (0..current.len()).max_by_key(|&k| (current[k], std::cmp::Reverse(k)))
-        else {
+        let Some(best) = (0..current.len()).max_by_key(|&k| (current[k], std::cmp::Reverse(k))) else {
             break;
         };
         current[best] -= total;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pglb_config::{load_str, Config};
-use pglb_routing::{BackendLoad, BackendState, Cursor, Observation, ObservedRole, RoutingTable};
+use pglb_routing::{Cursor, Facts, Observation, ObservedRole, RoutingTable, Topology};
 
 fn config(balance: &str, weights: [u32; 3]) -> Config {
     let text = format!(
@@ -23,35 +23,28 @@ backends:
     load_str(Path::new("test.yaml"), &text).expect("valid config")
 }
 
-fn state(healthy: bool, role: ObservedRole) -> BackendState {
-    let mut s = BackendState::default();
-    let obs = if healthy {
-        Observation::Up { role }
-    } else {
-        Observation::Down { reason: "x".into() }
-    };
-    s.observe(obs, 1, 1);
-    if !healthy {
-        s.role = role;
-    }
-    s
+/// A backend as the checks saw it: healthy or not, with a role.
+type Seen = (bool, ObservedRole);
+
+fn state(healthy: bool, role: ObservedRole) -> Seen {
+    (healthy, role)
 }
 
-fn table(config: &Config, states: &[BackendState]) -> RoutingTable {
-    let loads: Vec<_> = states
-        .iter()
-        .map(|_| Arc::new(BackendLoad::default()))
-        .collect();
-    RoutingTable::build(1, config, states, &loads)
+/// A table for `config` after one check of each backend (timeline 1, same cluster).
+fn table(config: &Config, seen: &[Seen]) -> RoutingTable {
+    let mut topology = Topology::new(Arc::new(config.clone()));
+    for (b, (healthy, role)) in config.backends.iter().zip(seen) {
+        let facts = Facts { timeline: Some(1), system_id: Some(7), ..Facts::default() };
+        let obs =
+            if *healthy { Observation::Up { role: *role, facts } } else { Observation::Down { reason: "x".into() } };
+        topology.observe(&b.name, obs);
+    }
+    topology.table().0
 }
 
 fn names(t: &RoutingTable, listener: &str) -> Vec<String> {
     let route = t.listener(listener).expect("listener");
-    route
-        .eligible
-        .iter()
-        .map(|&i| t.backends[i].config.name.clone())
-        .collect()
+    route.eligible.iter().map(|&i| t.backends[i].config.name.clone()).collect()
 }
 
 #[test]
@@ -59,11 +52,7 @@ fn roles_map_to_listeners() {
     let c = config("round_robin", [1, 1, 1]);
     let t = table(
         &c,
-        &[
-            state(true, ObservedRole::Primary),
-            state(true, ObservedRole::Replica),
-            state(false, ObservedRole::Replica),
-        ],
+        &[state(true, ObservedRole::Primary), state(true, ObservedRole::Replica), state(false, ObservedRole::Replica)],
     );
     assert_eq!(names(&t, "rw"), ["a"]);
     assert_eq!(names(&t, "ro"), ["b"]);
@@ -76,11 +65,7 @@ fn replica_listener_falls_back_to_primary() {
     let c = config("round_robin", [1, 1, 1]);
     let t = table(
         &c,
-        &[
-            state(true, ObservedRole::Primary),
-            state(false, ObservedRole::Replica),
-            state(false, ObservedRole::Replica),
-        ],
+        &[state(true, ObservedRole::Primary), state(false, ObservedRole::Replica), state(false, ObservedRole::Replica)],
     );
     assert_eq!(names(&t, "ro"), ["a"]);
     assert!(t.listener("ro").expect("ro").via_fallback);
@@ -91,11 +76,7 @@ fn two_primaries_fence_the_primary_listener() {
     let c = config("round_robin", [1, 1, 1]);
     let t = table(
         &c,
-        &[
-            state(true, ObservedRole::Primary),
-            state(true, ObservedRole::Primary),
-            state(true, ObservedRole::Replica),
-        ],
+        &[state(true, ObservedRole::Primary), state(true, ObservedRole::Primary), state(true, ObservedRole::Replica)],
     );
     assert!(t.split_brain);
     assert!(names(&t, "rw").is_empty());
@@ -106,11 +87,7 @@ fn spread(balance: &str, weights: [u32; 3], picks: usize) -> HashMap<String, usi
     let c = config(balance, weights);
     let t = table(
         &c,
-        &[
-            state(true, ObservedRole::Replica),
-            state(true, ObservedRole::Replica),
-            state(true, ObservedRole::Replica),
-        ],
+        &[state(true, ObservedRole::Replica), state(true, ObservedRole::Replica), state(true, ObservedRole::Replica)],
     );
     let route = t.listener("ro").expect("ro");
     let cursor = Cursor::default();
@@ -121,9 +98,7 @@ fn spread(balance: &str, weights: [u32; 3], picks: usize) -> HashMap<String, usi
         let first = candidates[0];
         // Simulate a connection that stays open, so load-aware policies see it.
         t.backends[first].load.open();
-        *counts
-            .entry(t.backends[first].config.name.clone())
-            .or_default() += 1;
+        *counts.entry(t.backends[first].config.name.clone()).or_default() += 1;
     }
     counts
 }
@@ -150,31 +125,18 @@ fn random_two_choices_balances_by_weight() {
     // Two choices over open connections keeps the spread tight.
     for (name, expect) in [("a", 1000), ("b", 1000), ("c", 2000)] {
         let got = counts[name] as i64;
-        assert!(
-            (got - expect).abs() < expect / 10,
-            "{name}: {got} vs {expect}"
-        );
+        assert!((got - expect).abs() < expect / 10, "{name}: {got} vs {expect}");
     }
 }
 
 #[test]
 fn round_robin_smooths_weights() {
     let c = config("round_robin", [5, 1, 1]);
-    let states = [
-        state(true, ObservedRole::Replica),
-        state(true, ObservedRole::Replica),
-        state(true, ObservedRole::Replica),
-    ];
+    let states =
+        [state(true, ObservedRole::Replica), state(true, ObservedRole::Replica), state(true, ObservedRole::Replica)];
     let t = table(&c, &states);
     let route = t.listener("ro").expect("ro");
     let cursor = Cursor::default();
-    let order: String = (0..7)
-        .map(|_| {
-            t.backends[route.candidates(&t, &cursor)[0]]
-                .config
-                .name
-                .clone()
-        })
-        .collect();
+    let order: String = (0..7).map(|_| t.backends[route.candidates(&t, &cursor)[0]].config.name.clone()).collect();
     assert_eq!(order, "aabacaa", "nginx's smooth order, not aaaaabc");
 }

@@ -11,21 +11,26 @@ mod pump;
 #[cfg(target_os = "linux")]
 pub mod splice;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use metrics::Counter;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-#[cfg(target_os = "linux")]
-pub use splice::PipePool;
 #[cfg(not(target_os = "linux"))]
 pub use pump::PipePool;
+#[cfg(target_os = "linux")]
+pub use splice::PipePool;
 
 use pump::pump;
 
 /// Byte counters for one session, per direction.
-pub struct Counters {
+pub struct Counters<'a> {
     pub client_to_backend: Counter,
     pub backend_to_client: Counter,
+    /// This session's totals so far (read by `/connections`).
+    pub up: &'a AtomicU64,
+    pub down: &'a AtomicU64,
 }
 
 /// Why a forwarded session ended.
@@ -69,13 +74,12 @@ pub async fn forward(
     client: TcpStream,
     backend: TcpStream,
     pipes: Option<&PipePool>,
-    counters: &Counters,
+    counters: &Counters<'_>,
     stop: &CancellationToken,
 ) -> Outcome {
-    let (mut up, mut down) = (0u64, 0u64);
     let end = {
-        let c2b = pump(&client, &backend, pipes, &counters.client_to_backend, &mut up);
-        let b2c = pump(&backend, &client, pipes, &counters.backend_to_client, &mut down);
+        let c2b = pump(&client, &backend, pipes, &counters.client_to_backend, counters.up);
+        let b2c = pump(&backend, &client, pipes, &counters.backend_to_client, counters.down);
         tokio::pin!(c2b, b2c);
         let (mut c2b_done, mut b2c_done) = (false, false);
         let mut first_eof = None;
@@ -102,5 +106,9 @@ pub async fn forward(
             }
         }
     };
-    Outcome { end, client_to_backend: up, backend_to_client: down }
+    Outcome {
+        end,
+        client_to_backend: counters.up.load(Ordering::Relaxed),
+        backend_to_client: counters.down.load(Ordering::Relaxed),
+    }
 }

@@ -13,6 +13,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::Counter;
 use tokio::io::Interest;
@@ -57,7 +58,7 @@ pub async fn pump(
     dst: &TcpStream,
     pool: Option<&PipePool>,
     counter: &Counter,
-    total: &mut u64,
+    total: &AtomicU64,
 ) -> Result<(), Failure> {
     let mut bulk = false;
     loop {
@@ -87,7 +88,7 @@ pub async fn pump(
             flush(dst, rest).await?;
         }
         counter.increment(n as u64);
-        *total += n as u64;
+        total.fetch_add(n as u64, Ordering::Relaxed);
         bulk = n == CHUNK;
     }
 }
@@ -98,7 +99,10 @@ enum Step {
     /// The source ended.
     End,
     /// `read` bytes were read; `rest` is what `dst` could not take yet.
-    Moved { read: usize, rest: Option<Vec<u8>> },
+    Moved {
+        read: usize,
+        rest: Option<Vec<u8>>,
+    },
     Failed(Failure),
 }
 
@@ -155,7 +159,7 @@ async fn splice_burst(
     pipe: &Pipe,
     size: usize,
     counter: &Counter,
-    total: &mut u64,
+    total: &AtomicU64,
 ) -> (bool, bool, Result<(), Failure>) {
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
     loop {
@@ -175,7 +179,7 @@ async fn splice_burst(
                 Ok(n) => {
                     left -= n;
                     counter.increment(n as u64);
-                    *total += n as u64;
+                    total.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return (false, false, Err(Failure::Write(e))),

@@ -62,9 +62,7 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: splice with null offsets on two valid fds (the caller's socket
     // is borrowed for the call, the pipe end is owned by `Pipe`). It touches
     // no memory of ours. SPLICE_F_MOVE has been a no-op since Linux 2.6.21.
-    let n = unsafe {
-        libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_NONBLOCK)
-    };
+    let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_NONBLOCK) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {

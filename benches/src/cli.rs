@@ -1,0 +1,138 @@
+//! Command-line parsing: two suites and a few numeric options.
+
+pub const USAGE: &str = "\
+usage:
+  pglb-bench throughput [--quick] [--duration SECS] [--rounds N] [--scale N]
+                        [--copy-rows N] [--memory LOW,HIGH | --no-memory] [--no-build]
+  pglb-bench failover   [--quick] [--promotions N] [--no-build]
+  pglb-bench --help
+
+throughput  direct vs pglb (splice) vs pglb (copy) vs HAProxy on one primary:
+            pgbench select-only, connect rate, 1 GB COPY, TPC-B, idle-connection memory.
+            defaults: --duration 10 --rounds 3 --scale 64 --copy-rows 1000000 --memory 2000,6000
+            --quick:  --duration 5 --rounds 1 --scale 4 --copy-rows 100000 --memory 200,600
+failover    pglb vs HAProxy (external-check) through promotions of a replica:
+            write-unavailability window and detection time.
+            default: --promotions 10; --quick: --promotions 2
+
+--no-build  use the existing target/release/pglb (or $PGLB_BIN) instead of
+            running `cargo build --release -p pglb` first.";
+
+#[derive(Debug)]
+pub enum Command {
+    Throughput(Throughput, Common),
+    Failover(Failover, Common),
+    Help,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Common {
+    /// Build pglb with cargo before starting (unless `--no-build`).
+    pub build: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Throughput {
+    /// Seconds per pgbench run.
+    pub duration: u64,
+    pub rounds: usize,
+    /// `pgbench -i -s`.
+    pub scale: u32,
+    /// Rows of 1000 bytes in the COPY test (0 skips it).
+    pub copy_rows: u64,
+    /// Idle connections for the two memory points; `None` skips the test.
+    pub memory: Option<(usize, usize)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Failover {
+    pub promotions: usize,
+}
+
+/// Options as given; `--quick` changes only the defaults of the others.
+#[derive(Default)]
+struct Given {
+    quick: bool,
+    build: bool,
+    duration: Option<u64>,
+    rounds: Option<usize>,
+    scale: Option<u32>,
+    copy_rows: Option<u64>,
+    memory: Option<Option<(usize, usize)>>,
+    promotions: Option<usize>,
+}
+
+pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> {
+    let suite = match args.next().as_deref() {
+        Some("-h" | "--help") | None => return Ok(Command::Help),
+        Some(s @ ("throughput" | "failover")) => s.to_owned(),
+        Some(other) => return Err(format!("unknown suite `{other}`")),
+    };
+    let mut given = Given { build: true, ..Given::default() };
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "--quick" => given.quick = true,
+            "--no-build" => given.build = false,
+            "--no-memory" => given.memory = Some(None),
+            "--duration" => given.duration = Some(number(&arg, &value()?)?),
+            "--rounds" => given.rounds = Some(number(&arg, &value()?)?),
+            "--scale" => given.scale = Some(number(&arg, &value()?)?),
+            "--copy-rows" => given.copy_rows = Some(number(&arg, &value()?)?),
+            "--memory" => given.memory = Some(Some(pair(&arg, &value()?)?)),
+            "--promotions" => given.promotions = Some(number(&arg, &value()?)?),
+            _ => return Err(format!("unexpected argument `{arg}`")),
+        }
+    }
+    let common = Common { build: given.build };
+    Ok(match suite.as_str() {
+        "throughput" => Command::Throughput(throughput(&given)?, common),
+        _ => Command::Failover(failover(&given)?, common),
+    })
+}
+
+fn throughput(g: &Given) -> Result<Throughput, String> {
+    let q = g.quick;
+    let t = Throughput {
+        duration: g.duration.unwrap_or(if q { 5 } else { 10 }),
+        rounds: g.rounds.unwrap_or(if q { 1 } else { 3 }),
+        scale: g.scale.unwrap_or(if q { 4 } else { 64 }),
+        copy_rows: g.copy_rows.unwrap_or(if q { 100_000 } else { 1_000_000 }),
+        memory: g.memory.unwrap_or(Some(if q { (200, 600) } else { (2000, 6000) })),
+    };
+    if t.duration == 0 || t.rounds == 0 || t.scale == 0 {
+        return Err("--duration, --rounds and --scale must be at least 1".into());
+    }
+    if g.promotions.is_some() {
+        return Err("--promotions belongs to the failover suite".into());
+    }
+    Ok(t)
+}
+
+fn failover(g: &Given) -> Result<Failover, String> {
+    let throughput_only =
+        g.duration.is_some() || g.rounds.is_some() || g.scale.is_some() || g.copy_rows.is_some() || g.memory.is_some();
+    if throughput_only {
+        return Err("--duration, --rounds, --scale, --copy-rows and --memory belong to the throughput suite".into());
+    }
+    let promotions = g.promotions.unwrap_or(if g.quick { 2 } else { 10 });
+    if promotions == 0 {
+        return Err("--promotions must be at least 1".into());
+    }
+    Ok(Failover { promotions })
+}
+
+fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
+    text.parse().map_err(|_| format!("{flag}: `{text}` is not a whole number"))
+}
+
+/// `LOW,HIGH` with `0 < LOW < HIGH`.
+fn pair(flag: &str, text: &str) -> Result<(usize, usize), String> {
+    let (low, high) = text.split_once(',').ok_or(format!("{flag}: write two counts, e.g. `2000,6000`"))?;
+    let (low, high) = (number(flag, low.trim())?, number(flag, high.trim())?);
+    if low == 0 || high <= low {
+        return Err(format!("{flag}: need 0 < LOW < HIGH, got {low},{high}"));
+    }
+    Ok((low, high))
+}

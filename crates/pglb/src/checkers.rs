@@ -1,0 +1,78 @@
+//! The running checker tasks, one per backend, restartable per backend on
+//! reload.
+
+use std::sync::Arc;
+
+use pglb_config::{BackendConfig, Config};
+use pglb_health::TopologyHandle;
+use tokio::task::JoinHandle;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::sync::CancellationToken;
+
+struct Running {
+    backend: BackendConfig,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+pub struct Checkers {
+    config: Arc<Config>,
+    tls: MakeRustlsConnect,
+    running: Vec<Running>,
+}
+
+impl Checkers {
+    pub fn start(config: Arc<Config>, tls: MakeRustlsConnect, topology: &TopologyHandle) -> Self {
+        let mut checkers = Self { config: config.clone(), tls, running: Vec::new() };
+        for backend in &config.backends {
+            checkers.spawn(backend.clone(), topology);
+        }
+        checkers
+    }
+
+    fn spawn(&mut self, backend: BackendConfig, topology: &TopologyHandle) {
+        let stop = CancellationToken::new();
+        let task = pglb_health::spawn_checker(
+            self.config.clone(),
+            backend.clone(),
+            self.tls.clone(),
+            topology.commands.clone(),
+            topology.fast_until.clone(),
+            stop.clone(),
+        );
+        self.running.push(Running { backend, stop, task });
+    }
+
+    /// Stops the checkers of backends that `next` removes or changes (or all,
+    /// if health settings change) and waits until they are gone, so no stale
+    /// report can follow the reconfiguration.
+    pub async fn stop_changed(&mut self, next: &Config) {
+        let restart_all = next.health != self.config.health;
+        let (stay, go): (Vec<Running>, Vec<Running>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|r| !restart_all && next.backends.contains(&r.backend));
+        self.running = stay;
+        for r in go {
+            r.stop.cancel();
+            let _ = r.task.await;
+        }
+    }
+
+    /// Starts checkers for every backend of `next` that has none.
+    pub fn start_missing(&mut self, next: Arc<Config>, tls: MakeRustlsConnect, topology: &TopologyHandle) {
+        self.config = next.clone();
+        self.tls = tls;
+        for backend in &next.backends {
+            if !self.running.iter().any(|r| &r.backend == backend) {
+                self.spawn(backend.clone(), topology);
+            }
+        }
+    }
+
+    pub async fn stop_all(self) {
+        for r in self.running {
+            r.stop.cancel();
+            let _ = r.task.await;
+        }
+    }
+}

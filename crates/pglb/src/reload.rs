@@ -1,0 +1,157 @@
+//! SIGHUP: re-read the config and apply it atomically, or reject it whole.
+//!
+//! Order matters: (1) parse and validate; (2) bind every new listener (a
+//! port in use rejects the reload, nothing changed yet); (3) stop checkers of
+//! removed or changed backends and wait for them; (4) reconfigure the
+//! topology (states of unchanged backends carry over: no flap), which
+//! publishes the next table; (5) give kept sockets a context for the new
+//! config, open new listeners, stop removed ones (their sessions end per
+//! `on_ineligible`); (6) start the missing checkers.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use pglb_admin::LiveConfig;
+use pglb_config::Config;
+use pglb_health::Command;
+use pglb_proxy::ListenerContext;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::run::{bind_listeners, Server};
+
+/// SHA-256 of the file, hex (or empty if unreadable).
+pub fn file_hash(path: &Path) -> String {
+    std::fs::read(path).map(|bytes| format!("{:x}", Sha256::digest(bytes))).unwrap_or_default()
+}
+
+/// Counts a reload (or the initial load) and registers both series.
+pub fn record_success(reload: bool) {
+    let success = metrics::counter!("pglb_config_reloads_total", "result" => "success");
+    metrics::counter!("pglb_config_reloads_total", "result" => "failure").increment(0);
+    success.increment(u64::from(reload));
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    metrics::gauge!("pglb_config_last_reload_success_timestamp_seconds").set(now);
+}
+
+fn record_failure() {
+    metrics::counter!("pglb_config_reloads_total", "result" => "failure").increment(1);
+}
+
+impl Server {
+    /// Applies the config file anew; on any error the old config keeps serving.
+    pub async fn reload(&mut self) {
+        tracing::info!(config = %self.path.display(), "SIGHUP: reloading config");
+        let next = match pglb_config::load_file(&self.path) {
+            Ok(c) => Arc::new(c),
+            Err(err) => {
+                for problem in &err.problems {
+                    tracing::error!(location = %err.location(problem), "{problem}");
+                }
+                tracing::error!(config = %self.path.display(), problems = err.problems.len(), "reload rejected: the old config keeps serving");
+                record_failure();
+                return;
+            }
+        };
+        if let Err(why) = self.compatible(&next) {
+            tracing::error!(config = %self.path.display(), "reload rejected: {why}; the old config keeps serving");
+            record_failure();
+            return;
+        }
+        let kept: Vec<_> = self.listeners.iter().map(|l| l.addr).collect();
+        let sockets = match bind_listeners(&next, &kept) {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::error!(config = %self.path.display(), error = format!("{err:#}"), "reload rejected: the old config keeps serving");
+                record_failure();
+                return;
+            }
+        };
+        self.apply(next, sockets).await;
+        record_success(true);
+        self.admin.live.store(Arc::new(LiveConfig {
+            path: self.path.display().to_string(),
+            hash: file_hash(&self.path),
+            loaded_at: SystemTime::now(),
+        }));
+        tracing::info!(
+            listeners = self.config.listeners.len(),
+            backends = self.config.backends.len(),
+            "config reloaded"
+        );
+    }
+
+    /// Settings that cannot change in place.
+    fn compatible(&self, next: &Config) -> Result<(), String> {
+        if next.admin.listen != self.config.admin.listen {
+            return Err(format!(
+                "admin.listen changed ({} → {}): it cannot move on reload; restart pglb to move it",
+                self.config.admin.listen, next.admin.listen
+            ));
+        }
+        if next.log_format != self.config.log_format {
+            return Err("log_format changed: it takes effect only at start; restart pglb".into());
+        }
+        if next.health.sslrootcert != self.config.health.sslrootcert {
+            return Err("health.sslrootcert changed: restart pglb to load another CA".into());
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, next: Arc<Config>, sockets: Vec<(usize, tokio::net::TcpListener)>) {
+        self.checkers.stop_changed(&next).await;
+        let (tx, rx) = oneshot::channel();
+        if self.topology.commands.send(Command::Reconfigure { config: next.clone(), reply: tx }).await.is_err()
+            || rx.await.is_err()
+        {
+            tracing::error!("reload: the topology task is gone");
+            return;
+        }
+        if next.forwarder != self.config.forwarder {
+            self.shared.pipes = crate::run::pipes_for(&next);
+        }
+        let table = self.topology.table.load_full();
+        // Kept sockets: a fresh context (new index, backends, limits).
+        let mut removed = Vec::new();
+        for live in std::mem::take(&mut self.listeners) {
+            match table.listeners.iter().position(|l| l.config.listen == live.addr) {
+                Some(index) => {
+                    let ctx = Arc::new(ListenerContext::new(index, self.shared.clone()));
+                    live.context.store(ctx.clone());
+                    push_context(&self.admin.listeners, ctx);
+                    self.listeners.push(live);
+                }
+                None => removed.push(live),
+            }
+        }
+        for live in removed {
+            tracing::info!(listen = %live.addr, "listener removed: no longer accepting");
+            live.stop.cancel();
+        }
+        self.open_listeners(sockets);
+        self.admin.token.store(Arc::new(next.admin.token.clone()));
+        let tls = match pglb_health::make_tls(next.health.sslrootcert.as_deref()) {
+            Ok(tls) => tls,
+            Err(err) => {
+                tracing::error!(error = %err, "reload: cannot set up TLS for checks");
+                return;
+            }
+        };
+        self.checkers.start_missing(next.clone(), tls, &self.topology);
+        self.config = next;
+        // Sessions of removed listeners and backends are judged now.
+        for ctx in self.admin.listeners.load().iter() {
+            ctx.enforce(&table);
+        }
+    }
+}
+
+fn push_context(all: &ArcSwap<Vec<Arc<ListenerContext>>>, ctx: Arc<ListenerContext>) {
+    all.rcu(|v| {
+        let mut v = Vec::clone(v);
+        v.push(ctx.clone());
+        v
+    });
+}

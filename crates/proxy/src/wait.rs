@@ -1,0 +1,81 @@
+//! Waiting for a backend: clients are held while a listener has no eligible
+//! backend, and queued while connection limits are full, instead of being
+//! refused at once. A waiting client that hangs up frees its place at once.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Why a wait ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Routing changed or capacity freed: look again.
+    Retry,
+    Timeout,
+    /// The client hung up (or sent something it should not have).
+    ClientGone,
+    Shutdown,
+}
+
+/// Waits for a routing change (or freed capacity, when `capacity` is given)
+/// until `deadline`.
+pub async fn wait(
+    client: &TcpStream,
+    generation: &mut watch::Receiver<u64>,
+    capacity: Option<&Notify>,
+    deadline: Instant,
+    stop: &CancellationToken,
+) -> Wake {
+    let freed = async {
+        match capacity {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = stop.cancelled() => Wake::Shutdown,
+        changed = generation.changed() => if changed.is_ok() { Wake::Retry } else { Wake::Shutdown },
+        _ = freed => Wake::Retry,
+        _ = tokio::time::sleep_until(deadline.into()) => Wake::Timeout,
+        _ = hung_up(client) => Wake::ClientGone,
+    }
+}
+
+/// Resolves when the client hangs up. A client waiting for our answer sends
+/// nothing, so any byte (or EOF) ends the wait; a stale readiness left from
+/// reading its first message is cleared by the EAGAIN of a peek.
+async fn hung_up(client: &TcpStream) {
+    loop {
+        if client.readable().await.is_err() {
+            return;
+        }
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        let peeked = client.try_io(Interest::READABLE, || socket2::SockRef::from(client).peek(&mut byte));
+        match peeked {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            _ => return,
+        }
+    }
+}
+
+/// A counted place among at most `max` waiters; freed on drop.
+pub struct Slot<'a>(&'a AtomicUsize, &'a metrics::Gauge);
+
+impl<'a> Slot<'a> {
+    pub fn take(count: &'a AtomicUsize, max: usize, gauge: &'a metrics::Gauge) -> Option<Self> {
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        gauge.increment(1.0);
+        Some(Self(count, gauge))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.decrement(1.0);
+    }
+}

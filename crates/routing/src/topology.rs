@@ -1,0 +1,268 @@
+//! Everything known about the cluster, and the tables built from it.
+//!
+//! One owner applies check observations, operator actions and config
+//! changes here, and publishes the [`RoutingTable`]s it builds. Pure: the
+//! clock and the I/O live in the caller.
+
+use std::sync::Arc;
+
+use pglb_config::{Config, MultiPrimary, Role};
+
+use crate::fence::{FenceChange, Fencing};
+use crate::lag::{lag, GateChange, Lag, LagGate};
+use crate::state::{BackendState, Observation, ObservedRole, Transition};
+use crate::table::{AdminState, BackendEntry, BackendLoad, ListenerRoute, RoutingTable};
+
+/// Something that happened, for one log line (and metrics).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Backend { backend: String, transition: Transition },
+    Fence { backend: String, change: FenceChange },
+    Lag { listener: String, backend: String, change: GateChange, lag: Lag },
+    SplitBrain { primaries: Vec<String> },
+    SplitBrainOver,
+}
+
+/// Cluster knowledge: per backend state, fencing, lag gates, admin states.
+pub struct Topology {
+    config: Arc<Config>,
+    states: Vec<BackendState>,
+    loads: Vec<Arc<BackendLoad>>,
+    admin: Vec<AdminState>,
+    lags: Vec<Lag>,
+    /// `gates[listener][backend]`.
+    gates: Vec<Vec<LagGate>>,
+    fencing: Fencing,
+    generation: u64,
+    last: Option<RoutingTable>,
+}
+
+/// Why an operator action was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActionError {
+    NoSuchBackend(String),
+    /// Unfencing would give writes to a node while another primary is up.
+    Conflict(String),
+}
+
+impl Topology {
+    /// Every backend unchecked, enabled, unfenced.
+    pub fn new(config: Arc<Config>) -> Self {
+        let n = config.backends.len();
+        Self {
+            states: vec![BackendState::default(); n],
+            loads: (0..n).map(|_| Arc::new(BackendLoad::default())).collect(),
+            admin: vec![AdminState::Enabled; n],
+            lags: vec![Lag::default(); n],
+            gates: vec![vec![LagGate::default(); n]; config.listeners.len()],
+            fencing: Fencing::default(),
+            generation: 0,
+            last: None,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// The next config: state, load, admin state and lag of backends that
+    /// stay (same name and address) carry over; new ones start unchecked.
+    pub fn reconfigure(&mut self, config: Arc<Config>) {
+        let old = &self.config;
+        let find = |b: &pglb_config::BackendConfig| {
+            old.backends.iter().position(|o| o.name == b.name && o.host == b.host && o.port == b.port)
+        };
+        let carried: Vec<Option<usize>> = config.backends.iter().map(find).collect();
+        let pick = |i: &Option<usize>| i.map(|i| self.states[i].clone()).unwrap_or_default();
+        self.states = carried.iter().map(pick).collect();
+        self.loads = carried.iter().map(|i| i.map(|i| self.loads[i].clone()).unwrap_or_default()).collect();
+        self.admin = carried.iter().map(|i| i.map(|i| self.admin[i]).unwrap_or_default()).collect();
+        self.lags = carried.iter().map(|i| i.map(|i| self.lags[i]).unwrap_or_default()).collect();
+        let fenced = std::mem::take(&mut self.fencing.fenced);
+        for (new, old) in carried.iter().enumerate() {
+            if let Some(reason) = old.and_then(|o| fenced.get(&o)) {
+                self.fencing.fenced.insert(new, reason.clone());
+            }
+        }
+        let listener_gates = |l: &pglb_config::ListenerConfig| {
+            let old_l = old.listeners.iter().position(|o| o.name == l.name);
+            carried
+                .iter()
+                .map(|b| match (old_l, b) {
+                    (Some(ol), Some(ob)) => self.gates[ol][*ob],
+                    _ => LagGate::default(),
+                })
+                .collect()
+        };
+        self.gates = config.listeners.iter().map(listener_gates).collect();
+        self.config = config;
+        self.last = None;
+    }
+
+    /// Applies one check result for backend `name`.
+    pub fn observe(&mut self, name: &str, obs: Observation) -> Vec<Event> {
+        let Some(i) = self.config.backends.iter().position(|b| b.name == name) else {
+            return Vec::new();
+        };
+        let replica_sample = matches!(obs, Observation::Up { role: ObservedRole::Replica, .. });
+        let health = &self.config.health;
+        let mut events: Vec<Event> = self.states[i]
+            .observe(obs, health.rise, health.fall)
+            .into_iter()
+            .map(|transition| Event::Backend { backend: name.to_owned(), transition })
+            .collect();
+        if self.config.multi_primary == MultiPrimary::Fence {
+            let roles = self.roles();
+            for change in self.fencing.update(&self.states, &roles) {
+                let backend = match &change {
+                    FenceChange::Fenced { backend, .. } | FenceChange::Cleared { backend, .. } => *backend,
+                };
+                events.push(Event::Fence { backend: self.config.backends[backend].name.clone(), change });
+            }
+        }
+        self.update_lag(i, replica_sample, &mut events);
+        events
+    }
+
+    fn update_lag(&mut self, i: usize, replica_sample: bool, events: &mut Vec<Event>) {
+        let roles = self.roles();
+        let primary = (0..self.states.len())
+            .filter(|&p| {
+                self.states[p].healthy && roles[p] == ObservedRole::Primary && !self.fencing.fenced.contains_key(&p)
+            })
+            .max_by_key(|&p| self.states[p].facts.wal.current);
+        // No primary visible (a failover): keep the last known lag.
+        let Some(p) = primary else { return };
+        for (r, role) in roles.iter().enumerate() {
+            if *role == ObservedRole::Replica && self.states[r].healthy {
+                self.lags[r] = lag(&self.states[r], &self.states[p]);
+            }
+        }
+        if !(replica_sample && self.states[i].healthy) {
+            return;
+        }
+        for (l, listener) in self.config.listeners.iter().enumerate() {
+            if let Some(change) = self.gates[l][i].step(self.lags[i], listener, self.config.health.rise) {
+                events.push(Event::Lag {
+                    listener: listener.name.clone(),
+                    backend: self.config.backends[i].name.clone(),
+                    change,
+                    lag: self.lags[i],
+                });
+            }
+        }
+    }
+
+    /// Effective roles: observed, unless the config pins one.
+    fn roles(&self) -> Vec<ObservedRole> {
+        self.config
+            .backends
+            .iter()
+            .zip(&self.states)
+            .map(|(b, s)| match (b.role, s.role) {
+                (_, ObservedRole::Unknown) => ObservedRole::Unknown,
+                (Some(Role::Replica), _) => ObservedRole::Replica,
+                (Some(Role::Primary), ObservedRole::Replica) => ObservedRole::Unknown,
+                (_, observed) => observed,
+            })
+            .collect()
+    }
+
+    /// Sets an operator's admin state.
+    pub fn set_admin(&mut self, name: &str, state: AdminState) -> Result<(), ActionError> {
+        let i = self.index(name)?;
+        self.admin[i] = state;
+        Ok(())
+    }
+
+    /// Clears a fence (operator action).
+    pub fn unfence(&mut self, name: &str) -> Result<bool, ActionError> {
+        let i = self.index(name)?;
+        let roles = self.roles();
+        let other_primary = (0..self.states.len()).find(|&p| {
+            p != i
+                && self.states[p].healthy
+                && roles[p] == ObservedRole::Primary
+                && !self.fencing.fenced.contains_key(&p)
+        });
+        if let (Some(p), ObservedRole::Primary) = (other_primary, roles[i]) {
+            return Err(ActionError::Conflict(format!(
+                "backend `{}` is primary and unfenced: unfencing `{name}` too would give writes to two primaries; demote or remove one first",
+                self.config.backends[p].name
+            )));
+        }
+        Ok(self.fencing.unfence(i, &self.states[i]))
+    }
+
+    fn index(&self, name: &str) -> Result<usize, ActionError> {
+        self.config
+            .backends
+            .iter()
+            .position(|b| b.name == name)
+            .ok_or_else(|| ActionError::NoSuchBackend(name.to_owned()))
+    }
+
+    /// Builds the current table. Its generation moves only when routing
+    /// changed; a split-brain start or end is reported once.
+    pub fn table(&mut self) -> (RoutingTable, Vec<Event>) {
+        let roles = self.roles();
+        let backends: Vec<BackendEntry> = (0..self.states.len())
+            .map(|i| BackendEntry {
+                config: self.config.backends[i].clone(),
+                state: self.states[i].clone(),
+                role: roles[i],
+                fenced: self.fencing.fenced.get(&i).cloned(),
+                admin: self.admin[i],
+                lag: self.lags[i],
+                load: self.loads[i].clone(),
+            })
+            .collect();
+        let primaries: Vec<String> = backends
+            .iter()
+            .filter(|b| b.serving() && b.role == ObservedRole::Primary)
+            .map(|b| b.config.name.clone())
+            .collect();
+        let mut table = RoutingTable {
+            generation: self.generation,
+            split_brain: self.config.multi_primary == MultiPrimary::Fence && primaries.len() > 1,
+            primary_visible: !primaries.is_empty(),
+            all_checked: self.states.iter().all(|s| s.checked),
+            backends,
+            listeners: Vec::new(),
+        };
+        let gates = &self.gates;
+        let primary_visible = table.primary_visible;
+        table.listeners = self
+            .config
+            .listeners
+            .iter()
+            .enumerate()
+            // While no primary is visible, lag is not judged: ro keeps serving.
+            .map(|(l, c)| ListenerRoute::build(c, &table, |i| !primary_visible || gates[l][i].admitted))
+            .collect();
+        let mut events = Vec::new();
+        let was_split = self.last.as_ref().is_some_and(|t| t.split_brain);
+        if table.split_brain && !was_split {
+            events.push(Event::SplitBrain { primaries });
+        } else if was_split && !table.split_brain {
+            events.push(Event::SplitBrainOver);
+        }
+        if self.last.as_ref().is_none_or(|last| routing_differs(last, &table)) {
+            self.generation += 1;
+            table.generation = self.generation;
+        }
+        self.last = Some(table.clone());
+        (table, events)
+    }
+}
+
+/// Anything a router or a session verdict depends on.
+fn routing_differs(a: &RoutingTable, b: &RoutingTable) -> bool {
+    let backend_key = |e: &BackendEntry| (e.state.healthy, e.role, e.fenced.is_some(), e.admin);
+    a.split_brain != b.split_brain
+        || a.all_checked != b.all_checked
+        || a.backends.len() != b.backends.len()
+        || a.backends.iter().zip(&b.backends).any(|(x, y)| backend_key(x) != backend_key(y))
+        || a.listeners.iter().zip(&b.listeners).any(|(x, y)| x.eligible != y.eligible || x.lagging != y.lagging)
+}
