@@ -48,6 +48,11 @@ fn start_shared() -> Cluster {
 
 /// Creates the check users on the primary and waits until replicas have them.
 pub fn create_check_users(cluster: &Cluster) {
+    create_check_users_on(cluster, cluster.nodes.len() - 1);
+}
+
+/// Like [`create_check_users`], for a cluster with `replicas` replicas.
+pub fn create_check_users_on(cluster: &Cluster, replicas: usize) {
     let primary = cluster.primary();
     let sql = format!(
         "SET password_encryption = 'scram-sha-256';
@@ -65,7 +70,7 @@ pub fn create_check_users(cluster: &Cluster) {
         mp = MD5_USER.1,
     );
     primary.sql(&sql).expect("create check users");
-    for node in &cluster.nodes[1..] {
+    for node in &cluster.nodes[1..=replicas] {
         node.wait_for(
             "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'pglb_%'",
             "4",

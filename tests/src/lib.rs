@@ -14,6 +14,13 @@ use std::time::{Duration, Instant};
 pub use cluster::{shared_cluster, SharedCluster};
 pub use pglb::{Pglb, Yaml};
 
+/// Serialises tests of one binary that start their own cluster, so two
+/// clusters do not starve each other on a small machine.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Polls `f` every 50ms until it returns `Some`, or panics after `timeout`
 /// with `what` and the last value seen.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {

@@ -40,6 +40,8 @@ pub struct Yaml {
     /// Extra top-level YAML, e.g. `forwarder: copy`.
     pub top: String,
     pub admin: u16,
+    /// Extra YAML inside `admin:`, e.g. `token_env: ADMIN_TOKEN`.
+    pub admin_extra: String,
     pub health: String,
     pub listeners: Vec<(String, u16, String)>,
     pub backends: Vec<(String, String)>,
@@ -51,6 +53,7 @@ impl Yaml {
         Self {
             top: String::new(),
             admin: free_port().expect("free port"),
+            admin_extra: String::new(),
             health: "interval: 500ms\n  timeout: 500ms\n  rise: 2\n  fall: 2\n  user: pglb_check\n  sslmode: disable"
                 .into(),
             listeners: Vec::new(),
@@ -77,14 +80,22 @@ impl Yaml {
         self
     }
 
+    /// Adds a line of YAML inside `admin:` (e.g. `token_env: ADMIN_TOKEN`).
+    pub fn admin(mut self, yaml: &str) -> Self {
+        self.admin_extra.push_str(&format!("  {yaml}\n"));
+        self
+    }
+
     pub fn health(mut self, health: &str) -> Self {
         self.health = health.into();
         self
     }
 
     pub fn render(&self) -> String {
-        let mut out =
-            format!("{}admin:\n  listen: 127.0.0.1:{}\nhealth:\n  {}\nlisteners:\n", self.top, self.admin, self.health);
+        let mut out = format!(
+            "{}admin:\n  listen: 127.0.0.1:{}\n{}health:\n  {}\nlisteners:\n",
+            self.top, self.admin, self.admin_extra, self.health
+        );
         for (name, port, extra) in &self.listeners {
             out += &format!("  - name: {name}\n    listen: 127.0.0.1:{port}\n    {extra}\n");
         }
@@ -113,12 +124,25 @@ impl Pglb {
     }
 
     pub fn start_with(yaml: &Yaml, env: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(yaml, env, &[])
+    }
+
+    /// Like [`Pglb::start_with`], run under `wrapper` (e.g. `["prlimit",
+    /// "--nofile=64:64"]`), which must exec pglb so the pid stays pglb's.
+    pub fn start_wrapped(yaml: &Yaml, env: &[(&str, &str)], wrapper: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("pglb-run-{}-{}", std::process::id(), free_port().expect("port")));
         fs::create_dir_all(&dir).expect("temp dir");
         let config = dir.join("lb.yaml");
         fs::write(&config, yaml.render()).expect("write config");
         let log = dir.join("pglb.log");
-        let mut cmd = Command::new(pglb_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(pglb_bin());
+                cmd
+            }
+            None => Command::new(pglb_bin()),
+        };
         cmd.arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info,pglb_proxy=debug")
@@ -192,6 +216,13 @@ impl Pglb {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends `signal` (e.g. "HUP", "TERM") to pglb with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status =
+            Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("run kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
     }
 
     /// Waits for the process to exit and returns its exit code.

@@ -1,0 +1,93 @@
+//! Hold instead of refuse: clients that arrive while a listener has no
+//! eligible backend wait for one, up to `hold_timeout`, bounded by
+//! `hold_max`; a held client that hangs up frees its place. Own cluster.
+
+use std::time::{Duration, Instant};
+
+use pglb_cluster::{Cluster, Spec};
+use pglb_tests::psql::{psql, where_am_i};
+use pglb_tests::{wait_until, Pglb, Yaml};
+
+fn held(pglb: &Pglb) -> String {
+    let m = pglb.metrics();
+    m.lines().find(|l| l.starts_with("pglb_clients_held{listener=\"rw\"}")).unwrap_or_default().to_owned()
+}
+
+/// A raw client that sent its StartupMessage and waits for the answer.
+fn waiting_client(port: u16) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    let mut msg = ((8 + params.len()) as u32).to_be_bytes().to_vec();
+    msg.extend(196_608u32.to_be_bytes());
+    msg.extend(params);
+    s.write_all(&msg).expect("startup");
+    s
+}
+
+#[test]
+fn held_clients_reach_the_new_primary_or_get_57p03_and_the_hold_is_bounded() {
+    let cluster = Cluster::start(&Spec { tag: "hold".into(), replicas: 1, ..Spec::default() }).expect("cluster");
+    pglb_tests::cluster::create_check_users(&cluster);
+    let yaml = Yaml::for_cluster(&cluster)
+        .listener("rw", "role: primary\n    hold_timeout: 8s\n    hold_max: 1")
+        .listener("rw_short", "role: primary\n    hold_timeout: 1s");
+    let pglb = Pglb::start(&yaml);
+    pglb.wait_eligible("rw", &["pg0"], Duration::from_secs(15));
+    cluster.nodes[0].stop("immediate");
+    pglb.wait_eligible("rw", &[], Duration::from_secs(15));
+
+    // No primary appears: 57P03 after hold_timeout, with pglb's text.
+    let t0 = Instant::now();
+    let err = psql(pglb.port("rw_short"), "SELECT 1", &[]).expect_err("nothing to hold for");
+    let waited = t0.elapsed();
+    assert!(err.contains("pglb: no healthy primary for listener \"rw_short\""), "{err}");
+    assert!(waited >= Duration::from_millis(900), "refused after {waited:?}, before hold_timeout");
+
+    // hold_max 1: a held client takes the only place; the next is refused at
+    // once; when the first hangs up, its place is free again.
+    let first = waiting_client(pglb.port("rw"));
+    wait_until("one held client", Duration::from_secs(5), || {
+        let h = held(&pglb);
+        if h.ends_with(" 1") {
+            Ok(())
+        } else {
+            Err(h)
+        }
+    });
+    let t1 = Instant::now();
+    let err = psql(pglb.port("rw"), "SELECT 1", &[]).expect_err("hold_max reached");
+    assert!(t1.elapsed() < Duration::from_secs(2), "the second client was held, not refused");
+    assert!(err.contains("hold_max"), "{err}");
+    drop(first);
+    wait_until("the held place to be freed", Duration::from_secs(5), || {
+        let h = held(&pglb);
+        if h.ends_with(" 0") {
+            Ok(())
+        } else {
+            Err(h)
+        }
+    });
+    assert!(pglb.metrics().contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"client_gave_up\"} 1"));
+
+    // A client held during the failover lands on the new primary: a delay,
+    // not an error.
+    let port = pglb.port("rw");
+    let client = std::thread::spawn(move || {
+        let t = Instant::now();
+        (where_am_i(port), t.elapsed())
+    });
+    wait_until("the client to be held", Duration::from_secs(5), || {
+        let h = held(&pglb);
+        if h.ends_with(" 1") {
+            Ok(())
+        } else {
+            Err(h)
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.nodes[1].promote().expect("promote");
+    let (landed, after) = client.join().expect("client thread");
+    assert_eq!(landed, Ok((cluster.nodes[1].port, false)), "held client did not reach the new primary");
+    eprintln!("held client connected after {:.2}s", after.as_secs_f64());
+}
