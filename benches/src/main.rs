@@ -4,8 +4,7 @@
 //! A program run by hand (`cargo run --release -p pglb-benches -- <suite>`);
 //! it is never part of `cargo test`. Every child process it starts (pglb,
 //! HAProxy, PostgreSQL) is stopped when its owner drops, on error paths too.
-//! Only `sys` may use `unsafe`.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod child;
 mod cli;
