@@ -21,6 +21,16 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Skips a test whose tool or privilege is missing: a clear `SKIPPED:` line
+/// on a developer's machine; under CI (which installs every tool, see
+/// `.ci/run`) a missing tool is a failure, never a silent pass.
+pub fn skip(why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{why} — CI installs everything the tests need (.ci/run), so this is a failure");
+    }
+    println!("SKIPPED: {why}");
+}
+
 /// Polls `f` every 50ms until it returns `Some`, or panics after `timeout`
 /// with `what` and the last value seen.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {

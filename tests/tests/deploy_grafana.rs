@@ -152,7 +152,7 @@ fn expand(expr: &str) -> String {
 #[test]
 fn every_query_parses_as_promql() {
     let Some(promtool) = which("promtool") else {
-        println!("SKIPPED: promtool not found (apt-get install prometheus)");
+        pglb_tests::skip("promtool not found (apt-get install prometheus)");
         return;
     };
     // promtool has no parse command: check the queries as recording rules.
@@ -207,7 +207,7 @@ fn by_backend(result: &Value) -> Vec<(String, String)> {
 #[test]
 fn dashboard_queries_evaluate_on_prometheus_scraping_pglb() {
     let Some(bin) = which("prometheus") else {
-        println!("SKIPPED: the prometheus server is not installed (apt-get install prometheus)");
+        pglb_tests::skip("the prometheus server is not installed (apt-get install prometheus)");
         return;
     };
     let dash = dashboard();

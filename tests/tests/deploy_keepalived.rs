@@ -430,7 +430,7 @@ fn status_in(ns: &Netns) -> Result<serde_json::Value, String> {
 #[test]
 fn keepalived_configs_are_a_valid_mirrored_pair() {
     if let Some(why) = missing_tools() {
-        println!("SKIPPED: {why}");
+        pglb_tests::skip(&format!("{why}"));
         return;
     }
     let tmp = TempDir::new("ka-conf");
@@ -487,7 +487,7 @@ fn keepalived_configs_are_a_valid_mirrored_pair() {
 #[test]
 fn the_virtual_ip_follows_pglb_not_the_database() {
     if let Some(why) = missing_tools() {
-        println!("SKIPPED: {why}");
+        pglb_tests::skip(&format!("{why}"));
         return;
     }
     sweep_stale_namespaces();
@@ -496,7 +496,7 @@ fn the_virtual_ip_follows_pglb_not_the_database() {
     let net = match Network::create() {
         Ok(net) => net,
         Err(e) => {
-            println!("SKIPPED: cannot create network namespaces here: {e}");
+            pglb_tests::skip(&format!("cannot create network namespaces here: {e}"));
             return;
         }
     };

@@ -28,7 +28,7 @@ fn promtool() -> Option<PathBuf> {
 #[test]
 fn promtool_accepts_the_config_and_the_rules_pass_their_tests() {
     let Some(promtool) = promtool() else {
-        println!("SKIPPED: promtool not found (apt-get install prometheus)");
+        pglb_tests::skip("promtool not found (apt-get install prometheus)");
         return;
     };
     for args in [
@@ -150,7 +150,7 @@ fn scrape_config_for(admin: SocketAddr) -> String {
 #[test]
 fn rules_evaluate_without_errors_on_prometheus_scraping_pglb() {
     let Some(bin) = which("prometheus") else {
-        println!("SKIPPED: the prometheus server is not installed (apt-get install prometheus)");
+        pglb_tests::skip("the prometheus server is not installed (apt-get install prometheus)");
         return;
     };
     let cluster = shared_cluster();

@@ -116,7 +116,7 @@ fn output_text(out: &Output) -> String {
 #[test]
 fn unit_passes_systemd_analyze_verify_with_and_without_the_drop_in() {
     let Some(analyze) = which("systemd-analyze") else {
-        println!("SKIPPED: systemd-analyze not found (apt-get install systemd)");
+        pglb_tests::skip("systemd-analyze not found (apt-get install systemd)");
         return;
     };
     let tmp = TempDir::new("systemd");

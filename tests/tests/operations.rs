@@ -253,7 +253,10 @@ fn health_flips(log: &str, backends: &[&str]) -> Vec<String> {
     log.lines()
         .filter(|l| l.contains("backend is up") || l.contains("backend is down"))
         .filter(|l| {
-            backends.iter().any(|b| l.contains(&format!("backend=\"{b}\"")) || l.contains(&format!("backend={b} ")))
+            backends.iter().any(|b| {
+                let plain = format!("backend={b}");
+                l.contains(&format!("backend=\"{b}\"")) || l.contains(&format!("{plain} ")) || l.ends_with(&plain)
+            })
         })
         .map(str::to_owned)
         .collect()
@@ -292,6 +295,11 @@ fn watch_health(
         }
         (samples, problems)
     })
+}
+
+/// The port of listener `name` in `yaml` (also for listeners a reload added).
+fn port_in(yaml: &Yaml, name: &str) -> u16 {
+    yaml.listeners.iter().find(|(n, _, _)| n == name).map(|(_, p, _)| *p).expect("a listener of that name")
 }
 
 /// Whether `port` on loopback refuses TCP connections.
@@ -345,7 +353,7 @@ fn sighup_reload_applies_the_diff_while_sessions_run_and_health_does_not_flap() 
 
     // The added listener serves; ro now only reaches pg1.
     let pg1 = cluster.nodes[1].port;
-    wait_until("the new listener to serve", SETTLE, || match where_am_i(pglb.port("extra")) {
+    wait_until("the new listener to serve", SETTLE, || match where_am_i(port_in(&yaml, "extra")) {
         Ok(got) if got == (pg1, true) => Ok(()),
         other => Err(format!("{other:?}")),
     });
@@ -416,11 +424,11 @@ fn invalid_reloads_are_rejected_whole_and_the_old_config_keeps_serving() {
     pglb.signal("HUP");
     wait_metric(&pglb, "pglb_config_reloads_total{result=\"failure\"}", 2.0);
     let log = pglb.log();
-    assert!(log.contains("cannot bind listener `squat`"), "{log}");
-    assert!(log.matches(&path).count() >= 2, "the rejection names the config file:\n{log}");
+    let rejection = log.lines().find(|l| l.contains("cannot bind listener `squat`")).unwrap_or_else(|| panic!("{log}"));
+    assert!(rejection.contains(&path), "the rejection names the config file: {rejection}");
     assert_eq!(where_am_i(pglb.port("rw")), Ok(primary), "the old config keeps serving");
     assert_eq!(backend_names(&pglb), ["pg0", "pg1", "pg2"], "pg2 must not be removed by a rejected reload");
-    refuses(pglb.port("fresh")).expect("a rejected reload must not open its new listeners");
+    refuses(port_in(&yaml, "fresh")).expect("a rejected reload must not open its new listeners");
     assert_eq!(config_hash(&pglb), hash);
     assert_eq!(metric(&pglb.metrics(), "pglb_config_reloads_total{result=\"success\"}"), Some(0.0));
 
@@ -433,11 +441,39 @@ fn invalid_reloads_are_rejected_whole_and_the_old_config_keeps_serving() {
     assert_eq!(config_hash(&pglb), sha256_hex(&pglb.config));
     assert_ne!(config_hash(&pglb), hash);
     assert_eq!(backend_names(&pglb), ["pg0", "pg1"]);
-    wait_until("the new listener to serve", SETTLE, || match where_am_i(pglb.port("fresh")) {
+    wait_until("the new listener to serve", SETTLE, || match where_am_i(port_in(&yaml, "fresh")) {
         Ok(got) if got == (cluster.nodes[1].port, true) => Ok(()),
         other => Err(format!("{other:?}")),
     });
     drop(squatter);
+}
+
+#[test]
+fn max_clients_still_counts_sessions_that_started_before_a_reload() {
+    let cluster = shared_cluster();
+    let mut yaml =
+        Yaml::for_cluster(&cluster).listener("capped", "role: primary\n    max_clients: 1\n    queue_timeout: 0s");
+    let pglb = Pglb::start(&yaml);
+    pglb.wait_eligible("capped", &["pg0"], SETTLE);
+    let port = pglb.port("capped");
+    let mut first = wire::login(port).expect("the first client fits under max_clients: 1");
+    let err = wire::login(port).expect_err("a second client exceeds max_clients: 1").to_string();
+    assert!(err.contains("C53300"), "{err}");
+
+    // A reload that leaves `capped` as it is.
+    yaml.backends.retain(|(name, _)| name != "pg2");
+    std::fs::write(&pglb.config, yaml.render()).expect("rewrite config");
+    pglb.signal("HUP");
+    wait_metric(&pglb, "pglb_config_reloads_total{result=\"success\"}", 1.0);
+    assert_eq!(scalar(&mut first, "SELECT 1"), Ok("1".into()), "the first session goes on");
+    let second = wire::login(port);
+    assert!(
+        second.as_ref().is_err_and(|e| e.to_string().contains("C53300")),
+        "after a reload, max_clients: 1 admitted a second client while the first is open: {:?}\n{}",
+        second.map(|_| "logged in"),
+        pglb.log()
+    );
+    terminate(first);
 }
 
 // ---------------------------------------------------------------- shutdown
