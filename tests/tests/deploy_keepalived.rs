@@ -430,7 +430,7 @@ fn status_in(ns: &Netns) -> Result<serde_json::Value, String> {
 #[test]
 fn keepalived_configs_are_a_valid_mirrored_pair() {
     if let Some(why) = missing_tools() {
-        pglb_tests::skip(&format!("{why}"));
+        pglb_tests::skip(&why.to_string());
         return;
     }
     let tmp = TempDir::new("ka-conf");
@@ -487,7 +487,7 @@ fn keepalived_configs_are_a_valid_mirrored_pair() {
 #[test]
 fn the_virtual_ip_follows_pglb_not_the_database() {
     if let Some(why) = missing_tools() {
-        pglb_tests::skip(&format!("{why}"));
+        pglb_tests::skip(&why.to_string());
         return;
     }
     sweep_stale_namespaces();
