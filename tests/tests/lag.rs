@@ -31,7 +31,7 @@ fn paused_replay_takes_a_replica_out_and_resume_brings_it_back() {
         wait_until("a session on pg1", Duration::from_secs(10), || {
             let mut s = wire::login(pglb.port(listener)).map_err(|e| e.to_string())?;
             wire::query(&mut s, "SELECT 1").map_err(|e| e.to_string())?;
-            let conns = pglb_tests::http::get(pglb.admin, "/connections").map_err(|e| e)?.1;
+            let conns = pglb_tests::http::get(pglb.admin, "/connections")?.1;
             let v: serde_json::Value = serde_json::from_str(&conns).map_err(|e| e.to_string())?;
             let mine = v["connections"]
                 .as_array()
