@@ -44,7 +44,7 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[std::sy
         .enumerate()
         .map(|(i, l)| {
             let names = |set: &[usize]| set.iter().map(|&b| table.backends[b].config.name.clone()).collect::<Vec<_>>();
-            let ctx = listeners.iter().find(|c| c.name == l.config.name);
+            let ctx = listeners.iter().rev().find(|c| c.listen == l.config.listen);
             json!({
                 "name": l.config.name,
                 "listen": l.config.listen.to_string(),
@@ -89,7 +89,7 @@ pub fn connections_json(listeners: &[std::sync::Arc<ListenerContext>]) -> String
                 "backend_local_port": s.backend_local_port,
                 "via_fallback": s.via_fallback,
                 "started_at": started,
-                "duration_seconds": s.started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                "duration_s": s.started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
                 "bytes_client_to_backend": s.bytes_in.load(Ordering::Relaxed),
                 "bytes_backend_to_client": s.bytes_out.load(Ordering::Relaxed),
             }));

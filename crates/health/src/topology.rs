@@ -81,16 +81,19 @@ impl Publisher {
                 if result.is_ok() {
                     tracing::warn!(backend, state = state.as_str(), "operator set backend admin state");
                 }
+                // Reply once the new table is live.
+                self.publish(Vec::new());
                 let _ = reply.send(result);
-                Vec::new()
+                return;
             }
             Command::Unfence { backend, reply } => {
                 let result = self.topology.unfence(&backend);
                 if let Ok(was) = &result {
                     tracing::warn!(backend, was_fenced = was, "operator cleared backend fence");
                 }
+                self.publish(Vec::new());
                 let _ = reply.send(result);
-                Vec::new()
+                return;
             }
             Command::Reconfigure { config, reply } => {
                 self.topology.reconfigure(config);

@@ -118,7 +118,8 @@ impl Server {
         for live in std::mem::take(&mut self.listeners) {
             match table.listeners.iter().position(|l| l.config.listen == live.addr) {
                 Some(index) => {
-                    let ctx = Arc::new(ListenerContext::new(index, self.shared.clone()));
+                    let previous = live.context.load_full();
+                    let ctx = Arc::new(ListenerContext::new(index, self.shared.clone(), Some(&previous)));
                     live.context.store(ctx.clone());
                     push_context(&self.admin.listeners, ctx);
                     self.listeners.push(live);

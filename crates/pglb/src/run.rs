@@ -163,7 +163,7 @@ impl Server {
     pub fn open_listeners(&mut self, sockets: Vec<(usize, TcpListener)>) {
         let table = self.topology.table.load();
         for (index, socket) in sockets {
-            let ctx = Arc::new(ListenerContext::new(index, self.shared.clone()));
+            let ctx = Arc::new(ListenerContext::new(index, self.shared.clone(), None));
             let l = &table.listeners[index].config;
             tracing::info!(listener = %l.name, listen = %l.listen, role = l.role.as_str(), balance = l.balance.as_str(), "listening");
             let context = Arc::new(ArcSwap::new(ctx.clone()));

@@ -55,25 +55,36 @@ pub struct ListenerContext {
     pub(crate) pairs: HashMap<String, PairMetrics>,
     /// Per backend name: all-listener connection gauges.
     pub(crate) backend_gauges: HashMap<String, Gauge>,
-    pub(crate) held: AtomicUsize,
-    pub(crate) queued: AtomicUsize,
-    pub(crate) clients: AtomicUsize,
+    /// Clients held, queued and forwarded: shared with the contexts that
+    /// replace this one on reload, so limits keep counting older sessions.
+    pub(crate) held: Arc<AtomicUsize>,
+    pub(crate) queued: Arc<AtomicUsize>,
+    pub(crate) clients: Arc<AtomicUsize>,
     pub registry: Registry,
 }
 
 impl ListenerContext {
-    /// The context for listener `index` of the current table; registers all
-    /// its metric series at zero.
-    pub fn new(index: usize, shared: Shared) -> Self {
+    /// The context for listener `index` of the current table. A new listener
+    /// registers its metric series at zero; one that replaces `previous` (a
+    /// reload kept its socket) shares its counters and leaves the gauges of
+    /// its open sessions alone.
+    pub fn new(index: usize, shared: Shared, previous: Option<&ListenerContext>) -> Self {
         let snapshot = shared.table.load();
         let config = &snapshot.listeners[index].config;
         let name = config.name.clone();
-        let pairs = snapshot.backends.iter().map(|b| (b.config.name.clone(), PairMetrics::new(&name, &b.config.name)));
+        let same_name = previous.filter(|p| p.name == name);
+        let known = |backend: &str| same_name.is_some_and(|p| p.pairs.contains_key(backend));
+        let pairs = snapshot
+            .backends
+            .iter()
+            .map(|b| (b.config.name.clone(), PairMetrics::new(&name, &b.config.name, !known(&b.config.name))));
         let gauges = snapshot
             .backends
             .iter()
             .map(|b| (b.config.name.clone(), crate::metrics::backend_connections(&b.config.name)));
-        let metrics = ListenerMetrics::new(&name, config.max_clients);
+        let metrics = ListenerMetrics::new(&name, config.max_clients, same_name.is_none());
+        let share =
+            |pick: fn(&ListenerContext) -> &Arc<AtomicUsize>| previous.map(|p| pick(p).clone()).unwrap_or_default();
         let (pairs, backend_gauges) = (pairs.collect(), gauges.collect());
         let listen = config.listen;
         drop(snapshot);
@@ -85,9 +96,9 @@ impl ListenerContext {
             cursor: Cursor::default(),
             pairs,
             backend_gauges,
-            held: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
-            clients: AtomicUsize::new(0),
+            held: share(|p| &p.held),
+            queued: share(|p| &p.queued),
+            clients: share(|p| &p.clients),
             registry: Registry::default(),
         }
     }
@@ -130,7 +141,7 @@ impl ListenerContext {
     /// This listener's metric handles for `backend` (made on the spot for a
     /// backend a reload added after this context was built).
     pub(crate) fn pair(&self, backend: &str) -> PairMetrics {
-        self.pairs.get(backend).cloned().unwrap_or_else(|| PairMetrics::new(&self.name, backend))
+        self.pairs.get(backend).cloned().unwrap_or_else(|| PairMetrics::new(&self.name, backend, false))
     }
 }
 
@@ -172,14 +183,11 @@ pub async fn serve(
                 backoff = Duration::from_millis(10);
                 if !allowed(&current, peer) {
                     current.metrics.reject("not_allowed");
-                    tracing::info!(
-                        target: "pglb::connection",
-                        client = %peer,
-                        listener = %current.name,
-                        backend = "",
-                        end = "not_allowed",
-                        detail = "client address is not in the listener's allow list",
-                        "connection closed"
+                    crate::session::log_refusal(
+                        &current,
+                        peer,
+                        "not_allowed",
+                        "client address is not in the listener's allow list",
                     );
                     drop(stream);
                     continue;

@@ -81,7 +81,9 @@ pub struct PairMetrics {
 }
 
 impl PairMetrics {
-    pub fn new(listener: &str, backend: &str) -> Self {
+    /// Handles for the pair; `fresh` registers the series at zero (only for
+    /// a pair that has no open session).
+    pub fn new(listener: &str, backend: &str, fresh: bool) -> Self {
         let labels = [("listener", listener.to_owned()), ("backend", backend.to_owned())];
         let bytes = |direction: &'static str| {
             let mut l = labels.to_vec();
@@ -96,7 +98,9 @@ impl PairMetrics {
             connect_failures: metrics::counter!("pglb_backend_connect_failures_total", &labels),
         };
         // Register at start-up: dashboards see zero before the first event.
-        pair.active.set(0.0);
+        if fresh {
+            pair.active.set(0.0);
+        }
         for c in [&pair.total, &pair.client_to_backend, &pair.backend_to_client, &pair.connect_failures] {
             c.increment(0);
         }
@@ -118,7 +122,8 @@ pub struct ListenerMetrics {
 }
 
 impl ListenerMetrics {
-    pub fn new(listener: &str, max_clients: Option<usize>) -> Self {
+    /// Handles for the listener; `fresh` zeroes its gauges (a new listener).
+    pub fn new(listener: &str, max_clients: Option<usize>, fresh: bool) -> Self {
         let counters = |name: &'static str, reasons: &[&'static str]| -> Vec<Counter> {
             reasons
                 .iter()
@@ -136,11 +141,14 @@ impl ListenerMetrics {
         };
         let gauge = |name: &'static str| {
             let g = metrics::gauge!(name, "listener" => listener.to_owned());
-            g.set(0.0);
+            if fresh {
+                g.set(0.0);
+            }
             g
         };
         let wait = |kind: &'static str| metrics::histogram!("pglb_client_wait_seconds", "listener" => listener.to_owned(), "kind" => kind);
-        gauge("pglb_listener_max_clients").set(max_clients.unwrap_or(0) as f64);
+        metrics::gauge!("pglb_listener_max_clients", "listener" => listener.to_owned())
+            .set(max_clients.unwrap_or(0) as f64);
         Self {
             rejected: counters("pglb_clients_rejected_total", &REJECT_REASONS),
             closed: counters("pglb_sessions_closed_total", &CLOSE_REASONS),

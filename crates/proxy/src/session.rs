@@ -198,7 +198,7 @@ async fn find_backend<'a>(
 }
 
 /// The connection log line of a client that never reached a backend.
-fn log_refusal(ctx: &ListenerContext, peer: SocketAddr, end: &str, detail: &str) {
+pub(crate) fn log_refusal(ctx: &ListenerContext, peer: SocketAddr, end: &str, detail: &str) {
     tracing::info!(
         target: "pglb::connection",
         client = %peer,

@@ -91,14 +91,15 @@ pub async fn forward(
                         c2b_done = true;
                         first_eof.get_or_insert(End::ClientClosed);
                     }
-                    Err(f) => break f.end("client", "backend"),
+                    // A reset after the other side's EOF is how many clients close.
+                    Err(f) => break first_eof.unwrap_or_else(|| f.end("client", "backend")),
                 },
                 r = &mut b2c, if !b2c_done => match r {
                     Ok(()) => {
                         b2c_done = true;
                         first_eof.get_or_insert(End::BackendClosed);
                     }
-                    Err(f) => break f.end("backend", "client"),
+                    Err(f) => break first_eof.unwrap_or_else(|| f.end("backend", "client")),
                 },
             }
             if c2b_done && b2c_done {

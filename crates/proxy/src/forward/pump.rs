@@ -8,8 +8,10 @@
 //! Small reads are copied through a stack buffer (one read + one write each,
 //! the cheapest for PostgreSQL's small messages). When a read fills the
 //! buffer, a bulk transfer is under way and, if a pipe pool is given, the
-//! direction switches to splice(2) until the source goes idle, when the pipe
-//! goes back to the pool — an idle session holds no pipe and no buffer.
+//! direction switches to splice(2): each burst takes a pipe from the pool,
+//! splices until the source is drained, and gives the pipe back, so an idle
+//! session holds no pipe and no buffer. A burst whose pieces are all small
+//! switches the direction back to copying (HAProxy's `splice-auto` idea).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -64,16 +66,21 @@ pub async fn pump(
     loop {
         #[cfg(target_os = "linux")]
         if let (true, Some(pool)) = (bulk, pool) {
-            if let Some(pipe) = pool.take() {
-                let (ended, empty, result) = splice_burst(src, dst, &pipe, pool.pipe_size(), counter, total).await;
-                pool.give_back(pipe, empty);
-                result?;
-                if ended {
-                    return shutdown_write(dst);
-                }
+            // Bulk: wait without a pipe, then splice the whole burst.
+            src.readable().await.map_err(Failure::Read)?;
+            let Some(pipe) = pool.take() else {
                 bulk = false;
                 continue;
+            };
+            let burst = splice_burst(src, dst, &pipe, pool.pipe_size(), counter, total).await;
+            pool.give_back(pipe, burst.empty);
+            burst.result?;
+            if burst.ended {
+                return shutdown_write(dst);
             }
+            // Small pieces again: back to copying.
+            bulk = burst.largest >= CHUNK;
+            continue;
         }
         #[cfg(not(target_os = "linux"))]
         let _ = pool;
@@ -149,9 +156,21 @@ fn shutdown_write(dst: &TcpStream) -> Result<(), Failure> {
     }
 }
 
-/// Splices while `src` has data. Returns (source ended, pipe empty, result).
-/// The pipe is filled only when empty, so an EAGAIN from the fill is the
-/// socket's, never a full pipe's, and may clear the socket's readiness.
+/// What one splice burst did.
+#[cfg(target_os = "linux")]
+struct Burst {
+    /// The source ended.
+    ended: bool,
+    /// The pipe holds nothing (it may go back to the pool).
+    empty: bool,
+    /// The largest single fill, to tell bulk from small messages.
+    largest: usize,
+    result: Result<(), Failure>,
+}
+
+/// Splices while `src` has data. The pipe is filled only when empty, so an
+/// EAGAIN from the fill is the socket's, never a full pipe's, and may clear
+/// the socket's readiness.
 #[cfg(target_os = "linux")]
 async fn splice_burst(
     src: &TcpStream,
@@ -160,20 +179,23 @@ async fn splice_burst(
     size: usize,
     counter: &Counter,
     total: &AtomicU64,
-) -> (bool, bool, Result<(), Failure>) {
+) -> Burst {
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
-    loop {
+    let mut largest = 0;
+    let done = |ended, empty, largest, result| Burst { ended, empty, largest, result };
+    for round in 0u32.. {
         let held = match src.try_io(Interest::READABLE, || pipe.fill_from(src_fd, size)) {
-            Ok(0) => return (true, true, Ok(())),
+            Ok(0) => return done(true, true, largest, Ok(())),
             Ok(n) => n,
-            // Idle: hand the pipe back and wait in copy mode.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (false, true, Ok(())),
-            Err(e) => return (false, true, Err(Failure::Read(e))),
+            // Drained: hand the pipe back until the next burst.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return done(false, true, largest, Ok(())),
+            Err(e) => return done(false, true, largest, Err(Failure::Read(e))),
         };
+        largest = largest.max(held);
         let mut left = held;
         while left > 0 {
             if let Err(e) = dst.writable().await {
-                return (false, false, Err(Failure::Write(e)));
+                return done(false, false, largest, Err(Failure::Write(e)));
             }
             match dst.try_io(Interest::WRITABLE, || pipe.drain_to(dst_fd, left)) {
                 Ok(n) => {
@@ -182,10 +204,13 @@ async fn splice_burst(
                     total.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return (false, false, Err(Failure::Write(e))),
+                Err(e) => return done(false, false, largest, Err(Failure::Write(e))),
             }
         }
-        // Let other tasks run between bursts on a busy stream.
-        tokio::task::yield_now().await;
+        // A long burst still lets other tasks on this worker run.
+        if round % 16 == 15 {
+            tokio::task::yield_now().await;
+        }
     }
+    done(false, true, largest, Ok(()))
 }
