@@ -4,8 +4,10 @@
 
 pub mod cluster;
 pub mod http;
+pub mod pg;
 pub mod pglb;
 pub mod proc;
+pub mod prom;
 pub mod psql;
 pub mod wire;
 

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use pglb_tests::pg::{connect, copy_out_digest};
 use pglb_tests::proc::{fd_count, fd_targets, pipe_count, rss_kib};
 use pglb_tests::{shared_cluster, wait_until, wire, Pglb, Yaml};
 
@@ -36,27 +37,6 @@ fn start(forwarder: &str) -> (pglb_tests::SharedCluster, Pglb) {
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
-}
-
-async fn connect(port: u16) -> tokio_postgres::Client {
-    let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable");
-    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
-}
-
-async fn copy_out_digest(client: &tokio_postgres::Client, sql: &str) -> (Vec<u8>, usize) {
-    use futures_util::StreamExt;
-    use sha2::{Digest, Sha256};
-    let stream = client.copy_out(sql).await.expect("copy out");
-    futures_util::pin_mut!(stream);
-    let (mut hash, mut bytes) = (Sha256::new(), 0);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.expect("copy out chunk");
-        bytes += chunk.len();
-        hash.update(&chunk);
-    }
-    (hash.finalize().to_vec(), bytes)
 }
 
 fn large_copy_out_and_in_is_byte_exact(forwarder: &str) {

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use pglb_tests::cluster::{MD5_USER, SCRAM_USER, TLS_USER};
+use pglb_tests::pg::{connect, copy_out_digest};
 use pglb_tests::psql::{psql, where_am_i};
 use pglb_tests::{shared_cluster, wait_until, Pglb, Yaml};
 
@@ -196,28 +197,6 @@ async fn cancel_through_the_ro_port_cancels_the_query() {
         assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
         assert!(started.elapsed() < Duration::from_secs(20), "pg_sleep(30) ran to its end");
     }
-}
-
-async fn connect(port: u16) -> tokio_postgres::Client {
-    let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable");
-    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
-}
-
-/// SHA-256 of everything a `COPY ... TO STDOUT` returns.
-async fn copy_out_digest(client: &tokio_postgres::Client, sql: &str) -> (Vec<u8>, usize) {
-    use futures_util::StreamExt;
-    use sha2::{Digest, Sha256};
-    let stream = client.copy_out(sql).await.expect("copy out");
-    futures_util::pin_mut!(stream);
-    let (mut hash, mut bytes) = (Sha256::new(), 0);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.expect("copy out chunk");
-        bytes += chunk.len();
-        hash.update(&chunk);
-    }
-    (hash.finalize().to_vec(), bytes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
