@@ -111,7 +111,9 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
             return;
         }
     };
-    relay(&ctx, &config, client, backend, places, first, peer).await;
+    let keep_when_removed = config.on_ineligible == OnIneligible::Keep;
+    drop(config);
+    relay(&ctx, keep_when_removed, client, backend, places, first, peer).await;
 }
 
 /// Finds, reserves and connects to a backend: holds the client while none
@@ -310,7 +312,7 @@ async fn connect_reserved<'a>(
 /// Passes the first message on and forwards until the session ends.
 async fn relay(
     ctx: &ListenerContext,
-    config: &ListenerConfig,
+    keep_when_removed: bool,
     client: TcpStream,
     mut backend: TcpStream,
     places: Places<'_>,
@@ -326,7 +328,7 @@ async fn relay(
         backend: candidate.name.clone(),
         backend_local_port: local_port,
         via_fallback: places.via_fallback,
-        keep_when_removed: config.on_ineligible == OnIneligible::Keep,
+        keep_when_removed,
         started: SystemTime::now(),
         stop: ctx.shared.hard_stop.child_token(),
         reason: OnceLock::new(),
@@ -343,6 +345,7 @@ async fn relay(
     }
     pair.client_to_backend.increment(first.bytes.len() as u64);
     handle.bytes_in.fetch_add(first.bytes.len() as u64, Ordering::Relaxed);
+    drop(first);
     let counters = Counters {
         client_to_backend: pair.client_to_backend.clone(),
         backend_to_client: pair.backend_to_client.clone(),

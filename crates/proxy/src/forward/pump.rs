@@ -96,7 +96,7 @@ pub async fn pump(
         }
         counter.increment(n as u64);
         total.fetch_add(n as u64, Ordering::Relaxed);
-        bulk = n == CHUNK;
+        bulk = n >= CHUNK;
     }
 }
 
@@ -113,11 +113,45 @@ enum Step {
     Failed(Failure),
 }
 
-/// One read and one write, synchronously: the stack buffer never lives
-/// across an await, so an idle session's task holds no buffer.
+thread_local! {
+    /// One copy buffer per runtime thread, reused by every session on it:
+    /// no allocation and no zeroing per read, and no buffer per session.
+    static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; CHUNK]);
+}
+
+/// One read and one write, synchronously, through this thread's buffer
+/// (never held across an await, so an idle session holds no buffer).
 fn copy_step(src: &TcpStream, dst: &TcpStream) -> Step {
-    let mut buf = [0u8; CHUNK];
-    let n = match src.try_read(&mut buf) {
+    BUFFER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => copy_through(src, dst, &mut buf),
+        // Not reentrant in practice; a fresh buffer keeps it correct anyway.
+        Err(_) => copy_through(src, dst, &mut vec![0; CHUNK]),
+    })
+}
+
+/// Reads once. A short read means the socket is drained, so it also clears
+/// the socket's readiness (as an EAGAIN would), saving the `recv` that would
+/// only return EAGAIN. tokio does not clear readiness that a newer event set,
+/// so bytes arriving after the read still wake the task.
+fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    let mut got = 0;
+    let result = src.try_io(Interest::READABLE, || {
+        let socket = socket2::SockRef::from(src);
+        got = (&*socket).read(buf)?;
+        if got > 0 && got < buf.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
+}
+
+fn copy_through(src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> Step {
+    let n = match read_once(src, buf) {
         Ok(0) => return Step::End,
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Idle,
