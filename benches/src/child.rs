@@ -46,8 +46,14 @@ impl Guard {
     }
 
     /// The last 20 lines of stderr.
+    /// The last lines of the log that explain something: per-connection
+    /// lines (one per session) are left out, so a reason line is not
+    /// drowned by the sessions it closed.
     pub fn log_tail(&self) -> String {
-        tail(&fs::read_to_string(&self.log).unwrap_or_default(), 20)
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let telling: Vec<&str> =
+            log.lines().filter(|l| !l.contains("pglb::connection") && !l.contains("closing session")).collect();
+        tail(&telling.join("\n"), 20)
     }
 }
 

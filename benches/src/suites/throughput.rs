@@ -75,6 +75,7 @@ fn pgbench_rounds(opts: &Throughput, bins: &Bins, results: &mut Results) -> Resu
     let primary = &cluster.nodes[0];
     eprintln!("pgbench -i -s {} on {}", opts.scale, primary.address());
     pgbench::init(primary.port, opts.scale)?;
+    settle(&cluster)?;
     let mut all = Vec::new();
     for kind in Kind::ALL {
         all.push(targets::start(kind, bins, Route::Primary, &cluster.nodes, MAXCONN)?);
@@ -155,6 +156,23 @@ fn measure(test: Test, target: &Target, opts: &Throughput, results: &mut Results
         if work > 0.0 {
             results.record(fig, kind, (after - before) / work * unit);
         }
+    }
+    Ok(())
+}
+
+/// Lets the cluster digest the initial load before anything is measured: a
+/// checkpoint on the primary, replicas caught up and checkpointed. Without
+/// it, the first rounds run during a 1 GB replay and checkpoint, and health
+/// checks with a 1 s timeout can time out (seen: a replica, and the primary
+/// once, marked down in round 1).
+fn settle(cluster: &Cluster) -> Result<()> {
+    let primary = &cluster.nodes[0];
+    primary.sql("CHECKPOINT").context("CHECKPOINT after pgbench -i")?;
+    let lsn = primary.sql("SELECT pg_current_wal_lsn()").context("read the primary's WAL position")?;
+    for replica in &cluster.nodes[1..] {
+        let caught_up = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'");
+        replica.wait_for(&caught_up, "t", std::time::Duration::from_secs(600)).context("replica catch-up")?;
+        replica.sql("CHECKPOINT").context("CHECKPOINT on the replica")?;
     }
     Ok(())
 }
