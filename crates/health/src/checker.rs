@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 use crate::check::{check, CheckConn};
 use crate::topology::Command;
 
-/// Starts the checker of `backend`; it reports until `stop` fires.
-/// `fast_until` says until when checks run at `fast_interval`.
+/// Starts the checker of `backend` on `runtime`; it reports until `stop`
+/// fires. `fast_until` says until when checks run at `fast_interval`.
 pub fn spawn_checker(
+    runtime: &tokio::runtime::Handle,
     config: Arc<Config>,
     backend: BackendConfig,
     tls: MakeRustlsConnect,
@@ -29,7 +30,7 @@ pub fn spawn_checker(
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let checker = Checker { config, backend, tls, commands, fast_until };
-    tokio::spawn(checker.run(stop))
+    runtime.spawn(checker.run(stop))
 }
 
 struct Checker {

@@ -16,14 +16,21 @@ struct Running {
 }
 
 pub struct Checkers {
+    runtime: tokio::runtime::Handle,
     config: Arc<Config>,
     tls: MakeRustlsConnect,
     running: Vec<Running>,
 }
 
 impl Checkers {
-    pub fn start(config: Arc<Config>, tls: MakeRustlsConnect, topology: &TopologyHandle) -> Self {
-        let mut checkers = Self { config: config.clone(), tls, running: Vec::new() };
+    /// Starts one checker per backend on `runtime`.
+    pub fn start(
+        runtime: tokio::runtime::Handle,
+        config: Arc<Config>,
+        tls: MakeRustlsConnect,
+        topology: &TopologyHandle,
+    ) -> Self {
+        let mut checkers = Self { runtime, config: config.clone(), tls, running: Vec::new() };
         for backend in &config.backends {
             checkers.spawn(backend.clone(), topology);
         }
@@ -33,6 +40,7 @@ impl Checkers {
     fn spawn(&mut self, backend: BackendConfig, topology: &TopologyHandle) {
         let stop = CancellationToken::new();
         let task = pglb_health::spawn_checker(
+            &self.runtime,
             self.config.clone(),
             backend.clone(),
             self.tls.clone(),

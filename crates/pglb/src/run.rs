@@ -91,6 +91,37 @@ pub struct Server {
     pub checkers: Checkers,
     /// Ends the admin endpoint and background tasks at the very end.
     pub background: CancellationToken,
+    /// The health checkers' and topology's own thread.
+    pub _control: Control,
+}
+
+/// A runtime of its own, on its own thread, for health checks and the
+/// topology task: however busy the data path's workers are, checks are not
+/// delayed behind it (a check that times out marks a backend down).
+pub struct Control {
+    pub handle: tokio::runtime::Handle,
+    /// Dropping it ends the thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Control {
+    pub fn start() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the health-check runtime")?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("pglb-health".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let _ = stopped.await;
+                })
+            })
+            .context("cannot start the health-check thread")?;
+        Ok(Self { handle, _stop: stop })
+    }
 }
 
 /// Binds every socket first (an invalid setup starts nothing), then serves
@@ -115,8 +146,9 @@ impl Server {
         let metrics = crate::telemetry::init_metrics()?;
 
         let (publisher, topology, inbox) = Publisher::new(config.clone());
-        tokio::spawn(publisher.run(inbox));
-        let checkers = Checkers::start(config.clone(), tls, &topology);
+        let control = Control::start()?;
+        control.handle.spawn(publisher.run(inbox));
+        let checkers = Checkers::start(control.handle.clone(), config.clone(), tls, &topology);
         let shared = Shared {
             table: topology.table.clone(),
             generation: topology.generation.clone(),
@@ -152,6 +184,7 @@ impl Server {
             sessions: TaskTracker::new(),
             checkers,
             background,
+            _control: control,
         };
         server.open_listeners(sockets);
         tokio::spawn(crate::enforce::run(server.admin.clone(), server.topology.clone(), server.background.clone()));
