@@ -5,8 +5,9 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-/// Connects to 127.0.0.1:`port` as `postgres` (trust) and waits for ReadyForQuery.
-pub fn login(port: u16) -> io::Result<TcpStream> {
+/// Connects to 127.0.0.1:`port` and sends a StartupMessage for `postgres`,
+/// without waiting for the answer (a client that pglb holds or queues).
+pub fn start_up(port: u16) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let params = b"user\0postgres\0database\0postgres\0\0";
@@ -14,6 +15,12 @@ pub fn login(port: u16) -> io::Result<TcpStream> {
     msg.extend(196_608u32.to_be_bytes());
     msg.extend(params);
     s.write_all(&msg)?;
+    Ok(s)
+}
+
+/// Connects to 127.0.0.1:`port` as `postgres` (trust) and waits for ReadyForQuery.
+pub fn login(port: u16) -> io::Result<TcpStream> {
+    let mut s = start_up(port)?;
     loop {
         let (tag, body) = read_message(&mut s)?;
         match tag {

@@ -6,23 +6,11 @@ use std::time::{Duration, Instant};
 
 use pglb_cluster::{Cluster, Spec};
 use pglb_tests::psql::{psql, where_am_i};
-use pglb_tests::{wait_until, Pglb, Yaml};
+use pglb_tests::{wait_until, wire, Pglb, Yaml};
 
 fn held(pglb: &Pglb) -> String {
     let m = pglb.metrics();
     m.lines().find(|l| l.starts_with("pglb_clients_held{listener=\"rw\"}")).unwrap_or_default().to_owned()
-}
-
-/// A raw client that sent its StartupMessage and waits for the answer.
-fn waiting_client(port: u16) -> std::net::TcpStream {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    let params = b"user\0postgres\0database\0postgres\0\0";
-    let mut msg = ((8 + params.len()) as u32).to_be_bytes().to_vec();
-    msg.extend(196_608u32.to_be_bytes());
-    msg.extend(params);
-    s.write_all(&msg).expect("startup");
-    s
 }
 
 #[test]
@@ -46,7 +34,7 @@ fn held_clients_reach_the_new_primary_or_get_57p03_and_the_hold_is_bounded() {
 
     // hold_max 1: a held client takes the only place; the next is refused at
     // once; when the first hangs up, its place is free again.
-    let first = waiting_client(pglb.port("rw"));
+    let first = wire::start_up(pglb.port("rw")).expect("a client waiting for its answer");
     wait_until("one held client", Duration::from_secs(5), || {
         let h = held(&pglb);
         if h.ends_with(" 1") {

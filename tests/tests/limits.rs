@@ -48,16 +48,7 @@ fn listener_max_clients_queues_then_refuses_and_frees_on_disconnect() {
     pglb.wait_eligible("rw", &["pg0"], Duration::from_secs(15));
     let a = wire::login(pglb.port("rw")).expect("first");
     // A queued client that hangs up frees its place at once.
-    let quitter = {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", pglb.port("rw"))).expect("connect");
-        let params = b"user\0postgres\0database\0postgres\0\0";
-        let mut msg = ((8 + params.len()) as u32).to_be_bytes().to_vec();
-        msg.extend(196_608u32.to_be_bytes());
-        msg.extend(params);
-        s.write_all(&msg).expect("startup");
-        s
-    };
+    let quitter = wire::start_up(pglb.port("rw")).expect("a client that will queue");
     wait_until("one queued client", Duration::from_secs(5), || {
         let g = gauge(&pglb, "pglb_clients_queued{listener=\"rw\"}");
         if g.ends_with(" 1") {

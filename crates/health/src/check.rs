@@ -12,7 +12,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 /// Role, timeline (from a primary's current WAL file name — not
 /// `pg_control_checkpoint()`, whose timeline stays old until the slow
 /// post-promotion checkpoint), system identifier and WAL positions, as text.
-pub const CHECK_QUERY: &str = "SELECT pg_is_in_recovery()::text,
+const CHECK_QUERY: &str = "SELECT pg_is_in_recovery()::text,
   CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END,
   (SELECT system_identifier::text FROM pg_control_system()),
   CASE WHEN pg_is_in_recovery() THEN NULL ELSE (pg_current_wal_lsn() - '0/0')::text END,
@@ -74,12 +74,6 @@ pub async fn check(
             }
         }
     }
-}
-
-/// One check on a fresh connection, closed afterwards.
-pub async fn check_once(health: &HealthConfig, backend: &BackendConfig, tls: &MakeRustlsConnect) -> Observation {
-    let mut conn = None;
-    check(&mut conn, health, backend, tls).await
 }
 
 async fn connect(

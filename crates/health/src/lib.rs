@@ -11,7 +11,6 @@ mod metrics;
 mod tls;
 mod topology;
 
-pub use check::{check_once, CHECK_QUERY};
 pub use checker::spawn_checker;
 pub use metrics::{describe_metrics, export_table};
 pub use tls::{make_tls, TlsError};

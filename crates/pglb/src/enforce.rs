@@ -16,7 +16,7 @@ pub async fn run(admin: Arc<AdminState>, topology: TopologyHandle, stop: Cancell
         for ctx in contexts.iter() {
             ctx.enforce(&table);
         }
-        prune(&admin, &table);
+        prune(&admin);
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = generation.changed() => if changed.is_err() { return },
@@ -25,8 +25,7 @@ pub async fn run(admin: Arc<AdminState>, topology: TopologyHandle, stop: Cancell
 }
 
 /// Forgets replaced contexts whose sessions have all ended.
-fn prune(admin: &AdminState, table: &pglb_routing::RoutingTable) {
-    let _ = table;
+fn prune(admin: &AdminState) {
     admin.listeners.rcu(|all| {
         let mut keep: Vec<Arc<pglb_proxy::ListenerContext>> = Vec::new();
         for (i, ctx) in all.iter().enumerate() {

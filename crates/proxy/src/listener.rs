@@ -186,6 +186,7 @@ pub async fn serve(
                     crate::session::log_refusal(
                         &current,
                         peer,
+                        std::time::Instant::now(),
                         "not_allowed",
                         "client address is not in the listener's allow list",
                     );

@@ -66,24 +66,7 @@ impl Registry {
     /// `listener` of `table`, per the listener's `on_ineligible`/`on_lag`.
     /// Returns how many were closed.
     pub fn enforce(&self, table: &RoutingTable, listener: usize) -> usize {
-        let Some(route) = table.listeners.get(listener) else { return 0 };
-        let mut closed = 0;
-        for session in self.list() {
-            let backend = table.backend_index(&session.backend).unwrap_or(usize::MAX);
-            let reason = match table.verdict(listener, backend, session.via_fallback) {
-                Verdict::Keep => continue,
-                Verdict::Ineligible(_) if route.config.on_ineligible == OnIneligible::Keep => continue,
-                Verdict::Lagging if route.config.on_lag == OnLag::Keep => continue,
-                Verdict::Ineligible(why) => why,
-                Verdict::Lagging => "lagging",
-            };
-            if !session.stop.is_cancelled() {
-                tracing::warn!(backend = %session.backend, client = %session.client, reason, "closing session: its backend may no longer serve this listener");
-                session.close(reason);
-                closed += 1;
-            }
-        }
-        closed
+        self.list().iter().filter(|s| judge(table, listener, s)).count()
     }
 
     /// The listener was removed by a reload: its sessions end unless its
@@ -110,4 +93,24 @@ impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SessionHandle>>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Closes `session` if its backend may no longer serve `listener` of
+/// `table`; true if this call closed it.
+pub fn judge(table: &RoutingTable, listener: usize, session: &SessionHandle) -> bool {
+    let Some(route) = table.listeners.get(listener) else { return false };
+    let backend = table.backend_index(&session.backend).unwrap_or(usize::MAX);
+    let reason = match table.verdict(listener, backend, session.via_fallback) {
+        Verdict::Keep => return false,
+        Verdict::Ineligible(_) if route.config.on_ineligible == OnIneligible::Keep => return false,
+        Verdict::Lagging if route.config.on_lag == OnLag::Keep => return false,
+        Verdict::Ineligible(why) => why,
+        Verdict::Lagging => "lagging",
+    };
+    if session.stop.is_cancelled() {
+        return false;
+    }
+    tracing::warn!(backend = %session.backend, client = %session.client, reason, "closing session: its backend may no longer serve this listener");
+    session.close(reason);
+    true
 }

@@ -70,18 +70,19 @@ enum Refusal {
 
 /// Serves one client until its session ends.
 pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketAddr) {
+    let accepted = Instant::now();
     tune(&client);
     let Some(config) = ctx.config() else { return };
     let first = match tokio::time::timeout(config.startup_timeout, read_first(&mut client)).await {
         Ok(Ok(first)) => first,
         Ok(Err(err)) => {
             ctx.metrics.reject(err.kind());
-            log_refusal(&ctx, peer, err.kind(), &err.to_string());
+            log_refusal(&ctx, peer, accepted, err.kind(), &err.to_string());
             return;
         }
         Err(_) => {
             ctx.metrics.reject("startup_timeout");
-            log_refusal(&ctx, peer, "startup_timeout", "no startup message in time");
+            log_refusal(&ctx, peer, accepted, "startup_timeout", "no startup message in time");
             return;
         }
     };
@@ -92,7 +93,7 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
     }
     if ctx.shared.draining.is_cancelled() {
         ctx.metrics.reject("shutdown");
-        log_refusal(&ctx, peer, "shutdown", "pglb is shutting down");
+        log_refusal(&ctx, peer, accepted, "shutdown", "pglb is shutting down");
         refuse(&mut client, first, ADMIN_SHUTDOWN, "pglb: shutting down", config.startup_timeout).await;
         return;
     }
@@ -101,12 +102,12 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
         Ok(found) => found,
         Err(Refusal::Gone) => {
             ctx.metrics.reject("client_gave_up");
-            log_refusal(&ctx, peer, "client_gave_up", "the client hung up while waiting");
+            log_refusal(&ctx, peer, accepted, "client_gave_up", "the client hung up while waiting");
             return;
         }
         Err(Refusal::Refuse { reason, sqlstate, message }) => {
             ctx.metrics.reject(reason);
-            log_refusal(&ctx, peer, reason, &message);
+            log_refusal(&ctx, peer, accepted, reason, &message);
             refuse(&mut client, first, sqlstate, &message, config.startup_timeout).await;
             return;
         }
@@ -200,14 +201,14 @@ async fn find_backend<'a>(
 }
 
 /// The connection log line of a client that never reached a backend.
-pub(crate) fn log_refusal(ctx: &ListenerContext, peer: SocketAddr, end: &str, detail: &str) {
+pub(crate) fn log_refusal(ctx: &ListenerContext, peer: SocketAddr, since: Instant, end: &str, detail: &str) {
     tracing::info!(
         target: "pglb::connection",
         client = %peer,
         listener = %ctx.name,
         backend = "",
         backend_local_port = 0,
-        duration_s = 0.0,
+        duration_s = since.elapsed().as_secs_f64(),
         bytes_client_to_backend = 0,
         bytes_backend_to_client = 0,
         end,
@@ -337,8 +338,12 @@ async fn relay(
     });
     let _open = OpenSession::new(ctx, &candidate.name, handle.clone());
     // Race: routing may have changed between the pick and registration;
-    // judge this session against the table of now, as the enforcer would.
-    ctx.enforce(&ctx.shared.table.load());
+    // judge this session (only it) against the table of now.
+    let table = ctx.shared.table.load();
+    if let Some(listener) = ctx.route_in(&table) {
+        crate::registry::judge(&table, listener, &handle);
+    }
+    drop(table);
     if let Err(err) = backend.write_all(&first.bytes).await {
         tracing::warn!(backend = %candidate.name, error = %err, "backend closed before startup");
         return;
