@@ -3,6 +3,7 @@
 //! Every wait polls a condition with a deadline; nothing sleeps blindly.
 
 pub mod cluster;
+pub mod fault;
 pub mod http;
 pub mod pg;
 pub mod pglb;

@@ -45,6 +45,8 @@ pub struct Yaml {
     pub health: String,
     pub listeners: Vec<(String, u16, String)>,
     pub backends: Vec<(String, String)>,
+    /// Files written beside the config (name, contents), e.g. a password file.
+    pub files: Vec<(String, String)>,
 }
 
 impl Yaml {
@@ -63,7 +65,14 @@ impl Yaml {
                 .enumerate()
                 .map(|(i, n)| (format!("pg{i}"), format!("address: {}", n.address())))
                 .collect(),
+            files: Vec::new(),
         }
+    }
+
+    /// Adds a file beside the config (relative paths in the config start there).
+    pub fn file(mut self, name: &str, contents: &str) -> Self {
+        self.files.push((name.into(), contents.into()));
+        self
     }
 
     /// Adds a listener on a free port; `extra` is more YAML for it
@@ -134,6 +143,9 @@ impl Pglb {
         fs::create_dir_all(&dir).expect("temp dir");
         let config = dir.join("lb.yaml");
         fs::write(&config, yaml.render()).expect("write config");
+        for (name, contents) in &yaml.files {
+            fs::write(dir.join(name), contents).expect("write a file beside the config");
+        }
         let log = dir.join("pglb.log");
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
@@ -190,6 +202,37 @@ impl Pglb {
 
     pub fn metrics(&self) -> String {
         http::get(self.admin, "/metrics").expect("GET /metrics").1
+    }
+
+    /// The sum of metric `name` over the series whose labels include every
+    /// `labels` pair (0 if none).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.metrics();
+        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .filter(|l| wanted.iter().all(|w| l.contains(w.as_str())))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Backend `name` as `/status` shows it.
+    pub fn backend(&self, name: &str) -> serde_json::Value {
+        let status = self.status();
+        let backends = status["backends"].as_array().cloned().unwrap_or_default();
+        backends.into_iter().find(|b| b["name"] == name).unwrap_or_default()
+    }
+
+    /// Waits until backend `name` is in `state` (healthy, degraded, unverified, down).
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) {
+        wait_until(&format!("backend {name} to be {state}"), timeout, || {
+            let b = self.backend(name);
+            if b["state"] == state {
+                Ok(())
+            } else {
+                Err(format!("{b}"))
+            }
+        });
     }
 
     /// Names of the backends listener `name` may use now.

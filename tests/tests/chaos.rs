@@ -3,9 +3,15 @@
 //! few times over, with synchronous replication, while writers use rw and
 //! readers use ro — each on a new connection every few milliseconds.
 //!
+//! Each round also pauses WAL replay on a replica for 4 s, so ro has a
+//! really lagging replica to keep clients away from.
+//!
 //! Asserts: every write that succeeded ran on the node that was primary
-//! then; no acknowledged write is missing from the final primary; no read
-//! went to a replica that pglb's last status showed over the lag limit.
+//! then; no acknowledged write is missing from the final primary; every read
+//! on a replica saw every write acknowledged more than `STALE_BOUND` before
+//! it started (`max_lag_seconds` 1 s + one check interval + one timeout +
+//! 1 s of slack) — without the lag gate, reads on the paused replica are up
+//! to 4 s stale and this fails.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +21,10 @@ use pglb_cluster::{Cluster, Spec};
 use pglb_tests::{Pglb, Yaml};
 
 const ROUNDS: usize = 8;
+/// How stale a replica read may be: max_lag_seconds + interval + timeout + slack.
+const STALE_BOUND: Duration = Duration::from_millis(3000);
+/// How long replay is paused on a replica each round (longer than the bound).
+const PAUSE: Duration = Duration::from_secs(4);
 
 /// Which node was primary from when (`since`), as the harness made it.
 #[derive(Clone, Copy)]
@@ -26,13 +36,16 @@ struct Epoch {
 struct Write {
     id: i64,
     started: Instant,
+    acked: Instant,
     port: u16,
 }
 
 struct Read {
-    at: Instant,
+    started: Instant,
     port: u16,
     in_recovery: bool,
+    /// The highest id the read saw.
+    seen: i64,
 }
 
 async fn connect(port: u16) -> Option<tokio_postgres::Client> {
@@ -58,7 +71,7 @@ async fn writer(port: u16, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<Write>>>)
             Some(row.get::<_, i32>(0) as u16)
         };
         if let Ok(Some(port)) = tokio::time::timeout(Duration::from_secs(15), write).await {
-            acked.lock().expect("acked").push(Write { id, started, port });
+            acked.lock().expect("acked").push(Write { id, started, acked: Instant::now(), port });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -67,36 +80,18 @@ async fn writer(port: u16, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<Write>>>)
 
 async fn reader(port: u16, stop: Arc<AtomicBool>, reads: Arc<Mutex<Vec<Read>>>) {
     while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
         let read = async {
             let client = connect(port).await?;
-            let row = client.query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[]).await.ok()?;
-            Some((row.get::<_, i32>(0) as u16, row.get::<_, bool>(1)))
+            let sql = "SELECT inet_server_port(), pg_is_in_recovery(), coalesce(max(id), 0) FROM chaos";
+            let row = client.query_one(sql, &[]).await.ok()?;
+            Some((row.get::<_, i32>(0) as u16, row.get::<_, bool>(1), row.get::<_, i64>(2)))
         };
-        if let Ok(Some((port, in_recovery))) = tokio::time::timeout(Duration::from_secs(15), read).await {
-            reads.lock().expect("reads").push(Read { at: Instant::now(), port, in_recovery });
+        if let Ok(Some((port, in_recovery, seen))) = tokio::time::timeout(Duration::from_secs(15), read).await {
+            reads.lock().expect("reads").push(Read { started, port, in_recovery, seen });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// Polls /status: (time, ports of replicas pglb counts as lagging on `ro`).
-fn monitor(pglb_admin: std::net::SocketAddr, ports: Vec<u16>, stop: Arc<AtomicBool>) -> Vec<(Instant, Vec<u16>)> {
-    let mut seen = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        if let Ok((200, body)) = pglb_tests::http::get(pglb_admin, "/status") {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
-                let lagging = v["listeners"][1]["lagging"].as_array().cloned().unwrap_or_default();
-                let lagging: Vec<u16> = lagging
-                    .iter()
-                    .filter_map(|b| b.as_str()?.strip_prefix("pg")?.parse::<usize>().ok())
-                    .filter_map(|i| ports.get(i).copied())
-                    .collect();
-                seen.push((Instant::now(), lagging));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    seen
 }
 
 #[test]
@@ -112,7 +107,7 @@ fn failover_loop_loses_no_acknowledged_write_and_never_writes_to_a_non_primary()
     cluster.primary().sql("CREATE TABLE chaos (id bigint PRIMARY KEY)").expect("table");
     let yaml = Yaml::for_cluster(&cluster)
         .listener("rw", "role: primary\n    hold_timeout: 10s")
-        .listener("ro", "role: replica\n    fallback: primary\n    max_lag_bytes: 16MB\n    hold_timeout: 10s");
+        .listener("ro", "role: replica\n    fallback: primary\n    max_lag_seconds: 1s\n    hold_timeout: 10s");
     let pglb = Pglb::start(&yaml);
     pglb.wait_eligible("rw", &["pg0"], Duration::from_secs(15));
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
@@ -123,15 +118,17 @@ fn failover_loop_loses_no_acknowledged_write_and_never_writes_to_a_non_primary()
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     let the_writer = runtime.spawn(writer(pglb.port("rw"), stop.clone(), acked.clone()));
     let the_reader = runtime.spawn(reader(pglb.port("ro"), stop.clone(), reads.clone()));
-    let watcher = {
-        let (admin, ports, stop) = (pglb.admin, ports.clone(), stop.clone());
-        std::thread::spawn(move || monitor(admin, ports, stop))
-    };
 
     let mut epochs = vec![Epoch { since: Instant::now() - Duration::from_secs(60), port: ports[0] }];
     let mut primary = 0usize;
     for round in 0..ROUNDS {
-        std::thread::sleep(Duration::from_secs(5));
+        std::thread::sleep(Duration::from_secs(1));
+        // A replica stops replaying: ro must keep readers off it.
+        let paused = &cluster.nodes[(primary + 1 + round % 2) % cluster.nodes.len()];
+        paused.sql("SELECT pg_wal_replay_pause()").expect("pause replay");
+        std::thread::sleep(PAUSE);
+        paused.sql("SELECT pg_wal_replay_resume()").expect("resume replay");
+        std::thread::sleep(Duration::from_secs(1));
         cluster.nodes[primary].signal("KILL").expect("kill the primary");
         let replicas: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| i != primary).collect();
         // The standby that received the most WAL has every acknowledged commit.
@@ -154,7 +151,6 @@ fn failover_loop_loses_no_acknowledged_write_and_never_writes_to_a_non_primary()
     stop.store(true, Ordering::Relaxed);
     let attempts = runtime.block_on(the_writer).expect("writer");
     runtime.block_on(the_reader).expect("reader");
-    let lag_view = watcher.join().expect("monitor");
 
     let acked = acked.lock().expect("acked");
     assert!(acked.len() > 100, "only {} of {attempts} writes succeeded", acked.len());
@@ -170,15 +166,23 @@ fn failover_loop_loses_no_acknowledged_write_and_never_writes_to_a_non_primary()
     let present: std::collections::HashSet<i64> = present.split(',').filter_map(|s| s.parse().ok()).collect();
     let missing: Vec<i64> = acked.iter().map(|w| w.id).filter(|id| !present.contains(id)).collect();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
-    // No read went to a replica pglb's latest status showed as lagging.
+    // Every read on a replica saw every write acknowledged STALE_BOUND
+    // before it started.
     let reads = reads.lock().expect("reads");
     assert!(reads.len() > 100, "only {} reads succeeded", reads.len());
+    let mut replica_reads = 0;
     for r in reads.iter().filter(|r| r.in_recovery) {
-        let last = lag_view.iter().rev().find(|(t, _)| *t <= r.at);
-        if let Some((_, lagging)) = last {
-            assert!(!lagging.contains(&r.port), "a read went to lagging replica {}", r.port);
-        }
+        replica_reads += 1;
+        let Some(cutoff) = r.started.checked_sub(STALE_BOUND) else { continue };
+        let due = acked.iter().filter(|w| w.acked <= cutoff).map(|w| w.id).max().unwrap_or(0);
+        assert!(
+            r.seen >= due,
+            "a read on replica port {} saw id {} but id {due} was acknowledged more than {STALE_BOUND:?} before",
+            r.port,
+            r.seen
+        );
     }
+    assert!(replica_reads > 50, "only {replica_reads} reads reached a replica");
     eprintln!(
         "chaos: {} of {attempts} writes acknowledged, all present; {} reads; {} failovers",
         acked.len(),

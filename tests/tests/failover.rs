@@ -1,6 +1,9 @@
-//! Stop the primary, promote a replica: rw follows. Own cluster.
+//! Stop the primary, promote a replica: rw follows. The other replica, left
+//! following the dead old primary (not re-pointed), leaves ro within the
+//! default `max_lag_seconds` (30 s since it last streamed) plus one check.
+//! Own cluster.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pglb_cluster::{Cluster, Spec};
 use pglb_tests::psql::where_am_i;
@@ -18,6 +21,7 @@ fn rw_moves_to_the_promoted_replica() {
     assert_eq!(where_am_i(pglb.port("rw")), Ok((cluster.nodes[0].port, false)));
 
     cluster.nodes[0].stop("fast");
+    let stopped = Instant::now();
     pglb.wait_eligible("rw", &[], Duration::from_secs(15));
     // No primary: rw refuses with pglb's message, ro keeps serving from replicas.
     let err = pglb_tests::psql::psql(pglb.port("rw"), "SELECT 1", &[]).expect_err("no primary");
@@ -31,10 +35,21 @@ fn rw_moves_to_the_promoted_replica() {
         Ok((p, false)) if p == new_primary.port => Ok(()),
         other => Err(format!("{other:?}")),
     });
-    // The other replica still follows the old timeline here: ro falls back
-    // only if it has no replica, and pg2 is still a healthy replica.
-    pglb.wait_eligible("ro", &["pg2"], Duration::from_secs(15));
     let status = pglb.status();
     assert_eq!(status["backends"][0]["healthy"], false, "{status}");
     assert_eq!(status["backends"][1]["role"], "primary", "{status}");
+    // pg2 still follows the dead old primary (nobody re-pointed it): it
+    // stopped receiving WAL when pg0 stopped. It serves ro for now, and
+    // leaves within the documented bound; ro then falls back to the primary.
+    assert_eq!(pglb.eligible("ro"), ["pg2"]);
+    pglb.wait_eligible("ro", &["pg1"], Duration::from_secs(40));
+    let left = stopped.elapsed();
+    eprintln!("stale replica left ro {:.1}s after the old primary stopped", left.as_secs_f64());
+    // max_lag_seconds (default 30 s) + one interval + one timeout.
+    assert!(left <= Duration::from_millis(31_500), "the stale replica served reads for {left:?}");
+    assert!(left >= Duration::from_secs(29), "left after {left:?}: before its lag could reach 30 s?");
+    let status = pglb.status();
+    assert_eq!(status["listeners"][1]["lagging"], serde_json::json!(["pg2"]), "{status}");
+    assert_eq!(status["listeners"][1]["via_fallback"], true, "{status}");
+    assert!(pglb.log().contains("replica lags over the limit"), "{}", pglb.log());
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::UNIX_EPOCH;
 
 use pglb_proxy::ListenerContext;
-use pglb_routing::RoutingTable;
+use pglb_routing::{Health, RoutingTable};
 use serde_json::{json, Value};
 
 use crate::server::LiveConfig;
@@ -20,7 +20,9 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[std::sy
                 "name": b.config.name,
                 "address": b.config.address(),
                 "weight": b.config.weight,
-                "healthy": b.state.healthy,
+                "state": b.state.health().as_str(),
+                "up": b.state.up,
+                "healthy": b.state.health() == Health::Healthy,
                 "checked": b.state.checked,
                 "role": b.role.as_str(),
                 "observed_role": b.state.role.as_str(),
@@ -34,7 +36,8 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[std::sy
                 "lag_seconds": b.lag.seconds,
                 "active_connections": b.load.active(),
                 "max_connections": b.config.max_connections,
-                "last_error": b.state.last_error,
+                "last_error": b.state.last_error.as_ref().map(|e| &e.reason),
+                "last_error_class": b.state.last_error.as_ref().map(|e| e.class.as_str()),
             })
         })
         .collect();
@@ -52,6 +55,7 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[std::sy
                 "fallback": l.config.fallback.map(|r| r.as_str()),
                 "balance": l.config.balance.as_str(),
                 "via_fallback": l.via_fallback,
+                "degraded": l.degraded,
                 "backends": names(&l.eligible),
                 "lagging": names(&l.lagging),
                 "clients_held": ctx.map(|c| c.held()),

@@ -71,6 +71,23 @@ impl Node {
         text.lines().next()?.trim().parse().ok()
     }
 
+    /// The postmaster and every process it started (backends, WAL senders,
+    /// the checkpointer...): all of them, to freeze the whole server.
+    pub fn processes(&self) -> Vec<u32> {
+        let Some(postmaster) = self.pid() else { return Vec::new() };
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     /// Sends `signal` (e.g. "KILL", "STOP", "CONT") to the postmaster.
     pub fn signal(&self, signal: &str) -> Result<(), ClusterError> {
         let pid = self.pid().ok_or_else(|| ClusterError::Command {

@@ -25,5 +25,5 @@ pub use model::{
     AdminConfig, BackendConfig, Balance, Config, Forwarder, HealthConfig, ListenerConfig, LogFormat, MultiPrimary,
     OnIneligible, OnLag, Role, SslMode,
 };
-pub use secret::Secret;
+pub use secret::{Secret, SecretError, SecretSource};
 pub use size::parse_bytes;

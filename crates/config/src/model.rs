@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{Cidr, Secret};
+use crate::{Cidr, Secret, SecretSource};
 
 /// A whole, valid `lb.yaml`.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,9 +72,12 @@ pub struct HealthConfig {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// How long a backend may stay silent (checks time out) before it is
+    /// taken out and its sessions close; until then it is only degraded.
+    pub down_after: Duration,
     pub user: String,
-    /// `None` means trust authentication.
-    pub password: Option<Secret>,
+    /// `None` means trust authentication. Read again before each login.
+    pub password: Option<SecretSource>,
     pub database: String,
     pub sslmode: SslMode,
     pub sslrootcert: Option<PathBuf>,
@@ -145,6 +148,7 @@ pub struct ListenerConfig {
     /// Most clients held at once; more are refused at once.
     pub hold_max: usize,
     pub max_lag_bytes: Option<u64>,
+    /// Also bounds how long a replica may stop following the primary.
     pub max_lag_seconds: Option<Duration>,
     /// Most clients forwarded at once through this listener.
     pub max_clients: Option<usize>,

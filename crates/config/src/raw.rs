@@ -85,6 +85,7 @@ pub struct RawHealth {
     pub timeout: Option<Text>,
     pub rise: Option<u32>,
     pub fall: Option<u32>,
+    pub down_after: Option<Text>,
     pub user: Option<Text>,
     pub password: Option<Text>,
     pub password_env: Option<Text>,

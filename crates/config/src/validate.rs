@@ -9,7 +9,10 @@ use crate::error::Problem;
 use crate::model::*;
 use crate::positions::Positions;
 use crate::raw::*;
-use crate::{parse_bytes, parse_duration, Cidr, Secret};
+use crate::{parse_bytes, parse_duration, Cidr, Secret, SecretSource};
+
+/// `max_lag_seconds` when a listener sets none.
+pub const DEFAULT_MAX_LAG_SECONDS: Duration = Duration::from_secs(30);
 
 pub struct Validator<'a> {
     positions: &'a Positions,
@@ -74,7 +77,7 @@ impl<'a> Validator<'a> {
             Some(t) => self.socket_addr("admin.listen", &t.0),
             None => None,
         };
-        let token = self.secret("admin.token", None, token_env, token_file);
+        let token = self.secret("admin.token", None, token_env, token_file).and_then(|s| s.read().ok());
         if token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
             self.problem(
                 "admin.token_env",
@@ -123,6 +126,18 @@ impl<'a> Validator<'a> {
         }
         let rise = self.count("health.rise", raw.rise, 2);
         let fall = self.count("health.fall", raw.fall, 2);
+        let down_after = self.duration("health.down_after", raw.down_after, Duration::from_secs(30));
+        if down_after < interval * fall {
+            self.problem(
+                "health.down_after",
+                format!(
+                    "down_after ({}) is shorter than fall × interval ({})",
+                    crate::format_duration(down_after),
+                    crate::format_duration(interval * fall)
+                ),
+                "a silent backend is first degraded after `fall` checks, then down after down_after: make it at least fall × interval (default 30s)",
+            );
+        }
         let password = self.secret("health.password", raw.password, raw.password_env, raw.password_file);
         let sslmode = match raw.sslmode.map(|t| t.0).as_deref() {
             None | Some("prefer") => SslMode::Prefer,
@@ -153,6 +168,7 @@ impl<'a> Validator<'a> {
             timeout,
             rise,
             fall,
+            down_after,
             user: self.nonempty("health.user", raw.user, "pglb_check"),
             password,
             database: self.nonempty("health.database", raw.database, "postgres"),
@@ -161,8 +177,15 @@ impl<'a> Validator<'a> {
         }
     }
 
-    /// Resolves a secret given inline, as `<prefix>_env` or as `<prefix>_file`.
-    fn secret(&mut self, prefix: &str, inline: Option<Text>, env: Option<Text>, file: Option<Text>) -> Option<Secret> {
+    /// The source of a secret given inline, as `<prefix>_env` or as
+    /// `<prefix>_file`; it must resolve now (it is read again when used).
+    fn secret(
+        &mut self,
+        prefix: &str,
+        inline: Option<Text>,
+        env: Option<Text>,
+        file: Option<Text>,
+    ) -> Option<SecretSource> {
         let given = [inline.is_some(), env.is_some(), file.is_some()];
         let what = prefix.rsplit('.').next().unwrap_or(prefix);
         if given.iter().filter(|g| **g).count() > 1 {
@@ -174,34 +197,30 @@ impl<'a> Validator<'a> {
             );
             return None;
         }
-        if let Some(var) = env {
-            return match std::env::var(&var.0) {
-                Ok(value) => Some(Secret::new(value)),
-                Err(_) => {
-                    self.problem(
-                        &format!("{prefix}_env"),
-                        format!("environment variable `{}` is not set", var.0),
-                        format!("export {}=... before starting pglb, or use password_file", var.0),
-                    );
-                    None
-                }
-            };
-        }
-        if let Some(path) = file {
-            let path = self.base.join(path.0);
-            return match std::fs::read_to_string(&path) {
-                Ok(text) => Some(Secret::new(text.trim_end_matches(['\r', '\n']))),
-                Err(err) => {
-                    self.problem(
-                        &format!("{prefix}_file"),
-                        format!("cannot read {what} file {}: {err}", path.display()),
-                        "make the file readable by the user pglb runs as (relative paths start at the config file's folder)",
-                    );
-                    None
-                }
-            };
-        }
-        inline.map(|t| Secret::new(t.0))
+        let (item, source, help) = match (inline, env, file) {
+            (_, Some(var), _) => (
+                format!("{prefix}_env"),
+                SecretSource::Env(var.0.clone()),
+                format!("export {}=... before starting pglb, or use {what}_file", var.0),
+            ),
+            (_, _, Some(path)) => (
+                format!("{prefix}_file"),
+                SecretSource::File(self.base.join(path.0)),
+                "make the file readable by the user pglb runs as (relative paths start at the config file's folder)"
+                    .to_owned(),
+            ),
+            (Some(text), _, _) => return Some(SecretSource::Inline(Secret::new(text.0))),
+            (None, None, None) => return None,
+        };
+        let message = match source.read() {
+            Ok(_) => return Some(source),
+            Err(crate::secret::SecretError::EnvUnset(var)) => format!("environment variable `{var}` is not set"),
+            Err(crate::secret::SecretError::File { path, source }) => {
+                format!("cannot read {what} file {}: {source}", path.display())
+            }
+        };
+        self.problem(&item, message, help);
+        None
     }
 
     fn listeners(&mut self, raw: Vec<RawListener>, defaults: &RawDefaults) -> Vec<ListenerConfig> {
@@ -261,9 +280,16 @@ impl<'a> Validator<'a> {
         let (item, v) = inherit("hold_max", l.hold_max, &d.hold_max);
         let hold_max = self.limit(&item, v).unwrap_or(1000);
         let (item, v) = inherit("max_lag_bytes", l.max_lag_bytes, &d.max_lag_bytes);
-        let max_lag_bytes = v.and_then(|t| self.bytes(&item, &t.0));
+        let max_lag_bytes = v.filter(|t| t.0 != "off").and_then(|t| self.bytes(&item, &t.0));
         let (item, v) = inherit("max_lag_seconds", l.max_lag_seconds, &d.max_lag_seconds);
-        let max_lag_seconds = v.map(|t| self.duration(&item, Some(t), Duration::from_secs(1)));
+        let max_lag_seconds = match v {
+            Some(t) if t.0 == "off" => None,
+            // The default keeps a replica that stopped following the
+            // primary (a failover it was not re-pointed for) from serving
+            // stale reads for more than 30 s.
+            None => Some(DEFAULT_MAX_LAG_SECONDS),
+            other => Some(self.duration(&item, other, DEFAULT_MAX_LAG_SECONDS)),
+        };
         let (item, v) = inherit("max_clients", l.max_clients, &d.max_clients);
         let max_clients = self.limit(&item, v);
         let (item, v) = inherit("queue_timeout", l.queue_timeout, &d.queue_timeout);

@@ -1,28 +1,39 @@
-//! One health check over a persistent connection: (re)connect, log in, and
-//! ask role, timeline, system identifier and WAL positions in one query, all
-//! within `health.timeout`.
+//! One check attempt over a persistent connection: (re)connect and log in if
+//! needed, then ask role, timeline, system identifier, WAL positions and the
+//! WAL receiver's state in one query. The attempt owns the connection while
+//! it runs and hands it back; it has no deadline of its own (the checker
+//! reports silence at the timeout and keeps waiting for a late answer).
+
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use pglb_config::{BackendConfig, HealthConfig, SslMode};
-use pglb_routing::{Facts, Observation, ObservedRole, Wal};
+use pglb_routing::{Facts, FailureClass, FailureKind, Observation, ObservedRole, Receiver, Wal};
 use tokio::task::JoinHandle;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::classify::{classify, Classified};
+
 /// Role, timeline (from a primary's current WAL file name — not
 /// `pg_control_checkpoint()`, whose timeline stays old until the slow
-/// post-promotion checkpoint), system identifier and WAL positions, as text.
+/// post-promotion checkpoint), system identifier, WAL positions and, on a
+/// replica, whether its WAL receiver streams and on which timeline, as text.
+/// `hidden` stands for a receiver the check user may not see.
 const CHECK_QUERY: &str = "SELECT pg_is_in_recovery()::text,
   CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END,
   (SELECT system_identifier::text FROM pg_control_system()),
   CASE WHEN pg_is_in_recovery() THEN NULL ELSE (pg_current_wal_lsn() - '0/0')::text END,
   CASE WHEN pg_is_in_recovery() THEN NULL ELSE (pg_current_wal_flush_lsn() - '0/0')::text END,
   CASE WHEN pg_is_in_recovery() THEN (pg_last_wal_replay_lsn() - '0/0')::text END,
-  CASE WHEN pg_is_in_recovery() THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::text END";
+  CASE WHEN pg_is_in_recovery() THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::text END,
+  CASE WHEN pg_is_in_recovery() THEN
+    coalesce((SELECT coalesce(status, 'hidden') || ':' || coalesce(received_tli::text, '')
+              FROM pg_stat_wal_receiver), 'none') END";
 
 /// A logged-in check connection, kept between checks.
 pub struct CheckConn {
-    pub client: Client,
+    pub client: Arc<Client>,
     /// Ends when the server closes the connection.
     pub driver: JoinHandle<()>,
 }
@@ -33,44 +44,62 @@ impl Drop for CheckConn {
     }
 }
 
-/// Runs one check, reusing `conn` or logging in anew; a connection that
-/// fails mid-check is replaced once. Never outlives `health.timeout`.
-pub async fn check(
-    conn: &mut Option<CheckConn>,
-    health: &HealthConfig,
-    backend: &BackendConfig,
-    tls: &MakeRustlsConnect,
-) -> Observation {
-    let attempt = async {
-        for _ in 0..2 {
-            if conn.is_none() {
-                match connect(health, backend, tls).await {
-                    Ok(c) => *conn = Some(c),
-                    Err(obs) => return obs,
+/// How one attempt ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The server answered (or refused, or reset): an observation.
+    Answer(Observation),
+    /// Connecting timed out: silence.
+    NoAnswer(String),
+}
+
+/// Runs one check on `conn` (logging in first if there is none) and returns
+/// the connection to keep. `dropped`: the kept connection was just found
+/// closed — if reconnecting fails with evidence, the backend is lost.
+pub async fn attempt(
+    mut conn: Option<CheckConn>,
+    mut dropped: bool,
+    health: HealthConfig,
+    backend: BackendConfig,
+    tls: MakeRustlsConnect,
+) -> (Option<CheckConn>, Outcome) {
+    for _ in 0..2 {
+        let client = match &conn {
+            Some(c) => c.client.clone(),
+            None => match connect(&health, &backend, &tls).await {
+                Ok(c) => {
+                    let client = c.client.clone();
+                    conn = Some(c);
+                    client
                 }
+                Err(failure) => return (None, failure.outcome(dropped)),
+            },
+        };
+        match client.query_one(CHECK_QUERY, &[]).await {
+            Ok(row) => return (conn, Outcome::Answer(observe(&row))),
+            // The connection broke under us: one fresh login, then judge.
+            Err(_) if client.is_closed() => {
+                conn = None;
+                dropped = true;
             }
-            let Some(c) = conn.as_ref() else { continue };
-            match c.client.query_one(CHECK_QUERY, &[]).await {
-                Ok(row) => return observe(&row),
-                // The connection broke under us: one fresh login, then judge.
-                Err(_) if c.client.is_closed() => *conn = None,
-                Err(err) => {
-                    *conn = None;
-                    return classify(&err, health);
-                }
-            }
+            Err(err) => return (conn, classify(&err, &health).outcome(false)),
         }
-        Observation::Down { reason: "check connection closed twice in a row".into() }
-    };
-    match tokio::time::timeout(health.timeout, attempt).await {
-        Ok(obs) => obs,
-        Err(_) => {
-            *conn = None;
-            Observation::Down {
-                reason: format!(
-                    "check timed out after {} (connect + login + query)",
-                    pglb_config::format_duration(health.timeout)
-                ),
+    }
+    let reason = "check connection closed twice in a row".to_owned();
+    (None, Outcome::Answer(Observation::Failed { class: FailureClass::Reset, reason, lost: true }))
+}
+
+impl Classified {
+    /// The outcome; evidence right after a dropped connection means lost.
+    fn outcome(self, dropped: bool) -> Outcome {
+        match self {
+            Classified::Full => Outcome::Answer(Observation::Full),
+            Classified::Failure(FailureClass::Timeout, reason) => Outcome::NoAnswer(reason),
+            Classified::Failure(class, reason) => {
+                let lost = dropped && class.kind() == FailureKind::Evidence;
+                let reason =
+                    if lost { format!("check connection dropped and reconnecting failed: {reason}") } else { reason };
+                Outcome::Answer(Observation::Failed { class, reason, lost })
             }
         }
     }
@@ -80,28 +109,51 @@ async fn connect(
     health: &HealthConfig,
     backend: &BackendConfig,
     tls: &MakeRustlsConnect,
-) -> Result<CheckConn, Observation> {
+) -> Result<CheckConn, Classified> {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&backend.host)
+        .hostaddr(resolve(backend).await?)
         .port(backend.port)
         .user(&health.user)
         .dbname(&health.database)
         .application_name("pglb-health")
-        .connect_timeout(health.timeout)
+        // A connect that does not complete within one interval is retried
+        // at the next one; a vanished host fails within down_after.
+        .connect_timeout(health.interval)
+        .tcp_user_timeout(health.down_after)
         .keepalives(true)
         .ssl_mode(match health.sslmode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             SslMode::Require => tokio_postgres::config::SslMode::Require,
         });
-    if let Some(password) = &health.password {
+    if let Some(source) = &health.password {
+        // Read anew before each login: a rotated password needs no reload.
+        let password = source.read().map_err(|e| Classified::Failure(FailureClass::Secret, e.to_string()))?;
         pg.password(password.expose());
     }
     let (client, connection) = pg.connect(tls.clone()).await.map_err(|e| classify(&e, health))?;
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok(CheckConn { client, driver })
+    Ok(CheckConn { client: Arc::new(client), driver })
+}
+
+/// The backend's address, resolved now (a name that stops resolving is a
+/// monitoring failure, not a dead node).
+async fn resolve(backend: &BackendConfig) -> Result<IpAddr, Classified> {
+    if let Ok(ip) = backend.host.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    let failed = |why: String| {
+        Classified::Failure(
+            FailureClass::Resolve,
+            format!("cannot resolve `{}`: {why} (check DNS or /etc/hosts on the pglb host)", backend.host),
+        )
+    };
+    let mut addrs =
+        tokio::net::lookup_host((backend.host.as_str(), backend.port)).await.map_err(|e| failed(e.to_string()))?;
+    addrs.next().map(|a| a.ip()).ok_or_else(|| failed("no address".into()))
 }
 
 fn observe(row: &Row) -> Observation {
@@ -111,7 +163,11 @@ fn observe(row: &Row) -> Observation {
         Some("true") => ObservedRole::Replica,
         Some("false") => ObservedRole::Primary,
         other => {
-            return Observation::Down { reason: format!("unexpected answer to pg_is_in_recovery(): {other:?}") };
+            return Observation::Failed {
+                class: FailureClass::ServerError,
+                reason: format!("unexpected answer to pg_is_in_recovery(): {other:?}"),
+                lost: false,
+            };
         }
     };
     let timeline = text(1).and_then(|walfile| u32::from_str_radix(walfile.get(..8)?, 16).ok());
@@ -121,34 +177,29 @@ fn observe(row: &Row) -> Observation {
         replay: number(5).map(|n| n as u64),
         replay_age: number(6),
     };
-    let facts = Facts { timeline, system_id: text(2).and_then(|t| t.parse().ok()), wal };
+    let receiver = text(7).map(|r| receiver(&r));
+    let facts = Facts { timeline, system_id: text(2).and_then(|t| t.parse().ok()), wal, receiver };
     Observation::Up { role, facts }
 }
 
-/// Turns a connect or query error into an observation with an actionable reason.
-fn classify(err: &tokio_postgres::Error, health: &HealthConfig) -> Observation {
-    let Some(db) = err.as_db_error() else {
-        let mut reason = err.to_string();
-        let mut source = std::error::Error::source(err);
-        while let Some(inner) = source {
-            reason = format!("{reason}: {inner}");
-            source = inner.source();
-        }
-        return Observation::Down { reason };
-    };
-    let code = db.code();
-    if *code == SqlState::TOO_MANY_CONNECTIONS {
-        return Observation::Full;
+/// `none`, `hidden:` or `<status>:<timeline>`.
+fn receiver(text: &str) -> Receiver {
+    match text.split_once(':') {
+        Some(("streaming", tli)) => Receiver::Streaming { timeline: tli.parse().ok() },
+        Some(("hidden", _)) => Receiver::Hidden,
+        _ => Receiver::NotStreaming,
     }
-    let hint = if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
-        format!(
-            " (check user `{}` and the password source in health.password_env / password_file, and pg_hba.conf)",
-            health.user
-        )
-    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
-        format!(" (grant the check user what it needs: GRANT pg_monitor TO {})", health.user)
-    } else {
-        String::new()
-    };
-    Observation::Down { reason: format!("{}: {} [SQLSTATE {}]{hint}", db.severity(), db.message(), code.code()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receiver_text() {
+        assert_eq!(receiver("streaming:3"), Receiver::Streaming { timeline: Some(3) });
+        assert_eq!(receiver("hidden:"), Receiver::Hidden);
+        assert_eq!(receiver("none"), Receiver::NotStreaming);
+        assert_eq!(receiver("waiting:1"), Receiver::NotStreaming);
+    }
 }

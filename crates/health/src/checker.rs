@@ -1,12 +1,23 @@
 //! The checker tasks: one per backend. Each keeps one logged-in connection
-//! and watches it between checks: when it drops, the backend is re-checked at
-//! once (a dropped connection alone may be `pg_terminate_backend` or
-//! `idle_session_timeout`), and only a failed reconnect marks it down — at
-//! once, not after `fall` intervals. While the topology settles after a
-//! change, checks run every `fast_interval`.
+//! and watches it between checks.
+//!
+//! - **Evidence is acted on at once:** when the kept connection drops, the
+//!   backend is re-checked at once (a dropped connection alone may be
+//!   `pg_terminate_backend` or `idle_session_timeout`); a reconnect refused
+//!   or answered "shutting down" marks it down without waiting for `fall`.
+//! - **Silence is waited out:** a check with no answer at `timeout` is
+//!   reported silent, but its query keeps running on the same connection and
+//!   a late answer still counts; while it runs no new check is stacked on
+//!   it, and each interval without an answer is one more silent report.
+//!   After `fall` of those the connection is replaced by a fresh login, at
+//!   most once a minute (the check's own server process may be the stuck
+//!   one, and a login storm on a starved server makes things worse).
+//!
+//! While the topology settles after a change, checks run every
+//! `fast_interval`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pglb_config::{BackendConfig, Config};
 use pglb_routing::Observation;
@@ -15,8 +26,11 @@ use tokio::task::JoinHandle;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
-use crate::check::{check, CheckConn};
+use crate::check::{attempt, CheckConn, Outcome};
 use crate::topology::Command;
+
+/// Least time between two fresh logins that replace a stuck connection.
+const REPLACE_EVERY: Duration = Duration::from_secs(60);
 
 /// Starts the checker of `backend` on `runtime`; it reports until `stop`
 /// fires. `fast_until` says until when checks run at `fast_interval`.
@@ -29,8 +43,31 @@ pub fn spawn_checker(
     fast_until: watch::Receiver<Instant>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
-    let checker = Checker { config, backend, tls, commands, fast_until };
+    let duration = metrics::histogram!("pglb_health_check_duration_seconds", "backend" => backend.name.clone());
+    let now = Instant::now();
+    let checker = Checker {
+        config,
+        backend,
+        tls,
+        commands,
+        fast_until,
+        duration,
+        conn: None,
+        inflight: None,
+        last_answer: now,
+        last_replaced: None,
+    };
     runtime.spawn(checker.run(stop))
+}
+
+/// A check attempt that has not ended yet.
+struct InFlight {
+    task: JoinHandle<(Option<CheckConn>, Outcome)>,
+    started: Instant,
+    /// Silence was already reported for it.
+    reported: bool,
+    /// Intervals it has spanned without an answer.
+    ticks: u32,
 }
 
 struct Checker {
@@ -39,52 +76,135 @@ struct Checker {
     tls: MakeRustlsConnect,
     commands: mpsc::Sender<Command>,
     fast_until: watch::Receiver<Instant>,
+    duration: metrics::Histogram,
+    /// The kept connection, between attempts (an attempt owns it meanwhile).
+    conn: Option<CheckConn>,
+    inflight: Option<InFlight>,
+    /// When the server last answered anything (or the checker started).
+    last_answer: Instant,
+    last_replaced: Option<Instant>,
+}
+
+/// What woke the checker.
+enum Wake {
+    Tick,
+    Timeout,
+    Done(Option<(Option<CheckConn>, Outcome)>),
+    Dropped,
+    Replan,
+    Stop,
 }
 
 impl Checker {
     async fn run(mut self, shutdown: CancellationToken) {
-        let duration =
-            metrics::histogram!("pglb_health_check_duration_seconds", "backend" => self.backend.name.clone());
-        let mut conn: Option<CheckConn> = None;
         let mut next = Instant::now();
         loop {
-            let dropped = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep_until(next.into()) => false,
-                changed = self.fast_until.changed() => {
-                    if changed.is_err() {
-                        return; // the topology is gone: shutting down
+            let wake = self.wait(next, &shutdown).await;
+            match wake {
+                Wake::Stop => break,
+                Wake::Replan => next = next.min(Instant::now() + self.config.health.fast_interval),
+                Wake::Dropped => {
+                    self.conn = None;
+                    self.start(true);
+                }
+                Wake::Tick => {
+                    next = Instant::now() + self.pace();
+                    if !self.tick().await {
+                        break;
                     }
-                    // Re-plan: a faster pace may start now.
-                    next = next.min(Instant::now() + self.config.health.fast_interval);
-                    continue;
                 }
-                _ = closed(&mut conn) => true,
-            };
-            let started = Instant::now();
-            if dropped {
-                conn = None;
-            }
-            let observation = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                obs = check(&mut conn, &self.config.health, &self.backend, &self.tls) => obs,
-            };
-            duration.record(started.elapsed().as_secs_f64());
-            let observation = match observation {
-                Observation::Down { reason } if dropped => {
-                    Observation::Lost { reason: format!("check connection dropped and reconnecting failed: {reason}") }
+                Wake::Timeout => {
+                    if let Some(f) = &mut self.inflight {
+                        f.reported = true;
+                    }
+                    let timeout = pglb_config::format_duration(self.config.health.timeout);
+                    if !self.silent(format!("check timed out after {timeout}; still waiting for its answer")).await {
+                        break;
+                    }
                 }
-                other => other,
-            };
-            let report = Command::Report { backend: self.backend.name.clone(), observation };
-            if self.commands.send(report).await.is_err() {
-                return;
+                Wake::Done(result) => {
+                    if !self.done(result).await {
+                        break;
+                    }
+                }
             }
-            next = started + self.pace();
+        }
+        if let Some(f) = self.inflight.take() {
+            f.task.abort();
         }
     }
 
-    fn pace(&self) -> std::time::Duration {
+    async fn wait(&mut self, next: Instant, shutdown: &CancellationToken) -> Wake {
+        let timeout = self.config.health.timeout;
+        let deadline = self.inflight.as_ref().filter(|f| !f.reported).map(|f| f.started + timeout);
+        let idle = self.inflight.is_none();
+        tokio::select! {
+            _ = shutdown.cancelled() => Wake::Stop,
+            changed = self.fast_until.changed() => if changed.is_err() { Wake::Stop } else { Wake::Replan },
+            _ = tokio::time::sleep_until(next.into()) => Wake::Tick,
+            _ = sleep_until(deadline) => Wake::Timeout,
+            result = finished(&mut self.inflight) => Wake::Done(result),
+            _ = closed(&mut self.conn), if idle => Wake::Dropped,
+        }
+    }
+
+    /// An interval passed: check, or report that the running check is still
+    /// unanswered (and replace its connection if it has been for long).
+    async fn tick(&mut self) -> bool {
+        let Some(f) = &mut self.inflight else {
+            self.start(false);
+            return true;
+        };
+        f.ticks += 1;
+        let stuck = f.ticks >= self.config.health.fall;
+        let waited = f.started.elapsed();
+        if stuck && self.last_replaced.is_none_or(|t| t.elapsed() >= REPLACE_EVERY) {
+            tracing::info!(backend = %self.backend.name, waited = ?waited, "check unanswered: trying a fresh login beside the stuck one");
+            if let Some(f) = self.inflight.take() {
+                f.task.abort();
+            }
+            self.last_replaced = Some(Instant::now());
+            self.start(false);
+        }
+        let waited = pglb_config::format_duration(Duration::from_millis(waited.as_millis() as u64));
+        self.silent(format!("no answer to the check for {waited}")).await
+    }
+
+    /// Starts an attempt on the kept connection (or a fresh login).
+    fn start(&mut self, dropped: bool) {
+        let health = self.config.health.clone();
+        let task = tokio::spawn(attempt(self.conn.take(), dropped, health, self.backend.clone(), self.tls.clone()));
+        self.inflight = Some(InFlight { task, started: Instant::now(), reported: false, ticks: 0 });
+    }
+
+    /// An attempt ended, in time or late.
+    async fn done(&mut self, result: Option<(Option<CheckConn>, Outcome)>) -> bool {
+        let Some(f) = self.inflight.take() else { return true };
+        self.duration.record(f.started.elapsed().as_secs_f64());
+        let Some((conn, outcome)) = result else { return true }; // aborted
+        self.conn = conn;
+        match outcome {
+            Outcome::Answer(observation) => {
+                self.last_answer = Instant::now();
+                self.report(observation).await
+            }
+            // Already reported as silence at the timeout.
+            Outcome::NoAnswer(_) if f.reported => true,
+            Outcome::NoAnswer(reason) => self.silent(reason).await,
+        }
+    }
+
+    async fn silent(&mut self, reason: String) -> bool {
+        let silent_for = self.last_answer.elapsed();
+        self.report(Observation::Silent { reason, silent_for }).await
+    }
+
+    async fn report(&self, observation: Observation) -> bool {
+        let report = Command::Report { backend: self.backend.name.clone(), observation, at: Instant::now() };
+        self.commands.send(report).await.is_ok()
+    }
+
+    fn pace(&self) -> Duration {
         let health = &self.config.health;
         if Instant::now() < *self.fast_until.borrow() {
             health.fast_interval
@@ -94,7 +214,22 @@ impl Checker {
     }
 }
 
-/// Resolves when the check connection's server side closes; never without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the running attempt ends (`None` if it was aborted).
+async fn finished(inflight: &mut Option<InFlight>) -> Option<(Option<CheckConn>, Outcome)> {
+    match inflight {
+        Some(f) => (&mut f.task).await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the kept connection's server side closes; never without one.
 async fn closed(conn: &mut Option<CheckConn>) {
     match conn {
         Some(c) => {

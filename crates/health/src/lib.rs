@@ -1,12 +1,14 @@
 //! Health checking: one task per backend keeps a logged-in PostgreSQL
 //! connection (trust, md5, SCRAM-SHA-256; TLS per `health.sslmode`), asks
-//! role, timeline, system identifier and WAL positions, and reports to the
-//! topology task, the single writer that applies rise/fall, fencing and lag
-//! and publishes routing tables.
+//! role, timeline, system identifier, WAL positions and the WAL receiver's
+//! state, classifies failures as evidence, silence or monitoring failures,
+//! and reports to the topology task, the single writer that applies the
+//! state machine, fencing and lag and publishes routing tables.
 #![forbid(unsafe_code)]
 
 mod check;
 mod checker;
+mod classify;
 mod metrics;
 mod tls;
 mod topology;

@@ -1,11 +1,15 @@
 //! Cluster metrics, set from each published table.
 
-use pglb_routing::{AdminState, ObservedRole, RoutingTable};
+use pglb_routing::{AdminState, FailureClass, Health, ObservedRole, RoutingTable};
 
 /// Registers help text for the health and topology metrics.
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!("pglb_backend_up", "1 if the backend passes health checks, else 0.");
+    describe_gauge!(
+        "pglb_backend_up",
+        "1 while the backend is in service (healthy, degraded or unverified), 0 when it is down."
+    );
+    describe_gauge!("pglb_backend_state", "1 for the backend's state (healthy, degraded, unverified, down), else 0.");
     describe_gauge!("pglb_backend_role", "1 for the backend's current role (primary, replica, unknown), else 0.");
     describe_gauge!(
         "pglb_backend_fenced",
@@ -36,14 +40,22 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Time of one health check: connect (if needed), login and query."
     );
-    describe_counter!("pglb_health_check_failures_total", "Health checks that failed, per backend.");
+    describe_counter!(
+        "pglb_health_check_failures_total",
+        "Health checks that failed, per backend and class (refused, reset, timeout, auth, tls...)."
+    );
 }
 
 /// Sets every per-backend and per-listener gauge from `table`.
 pub fn export_table(table: &RoutingTable) {
     for b in &table.backends {
         let name = b.config.name.clone();
-        metrics::gauge!("pglb_backend_up", "backend" => name.clone()).set(f64::from(u8::from(b.state.healthy)));
+        metrics::gauge!("pglb_backend_up", "backend" => name.clone()).set(f64::from(u8::from(b.state.up)));
+        let health = b.state.health();
+        for state in Health::ALL {
+            let value = f64::from(u8::from(health == state));
+            metrics::gauge!("pglb_backend_state", "backend" => name.clone(), "state" => state.as_str()).set(value);
+        }
         for role in ObservedRole::ALL {
             let value = f64::from(u8::from(b.role == role));
             metrics::gauge!("pglb_backend_role", "backend" => name.clone(), "role" => role.as_str()).set(value);
@@ -60,7 +72,10 @@ pub fn export_table(table: &RoutingTable) {
             .set(b.lag.seconds.unwrap_or(0.0));
         let limit = b.config.max_connections.unwrap_or(0) as f64;
         metrics::gauge!("pglb_backend_max_connections", "backend" => name.clone()).set(limit);
-        metrics::counter!("pglb_health_check_failures_total", "backend" => name.clone()).increment(0);
+        for class in FailureClass::ALL {
+            metrics::counter!("pglb_health_check_failures_total", "backend" => name.clone(), "class" => class.as_str())
+                .increment(0);
+        }
         let _ = metrics::histogram!("pglb_health_check_duration_seconds", "backend" => name);
     }
     metrics::gauge!("pglb_split_brain").set(f64::from(u8::from(table.split_brain)));

@@ -10,15 +10,18 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use pglb_config::{Config, Role};
-use pglb_routing::{ActionError, AdminState, Event, FenceChange, GateChange, Observation, RoutingTable, Transition};
+use pglb_routing::{
+    ActionError, AdminState, CheckError, Event, FailureKind, FenceChange, GateChange, Health, Observation,
+    RoutingTable, Transition,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::export_table;
 
 /// Work for the topology task.
 pub enum Command {
-    /// One check's outcome, from a checker task.
-    Report { backend: String, observation: Observation },
+    /// One check's outcome, from a checker task, and when it was seen.
+    Report { backend: String, observation: Observation, at: Instant },
     /// An operator sets a backend's admin state.
     Admin { backend: String, state: AdminState, reply: oneshot::Sender<Result<(), ActionError>> },
     /// An operator clears a fence.
@@ -70,11 +73,12 @@ impl Publisher {
 
     fn apply(&mut self, command: Command) {
         let events = match command {
-            Command::Report { backend, observation } => {
-                if matches!(observation, Observation::Down { .. } | Observation::Lost { .. }) {
-                    metrics::counter!("pglb_health_check_failures_total", "backend" => backend.clone()).increment(1);
+            Command::Report { backend, observation, at } => {
+                if let Some(class) = observation.failure() {
+                    let labels = [("backend", backend.clone()), ("class", class.as_str().to_owned())];
+                    metrics::counter!("pglb_health_check_failures_total", &labels).increment(1);
                 }
-                self.topology.observe(&backend, observation)
+                self.topology.observe(&backend, observation, at)
             }
             Command::Admin { backend, state, reply } => {
                 let result = self.topology.set_admin(&backend, state);
@@ -141,11 +145,8 @@ impl Publisher {
 
 fn log_event(event: &Event) {
     match event {
-        Event::Backend { backend, transition: Transition::Health { up: true, .. } } => {
-            tracing::info!(backend, "backend is up")
-        }
-        Event::Backend { backend, transition: Transition::Health { up: false, reason } } => {
-            tracing::warn!(backend, reason = reason.as_deref().unwrap_or("unknown"), "backend is down")
+        Event::Backend { backend, transition: Transition::Health { from, to, error } } => {
+            log_health(backend, *from, *to, error.as_ref())
         }
         Event::Backend { backend, transition: Transition::Role { from, to } } => {
             tracing::info!(backend, from = from.as_str(), to = to.as_str(), "backend role changed")
@@ -168,5 +169,31 @@ fn log_event(event: &Event) {
             "split brain: more than one backend is primary on the same timeline; primary listeners route to none until one remains"
         ),
         Event::SplitBrainOver => tracing::warn!("split brain over: at most one primary is visible again"),
+    }
+}
+
+/// One line per state change, saying what pglb now does about it.
+fn log_health(backend: &str, from: Health, to: Health, error: Option<&CheckError>) {
+    let reason = error.map(|e| e.reason.as_str()).unwrap_or("");
+    let class = error.map(|e| e.class.as_str()).unwrap_or("");
+    let (from, state) = (from.as_str(), to.as_str());
+    match to {
+        Health::Healthy => tracing::info!(backend, from, state, "backend is healthy"),
+        Health::Degraded => tracing::warn!(
+            backend, from, state, class, reason,
+            "backend is degraded: it does not answer its checks; new clients avoid it while another candidate answers, its sessions are kept (down after health.down_after of silence)"
+        ),
+        Health::Unverified => tracing::error!(
+            backend, from, state, class, reason,
+            "backend is unverified: the health check itself fails, not necessarily the node; pglb keeps its last known state and sessions but cannot follow a promotion until the check works again"
+        ),
+        Health::Down => {
+            let what = match error.map(|e| e.class.kind()) {
+                Some(FailureKind::Monitoring) => "it has not answered a check since pglb started",
+                Some(FailureKind::Silence) => "silent for too long",
+                _ => "the node failed",
+            };
+            tracing::warn!(backend, from, state, class, reason, "backend is down: {what}; its sessions close")
+        }
     }
 }

@@ -33,7 +33,7 @@ pub async fn fan_out(ctx: &ListenerContext, request: &[u8]) {
         let request = request.clone();
         sends.spawn(async move {
             let result = tokio::time::timeout(CANCEL_TIMEOUT, async {
-                let mut stream = connect(&host, port, CANCEL_TIMEOUT).await?;
+                let mut stream = connect(&host, port, CANCEL_TIMEOUT, CANCEL_TIMEOUT).await?;
                 stream.write_all(&request).await?;
                 stream.shutdown().await
             })

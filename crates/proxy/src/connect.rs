@@ -15,7 +15,10 @@ pub fn tune(stream: &TcpStream) {
 }
 
 /// Connects to `host:port` within `timeout`, trying each resolved address.
-pub async fn connect(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+/// `user_timeout` (TCP_USER_TIMEOUT) bounds how long sent data may stay
+/// unacknowledged: a session to a vanished host fails then, not after the
+/// kernel's ~15 minutes of retransmissions.
+pub async fn connect(host: &str, port: u16, timeout: Duration, user_timeout: Duration) -> io::Result<TcpStream> {
     let attempt = async {
         let mut last = None;
         for addr in tokio::net::lookup_host((host, port)).await? {
@@ -30,5 +33,9 @@ pub async fn connect(host: &str, port: u16, timeout: Duration) -> io::Result<Tcp
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect timed out after {timeout:?}")))??;
     tune(&stream);
+    #[cfg(target_os = "linux")]
+    let _ = SockRef::from(&stream).set_tcp_user_timeout(Some(user_timeout));
+    #[cfg(not(target_os = "linux"))]
+    let _ = user_timeout;
     Ok(stream)
 }

@@ -4,8 +4,9 @@
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
 
 /// Reasons a client is turned away; a closed set of label values.
-pub const REJECT_REASONS: [&str; 10] = [
+pub const REJECT_REASONS: [&str; 11] = [
     "no_backend",
+    "backend_silent",
     "hold_full",
     "queue_timeout",
     "connect_failed",

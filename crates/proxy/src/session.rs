@@ -14,12 +14,12 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::{connect, tune};
-use crate::forward::{forward, Counters};
+use crate::forward::{discard_unsent, forward, Counters};
 use crate::listener::ListenerContext;
 use crate::protocol::{read_first, FirstKind, FirstMessage};
 use crate::refuse::refuse;
 use crate::registry::SessionHandle;
-use crate::wait::{wait, Slot, Wake};
+use crate::wait::{hung_up, wait, Slot, Wake};
 
 /// SQLSTATE cannot_connect_now.
 const CANNOT_CONNECT_NOW: &str = "57P03";
@@ -98,23 +98,50 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
         return;
     }
     let stop = ctx.shared.draining.clone();
-    let (places, backend) = match find_backend(&ctx, &config, &client, &stop).await {
-        Ok(found) => found,
-        Err(Refusal::Gone) => {
-            ctx.metrics.reject("client_gave_up");
-            log_refusal(&ctx, peer, accepted, "client_gave_up", "the client hung up while waiting");
-            return;
-        }
-        Err(Refusal::Refuse { reason, sqlstate, message }) => {
-            ctx.metrics.reject(reason);
-            log_refusal(&ctx, peer, accepted, reason, &message);
-            refuse(&mut client, first, sqlstate, &message, config.startup_timeout).await;
-            return;
-        }
-    };
-    let keep_when_removed = config.on_ineligible == OnIneligible::Keep;
-    drop(config);
-    relay(&ctx, keep_when_removed, client, backend, places, first, peer).await;
+    // A backend that becomes ineligible before it answered (fenced, taken
+    // out) is given up and another one found; the client saw nothing yet.
+    for _ in 0..MAX_ROUTES {
+        let (places, backend) = match find_backend(&ctx, &config, &client, &stop).await {
+            Ok(found) => found,
+            Err(Refusal::Gone) => return gave_up(&ctx, peer, accepted),
+            Err(Refusal::Refuse { reason, sqlstate, message }) => {
+                ctx.metrics.reject(reason);
+                log_refusal(&ctx, peer, accepted, reason, &message);
+                refuse(&mut client, first, sqlstate, &message, config.startup_timeout).await;
+                return;
+            }
+        };
+        let session = match open(&ctx, &config, &client, backend, places, &first, peer).await {
+            Opened::Answered(session) => session,
+            Opened::Rerouted => continue,
+            Opened::Gone => return gave_up(&ctx, peer, accepted),
+            Opened::Silent { backend, waited } => {
+                let message = format!(
+                    "pglb: backend \"{backend}\" did not answer within {} (listener \"{}\")",
+                    pglb_config::format_duration(waited),
+                    ctx.name
+                );
+                ctx.metrics.reject("backend_silent");
+                log_refusal(&ctx, peer, accepted, "backend_silent", &message);
+                refuse(&mut client, first, CANNOT_CONNECT_NOW, &message, config.startup_timeout).await;
+                return;
+            }
+        };
+        drop(config);
+        return session.forward(&ctx, client).await;
+    }
+    let message = format!("pglb: no backend for listener \"{}\" stayed eligible long enough to answer", ctx.name);
+    ctx.metrics.reject("no_backend");
+    log_refusal(&ctx, peer, accepted, "no_backend", &message);
+    refuse(&mut client, first, CANNOT_CONNECT_NOW, &message, config.startup_timeout).await;
+}
+
+/// Most backends one client is routed to before it gets an answer.
+const MAX_ROUTES: usize = 3;
+
+fn gave_up(ctx: &ListenerContext, peer: SocketAddr, accepted: Instant) {
+    ctx.metrics.reject("client_gave_up");
+    log_refusal(ctx, peer, accepted, "client_gave_up", "the client hung up while waiting");
 }
 
 /// Finds, reserves and connects to a backend: holds the client while none
@@ -295,7 +322,8 @@ async fn connect_reserved<'a>(
     let mut tried: Vec<String> = Vec::new();
     loop {
         let c = &places.candidate;
-        match connect(&c.host, c.port, config.connect_timeout).await {
+        let user_timeout = ctx.shared.table.load().down_after;
+        match connect(&c.host, c.port, config.connect_timeout, user_timeout).await {
             Ok(stream) => return Some((places, stream)),
             Err(err) => {
                 ctx.pair(&c.name).connect_failures.increment(1);
@@ -310,16 +338,41 @@ async fn connect_reserved<'a>(
     }
 }
 
-/// Passes the first message on and forwards until the session ends.
-async fn relay(
-    ctx: &ListenerContext,
-    keep_when_removed: bool,
-    client: TcpStream,
-    mut backend: TcpStream,
-    places: Places<'_>,
-    first: FirstMessage,
+/// How opening a session on a backend ended.
+enum Opened<'a> {
+    /// The backend answered the first message: forward.
+    Answered(Session<'a>),
+    /// The backend became ineligible before answering: route again.
+    Rerouted,
+    /// The backend did not answer within the wait.
+    Silent { backend: String, waited: std::time::Duration },
+    /// The client hung up.
+    Gone,
+}
+
+/// A registered session whose backend has answered.
+struct Session<'a> {
+    places: Places<'a>,
+    backend: TcpStream,
+    handle: Arc<SessionHandle>,
+    _open: OpenSession<'a>,
     peer: SocketAddr,
-) {
+    started: Instant,
+}
+
+/// Registers the session, passes the first message on and waits for the
+/// backend's first answer (up to `hold_timeout`, or `connect_timeout` when
+/// holding is off): a silent backend gets a clear error to the client
+/// instead of a hang.
+async fn open<'a>(
+    ctx: &'a ListenerContext,
+    config: &ListenerConfig,
+    client: &TcpStream,
+    mut backend: TcpStream,
+    places: Places<'a>,
+    first: &FirstMessage,
+    peer: SocketAddr,
+) -> Opened<'a> {
     let candidate = &places.candidate;
     let pair = ctx.pair(&candidate.name);
     let started = Instant::now();
@@ -329,14 +382,14 @@ async fn relay(
         backend: candidate.name.clone(),
         backend_local_port: local_port,
         via_fallback: places.via_fallback,
-        keep_when_removed,
+        keep_when_removed: config.on_ineligible == OnIneligible::Keep,
         started: SystemTime::now(),
         stop: ctx.shared.hard_stop.child_token(),
         reason: OnceLock::new(),
         bytes_in: Default::default(),
         bytes_out: Default::default(),
     });
-    let _open = OpenSession::new(ctx, &candidate.name, handle.clone());
+    let open = OpenSession::new(ctx, candidate.name.clone(), handle.clone());
     // Race: routing may have changed between the pick and registration;
     // judge this session (only it) against the table of now.
     let table = ctx.shared.table.load();
@@ -346,49 +399,72 @@ async fn relay(
     drop(table);
     if let Err(err) = backend.write_all(&first.bytes).await {
         tracing::warn!(backend = %candidate.name, error = %err, "backend closed before startup");
-        return;
+        return Opened::Rerouted;
     }
     pair.client_to_backend.increment(first.bytes.len() as u64);
     handle.bytes_in.fetch_add(first.bytes.len() as u64, Ordering::Relaxed);
-    drop(first);
-    let counters = Counters {
-        client_to_backend: pair.client_to_backend.clone(),
-        backend_to_client: pair.backend_to_client.clone(),
-        up: &handle.bytes_in,
-        down: &handle.bytes_out,
-    };
-    let outcome = forward(client, backend, ctx.shared.pipes.as_deref(), &counters, &handle.stop).await;
-    let end = match (outcome.end, handle.reason.get()) {
-        (crate::forward::End::Stopped, Some(reason)) => {
-            ctx.metrics.closed(reason);
-            *reason
+    let wait = if config.hold_timeout.is_zero() { config.connect_timeout } else { config.hold_timeout };
+    tokio::select! {
+        _ = backend.readable() => {}
+        _ = tokio::time::sleep(wait) => {
+            discard_unsent(&backend);
+            return Opened::Silent { backend: candidate.name.clone(), waited: wait };
         }
-        (end, _) => end.as_str(),
-    };
-    tracing::info!(
-        target: "pglb::connection",
-        client = %peer,
-        listener = %ctx.name,
-        backend = %candidate.name,
-        backend_local_port = local_port,
-        duration_s = started.elapsed().as_secs_f64(),
-        bytes_client_to_backend = outcome.client_to_backend,
-        bytes_backend_to_client = outcome.backend_to_client,
-        end,
-        "connection closed"
-    );
+        _ = handle.stop.cancelled() => {
+            discard_unsent(&backend);
+            tracing::info!(backend = %candidate.name, reason = handle.reason.get().copied().unwrap_or(""), "backend became ineligible before answering; routing the client again");
+            return Opened::Rerouted;
+        }
+        _ = hung_up(client) => return Opened::Gone,
+    }
+    Opened::Answered(Session { places, backend, handle, _open: open, peer, started })
+}
+
+impl Session<'_> {
+    /// Forwards until the session ends, then logs it.
+    async fn forward(self, ctx: &ListenerContext, client: TcpStream) {
+        let name = &self.places.candidate.name;
+        let pair = ctx.pair(name);
+        let local_port = self.handle.backend_local_port;
+        let counters = Counters {
+            client_to_backend: pair.client_to_backend.clone(),
+            backend_to_client: pair.backend_to_client.clone(),
+            up: &self.handle.bytes_in,
+            down: &self.handle.bytes_out,
+        };
+        let outcome = forward(client, self.backend, ctx.shared.pipes.as_deref(), &counters, &self.handle.stop).await;
+        let end = match (outcome.end, self.handle.reason.get()) {
+            (crate::forward::End::Stopped, Some(reason)) => {
+                ctx.metrics.closed(reason);
+                *reason
+            }
+            (end, _) => end.as_str(),
+        };
+        tracing::info!(
+            target: "pglb::connection",
+            client = %self.peer,
+            listener = %ctx.name,
+            backend = %name,
+            backend_local_port = local_port,
+            duration_s = self.started.elapsed().as_secs_f64(),
+            bytes_client_to_backend = outcome.client_to_backend,
+            bytes_backend_to_client = outcome.backend_to_client,
+            end,
+            "connection closed"
+        );
+    }
 }
 
 /// Registers a session and counts it as open for as long as it lives.
 struct OpenSession<'a> {
     ctx: &'a ListenerContext,
-    backend: &'a str,
+    backend: String,
     id: u64,
 }
 
 impl<'a> OpenSession<'a> {
-    fn new(ctx: &'a ListenerContext, backend: &'a str, handle: Arc<SessionHandle>) -> Self {
-        let pair = ctx.pair(backend);
+    fn new(ctx: &'a ListenerContext, backend: String, handle: Arc<SessionHandle>) -> Self {
+        let pair = ctx.pair(&backend);
         pair.active.increment(1.0);
         pair.total.increment(1);
         let id = ctx.registry.insert(handle);
@@ -399,6 +475,6 @@ impl<'a> OpenSession<'a> {
 impl Drop for OpenSession<'_> {
     fn drop(&mut self) {
         self.ctx.registry.remove(self.id);
-        self.ctx.pair(self.backend).active.decrement(1.0);
+        self.ctx.pair(&self.backend).active.decrement(1.0);
     }
 }

@@ -48,7 +48,7 @@ pub async fn wait(
 /// Resolves when the client hangs up. A client waiting for our answer sends
 /// nothing, so any byte (or EOF) ends the wait; a stale readiness left from
 /// reading its first message is cleared by the EAGAIN of a peek.
-async fn hung_up(client: &TcpStream) {
+pub(crate) async fn hung_up(client: &TcpStream) {
     loop {
         if client.readable().await.is_err() {
             return;

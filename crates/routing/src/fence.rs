@@ -5,7 +5,10 @@
 //!   cluster behind a wrong address: fenced;
 //! - of several primaries, the one on the highest timeline wins; a primary on
 //!   a lower timeline is fenced, and stays fenced (sticky) until it is seen as
-//!   a replica or an operator clears it — even after the higher one is gone;
+//!   a replica or an operator clears it — even after the higher one is gone.
+//!   A backend that is silent, unverified or down is judged by its last known
+//!   role and timeline: a silent old primary is fenced as soon as another
+//!   backend answers as primary on a higher timeline;
 //! - `multi_primary: allow` turns both off (logical replication nodes have
 //!   their own identifiers and timelines).
 
@@ -38,7 +41,7 @@ impl Fencing {
         self.learn_system_id(states);
         for (i, s) in states.iter().enumerate() {
             if roles[i] == ObservedRole::Replica
-                && s.healthy
+                && s.up
                 && self.fenced.get(&i).is_some_and(|r| r.starts_with("timeline"))
             {
                 self.clear(i, "seen as a replica", &mut changes);
@@ -58,8 +61,10 @@ impl Fencing {
                 self.clear(i, "system identifier matches the cluster again", &mut changes);
             }
         }
+        // Last known primaries, answering or not (their timeline is from their
+        // last answer).
         let primaries: Vec<(usize, u32)> = (0..states.len())
-            .filter(|&i| states[i].healthy && roles[i] == ObservedRole::Primary && !self.fenced.contains_key(&i))
+            .filter(|&i| states[i].checked && roles[i] == ObservedRole::Primary && !self.fenced.contains_key(&i))
             .filter_map(|i| states[i].facts.timeline.map(|t| (i, t)))
             .collect();
         if let Some(top) = primaries.iter().map(|(_, t)| *t).max() {

@@ -1,9 +1,11 @@
 //! Replication lag and the per-listener gate that keeps lagging replicas out
 //! of a listener's pool, with hysteresis so a replica at the edge does not flap.
 
+use std::time::Instant;
+
 use pglb_config::ListenerConfig;
 
-use crate::state::BackendState;
+use crate::state::{BackendState, Receiver};
 
 /// A replica's lag behind the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -32,6 +34,47 @@ pub fn lag(replica: &BackendState, primary: &BackendState) -> Lag {
         _ => replica.facts.wal.replay_age.map(|age| age.max(0.0)),
     };
     Lag { bytes, seconds }
+}
+
+/// Whether a replica follows the current primary: its WAL receiver streams
+/// on the primary's timeline. A replica left following a dead or fenced old
+/// primary (or nothing) stops receiving WAL; the time since it last followed
+/// counts as lag in seconds, so `max_lag_seconds` takes it out of the pool
+/// even when its WAL positions look close (a fork) or the primary is idle.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Following {
+    /// The latest sample said it follows (or could not tell).
+    pub now: bool,
+    /// When it was last seen following; its first sample if never.
+    pub since: Option<Instant>,
+}
+
+impl Following {
+    /// Steps the clock with a replica's sample; `timeline` is the current
+    /// primary's, if one is visible.
+    pub fn track(&mut self, receiver: Option<Receiver>, timeline: Option<u32>, now: Instant) {
+        self.now = match receiver {
+            // Not a replica sample, or the check user may not see the view:
+            // judged by WAL positions alone.
+            None | Some(Receiver::Hidden) => true,
+            Some(Receiver::NotStreaming) => false,
+            Some(Receiver::Streaming { timeline: Some(mine) }) => timeline.is_none_or(|primary| mine >= primary),
+            Some(Receiver::Streaming { timeline: None }) => true,
+        };
+        if self.now || self.since.is_none() {
+            self.since = Some(now);
+        }
+    }
+
+    /// `lag`, with the time since the replica last followed as a floor for
+    /// its seconds.
+    pub fn widen(&self, mut lag: Lag, now: Instant) -> Lag {
+        if let (false, Some(since)) = (self.now, self.since) {
+            let off = now.saturating_duration_since(since).as_secs_f64();
+            lag.seconds = Some(lag.seconds.unwrap_or(0.0).max(off));
+        }
+        lag
+    }
 }
 
 /// Whether one replica is admitted to one listener's pool.
@@ -118,6 +161,31 @@ mod tests {
         assert_eq!(lag(&replica, &primary), Lag { bytes: Some(4000), seconds: Some(3.5) });
         let clock_skew = with_wal(Wal { replay: Some(1000), replay_age: Some(-0.2), ..Wal::default() }, None);
         assert_eq!(lag(&clock_skew, &primary).seconds, Some(0.0));
+    }
+
+    #[test]
+    fn a_replica_that_stops_following_lags_by_the_time_since() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        let caught_up = Lag { bytes: Some(0), seconds: Some(0.0) };
+        let mut f = Following::default();
+        f.track(Some(Receiver::Streaming { timeline: Some(1) }), Some(1), at(0));
+        assert_eq!(f.widen(caught_up, at(5)), caught_up);
+        f.track(Some(Receiver::NotStreaming), Some(1), at(10));
+        assert_eq!(f.widen(caught_up, at(40)).seconds, Some(40.0), "last followed at 0");
+        // Streaming again, but on an older timeline than the primary's.
+        f.track(Some(Receiver::Streaming { timeline: Some(1) }), Some(2), at(41));
+        assert_eq!(f.widen(caught_up, at(41)).seconds, Some(41.0));
+        f.track(Some(Receiver::Streaming { timeline: Some(2) }), Some(2), at(42));
+        assert_eq!(f.widen(caught_up, at(43)), caught_up);
+        // Never seen following: the clock starts at the first sample.
+        let mut g = Following::default();
+        g.track(Some(Receiver::NotStreaming), Some(2), at(50));
+        assert_eq!(g.widen(caught_up, at(53)).seconds, Some(3.0));
+        // A check user that cannot see pg_stat_wal_receiver: not judged.
+        let mut h = Following::default();
+        h.track(Some(Receiver::Hidden), Some(2), at(50));
+        assert_eq!(h.widen(caught_up, at(90)), caught_up);
     }
 
     #[test]

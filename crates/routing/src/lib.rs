@@ -16,8 +16,11 @@ mod table;
 mod topology;
 
 pub use fence::{FenceChange, Fencing};
-pub use lag::{lag, GateChange, Lag, LagGate};
+pub use lag::{lag, Following, GateChange, Lag, LagGate};
 pub use select::Cursor;
-pub use state::{BackendState, Facts, Observation, ObservedRole, Transition, Wal};
+pub use state::{
+    BackendState, CheckError, Facts, FailureClass, FailureKind, Health, Observation, ObservedRole, Receiver,
+    Thresholds, Transition, Wal,
+};
 pub use table::{AdminState, BackendEntry, BackendLoad, ListenerRoute, RoutingTable, Verdict};
 pub use topology::{ActionError, Event, Topology};

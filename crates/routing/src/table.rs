@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use pglb_config::{BackendConfig, Balance, ListenerConfig, Role};
 
@@ -75,9 +76,10 @@ pub struct BackendEntry {
 }
 
 impl BackendEntry {
-    /// Up, unfenced, and not disabled: may keep its sessions.
+    /// Up (healthy, degraded or unverified), unfenced, and not disabled: may
+    /// keep its sessions.
     pub fn serving(&self) -> bool {
-        self.state.healthy && self.fenced.is_none() && self.admin != AdminState::Disabled
+        self.state.up && self.fenced.is_none() && self.admin != AdminState::Disabled
     }
 }
 
@@ -91,6 +93,9 @@ pub struct ListenerRoute {
     pub via_fallback: bool,
     /// Replicas kept out of this listener's pool for lag.
     pub lagging: Vec<usize>,
+    /// True when `eligible` holds degraded (silent) backends, used because
+    /// no healthy candidate exists (a healthy-panic, as Envoy calls it).
+    pub degraded: bool,
     /// Weighted round-robin order over `eligible` (smooth, one full cycle).
     pub(crate) cycle: Vec<usize>,
 }
@@ -111,6 +116,9 @@ pub struct RoutingTable {
     /// Bumped whenever any listener's choices or any session's verdict may
     /// have changed; equal generations route alike.
     pub generation: u64,
+    /// `health.down_after`: how long silence is tolerated (backend sockets
+    /// get it as TCP_USER_TIMEOUT).
+    pub down_after: Duration,
     pub backends: Vec<BackendEntry>,
     pub listeners: Vec<ListenerRoute>,
     /// More than one unfenced primary on the highest timeline (fence mode).
@@ -137,7 +145,8 @@ impl RoutingTable {
         let (Some(route), Some(b)) = (self.listeners.get(listener), self.backends.get(backend)) else {
             return Verdict::Ineligible("removed");
         };
-        if !b.state.healthy {
+        // Silence (degraded) and monitoring failures (unverified) keep sessions.
+        if !b.state.up {
             return Verdict::Ineligible("backend_down");
         }
         if b.fenced.is_some() {
@@ -162,11 +171,12 @@ impl RoutingTable {
     }
 }
 
-/// Backends a listener of `role` may use, before lag.
-pub(crate) fn candidates_for(role: Role, table: &RoutingTable) -> Vec<usize> {
+/// Backends a listener of `role` may use, before lag: the healthy ones, or
+/// (`degraded`) the silent ones.
+pub(crate) fn candidates_for(role: Role, table: &RoutingTable, degraded: bool) -> Vec<usize> {
     let usable = |i: &usize| {
         let b = &table.backends[*i];
-        b.serving() && b.admin == AdminState::Enabled
+        b.serving() && b.admin == AdminState::Enabled && b.state.degraded == degraded
     };
     let primaries_ok = table.all_checked && !table.split_brain;
     (0..table.backends.len())
@@ -184,26 +194,35 @@ pub(crate) fn candidates_for(role: Role, table: &RoutingTable) -> Vec<usize> {
 impl ListenerRoute {
     /// Builds one listener's route; `admitted(i)` says whether replica `i`
     /// passes this listener's lag gate.
+    ///
+    /// Order of preference: healthy backends of the role, healthy backends
+    /// of the fallback role, degraded backends of the role, degraded ones of
+    /// the fallback role. A silent replica is worse than an answering
+    /// primary for reads: its clients would wait on it.
     pub(crate) fn build(config: &ListenerConfig, table: &RoutingTable, admitted: impl Fn(usize) -> bool) -> Self {
-        let mut eligible = candidates_for(config.role, table);
-        let lagging: Vec<usize> = eligible
-            .iter()
-            .copied()
-            .filter(|&i| table.backends[i].role == ObservedRole::Replica && !admitted(i))
-            .collect();
-        eligible.retain(|i| !lagging.contains(i));
-        let mut via_fallback = false;
-        if eligible.is_empty() {
-            if let Some(fallback) = config.fallback {
-                eligible = candidates_for(fallback, table);
-                via_fallback = !eligible.is_empty();
+        let behind = |i: &usize| table.backends[*i].role == ObservedRole::Replica && !admitted(*i);
+        let mut lagging: Vec<usize> =
+            [false, true].into_iter().flat_map(|silent| candidates_for(config.role, table, silent)).collect();
+        lagging.retain(behind);
+        lagging.sort_unstable();
+        let mut tiers = vec![(config.role, false, false)];
+        tiers.extend(config.fallback.map(|f| (f, false, true)));
+        tiers.push((config.role, true, false));
+        tiers.extend(config.fallback.map(|f| (f, true, true)));
+        let (mut eligible, mut degraded, mut via_fallback) = (Vec::new(), false, false);
+        for (role, silent, fallback) in tiers {
+            eligible = candidates_for(role, table, silent);
+            eligible.retain(|i| !lagging.contains(i));
+            if !eligible.is_empty() {
+                (degraded, via_fallback) = (silent, fallback);
+                break;
             }
         }
         let cycle = match config.balance {
             Balance::RoundRobin => smooth_cycle(&eligible, &table.backends),
             _ => Vec::new(),
         };
-        Self { config: config.clone(), eligible, via_fallback, lagging, cycle }
+        Self { config: config.clone(), eligible, via_fallback, lagging, degraded, cycle }
     }
 }
 

@@ -5,12 +5,13 @@
 //! clock and the I/O live in the caller.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use pglb_config::{Config, MultiPrimary, Role};
 
 use crate::fence::{FenceChange, Fencing};
-use crate::lag::{lag, GateChange, Lag, LagGate};
-use crate::state::{BackendState, Observation, ObservedRole, Transition};
+use crate::lag::{lag, Following, GateChange, Lag, LagGate};
+use crate::state::{BackendState, Observation, ObservedRole, Thresholds, Transition};
 use crate::table::{AdminState, BackendEntry, BackendLoad, ListenerRoute, RoutingTable};
 
 /// Something that happened, for one log line (and metrics).
@@ -30,6 +31,8 @@ pub struct Topology {
     loads: Vec<Arc<BackendLoad>>,
     admin: Vec<AdminState>,
     lags: Vec<Lag>,
+    /// Whether each replica follows the current primary, and since when not.
+    following: Vec<Following>,
     /// `gates[listener][backend]`.
     gates: Vec<Vec<LagGate>>,
     fencing: Fencing,
@@ -54,6 +57,7 @@ impl Topology {
             loads: (0..n).map(|_| Arc::new(BackendLoad::default())).collect(),
             admin: vec![AdminState::Enabled; n],
             lags: vec![Lag::default(); n],
+            following: vec![Following::default(); n],
             gates: vec![vec![LagGate::default(); n]; config.listeners.len()],
             fencing: Fencing::default(),
             generation: 0,
@@ -79,6 +83,7 @@ impl Topology {
         self.loads = carried.iter().map(|i| i.map(|i| self.loads[i].clone()).unwrap_or_default()).collect();
         self.admin = carried.iter().map(|i| i.map(|i| self.admin[i]).unwrap_or_default()).collect();
         self.lags = carried.iter().map(|i| i.map(|i| self.lags[i]).unwrap_or_default()).collect();
+        self.following = carried.iter().map(|i| i.map(|i| self.following[i]).unwrap_or_default()).collect();
         let fenced = std::mem::take(&mut self.fencing.fenced);
         for (new, old) in carried.iter().enumerate() {
             if let Some(reason) = old.and_then(|o| fenced.get(&o)) {
@@ -100,15 +105,16 @@ impl Topology {
         self.last = None;
     }
 
-    /// Applies one check result for backend `name`.
-    pub fn observe(&mut self, name: &str, obs: Observation) -> Vec<Event> {
+    /// Applies one check result for backend `name`, observed at `now`.
+    pub fn observe(&mut self, name: &str, obs: Observation, now: Instant) -> Vec<Event> {
         let Some(i) = self.config.backends.iter().position(|b| b.name == name) else {
             return Vec::new();
         };
         let replica_sample = matches!(obs, Observation::Up { role: ObservedRole::Replica, .. });
         let health = &self.config.health;
+        let thresholds = Thresholds { rise: health.rise, fall: health.fall, down_after: health.down_after };
         let mut events: Vec<Event> = self.states[i]
-            .observe(obs, health.rise, health.fall)
+            .observe(obs, thresholds)
             .into_iter()
             .map(|transition| Event::Backend { backend: name.to_owned(), transition })
             .collect();
@@ -121,25 +127,29 @@ impl Topology {
                 events.push(Event::Fence { backend: self.config.backends[backend].name.clone(), change });
             }
         }
-        self.update_lag(i, replica_sample, &mut events);
+        self.update_lag(i, replica_sample, now, &mut events);
         events
     }
 
-    fn update_lag(&mut self, i: usize, replica_sample: bool, events: &mut Vec<Event>) {
+    fn update_lag(&mut self, i: usize, replica_sample: bool, now: Instant, events: &mut Vec<Event>) {
         let roles = self.roles();
         let primary = (0..self.states.len())
             .filter(|&p| {
-                self.states[p].healthy && roles[p] == ObservedRole::Primary && !self.fencing.fenced.contains_key(&p)
+                self.states[p].up && roles[p] == ObservedRole::Primary && !self.fencing.fenced.contains_key(&p)
             })
-            .max_by_key(|&p| self.states[p].facts.wal.current);
+            .max_by_key(|&p| (self.states[p].facts.timeline, self.states[p].facts.wal.current));
+        if replica_sample {
+            let timeline = primary.and_then(|p| self.states[p].facts.timeline);
+            self.following[i].track(self.states[i].facts.receiver, timeline, now);
+        }
         // No primary visible (a failover): keep the last known lag.
         let Some(p) = primary else { return };
         for (r, role) in roles.iter().enumerate() {
-            if *role == ObservedRole::Replica && self.states[r].healthy {
-                self.lags[r] = lag(&self.states[r], &self.states[p]);
+            if *role == ObservedRole::Replica && self.states[r].up {
+                self.lags[r] = self.following[r].widen(lag(&self.states[r], &self.states[p]), now);
             }
         }
-        if !(replica_sample && self.states[i].healthy) {
+        if !(replica_sample && self.states[i].up) {
             return;
         }
         for (l, listener) in self.config.listeners.iter().enumerate() {
@@ -181,10 +191,7 @@ impl Topology {
         let i = self.index(name)?;
         let roles = self.roles();
         let other_primary = (0..self.states.len()).find(|&p| {
-            p != i
-                && self.states[p].healthy
-                && roles[p] == ObservedRole::Primary
-                && !self.fencing.fenced.contains_key(&p)
+            p != i && self.states[p].up && roles[p] == ObservedRole::Primary && !self.fencing.fenced.contains_key(&p)
         });
         if let (Some(p), ObservedRole::Primary) = (other_primary, roles[i]) {
             return Err(ActionError::Conflict(format!(
@@ -225,6 +232,7 @@ impl Topology {
             .collect();
         let mut table = RoutingTable {
             generation: self.generation,
+            down_after: self.config.health.down_after,
             split_brain: self.config.multi_primary == MultiPrimary::Fence && primaries.len() > 1,
             primary_visible: !primaries.is_empty(),
             all_checked: self.states.iter().all(|s| s.checked),
@@ -259,10 +267,13 @@ impl Topology {
 
 /// Anything a router or a session verdict depends on.
 fn routing_differs(a: &RoutingTable, b: &RoutingTable) -> bool {
-    let backend_key = |e: &BackendEntry| (e.state.healthy, e.role, e.fenced.is_some(), e.admin);
+    let backend_key = |e: &BackendEntry| (e.state.up, e.state.degraded, e.role, e.fenced.is_some(), e.admin);
     a.split_brain != b.split_brain
         || a.all_checked != b.all_checked
         || a.backends.len() != b.backends.len()
         || a.backends.iter().zip(&b.backends).any(|(x, y)| backend_key(x) != backend_key(y))
-        || a.listeners.iter().zip(&b.listeners).any(|(x, y)| x.eligible != y.eligible || x.lagging != y.lagging)
+        || a.listeners
+            .iter()
+            .zip(&b.listeners)
+            .any(|(x, y)| x.eligible != y.eligible || x.lagging != y.lagging || x.degraded != y.degraded)
 }

@@ -2,8 +2,9 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use pglb_routing::{Facts, Observation, ObservedRole, RoutingTable, Topology, Verdict};
+use pglb_routing::{Facts, FailureClass, Health, Observation, ObservedRole, Receiver, RoutingTable, Topology, Verdict};
 
 fn topology(extra: &str, pin: &str) -> Topology {
     let text = format!(
@@ -22,12 +23,29 @@ backends:
 
 fn primary(t: &mut Topology, name: &str, timeline: u32, sysid: u64) {
     let facts = Facts { timeline: Some(timeline), system_id: Some(sysid), ..Facts::default() };
-    t.observe(name, Observation::Up { role: ObservedRole::Primary, facts });
+    t.observe(name, Observation::Up { role: ObservedRole::Primary, facts }, Instant::now());
 }
 
 fn replica(t: &mut Topology, name: &str, sysid: u64) {
     let facts = Facts { system_id: Some(sysid), ..Facts::default() };
-    t.observe(name, Observation::Up { role: ObservedRole::Replica, facts });
+    t.observe(name, Observation::Up { role: ObservedRole::Replica, facts }, Instant::now());
+}
+
+/// Evidence: refused (`lost`: the watched connection dropped first).
+fn refused(t: &mut Topology, name: &str, lost: bool) {
+    let obs = Observation::Failed { class: FailureClass::Refused, reason: "refused".into(), lost };
+    t.observe(name, obs, Instant::now());
+}
+
+/// A check with no answer; nothing heard for `secs`.
+fn silent(t: &mut Topology, name: &str, secs: u64) {
+    let obs = Observation::Silent { reason: "timed out".into(), silent_for: Duration::from_secs(secs) };
+    t.observe(name, obs, Instant::now());
+}
+
+fn ro(table: &RoutingTable) -> Vec<&str> {
+    let route = table.listener("ro").expect("ro");
+    route.eligible.iter().map(|&i| table.backends[i].config.name.as_str()).collect()
 }
 
 fn rw(table: &RoutingTable) -> Vec<&str> {
@@ -50,7 +68,7 @@ fn lower_timeline_primary_is_fenced_and_stays_fenced() {
     assert!(table.backends[0].fenced.as_deref().is_some_and(|r| r.contains("timeline 1")));
     assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible("fenced"));
     // The new primary dies: the stale one must still get no writes.
-    t.observe("b", Observation::Lost { reason: "killed".into() });
+    refused(&mut t, "b", true);
     primary(&mut t, "a", 1, 7);
     assert!(rw(&t.table().0).is_empty());
     // Rejoined as a replica: the fence lifts.
@@ -108,8 +126,8 @@ fn pinned_replica_serves_reads_only() {
 fn fallback_sessions_survive_a_returning_replica() {
     let mut t = topology("", "");
     primary(&mut t, "a", 1, 7);
-    t.observe("b", Observation::Down { reason: "x".into() });
-    t.observe("c", Observation::Down { reason: "x".into() });
+    refused(&mut t, "b", false);
+    refused(&mut t, "c", false);
     let (table, _) = t.table();
     let ro = table.listener("ro").expect("ro");
     assert!(ro.via_fallback);
@@ -128,7 +146,7 @@ fn primary_listener_waits_for_every_first_check() {
     primary(&mut t, "a", 1, 7);
     assert!(rw(&t.table().0).is_empty(), "b and c not yet checked: a stale primary could be among them");
     replica(&mut t, "b", 7);
-    t.observe("c", Observation::Down { reason: "x".into() });
+    refused(&mut t, "c", false);
     assert_eq!(rw(&t.table().0), ["a"]);
 }
 
@@ -141,6 +159,112 @@ fn generation_moves_only_when_routing_changes() {
     let g1 = t.table().0.generation;
     replica(&mut t, "b", 7);
     assert_eq!(t.table().0.generation, g1);
-    t.observe("b", Observation::Lost { reason: "x".into() });
+    refused(&mut t, "b", true);
     assert!(t.table().0.generation > g1);
+}
+
+#[test]
+fn a_silent_primary_is_degraded_still_used_alone_and_fenced_by_a_newer_one() {
+    let mut t = topology("", "");
+    primary(&mut t, "a", 1, 7);
+    replica(&mut t, "b", 7);
+    replica(&mut t, "c", 7);
+    silent(&mut t, "a", 1);
+    silent(&mut t, "a", 2);
+    let (table, _) = t.table();
+    assert_eq!(table.backends[0].state.health(), Health::Degraded);
+    assert_eq!(rw(&table), ["a"], "the only primary: patience, not an outage");
+    assert!(table.listener("rw").expect("rw").degraded);
+    assert_eq!(table.verdict(0, 0, false), Verdict::Keep, "silence closes no session");
+    // b is promoted while a is silent (a partition): a is fenced with its
+    // last known timeline, and its sessions close.
+    primary(&mut t, "b", 2, 7);
+    let (table, _) = t.table();
+    assert_eq!(rw(&table), ["b"]);
+    assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible("fenced"));
+}
+
+#[test]
+fn silence_past_down_after_takes_the_backend_out() {
+    let mut t = topology("health: {interval: 1s, fall: 2, down_after: 10s}", "");
+    primary(&mut t, "a", 1, 7);
+    replica(&mut t, "b", 7);
+    replica(&mut t, "c", 7);
+    for s in [1, 2, 5, 9] {
+        silent(&mut t, "a", s);
+    }
+    assert_eq!(t.table().0.backends[0].state.health(), Health::Degraded);
+    silent(&mut t, "a", 10);
+    let (table, _) = t.table();
+    assert_eq!(table.backends[0].state.health(), Health::Down);
+    assert!(rw(&table).is_empty());
+    assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible("backend_down"));
+}
+
+#[test]
+fn reads_prefer_healthy_replicas_then_the_primary_then_a_degraded_replica() {
+    let mut t = topology("", "");
+    primary(&mut t, "a", 1, 7);
+    replica(&mut t, "b", 7);
+    replica(&mut t, "c", 7);
+    silent(&mut t, "b", 1);
+    silent(&mut t, "b", 2);
+    let (table, _) = t.table();
+    assert_eq!(ro(&table), ["c"]);
+    assert_eq!(table.verdict(1, 1, false), Verdict::Keep, "the silent replica keeps its sessions");
+    refused(&mut t, "c", true);
+    let (table, _) = t.table();
+    assert_eq!(ro(&table), ["a"], "an answering primary before a silent replica");
+    assert!(table.listener("ro").expect("ro").via_fallback);
+    silent(&mut t, "a", 1);
+    silent(&mut t, "a", 2);
+    let (table, _) = t.table();
+    assert_eq!(ro(&table), ["b"], "all silent: the replica, still");
+    assert!(table.listener("ro").expect("ro").degraded);
+}
+
+#[test]
+fn a_monitoring_failure_keeps_the_backend_in_service() {
+    let mut t = topology("", "");
+    primary(&mut t, "a", 1, 7);
+    replica(&mut t, "b", 7);
+    replica(&mut t, "c", 7);
+    for name in ["a", "b", "c"] {
+        for _ in 0..5 {
+            let obs = Observation::Failed { class: FailureClass::Auth, reason: "password".into(), lost: false };
+            t.observe(name, obs, Instant::now());
+        }
+    }
+    let (table, _) = t.table();
+    assert!(table.backends.iter().all(|b| b.state.health() == Health::Unverified));
+    assert_eq!(rw(&table), ["a"]);
+    assert_eq!(ro(&table), ["b", "c"]);
+    assert_eq!(table.verdict(0, 0, false), Verdict::Keep);
+}
+
+#[test]
+fn a_replica_left_following_nothing_leaves_ro_after_max_lag_seconds() {
+    let mut t = topology("", "");
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let sample = |receiver| Facts { system_id: Some(7), receiver: Some(receiver), ..Facts::default() };
+    let streaming = |tl| sample(Receiver::Streaming { timeline: Some(tl) });
+    let up = |role, facts| Observation::Up { role, facts };
+    let primary_tl = |tl| Facts { timeline: Some(tl), system_id: Some(7), ..Facts::default() };
+    t.observe("a", up(ObservedRole::Primary, primary_tl(1)), at(0));
+    t.observe("b", up(ObservedRole::Replica, streaming(1)), at(0));
+    t.observe("c", up(ObservedRole::Replica, streaming(1)), at(0));
+    // a dies and b is promoted; c is not re-pointed to it.
+    refused(&mut t, "a", true);
+    t.observe("b", up(ObservedRole::Primary, primary_tl(2)), at(1));
+    t.observe("c", up(ObservedRole::Replica, sample(Receiver::NotStreaming)), at(2));
+    assert_eq!(ro(&t.table().0), ["c"], "within the default 30 s it still serves");
+    t.observe("c", up(ObservedRole::Replica, sample(Receiver::NotStreaming)), at(31));
+    let (table, _) = t.table();
+    assert_eq!(ro(&table), ["b"], "stale replica out: reads fall back to the new primary");
+    assert_eq!(table.listener("ro").expect("ro").lagging, [2]);
+    // Re-pointed at last: streaming on the new timeline, back after `rise`.
+    t.observe("c", up(ObservedRole::Replica, streaming(2)), at(32));
+    t.observe("c", up(ObservedRole::Replica, streaming(2)), at(33));
+    assert_eq!(ro(&t.table().0), ["c"]);
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pglb_config::{load_str, Config};
-use pglb_routing::{Cursor, Facts, Observation, ObservedRole, RoutingTable, Topology};
+use pglb_routing::{Cursor, Facts, FailureClass, Observation, ObservedRole, RoutingTable, Topology};
 
 fn config(balance: &str, weights: [u32; 3]) -> Config {
     let text = format!(
@@ -35,9 +35,12 @@ fn table(config: &Config, seen: &[Seen]) -> RoutingTable {
     let mut topology = Topology::new(Arc::new(config.clone()));
     for (b, (healthy, role)) in config.backends.iter().zip(seen) {
         let facts = Facts { timeline: Some(1), system_id: Some(7), ..Facts::default() };
-        let obs =
-            if *healthy { Observation::Up { role: *role, facts } } else { Observation::Down { reason: "x".into() } };
-        topology.observe(&b.name, obs);
+        let obs = if *healthy {
+            Observation::Up { role: *role, facts }
+        } else {
+            Observation::Failed { class: FailureClass::Refused, reason: "x".into(), lost: false }
+        };
+        topology.observe(&b.name, obs, std::time::Instant::now());
     }
     topology.table().0
 }

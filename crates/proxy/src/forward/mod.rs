@@ -68,6 +68,14 @@ pub struct Outcome {
     pub backend_to_client: u64,
 }
 
+/// Closes `backend` with a reset when pglb ends a session itself: bytes the
+/// client sent that the backend has not acknowledged yet (a partitioned old
+/// primary) are discarded, never delivered — and committed — after the
+/// network heals.
+pub fn discard_unsent(backend: &TcpStream) {
+    let _ = socket2::SockRef::from(backend).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// Forwards until both directions end, an error occurs, or `stop` fires.
 /// `pipes` selects splice (Some) or copy (None).
 pub async fn forward(
@@ -107,6 +115,9 @@ pub async fn forward(
             }
         }
     };
+    if end == End::Stopped {
+        discard_unsent(&backend);
+    }
     Outcome {
         end,
         client_to_backend: counters.up.load(Ordering::Relaxed),
