@@ -4,7 +4,7 @@ pub const USAGE: &str = "\
 usage:
   pglb-bench throughput [--quick] [--duration SECS] [--rounds N] [--scale N]
                         [--copy-rows N] [--memory LOW,HIGH | --no-memory] [--no-build]
-  pglb-bench failover   [--quick] [--promotions N] [--no-build]
+  pglb-bench failover   [--quick] [--promotions N] [--stalls N] [--no-build]
   pglb-bench --help
 
 throughput  direct vs pglb (splice) vs pglb (copy) vs HAProxy on one primary:
@@ -12,8 +12,9 @@ throughput  direct vs pglb (splice) vs pglb (copy) vs HAProxy on one primary:
             defaults: --duration 10 --rounds 3 --scale 64 --copy-rows 1000000 --memory 2000,6000
             --quick:  --duration 5 --rounds 1 --scale 4 --copy-rows 100000 --memory 200,600
 failover    pglb vs HAProxy (external-check) through promotions of a replica:
-            write-unavailability window and detection time.
-            default: --promotions 10; --quick: --promotions 2
+            write-unavailability window and detection time; then 3 s stalls
+            (SIGSTOP) of the primary: errors clients saw.
+            default: --promotions 10 --stalls 5; --quick: --promotions 2 --stalls 1
 
 --no-build  use the existing target/release/pglb (or $PGLB_BIN) instead of
             running `cargo build --release -p pglb` first.";
@@ -47,6 +48,7 @@ pub struct Throughput {
 #[derive(Debug, Clone)]
 pub struct Failover {
     pub promotions: usize,
+    pub stalls: usize,
 }
 
 /// Options as given; `--quick` changes only the defaults of the others.
@@ -60,6 +62,7 @@ struct Given {
     copy_rows: Option<u64>,
     memory: Option<Option<(usize, usize)>>,
     promotions: Option<usize>,
+    stalls: Option<usize>,
 }
 
 pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> {
@@ -82,6 +85,7 @@ pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> 
             "--copy-rows" => given.copy_rows = Some(number(&arg, &value()?)?),
             "--memory" => given.memory = Some(Some(pair(&arg, &value()?)?)),
             "--promotions" => given.promotions = Some(number(&arg, &value()?)?),
+            "--stalls" => given.stalls = Some(number(&arg, &value()?)?),
             _ => return Err(format!("unexpected argument `{arg}`")),
         }
     }
@@ -104,8 +108,8 @@ fn throughput(g: &Given) -> Result<Throughput, String> {
     if t.duration == 0 || t.rounds == 0 || t.scale == 0 {
         return Err("--duration, --rounds and --scale must be at least 1".into());
     }
-    if g.promotions.is_some() {
-        return Err("--promotions belongs to the failover suite".into());
+    if g.promotions.is_some() || g.stalls.is_some() {
+        return Err("--promotions and --stalls belong to the failover suite".into());
     }
     Ok(t)
 }
@@ -120,7 +124,8 @@ fn failover(g: &Given) -> Result<Failover, String> {
     if promotions == 0 {
         return Err("--promotions must be at least 1".into());
     }
-    Ok(Failover { promotions })
+    let stalls = g.stalls.unwrap_or(if g.quick { 1 } else { 5 });
+    Ok(Failover { promotions, stalls })
 }
 
 fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {

@@ -82,3 +82,52 @@ impl Drop for Partition {
         let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
     }
 }
+
+/// The database servers squeezed into a CPU quota (cgroup v1 `cpu`
+/// controller: CFS bandwidth), as a VM with CPU steal or a container at its
+/// CPU limit is: each period they run for `quota`, then wait. Processes the
+/// servers start later inherit it. Undone on drop.
+pub struct Throttle {
+    dir: std::path::PathBuf,
+}
+
+const CPU_CGROUP: &str = "/sys/fs/cgroup/cpu";
+
+impl Throttle {
+    /// `None` (and a `SKIPPED:` line, or a failure under CI) without a
+    /// writable cgroup v1 `cpu` hierarchy.
+    pub fn nodes(nodes: &[Node], quota: std::time::Duration, period: std::time::Duration) -> Option<Self> {
+        let dir = std::path::Path::new(CPU_CGROUP).join(format!("pglb-test-{}", std::process::id()));
+        if std::fs::create_dir_all(&dir).is_err() || !dir.join("cpu.cfs_quota_us").exists() {
+            crate::skip("no writable cgroup v1 cpu controller at /sys/fs/cgroup/cpu");
+            return None;
+        }
+        let throttle = Self { dir };
+        let write = |file: &str, value: String| {
+            std::fs::write(throttle.dir.join(file), &value).unwrap_or_else(|e| panic!("write {value} to {file}: {e}"))
+        };
+        write("cpu.cfs_period_us", period.as_micros().to_string());
+        write("cpu.cfs_quota_us", quota.as_micros().to_string());
+        for pid in nodes.iter().flat_map(Node::processes) {
+            // A process may exit meanwhile; that is fine.
+            let _ = std::fs::write(throttle.dir.join("cgroup.procs"), pid.to_string());
+        }
+        Some(throttle)
+    }
+
+    /// Throttled periods so far (`nr_throttled` of `cpu.stat`).
+    pub fn throttled_periods(&self) -> u64 {
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
+        stat.lines().find_map(|l| l.strip_prefix("nr_throttled ")?.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let members = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in members.lines() {
+            let _ = std::fs::write(std::path::Path::new(CPU_CGROUP).join("cgroup.procs"), pid);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

@@ -119,7 +119,7 @@ fn every_query_is_filtered_by_instance_and_the_topics_are_covered() {
     }
     for topic in [
         "pglb_backend_role",
-        "pglb_backend_up",
+        "pglb_backend_state",
         "pglb_split_brain",
         "pglb_listener_eligible_backends",
         "pglb_connections_active",
@@ -240,7 +240,7 @@ fn dashboard_queries_evaluate_on_prometheus_scraping_pglb() {
             queries(&dash).into_iter().find(|(t, _)| t == title).unwrap_or_else(|| panic!("no panel `{title}`"));
         expand(&expr)
     };
-    for (title, want) in [("Role per backend", ["2", "1", "1"]), ("Health per backend", ["1", "1", "1"])] {
+    for (title, want) in [("Role per backend", ["2", "1", "1"]), ("State per backend", ["0", "0", "0"])] {
         let expr = panel_query(title);
         let want: Vec<(String, String)> =
             ["pg0", "pg1", "pg2"].iter().zip(want).map(|(b, v)| (b.to_string(), v.to_owned())).collect();

@@ -1,6 +1,8 @@
 //! Overload soak (about 2.5 minutes; its own test binary, so no other test
 //! runs beside it): pgbench TPC-B with 64 clients on rw and select-only with
 //! 32 on ro, two CPU-burning processes beside them on this 2-core machine,
+//! the database servers held to 0.6 CPU by a CFS quota (as a container at
+//! its CPU limit or a VM with CPU steal is: they run 120 ms, then wait 80),
 //! and tight checks (interval 500ms, timeout 100ms, fall 2).
 //!
 //! Asserts that the overload was real (checks timed out), and that pglb
@@ -12,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pglb_cluster::{Cluster, Node, Spec};
+use pglb_tests::fault::Throttle;
 use pglb_tests::{Pglb, Yaml};
 
 const SOAK: Duration = Duration::from_secs(120);
@@ -82,6 +85,10 @@ fn two_minutes_of_overload_close_no_session_and_cause_no_login_storm() {
     pglb.wait_eligible("ro", &["pg1", "pg2"], Duration::from_secs(20));
 
     let logins_before: Vec<usize> = cluster.nodes.iter().map(check_logins).collect();
+    assert!(logins_before.iter().all(|n| *n > 0), "the servers' logs show no check login at all: {logins_before:?}");
+    let Some(throttle) = Throttle::nodes(&cluster.nodes, Duration::from_millis(120), Duration::from_millis(200)) else {
+        return;
+    };
     let burners = Burners::start(2);
     let started = Instant::now();
     let tpcb = pgbench(pglb.port("rw"), &["-c", "64"]);
@@ -90,6 +97,8 @@ fn two_minutes_of_overload_close_no_session_and_cause_no_login_storm() {
     let select = select.wait_with_output().expect("pgbench -S");
     let soaked = started.elapsed();
     drop(burners);
+    let throttled = throttle.throttled_periods();
+    drop(throttle);
 
     let timeouts = pglb.metric("pglb_health_check_failures_total", &[("class", "timeout")]);
     let degraded = pglb.log().matches("backend is degraded").count();
@@ -97,7 +106,7 @@ fn two_minutes_of_overload_close_no_session_and_cause_no_login_storm() {
     let logins: Vec<usize> =
         cluster.nodes.iter().zip(&logins_before).map(|(n, before)| check_logins(n) - before).collect();
     eprintln!(
-        "soak {:.0}s: {timeouts} check timeouts, {degraded} degraded transitions, {closed} sessions closed, check logins per node {logins:?}",
+        "soak {:.0}s: {throttled} throttled periods, {timeouts} check timeouts, {degraded} degraded transitions, {closed} sessions closed, check logins per node {logins:?}",
         soaked.as_secs_f64()
     );
     for (what, out) in [("TPC-B on rw", &tpcb), ("select-only on ro", &select)] {

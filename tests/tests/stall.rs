@@ -2,8 +2,9 @@
 //! interval, as a VM pause or a stuck fsync looks) is silence, not evidence:
 //! no session closes, a query in flight finishes, a client arriving during
 //! the stall waits and is served once the node resumes, and reads go to a
-//! replica that answers. Only silence longer than `down_after` closes
-//! sessions. Own cluster.
+//! replica that answers. A client that waits longer than `hold_timeout` for
+//! the silent backend's answer gets 57P03 naming it, not a hang. Only
+//! silence longer than `down_after` closes sessions. Own cluster.
 
 use std::thread;
 use std::time::{Duration, Instant};
@@ -124,11 +125,17 @@ fn a_stall_is_waited_out_and_only_a_stall_past_down_after_closes_sessions() {
     impatient.wait_eligible("rw", &["pg0"], SETTLE);
     let mut doomed = wire::login(impatient.port("rw")).expect("rw session");
     let frozen = Freeze::node(&cluster.nodes[0]);
+    // No silent hang: a client whose backend does not answer its startup
+    // within hold_timeout (1s here) gets 57P03 naming the backend.
+    let err =
+        pglb_tests::psql::psql(impatient.port("rw"), "SELECT 1", &[]).expect_err("the frozen primary cannot answer");
+    assert!(err.contains("pglb: backend \"pg0\" did not answer within 1s"), "{err}");
     impatient.wait_state("pg0", "down", Duration::from_secs(6));
     let ended = wire::read_to_eof(&mut doomed);
     frozen.thaw();
     assert!(ended.is_ok(), "the session was not closed cleanly: {ended:?}");
     assert_eq!(impatient.metric("pglb_sessions_closed_total", &[("reason", "backend_down")]), 1.0);
+    assert_eq!(impatient.metric("pglb_clients_rejected_total", &[("reason", "backend_silent")]), 1.0);
     assert!(impatient.log().contains("silent for too long"), "{}", impatient.log());
     impatient.wait_state("pg0", "healthy", SETTLE);
     // The patient pglb saw the same stall and closed nothing.

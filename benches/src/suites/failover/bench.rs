@@ -12,18 +12,20 @@ use super::Round;
 use crate::child::poll;
 use crate::haproxy::Haproxy;
 use crate::pglb::{self, Pglb};
-use crate::probe::{Attempt, Probe};
+use crate::probe::{Attempt, Mode, Probe};
 use crate::targets::Bins;
 
 const STEADY_TIMEOUT: Duration = Duration::from_secs(60);
 const DETECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Both balancers and a writer through each.
+/// Both balancers and, through each, a writer on new connections and a
+/// writer on one kept session.
 pub struct Bench<'a> {
     cluster: &'a Cluster,
     pglb: Pglb,
     haproxy: Haproxy,
-    probes: [Probe; 2],
+    pub(super) probes: [Probe; 2],
+    pub(super) sessions: [Probe; 2],
 }
 
 impl<'a> Bench<'a> {
@@ -40,7 +42,11 @@ impl<'a> Bench<'a> {
         let haproxy = Haproxy::start(&bins.haproxy, &haproxy_check::config(haproxy_port, nodes))
             .context("cannot start haproxy")?;
         let probes = [Probe::start("pglb", pglb_port)?, Probe::start("haproxy", haproxy_port)?];
-        Ok(Self { cluster, pglb, haproxy, probes })
+        let sessions = [
+            Probe::start_mode("pglb-session", pglb_port, Mode::Session)?,
+            Probe::start_mode("haproxy-session", haproxy_port, Mode::Session)?,
+        ];
+        Ok(Self { cluster, pglb, haproxy, probes, sessions })
     }
 
     pub fn round(&self, old: &Node, new: &Node) -> Result<Round> {
@@ -78,7 +84,7 @@ impl<'a> Bench<'a> {
 
     /// Both balancers route to `old` only, pglb sees `new` as a healthy
     /// replica, and both writers have just succeeded.
-    fn wait_steady(&self, old: &Node, new: &Node) -> Result<()> {
+    pub(super) fn wait_steady(&self, old: &Node, new: &Node) -> Result<()> {
         poll("a steady primary before the promotion", STEADY_TIMEOUT, Duration::from_millis(100), || {
             let status = match self.pglb.status() {
                 Ok(s) => s,
@@ -98,7 +104,7 @@ impl<'a> Bench<'a> {
             if up != "UP" || !down.starts_with("DOWN") {
                 return Ok(Err(format!("haproxy: {} {up}, {} {down}", old.name, new.name)));
             }
-            for probe in &self.probes {
+            for probe in self.probes.iter().chain(&self.sessions) {
                 let fresh =
                     probe.attempts().last().is_some_and(|a| a.ok && a.end.elapsed() < Duration::from_millis(500));
                 if !fresh {
@@ -126,6 +132,14 @@ impl<'a> Bench<'a> {
         old_down || new_up
     }
 
+    pub(super) fn log_tail(&self, i: usize) -> String {
+        if i == 0 {
+            self.pglb.log_tail()
+        } else {
+            self.haproxy.log_tail()
+        }
+    }
+
     /// Waits for writer `i`'s first success after `kill`; returns the time
     /// from its last success before the kill to that one.
     fn window(&self, i: usize, kill: Instant) -> Result<Duration> {
@@ -134,10 +148,7 @@ impl<'a> Bench<'a> {
         poll(&format!("a write through {name} after the promotion"), STEADY_TIMEOUT, Duration::from_millis(20), || {
             Ok(write_window(&probe.attempts(), kill).ok_or_else(|| probe.last_error()))
         })
-        .with_context(|| {
-            let log = if i == 0 { self.pglb.log_tail() } else { self.haproxy.log_tail() };
-            format!("{name} did not recover; its log ends:\n{log}")
-        })
+        .with_context(|| format!("{name} did not recover; its log ends:\n{}", self.log_tail(i)))
     }
 }
 

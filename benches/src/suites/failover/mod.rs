@@ -1,11 +1,13 @@
 //! The failover suite: pglb and HAProxy (external-check, the usual setup
 //! without Patroni) side by side in front of the same primary + replica.
-//! Each round stops the primary (`-m immediate`), promotes the replica,
-//! measures both balancers on the same event, then rebuilds the old
-//! primary as a replica of the new one and swaps roles.
+//! Each promotion round stops the primary (`-m immediate`), promotes the
+//! replica, measures both balancers on the same event, then rebuilds the old
+//! primary as a replica of the new one and swaps roles. Each stall round
+//! freezes the primary for 3 s and counts the errors clients saw.
 
 mod bench;
 mod haproxy_check;
+mod stall;
 
 use std::time::Duration;
 
@@ -61,7 +63,53 @@ pub fn run(opts: &Failover, bins: &Bins) -> Result<()> {
         std::mem::swap(&mut old, &mut new);
     }
     print_table(&rounds, opts.promotions);
-    failure.map_or(Ok(()), Err)
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let mut stalls = Vec::new();
+    for i in 0..opts.stalls {
+        let r =
+            bench.stall(&cluster.nodes[old], &cluster.nodes[new]).with_context(|| format!("stall {} failed", i + 1))?;
+        eprintln!(
+            "[stall {}/{}] errors: pglb {} new + {} session, haproxy {} new + {} session; longest write gap pglb {:.0} ms, haproxy {:.0} ms",
+            i + 1,
+            opts.stalls,
+            r.fresh_errors[0],
+            r.session_errors[0],
+            r.fresh_errors[1],
+            r.session_errors[1],
+            ms(r.gap[0]),
+            ms(r.gap[1])
+        );
+        stalls.push(r);
+    }
+    print_stalls(&stalls);
+    Ok(())
+}
+
+fn print_stalls(stalls: &[stall::StallRound]) {
+    if stalls.is_empty() {
+        return;
+    }
+    let both = |f: fn(&stall::StallRound, usize) -> f64| -> Vec<Option<Vec<f64>>> {
+        (0..2).map(|i| Some(stalls.iter().map(|r| f(r, i)).collect())).collect()
+    };
+    let mut table = Table::new(&["pglb", "haproxy"], &["haproxy"]);
+    table.add("failed writes on new connections", Better::Lower, 1, both(|r, i| r.fresh_errors[i] as f64));
+    table.add(
+        "sessions lost (failed writes on a kept session)",
+        Better::Lower,
+        1,
+        both(|r, i| r.session_errors[i] as f64),
+    );
+    table.add("longest write gap ms, new connections", Better::Lower, 0, both(|r, i| ms(r.gap[i])));
+    println!(
+        "\n== pglb-bench failover: {} stalls of the primary ({} s SIGSTOP of every server process), mean per stall ==",
+        stalls.len(),
+        stall::STALL.as_secs()
+    );
+    println!("pglb: interval 1s, timeout 1s, fall 2 (down_after 30s); haproxy: same timings, on-marked-down shutdown-sessions");
+    print!("{}", table.render());
 }
 
 fn ms(d: Duration) -> f64 {
