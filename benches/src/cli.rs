@@ -4,7 +4,7 @@ pub const USAGE: &str = "\
 usage:
   pglb-bench throughput [--quick] [--duration SECS] [--rounds N] [--scale N]
                         [--copy-rows N] [--memory LOW,HIGH | --no-memory] [--no-build]
-  pglb-bench failover   [--quick] [--promotions N] [--stalls N] [--no-build]
+  pglb-bench failover   [--quick] [--promotions N] [--stalls N] [--stall-secs S] [--no-build]
   pglb-bench --help
 
 throughput  direct vs pglb (splice) vs pglb (copy) vs HAProxy on one primary:
@@ -12,9 +12,9 @@ throughput  direct vs pglb (splice) vs pglb (copy) vs HAProxy on one primary:
             defaults: --duration 10 --rounds 3 --scale 64 --copy-rows 1000000 --memory 2000,6000
             --quick:  --duration 5 --rounds 1 --scale 4 --copy-rows 100000 --memory 200,600
 failover    pglb vs HAProxy (external-check) through promotions of a replica:
-            write-unavailability window and detection time; then 3 s stalls
+            write-unavailability window and detection time; then stalls
             (SIGSTOP) of the primary: errors clients saw.
-            default: --promotions 10 --stalls 5; --quick: --promotions 2 --stalls 1
+            default: --promotions 10 --stalls 5 --stall-secs 3; --quick: --promotions 2 --stalls 1
 
 --no-build  use the existing target/release/pglb (or $PGLB_BIN) instead of
             running `cargo build --release -p pglb` first.";
@@ -49,6 +49,8 @@ pub struct Throughput {
 pub struct Failover {
     pub promotions: usize,
     pub stalls: usize,
+    /// How long each stall freezes the primary.
+    pub stall: std::time::Duration,
 }
 
 /// Options as given; `--quick` changes only the defaults of the others.
@@ -63,6 +65,7 @@ struct Given {
     memory: Option<Option<(usize, usize)>>,
     promotions: Option<usize>,
     stalls: Option<usize>,
+    stall_secs: Option<u64>,
 }
 
 pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> {
@@ -86,6 +89,7 @@ pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> 
             "--memory" => given.memory = Some(Some(pair(&arg, &value()?)?)),
             "--promotions" => given.promotions = Some(number(&arg, &value()?)?),
             "--stalls" => given.stalls = Some(number(&arg, &value()?)?),
+            "--stall-secs" => given.stall_secs = Some(number(&arg, &value()?)?),
             _ => return Err(format!("unexpected argument `{arg}`")),
         }
     }
@@ -108,8 +112,8 @@ fn throughput(g: &Given) -> Result<Throughput, String> {
     if t.duration == 0 || t.rounds == 0 || t.scale == 0 {
         return Err("--duration, --rounds and --scale must be at least 1".into());
     }
-    if g.promotions.is_some() || g.stalls.is_some() {
-        return Err("--promotions and --stalls belong to the failover suite".into());
+    if g.promotions.is_some() || g.stalls.is_some() || g.stall_secs.is_some() {
+        return Err("--promotions, --stalls and --stall-secs belong to the failover suite".into());
     }
     Ok(t)
 }
@@ -125,7 +129,11 @@ fn failover(g: &Given) -> Result<Failover, String> {
         return Err("--promotions must be at least 1".into());
     }
     let stalls = g.stalls.unwrap_or(if g.quick { 1 } else { 5 });
-    Ok(Failover { promotions, stalls })
+    let stall = std::time::Duration::from_secs(g.stall_secs.unwrap_or(3));
+    if stall.is_zero() {
+        return Err("--stall-secs must be at least 1".into());
+    }
+    Ok(Failover { promotions, stalls, stall })
 }
 
 fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {

@@ -3,13 +3,22 @@
 //! looks) and a network partition (nftables drops a port's traffic both
 //! ways — silence, not a refusal).
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use pglb_cluster::Node;
 
+/// Signals every pid in one kill(1) call, so the server stops or resumes
+/// as one. kill fails for a pid that is gone (a backend that exited just
+/// before the freeze is reaped as soon as the postmaster runs again) but
+/// still signals the others, so its status is not the verdict.
 fn kill(signal: &str, pids: &[u32]) {
-    let status = Command::new("kill").arg(signal).args(pids.iter().map(u32::to_string)).status();
-    assert!(status.is_ok_and(|s| s.success()), "kill {signal} {pids:?} failed");
+    let _ = Command::new("kill").arg(signal).args(pids.iter().map(u32::to_string)).stderr(Stdio::null()).status();
+}
+
+/// The state letter of a process (`T`: stopped), from /proc.
+fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// A server whose processes are all stopped; they continue on drop.
@@ -23,6 +32,11 @@ impl Freeze {
         let pids = node.processes();
         assert!(pids.len() > 1, "{} has no server processes to freeze", node.name);
         kill("-STOP", &pids);
+        let stopped = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            state(pids[0]) == Some('T')
+        });
+        assert!(stopped, "{}'s postmaster did not stop", node.name);
         Self { pids }
     }
 
@@ -56,16 +70,13 @@ impl Partition {
              add rule inet {table} out tcp dport {port} drop
              add rule inet {table} out tcp sport {port} drop"
         );
-        let out = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
+        let out = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().and_then(
+            |mut c| {
                 use std::io::Write;
                 c.stdin.take().expect("stdin").write_all(script.as_bytes())?;
                 c.wait_with_output()
-            });
+            },
+        );
         match out {
             Ok(o) if o.status.success() => Some(Self { table }),
             Ok(o) => panic!("nft refused the partition rules: {}", String::from_utf8_lossy(&o.stderr)),

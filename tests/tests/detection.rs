@@ -81,7 +81,7 @@ fn hung_backend_is_degraded_not_down() {
     assert_eq!(pglb.backend("pg1")["up"], true);
     frozen.thaw();
     eprintln!("hung replica degraded after {:.2}s", took.as_secs_f64());
-    assert!(pglb.log().contains("check timed out"), "{}", pglb.log());
+    assert!(pglb.log().contains("state=\"degraded\" class=\"timeout\""), "{}", pglb.log());
     pglb.wait_state("pg1", "healthy", Duration::from_secs(15));
     assert!(!pglb.log().contains("backend is down:"), "{}", pglb.log());
 }

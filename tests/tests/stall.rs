@@ -80,8 +80,8 @@ fn a_stall_is_waited_out_and_only_a_stall_past_down_after_closes_sessions() {
     let port = pglb.port("rw");
     let arriving = thread::spawn(move || (where_am_i(port), Instant::now()));
     thread::sleep(STALL.saturating_sub(stalled_at.elapsed()));
-    frozen.thaw();
     let thawed = Instant::now();
+    frozen.thaw();
     let (landed, served_at) = arriving.join().expect("client thread");
     assert_eq!(landed, Ok((cluster.nodes[0].port, false)), "the client that arrived during the stall");
     assert!(served_at >= thawed, "served before the node resumed?");

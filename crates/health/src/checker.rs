@@ -64,8 +64,8 @@ pub fn spawn_checker(
 struct InFlight {
     task: JoinHandle<(Option<CheckConn>, Outcome)>,
     started: Instant,
-    /// Silence was already reported for it.
-    reported: bool,
+    /// When its silence was last reported (first at the timeout).
+    reported: Option<Instant>,
     /// Intervals it has spanned without an answer.
     ticks: u32,
 }
@@ -115,10 +115,10 @@ impl Checker {
                 }
                 Wake::Timeout => {
                     if let Some(f) = &mut self.inflight {
-                        f.reported = true;
+                        f.reported = Some(Instant::now());
                     }
                     let timeout = pglb_config::format_duration(self.config.health.timeout);
-                    if !self.silent(format!("check timed out after {timeout}; still waiting for its answer")).await {
+                    if !self.silent(format!("check timed out: no answer within {timeout}")).await {
                         break;
                     }
                 }
@@ -136,7 +136,7 @@ impl Checker {
 
     async fn wait(&mut self, next: Instant, shutdown: &CancellationToken) -> Wake {
         let timeout = self.config.health.timeout;
-        let deadline = self.inflight.as_ref().filter(|f| !f.reported).map(|f| f.started + timeout);
+        let deadline = self.inflight.as_ref().filter(|f| f.reported.is_none()).map(|f| f.started + timeout);
         let idle = self.inflight.is_none();
         tokio::select! {
             _ = shutdown.cancelled() => Wake::Stop,
@@ -149,17 +149,26 @@ impl Checker {
     }
 
     /// An interval passed: check, or report that the running check is still
-    /// unanswered (and replace its connection if it has been for long).
+    /// unanswered (and replace its connection if it has been for long). Its
+    /// silence is reported once at the timeout, then once per `interval`
+    /// (also while checks run at `fast_interval`): a tick before the
+    /// timeout, or right after it (timeout = interval), is not another
+    /// silent check.
     async fn tick(&mut self) -> bool {
+        let (pace, interval) = (self.pace(), self.config.health.interval);
         let Some(f) = &mut self.inflight else {
             self.start(false);
             return true;
         };
+        match f.reported {
+            Some(at) if at.elapsed() + pace / 2 >= interval => f.reported = Some(Instant::now()),
+            _ => return true,
+        }
         f.ticks += 1;
         let stuck = f.ticks >= self.config.health.fall;
         let waited = f.started.elapsed();
         if stuck && self.last_replaced.is_none_or(|t| t.elapsed() >= REPLACE_EVERY) {
-            tracing::info!(backend = %self.backend.name, waited = ?waited, "check unanswered: trying a fresh login beside the stuck one");
+            tracing::info!(backend = %self.backend.name, waited = ?waited, "check unanswered: replacing its connection with a fresh login (at most once a minute)");
             if let Some(f) = self.inflight.take() {
                 f.task.abort();
             }
@@ -174,7 +183,7 @@ impl Checker {
     fn start(&mut self, dropped: bool) {
         let health = self.config.health.clone();
         let task = tokio::spawn(attempt(self.conn.take(), dropped, health, self.backend.clone(), self.tls.clone()));
-        self.inflight = Some(InFlight { task, started: Instant::now(), reported: false, ticks: 0 });
+        self.inflight = Some(InFlight { task, started: Instant::now(), reported: None, ticks: 0 });
     }
 
     /// An attempt ended, in time or late.
@@ -189,7 +198,7 @@ impl Checker {
                 self.report(observation).await
             }
             // Already reported as silence at the timeout.
-            Outcome::NoAnswer(_) if f.reported => true,
+            Outcome::NoAnswer(_) if f.reported.is_some() => true,
             Outcome::NoAnswer(reason) => self.silent(reason).await,
         }
     }

@@ -91,58 +91,64 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
         crate::cancel::fan_out(&ctx, &first.bytes).await;
         return;
     }
-    if ctx.shared.draining.is_cancelled() {
-        ctx.metrics.reject("shutdown");
-        log_refusal(&ctx, peer, accepted, "shutdown", "pglb is shutting down");
-        refuse(&mut client, first, ADMIN_SHUTDOWN, "pglb: shutting down", config.startup_timeout).await;
-        return;
-    }
     let stop = ctx.shared.draining.clone();
     // A backend that becomes ineligible before it answered (fenced, taken
     // out) is given up and another one found; the client saw nothing yet.
-    for _ in 0..MAX_ROUTES {
-        let (places, backend) = match find_backend(&ctx, &config, &client, &stop).await {
-            Ok(found) => found,
-            Err(Refusal::Gone) => return gave_up(&ctx, peer, accepted),
-            Err(Refusal::Refuse { reason, sqlstate, message }) => {
-                ctx.metrics.reject(reason);
-                log_refusal(&ctx, peer, accepted, reason, &message);
-                refuse(&mut client, first, sqlstate, &message, config.startup_timeout).await;
-                return;
+    let refusal = 'route: {
+        if stop.is_cancelled() {
+            break 'route Refusal::Refuse {
+                reason: "shutdown",
+                sqlstate: ADMIN_SHUTDOWN,
+                message: "pglb: shutting down".into(),
+            };
+        }
+        for _ in 0..MAX_ROUTES {
+            let (places, backend) = match find_backend(&ctx, &config, &client, &stop).await {
+                Ok(found) => found,
+                Err(refusal) => break 'route refusal,
+            };
+            match open(&ctx, &config, &client, backend, places, &first, peer).await {
+                Opened::Answered(session) => {
+                    // A forwarding session holds no config and no startup bytes.
+                    drop((config, first));
+                    return session.forward(&ctx, client).await;
+                }
+                Opened::Rerouted => continue,
+                Opened::Gone => break 'route Refusal::Gone,
+                Opened::Silent { backend, waited } => {
+                    let waited = pglb_config::format_duration(waited);
+                    break 'route Refusal::Refuse {
+                        reason: "backend_silent",
+                        sqlstate: CANNOT_CONNECT_NOW,
+                        message: format!(
+                            "pglb: backend \"{backend}\" did not answer within {waited} (listener \"{}\")",
+                            ctx.name
+                        ),
+                    };
+                }
             }
-        };
-        let session = match open(&ctx, &config, &client, backend, places, &first, peer).await {
-            Opened::Answered(session) => session,
-            Opened::Rerouted => continue,
-            Opened::Gone => return gave_up(&ctx, peer, accepted),
-            Opened::Silent { backend, waited } => {
-                let message = format!(
-                    "pglb: backend \"{backend}\" did not answer within {} (listener \"{}\")",
-                    pglb_config::format_duration(waited),
-                    ctx.name
-                );
-                ctx.metrics.reject("backend_silent");
-                log_refusal(&ctx, peer, accepted, "backend_silent", &message);
-                refuse(&mut client, first, CANNOT_CONNECT_NOW, &message, config.startup_timeout).await;
-                return;
-            }
-        };
-        drop(config);
-        return session.forward(&ctx, client).await;
+        }
+        Refusal::Refuse {
+            reason: "no_backend",
+            sqlstate: CANNOT_CONNECT_NOW,
+            message: format!("pglb: no backend for listener \"{}\" stayed eligible long enough to answer", ctx.name),
+        }
+    };
+    match refusal {
+        Refusal::Gone => {
+            ctx.metrics.reject("client_gave_up");
+            log_refusal(&ctx, peer, accepted, "client_gave_up", "the client hung up while waiting");
+        }
+        Refusal::Refuse { reason, sqlstate, message } => {
+            ctx.metrics.reject(reason);
+            log_refusal(&ctx, peer, accepted, reason, &message);
+            refuse(&mut client, first, sqlstate, &message, config.startup_timeout).await;
+        }
     }
-    let message = format!("pglb: no backend for listener \"{}\" stayed eligible long enough to answer", ctx.name);
-    ctx.metrics.reject("no_backend");
-    log_refusal(&ctx, peer, accepted, "no_backend", &message);
-    refuse(&mut client, first, CANNOT_CONNECT_NOW, &message, config.startup_timeout).await;
 }
 
 /// Most backends one client is routed to before it gets an answer.
 const MAX_ROUTES: usize = 3;
-
-fn gave_up(ctx: &ListenerContext, peer: SocketAddr, accepted: Instant) {
-    ctx.metrics.reject("client_gave_up");
-    log_refusal(ctx, peer, accepted, "client_gave_up", "the client hung up while waiting");
-}
 
 /// Finds, reserves and connects to a backend: holds the client while none
 /// is eligible (up to `hold_timeout`), queues it while limits are full (up

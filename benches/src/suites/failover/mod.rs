@@ -68,8 +68,9 @@ pub fn run(opts: &Failover, bins: &Bins) -> Result<()> {
     }
     let mut stalls = Vec::new();
     for i in 0..opts.stalls {
-        let r =
-            bench.stall(&cluster.nodes[old], &cluster.nodes[new]).with_context(|| format!("stall {} failed", i + 1))?;
+        let r = bench
+            .stall(&cluster.nodes[old], &cluster.nodes[new], opts.stall)
+            .with_context(|| format!("stall {} failed", i + 1))?;
         eprintln!(
             "[stall {}/{}] errors: pglb {} new + {} session, haproxy {} new + {} session; longest write gap pglb {:.0} ms, haproxy {:.0} ms",
             i + 1,
@@ -83,11 +84,11 @@ pub fn run(opts: &Failover, bins: &Bins) -> Result<()> {
         );
         stalls.push(r);
     }
-    print_stalls(&stalls);
+    print_stalls(&stalls, opts.stall);
     Ok(())
 }
 
-fn print_stalls(stalls: &[stall::StallRound]) {
+fn print_stalls(stalls: &[stall::StallRound], length: Duration) {
     if stalls.is_empty() {
         return;
     }
@@ -106,7 +107,7 @@ fn print_stalls(stalls: &[stall::StallRound]) {
     println!(
         "\n== pglb-bench failover: {} stalls of the primary ({} s SIGSTOP of every server process), mean per stall ==",
         stalls.len(),
-        stall::STALL.as_secs()
+        length.as_secs()
     );
     println!("pglb: interval 1s, timeout 1s, fall 2 (down_after 30s); haproxy: same timings, on-marked-down shutdown-sessions");
     print!("{}", table.render());
