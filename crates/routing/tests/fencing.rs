@@ -31,6 +31,13 @@ fn replica(t: &mut Topology, name: &str, sysid: u64) {
     t.observe(name, Observation::Up { role: ObservedRole::Replica, facts }, Instant::now());
 }
 
+/// a primary on timeline 1, b and c its replicas, all of cluster 7.
+fn steady(t: &mut Topology) {
+    primary(t, "a", 1, 7);
+    replica(t, "b", 7);
+    replica(t, "c", 7);
+}
+
 /// Evidence: refused (`lost`: the watched connection dropped first).
 fn refused(t: &mut Topology, name: &str, lost: bool) {
     let obs = Observation::Failed { class: FailureClass::Refused, reason: "refused".into(), lost };
@@ -56,9 +63,7 @@ fn rw(table: &RoutingTable) -> Vec<&str> {
 #[test]
 fn lower_timeline_primary_is_fenced_and_stays_fenced() {
     let mut t = topology("", "");
-    primary(&mut t, "a", 1, 7);
-    replica(&mut t, "b", 7);
-    replica(&mut t, "c", 7);
+    steady(&mut t);
     assert_eq!(rw(&t.table().0), ["a"]);
     // b is promoted while a still runs: a fork.
     primary(&mut t, "b", 2, 7);
@@ -153,9 +158,7 @@ fn primary_listener_waits_for_every_first_check() {
 #[test]
 fn generation_moves_only_when_routing_changes() {
     let mut t = topology("", "");
-    primary(&mut t, "a", 1, 7);
-    replica(&mut t, "b", 7);
-    replica(&mut t, "c", 7);
+    steady(&mut t);
     let g1 = t.table().0.generation;
     replica(&mut t, "b", 7);
     assert_eq!(t.table().0.generation, g1);
@@ -166,9 +169,7 @@ fn generation_moves_only_when_routing_changes() {
 #[test]
 fn a_silent_primary_is_degraded_still_used_alone_and_fenced_by_a_newer_one() {
     let mut t = topology("", "");
-    primary(&mut t, "a", 1, 7);
-    replica(&mut t, "b", 7);
-    replica(&mut t, "c", 7);
+    steady(&mut t);
     silent(&mut t, "a", 1);
     silent(&mut t, "a", 2);
     let (table, _) = t.table();
@@ -187,9 +188,7 @@ fn a_silent_primary_is_degraded_still_used_alone_and_fenced_by_a_newer_one() {
 #[test]
 fn silence_past_down_after_takes_the_backend_out() {
     let mut t = topology("health: {interval: 1s, fall: 2, down_after: 10s}", "");
-    primary(&mut t, "a", 1, 7);
-    replica(&mut t, "b", 7);
-    replica(&mut t, "c", 7);
+    steady(&mut t);
     for s in [1, 2, 5, 9] {
         silent(&mut t, "a", s);
     }
@@ -204,9 +203,7 @@ fn silence_past_down_after_takes_the_backend_out() {
 #[test]
 fn reads_prefer_healthy_replicas_then_the_primary_then_a_degraded_replica() {
     let mut t = topology("", "");
-    primary(&mut t, "a", 1, 7);
-    replica(&mut t, "b", 7);
-    replica(&mut t, "c", 7);
+    steady(&mut t);
     silent(&mut t, "b", 1);
     silent(&mut t, "b", 2);
     let (table, _) = t.table();
@@ -226,9 +223,7 @@ fn reads_prefer_healthy_replicas_then_the_primary_then_a_degraded_replica() {
 #[test]
 fn a_monitoring_failure_keeps_the_backend_in_service() {
     let mut t = topology("", "");
-    primary(&mut t, "a", 1, 7);
-    replica(&mut t, "b", 7);
-    replica(&mut t, "c", 7);
+    steady(&mut t);
     for name in ["a", "b", "c"] {
         for _ in 0..5 {
             let obs = Observation::Failed { class: FailureClass::Auth, reason: "password".into(), lost: false };
