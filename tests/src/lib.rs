@@ -24,14 +24,24 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Skips a test whose tool or privilege is missing: a clear `SKIPPED:` line
-/// on a developer's machine; under CI (which installs every tool, see
-/// `.ci/run`) a missing tool is a failure, never a silent pass.
+/// Skips a test whose tool or privilege is missing: under CI (`.ci/run`
+/// sets `CI`, and installs every tool the tests need) that is a failure,
+/// never a silent pass. Elsewhere the test returns early, and the `SKIPPED:`
+/// line goes to the terminal itself: cargo test captures a passing test's
+/// stdout and stderr, so a plain println would hide the skip behind `ok`.
 pub fn skip(why: &str) {
     if std::env::var_os("CI").is_some() {
         panic!("{why} — CI installs everything the tests need (.ci/run), so this is a failure");
     }
-    println!("SKIPPED: {why}");
+    let line = format!("SKIPPED: {}: {why}\n", std::thread::current().name().unwrap_or("a test"));
+    let on_terminal = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/tty")
+        .and_then(|mut tty| std::io::Write::write_all(&mut tty, line.as_bytes()));
+    if on_terminal.is_err() {
+        // No terminal (a pipe, a log): the captured output is all there is.
+        eprint!("{line}");
+    }
 }
 
 /// Polls `f` every 50ms until it returns `Some`, or panics after `timeout`

@@ -116,6 +116,13 @@ impl Yaml {
     }
 }
 
+/// The entry called `name` of a `/status` list (`backends`, `listeners`),
+/// or `null`: entries are looked up by name, never by position.
+pub fn named<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    static NULL: serde_json::Value = serde_json::Value::Null;
+    list.as_array().and_then(|all| all.iter().find(|e| e["name"] == name)).unwrap_or(&NULL)
+}
+
 /// A running pglb; killed on drop.
 pub struct Pglb {
     child: Child,
@@ -158,7 +165,7 @@ impl Pglb {
         cmd.arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info,pglb_proxy=debug")
-            .env("NO_COLOR", "1")
+            .env_remove("NO_COLOR")
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("log file"));
         for (k, v) in env {
@@ -216,11 +223,14 @@ impl Pglb {
             .sum()
     }
 
-    /// Backend `name` as `/status` shows it.
+    /// Backend `name` as `/status` shows it (`null` if there is none).
     pub fn backend(&self, name: &str) -> serde_json::Value {
-        let status = self.status();
-        let backends = status["backends"].as_array().cloned().unwrap_or_default();
-        backends.into_iter().find(|b| b["name"] == name).unwrap_or_default()
+        named(&self.status()["backends"], name).clone()
+    }
+
+    /// Listener `name` as `/status` shows it (`null` if there is none).
+    pub fn listener(&self, name: &str) -> serde_json::Value {
+        named(&self.status()["listeners"], name).clone()
     }
 
     /// Waits until backend `name` is in `state` (healthy, degraded, unverified, down).

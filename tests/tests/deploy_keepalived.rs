@@ -559,7 +559,7 @@ fn the_virtual_ip_follows_pglb_not_the_database() {
     pg.stop();
     wait_until("pglb to see the database down", Duration::from_secs(10), || {
         let status = status_in(active)?;
-        match status["backends"][0]["healthy"].as_bool() {
+        match pglb_tests::pglb::named(&status["backends"], "db")["healthy"].as_bool() {
             Some(false) => Ok(()),
             other => Err(format!("healthy: {other:?}")),
         }

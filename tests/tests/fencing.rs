@@ -10,8 +10,8 @@ use pglb_tests::{wait_until, wire, Pglb, Yaml};
 
 const SETTLE: Duration = Duration::from_secs(15);
 
-fn fenced(pglb: &Pglb, backend: usize) -> bool {
-    pglb.status()["backends"][backend]["fenced"] == true
+fn fenced(pglb: &Pglb, backend: &str) -> bool {
+    pglb.backend(backend)["fenced"] == true
 }
 
 #[test]
@@ -32,7 +32,7 @@ fn timeline_fork_fences_the_old_primary_and_closes_its_sessions() {
     cluster.nodes[1].promote().expect("promote pg1");
     let t0 = Instant::now();
     pglb.wait_eligible("rw", &["pg1"], SETTLE);
-    assert!(fenced(&pglb, 0), "{}", pglb.status());
+    assert!(fenced(&pglb, "pg0"), "{}", pglb.status());
     // on_ineligible: close — the old primary's rw session is closed.
     let tags = wire::read_to_eof(&mut closed_session).expect("EOF on the fenced session");
     eprintln!("fenced session closed {:.2}s after promotion (tags {tags:?})", t0.elapsed().as_secs_f64());
@@ -51,7 +51,7 @@ fn timeline_fork_fences_the_old_primary_and_closes_its_sessions() {
     pglb.wait_eligible("rw", &[], SETTLE);
     std::thread::sleep(Duration::from_secs(2));
     assert!(pglb.eligible("rw").is_empty(), "{}", pglb.status());
-    assert!(fenced(&pglb, 0));
+    assert!(fenced(&pglb, "pg0"));
     let err = pglb_tests::psql::psql(pglb.port("rw"), "SELECT 1", &[]).expect_err("no writes to a fenced node");
     assert!(err.contains("no healthy primary"), "{err}");
 }
@@ -105,14 +105,14 @@ fn a_backend_from_another_cluster_is_fenced() {
     yaml.backends.push(("stranger".into(), format!("address: {}", other.primary().address())));
     let pglb = Pglb::start(&yaml);
     wait_until("the stranger to be fenced", SETTLE, || {
-        if fenced(&pglb, 2) {
+        if fenced(&pglb, "stranger") {
             Ok(())
         } else {
             Err(pglb.status().to_string())
         }
     });
-    let status = pglb.status();
-    let reason = status["backends"][2]["fence_reason"].as_str().unwrap_or_default().to_owned();
-    assert!(reason.contains("system identifier"), "{status}");
+    let stranger = pglb.backend("stranger");
+    assert!(stranger["fence_reason"].as_str().is_some_and(|r| r.contains("system identifier")), "{stranger}");
+    assert_eq!(stranger["fence_kind"], "system_identifier", "{stranger}");
     pglb.wait_eligible("ro", &["pg0", "pg1"], SETTLE);
 }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use pglb_cluster::{Cluster, Spec};
+use pglb_tests::pglb::named;
 use pglb_tests::{wait_until, wire, Pglb, Yaml};
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -22,9 +23,9 @@ fn paused_replay_takes_a_replica_out_and_resume_brings_it_back() {
     // An idle primary: replicas are caught up, whatever the replay timestamp says.
     std::thread::sleep(Duration::from_secs(3));
     let status = pglb.status();
-    for b in 1..=2 {
-        assert_eq!(status["backends"][b]["lag_seconds"], 0.0, "{status}");
-        assert_eq!(status["backends"][b]["lag_bytes"], 0, "{status}");
+    for b in ["pg1", "pg2"] {
+        assert_eq!(named(&status["backends"], b)["lag_seconds"], 0.0, "{status}");
+        assert_eq!(named(&status["backends"], b)["lag_bytes"], 0, "{status}");
     }
     // Sessions on pg1 through both listeners (round robin: try until one lands there).
     let on_pg1 = |listener: &str| {
@@ -55,8 +56,9 @@ fn paused_replay_takes_a_replica_out_and_resume_brings_it_back() {
         .expect("write ~10 MB");
     pglb.wait_eligible("ro", &["pg2"], SETTLE);
     let status = pglb.status();
-    assert!(status["listeners"][0]["lagging"].as_array().is_some_and(|l| l.iter().any(|b| b == "pg1")), "{status}");
-    assert!(status["backends"][1]["lag_bytes"].as_u64().unwrap_or(0) > 1 << 20, "{status}");
+    let lagging = &named(&status["listeners"], "ro")["lagging"];
+    assert!(lagging.as_array().is_some_and(|l| l.iter().any(|b| b == "pg1")), "{status}");
+    assert!(named(&status["backends"], "pg1")["lag_bytes"].as_u64().unwrap_or(0) > 1 << 20, "{status}");
     wire::read_to_eof(&mut closed).expect("on_lag: close ends the ro session on pg1");
     wire::query(&mut kept, "SELECT 1").expect("on_lag: keep leaves the session");
     let (tag, _) = wire::read_message(&mut kept).expect("answer");

@@ -449,6 +449,38 @@ fn invalid_reloads_are_rejected_whole_and_the_old_config_keeps_serving() {
     drop(squatter);
 }
 
+/// A reload is all or nothing: when the checks' TLS connector cannot be
+/// built (the CA file, same path, now holds no certificate), nothing of the
+/// new config applies — before, its listeners opened and the backends it
+/// changed stayed unchecked while the reload counted as a success.
+#[test]
+fn a_reload_with_an_unusable_ca_file_changes_nothing() {
+    let cluster = shared_cluster();
+    let ca = std::fs::read_to_string(cluster.primary().data.join("server.crt")).expect("the cluster's certificate");
+    let mut yaml =
+        Yaml::for_cluster(&cluster).file("ca.pem", &ca).listener("rw", "role: primary\n    hold_timeout: 0s");
+    // The connector is built from sslrootcert even where checks do not use
+    // TLS, at start and at every reload.
+    yaml.health =
+        "interval: 500ms\n  timeout: 500ms\n  user: pglb_check\n  sslmode: disable\n  sslrootcert: ca.pem".into();
+    let pglb = Pglb::start(&yaml);
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    wait_metric(&pglb, "pglb_config_reloads_total{result=\"failure\"}", 0.0);
+
+    std::fs::write(pglb.dir.join("ca.pem"), "not a certificate\n").expect("spoil the CA file");
+    yaml.backends.retain(|(name, _)| name != "pg2");
+    let yaml = yaml.listener("fresh", "role: replica\n    hold_timeout: 0s");
+    std::fs::write(&pglb.config, yaml.render()).expect("write config");
+    pglb.signal("HUP");
+    wait_metric(&pglb, "pglb_config_reloads_total{result=\"failure\"}", 1.0);
+    let log = pglb.log();
+    assert!(log.contains("reload rejected") && log.contains("sslrootcert"), "{log}");
+    assert_eq!(metric(&pglb.metrics(), "pglb_config_reloads_total{result=\"success\"}"), Some(0.0));
+    refuses(port_in(&yaml, "fresh")).expect("a rejected reload must not open its new listeners");
+    assert_eq!(backend_names(&pglb), ["pg0", "pg1", "pg2"]);
+    assert_eq!(where_am_i(pglb.port("rw")), Ok((cluster.primary().port, false)), "the old config keeps serving");
+}
+
 /// `clients_active` of listener `name` in /status.
 fn status_clients_active(pglb: &Pglb, name: &str) -> Value {
     let status = pglb.status();
@@ -667,6 +699,8 @@ fn connection_log_and_connections_endpoint(format: &str) {
         .listener("rw", "role: primary\n    hold_timeout: 0s");
     let pglb = Pglb::start(&yaml);
     pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    // A log file gets no terminal colour codes (stderr is not a terminal).
+    assert!(!pglb.log().contains('\x1b'), "ANSI escapes in a log file:\n{}", pglb.log());
 
     let mut s = wire::login(pglb.port("rw")).expect("login");
     let client = s.local_addr().expect("local addr").to_string();

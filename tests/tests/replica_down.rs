@@ -38,7 +38,7 @@ fn stopped_replica_leaves_rotation_and_returns() {
     let back_after = t1.elapsed().as_secs_f64();
     assert!(back_after <= rise * interval + timeout + interval, "returned after {back_after:.2}s");
     let status = pglb.status();
-    assert_eq!(status["backends"][2]["healthy"], true, "{status}");
+    assert_eq!(pglb_tests::pglb::named(&status["backends"], "pg2")["healthy"], true, "{status}");
     wait_until("ro to reach the returned replica", Duration::from_secs(10), || match where_am_i(pglb.port("ro")) {
         Ok((p, true)) if p == stopped.port => Ok(()),
         other => Err(format!("{other:?}")),

@@ -119,11 +119,11 @@ fn no_eligible_backend_answers_with_a_postgres_error() {
     let pglb = Pglb::start(&yaml);
     pglb.wait_eligible("ro", &[], SETTLE);
     wait_until("the primary to be checked", SETTLE, || {
-        let s = pglb.status();
-        if s["backends"][0]["checked"] == true {
+        let b = pglb.backend("pg0");
+        if b["checked"] == true {
             Ok(())
         } else {
-            Err(s.to_string())
+            Err(b.to_string())
         }
     });
     for sslmode in ["prefer", "disable", "allow"] {
@@ -153,11 +153,17 @@ fn garbage_and_silent_clients_are_dropped_and_counted() {
     let started = Instant::now();
     assert_eq!(silent.read(&mut [0u8; 16]).expect("closed, not timed out"), 0);
     assert!(started.elapsed() < Duration::from_secs(9), "silent client was not dropped");
+    // A client reset halfway through its first message is counted too.
+    let reset = std::net::TcpStream::connect(addr).expect("connect");
+    (&reset).write_all(&[0, 0, 0, 40, 0, 3]).expect("write half a startup message");
+    socket2::SockRef::from(&reset).set_linger(Some(Duration::ZERO)).expect("linger 0: close with a reset");
+    drop(reset);
     wait_until("rejections to be counted", SETTLE, || {
         let m = pglb.metrics();
         let bad = m.contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"bad_startup\"} 1");
         let slow = m.contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"startup_timeout\"} 1");
-        if bad && slow {
+        let reset = m.contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"client_error\"} 1");
+        if bad && slow && reset {
             Ok(())
         } else {
             Err(m)

@@ -243,14 +243,18 @@ impl<'a> Validator<'a> {
                     "give every listener a distinct name",
                 );
             }
-            if listener.listen.port() != 0 {
-                if let Some(prev) = addrs.insert(listener.listen, i) {
-                    self.problem(
-                        &format!("listeners[{i}].listen"),
-                        format!("address {} is already used by listeners[{prev}]", listener.listen),
-                        "give every listener its own address or port",
-                    );
-                }
+            if listener.listen.port() == 0 {
+                self.problem(
+                    &format!("listeners[{i}].listen"),
+                    format!("port 0 in {} would make the kernel pick a port nobody is told", listener.listen),
+                    "write the port clients connect to, e.g. 127.0.0.1:6432",
+                );
+            } else if let Some(prev) = addrs.insert(listener.listen, i) {
+                self.problem(
+                    &format!("listeners[{i}].listen"),
+                    format!("address {} is already used by listeners[{prev}]", listener.listen),
+                    "give every listener its own address or port",
+                );
             }
             out.push(listener);
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{ring, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -18,6 +19,8 @@ pub enum TlsError {
     Read { path: String, source: std::io::Error },
     #[error("sslrootcert {path} holds no usable certificate: write a PEM file of CA certificates")]
     Empty { path: String },
+    #[error("sslrootcert {path} is not valid PEM ({detail}): write a PEM file of CA certificates")]
+    Pem { path: String, detail: String },
     #[error("cannot set up TLS: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("cannot set up certificate verification: {0}")]
@@ -43,7 +46,8 @@ fn ca_verifier(path: &Path, provider: Arc<CryptoProvider>) -> Result<Arc<WebPkiS
     let shown = path.display().to_string();
     let pem = std::fs::read(path).map_err(|source| TlsError::Read { path: shown.clone(), source })?;
     let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()).flatten() {
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| TlsError::Pem { path: shown.clone(), detail: e.to_string() })?;
         roots.add(cert)?;
     }
     if roots.is_empty() {
@@ -128,5 +132,39 @@ impl ServerCertVerifier for VerifyCa {
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed CA certificate (P-256, valid until 2126), for the tests only.
+    const CA: &str = include_str!("test-ca.pem");
+
+    fn file(name: &str, text: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("pglb-tls-{}-{name}", std::process::id()));
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn a_ca_file_loads() {
+        let path = file("good.pem", CA);
+        assert!(make_tls(Some(&path)).is_ok());
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_broken_pem_section_is_an_error_naming_the_file() {
+        // One good certificate, then a section cut short: not silently skipped.
+        let path = file("cut.pem", &format!("{CA}-----BEGIN CERTIFICATE-----\nMIIB\n"));
+        let err = make_tls(Some(&path)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("not valid PEM") && err.contains(&path.display().to_string()), "{err}");
+        let _ = std::fs::remove_file(path);
+        let path = file("none.pem", "no certificate here\n");
+        let err = make_tls(Some(&path)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("holds no usable certificate"), "{err}");
+        let _ = std::fs::remove_file(path);
     }
 }

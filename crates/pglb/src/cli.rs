@@ -10,7 +10,9 @@ usage:
   pglb demo                     start a local primary + 2 replicas and pglb in front of them
   pglb --help | --version
 
-signals: SIGTERM/SIGINT stop pglb.";
+signals: SIGHUP reloads the config (a bad one is rejected whole, the old one keeps serving);
+         SIGTERM/SIGINT drain (new clients refused, sessions finish for shutdown_timeout)
+         and stop; a second SIGTERM/SIGINT stops at once.";
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
@@ -63,5 +65,12 @@ mod tests {
         assert_eq!(p(&["--help"]), Ok(Command::Help));
         assert!(p(&["--config"]).is_err());
         assert!(p(&["bogus"]).is_err());
+    }
+
+    #[test]
+    fn help_names_the_signals() {
+        for signal in ["SIGHUP", "SIGTERM", "SIGINT"] {
+            assert!(USAGE.contains(signal), "--help does not mention {signal}");
+        }
     }
 }

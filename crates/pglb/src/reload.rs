@@ -1,14 +1,19 @@
 //! SIGHUP: re-read the config and apply it atomically, or reject it whole.
 //!
-//! Order matters: (1) parse and validate; (2) bind every new listener (a
-//! port in use rejects the reload, nothing changed yet); (3) stop checkers of
+//! Order matters: (1) parse and validate; (2) bind every new listener and
+//! build the checks' TLS connector (a port in use or an unusable CA file
+//! rejects the reload: nothing has changed yet); (3) stop checkers of
 //! removed or changed backends and wait for them; (4) reconfigure the
 //! topology (states of unchanged backends carry over: no flap), which
 //! publishes the next table; (5) give kept sockets a context for the new
 //! config, open new listeners, stop removed ones (their sessions end per
-//! `on_ineligible`); (6) start the missing checkers.
+//! `on_ineligible`); (6) start the missing checkers. Nothing after (2) can
+//! fail but the topology task being gone (pglb is stopping); success is
+//! recorded only once all of it is done.
 
 use std::path::Path;
+
+use anyhow::Context;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,6 +24,7 @@ use pglb_health::Command;
 use pglb_proxy::ListenerContext;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::run::{bind_listeners, Server};
 
@@ -61,15 +67,23 @@ impl Server {
             return;
         }
         let kept: Vec<_> = self.listeners.iter().map(|l| l.addr).collect();
-        let sockets = match bind_listeners(&next, &kept) {
-            Ok(s) => s,
+        let prepared = bind_listeners(&next, &kept).and_then(|sockets| {
+            let tls = pglb_health::make_tls(next.health.sslrootcert.as_deref()).context("health.sslrootcert")?;
+            Ok((sockets, tls))
+        });
+        let (sockets, tls) = match prepared {
+            Ok(p) => p,
             Err(err) => {
                 tracing::error!(config = %self.path.display(), error = format!("{err:#}"), "reload rejected: the old config keeps serving");
                 record_failure();
                 return;
             }
         };
-        self.apply(next, sockets).await;
+        if let Err(err) = self.apply(next, sockets, tls).await {
+            tracing::error!(error = %err, "reload failed while applying");
+            record_failure();
+            return;
+        }
         record_success(true);
         self.admin.live.store(Arc::new(LiveConfig {
             path: self.path.display().to_string(),
@@ -100,14 +114,19 @@ impl Server {
         Ok(())
     }
 
-    async fn apply(&mut self, next: Arc<Config>, sockets: Vec<(usize, tokio::net::TcpListener)>) {
+    /// Commits `next`; everything that can be refused was checked before.
+    async fn apply(
+        &mut self,
+        next: Arc<Config>,
+        sockets: Vec<(usize, tokio::net::TcpListener)>,
+        tls: MakeRustlsConnect,
+    ) -> anyhow::Result<()> {
         self.checkers.stop_changed(&next).await;
         let (tx, rx) = oneshot::channel();
         if self.topology.commands.send(Command::Reconfigure { config: next.clone(), reply: tx }).await.is_err()
             || rx.await.is_err()
         {
-            tracing::error!("reload: the topology task is gone");
-            return;
+            anyhow::bail!("the topology task is gone (pglb is stopping)");
         }
         if next.forwarder != self.config.forwarder {
             self.shared.pipes = crate::run::pipes_for(&next);
@@ -133,19 +152,13 @@ impl Server {
         }
         self.open_listeners(sockets);
         self.admin.token.store(Arc::new(next.admin.token.clone()));
-        let tls = match pglb_health::make_tls(next.health.sslrootcert.as_deref()) {
-            Ok(tls) => tls,
-            Err(err) => {
-                tracing::error!(error = %err, "reload: cannot set up TLS for checks");
-                return;
-            }
-        };
         self.checkers.start_missing(next.clone(), tls, &self.topology);
         self.config = next;
         // Sessions of removed listeners and backends are judged now.
         for ctx in self.admin.listeners.load().iter() {
             ctx.enforce(&table);
         }
+        Ok(())
     }
 }
 

@@ -226,7 +226,7 @@ impl Server {
             _ = tokio::time::sleep(timeout) => {
                 tracing::warn!(timeout = ?timeout, "shutdown timeout: closing the remaining sessions");
                 for ctx in self.admin.listeners.load().iter() {
-                    ctx.registry.close_all("shutdown_timeout");
+                    ctx.registry.close_all(pglb_routing::CloseReason::ShutdownTimeout);
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(2), self.sessions.wait()).await;
             }

@@ -1,15 +1,19 @@
 //! Logging and the metrics recorder.
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use pglb_config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr as text or JSON lines; `RUST_LOG` overrides the default
-/// `info` level.
+/// `info` level. Colour only when stderr is a terminal (and `NO_COLOR` is
+/// unset): a log file or a pipe gets plain text.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -28,7 +32,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     pglb_proxy::describe_metrics();
     metrics::describe_counter!(
         "pglb_config_reloads_total",
-        "Config loads by result (success, failure); SIGHUP reloads and the start."
+        "Config reloads on SIGHUP, by result (success, failure); the start is not counted."
     );
     metrics::describe_gauge!(
         "pglb_config_last_reload_success_timestamp_seconds",

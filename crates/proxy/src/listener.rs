@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::forward::PipePool;
 use crate::metrics::{ListenerMetrics, PairMetrics};
+use crate::reason::Reject;
 use crate::registry::Registry;
 
 /// What every listener shares.
@@ -182,12 +183,12 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
                 if !allowed(&current, peer) {
-                    current.metrics.reject("not_allowed");
+                    current.metrics.reject(Reject::NotAllowed);
                     crate::session::log_refusal(
                         &current,
                         peer,
                         std::time::Instant::now(),
-                        "not_allowed",
+                        Reject::NotAllowed,
                         "client address is not in the listener's allow list",
                     );
                     drop(stream);

@@ -2,35 +2,9 @@
 //! so the hot path does no label lookups.
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
+use pglb_routing::CloseReason;
 
-/// Reasons a client is turned away; a closed set of label values.
-pub const REJECT_REASONS: [&str; 11] = [
-    "no_backend",
-    "backend_silent",
-    "hold_full",
-    "queue_timeout",
-    "connect_failed",
-    "startup_timeout",
-    "bad_startup",
-    "client_closed",
-    "client_gave_up",
-    "shutdown",
-    "not_allowed",
-];
-
-/// Why pglb closed a forwarded session; a closed set of label values.
-pub const CLOSE_REASONS: [&str; 10] = [
-    "backend_down",
-    "fenced",
-    "disabled",
-    "split_brain",
-    "role_changed",
-    "lagging",
-    "removed",
-    "shutdown",
-    "listener_removed",
-    "shutdown_timeout",
-];
+use crate::reason::Reject;
 
 /// Registers help text for every data-path metric.
 pub fn describe() {
@@ -151,8 +125,8 @@ impl ListenerMetrics {
         metrics::gauge!("pglb_listener_max_clients", "listener" => listener.to_owned())
             .set(max_clients.unwrap_or(0) as f64);
         Self {
-            rejected: counters("pglb_clients_rejected_total", &REJECT_REASONS),
-            closed: counters("pglb_sessions_closed_total", &CLOSE_REASONS),
+            rejected: counters("pglb_clients_rejected_total", &Reject::ALL.map(Reject::as_str)),
+            closed: counters("pglb_sessions_closed_total", &CloseReason::ALL.map(CloseReason::as_str)),
             cancels: counter("pglb_cancel_requests_total"),
             accept_errors: counter("pglb_accept_errors_total"),
             held: gauge("pglb_clients_held"),
@@ -163,18 +137,14 @@ impl ListenerMetrics {
         }
     }
 
-    /// Counts a rejected client; `reason` must be one of [`REJECT_REASONS`].
-    pub fn reject(&self, reason: &str) {
-        if let Some(i) = REJECT_REASONS.iter().position(|r| *r == reason) {
-            self.rejected[i].increment(1);
-        }
+    /// Counts a rejected client.
+    pub fn reject(&self, reason: Reject) {
+        self.rejected[reason.index()].increment(1);
     }
 
-    /// Counts a session pglb closed; `reason` must be one of [`CLOSE_REASONS`].
-    pub fn closed(&self, reason: &str) {
-        if let Some(i) = CLOSE_REASONS.iter().position(|r| *r == reason) {
-            self.closed[i].increment(1);
-        }
+    /// Counts a session pglb closed.
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason.index()].increment(1);
     }
 }
 

@@ -5,6 +5,8 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::reason::Reject;
+
 /// PostgreSQL's own cap on a startup packet (MAX_STARTUP_PACKET_LENGTH).
 pub const MAX_FIRST_MESSAGE: usize = 10_000;
 
@@ -49,12 +51,12 @@ pub enum FirstMessageError {
 }
 
 impl FirstMessageError {
-    /// A bounded label for metrics.
-    pub fn kind(&self) -> &'static str {
+    /// Why the client is turned away, as a metric label.
+    pub fn kind(&self) -> Reject {
         match self {
-            Self::Closed => "client_closed",
-            Self::BadLength(_) | Self::UnknownCode(_) => "bad_startup",
-            Self::Io(_) => "client_error",
+            Self::Closed => Reject::ClientClosed,
+            Self::BadLength(_) | Self::UnknownCode(_) => Reject::BadStartup,
+            Self::Io(_) => Reject::ClientError,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use pglb_config::{OnIneligible, OnLag};
-use pglb_routing::{RoutingTable, Verdict};
+use pglb_routing::{CloseReason, RoutingTable, Verdict};
 use tokio_util::sync::CancellationToken;
 
 /// One open session, as the registry sees it.
@@ -26,14 +26,14 @@ pub struct SessionHandle {
     pub started: SystemTime,
     pub stop: CancellationToken,
     /// Why pglb closed it, if it did.
-    pub reason: OnceLock<&'static str>,
+    pub reason: OnceLock<CloseReason>,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
 }
 
 impl SessionHandle {
     /// Closes the session for `reason` (the first reason wins).
-    pub fn close(&self, reason: &'static str) {
+    pub fn close(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
         self.stop.cancel();
     }
@@ -77,14 +77,14 @@ impl Registry {
             if session.keep_when_removed || session.stop.is_cancelled() {
                 continue;
             }
-            session.close("listener_removed");
+            session.close(CloseReason::ListenerRemoved);
             closed += 1;
         }
         closed
     }
 
     /// Closes every session for `reason`.
-    pub fn close_all(&self, reason: &'static str) {
+    pub fn close_all(&self, reason: CloseReason) {
         for session in self.list() {
             session.close(reason);
         }
@@ -105,12 +105,12 @@ pub fn judge(table: &RoutingTable, listener: usize, session: &SessionHandle) -> 
         Verdict::Ineligible(_) if route.config.on_ineligible == OnIneligible::Keep => return false,
         Verdict::Lagging if route.config.on_lag == OnLag::Keep => return false,
         Verdict::Ineligible(why) => why,
-        Verdict::Lagging => "lagging",
+        Verdict::Lagging => CloseReason::Lagging,
     };
     if session.stop.is_cancelled() {
         return false;
     }
-    tracing::warn!(backend = %session.backend, client = %session.client, reason, "closing session: its backend may no longer serve this listener");
+    tracing::warn!(backend = %session.backend, client = %session.client, reason = reason.as_str(), "closing session: its backend may no longer serve this listener");
     session.close(reason);
     true
 }

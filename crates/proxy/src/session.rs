@@ -17,6 +17,7 @@ use crate::connect::{connect, tune};
 use crate::forward::{discard_unsent, forward, Counters};
 use crate::listener::ListenerContext;
 use crate::protocol::{read_first, FirstKind, FirstMessage};
+use crate::reason::Reject;
 use crate::refuse::refuse;
 use crate::registry::SessionHandle;
 use crate::wait::{hung_up, wait, Slot, Wake};
@@ -60,7 +61,7 @@ impl Drop for Places<'_> {
 /// How finding a backend ended without one.
 enum Refusal {
     Refuse {
-        reason: &'static str,
+        reason: Reject,
         sqlstate: &'static str,
         message: String,
     },
@@ -81,8 +82,8 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
             return;
         }
         Err(_) => {
-            ctx.metrics.reject("startup_timeout");
-            log_refusal(&ctx, peer, accepted, "startup_timeout", "no startup message in time");
+            ctx.metrics.reject(Reject::StartupTimeout);
+            log_refusal(&ctx, peer, accepted, Reject::StartupTimeout, "no startup message in time");
             return;
         }
     };
@@ -97,7 +98,7 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
     let refusal = 'route: {
         if stop.is_cancelled() {
             break 'route Refusal::Refuse {
-                reason: "shutdown",
+                reason: Reject::Shutdown,
                 sqlstate: ADMIN_SHUTDOWN,
                 message: "pglb: shutting down".into(),
             };
@@ -118,7 +119,7 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
                 Opened::Silent { backend, waited } => {
                     let waited = pglb_config::format_duration(waited);
                     break 'route Refusal::Refuse {
-                        reason: "backend_silent",
+                        reason: Reject::BackendSilent,
                         sqlstate: CANNOT_CONNECT_NOW,
                         message: format!(
                             "pglb: backend \"{backend}\" did not answer within {waited} (listener \"{}\")",
@@ -129,15 +130,15 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
             }
         }
         Refusal::Refuse {
-            reason: "no_backend",
+            reason: Reject::NoBackend,
             sqlstate: CANNOT_CONNECT_NOW,
             message: format!("pglb: no backend for listener \"{}\" stayed eligible long enough to answer", ctx.name),
         }
     };
     match refusal {
         Refusal::Gone => {
-            ctx.metrics.reject("client_gave_up");
-            log_refusal(&ctx, peer, accepted, "client_gave_up", "the client hung up while waiting");
+            ctx.metrics.reject(Reject::ClientGaveUp);
+            log_refusal(&ctx, peer, accepted, Reject::ClientGaveUp, "the client hung up while waiting");
         }
         Refusal::Refuse { reason, sqlstate, message } => {
             ctx.metrics.reject(reason);
@@ -172,7 +173,7 @@ async fn find_backend<'a>(
                 }
                 held =
                     Some(Slot::take(&ctx.held, config.hold_max, &ctx.metrics.held).ok_or_else(|| Refusal::Refuse {
-                        reason: "hold_full",
+                        reason: Reject::HoldFull,
                         sqlstate: CANNOT_CONNECT_NOW,
                         message: format!(
                             "pglb: no healthy backend for listener \"{}\" and hold_max clients already wait",
@@ -189,7 +190,7 @@ async fn find_backend<'a>(
                         Some(found) => return Ok(found),
                         None => {
                             return Err(Refusal::Refuse {
-                                reason: "connect_failed",
+                                reason: Reject::ConnectFailed,
                                 sqlstate: CANNOT_CONNECT_NOW,
                                 message: format!("pglb: cannot connect to any backend for listener \"{}\"", ctx.name),
                             })
@@ -209,7 +210,7 @@ async fn find_backend<'a>(
             Wake::ClientGone => return Err(Refusal::Gone),
             Wake::Shutdown => {
                 return Err(Refusal::Refuse {
-                    reason: "shutdown",
+                    reason: Reject::Shutdown,
                     sqlstate: ADMIN_SHUTDOWN,
                     message: "pglb: shutting down".into(),
                 })
@@ -217,7 +218,7 @@ async fn find_backend<'a>(
             Wake::Timeout if capacity.is_some() => {
                 record_wait(ctx, started, false, true);
                 return Err(Refusal::Refuse {
-                    reason: "queue_timeout",
+                    reason: Reject::QueueTimeout,
                     sqlstate: TOO_MANY_CONNECTIONS,
                     message: format!(
                         "pglb: too many connections for listener \"{}\" (max_clients or backend max_connections reached; waited {:?})",
@@ -234,7 +235,7 @@ async fn find_backend<'a>(
 }
 
 /// The connection log line of a client that never reached a backend.
-pub(crate) fn log_refusal(ctx: &ListenerContext, peer: SocketAddr, since: Instant, end: &str, detail: &str) {
+pub(crate) fn log_refusal(ctx: &ListenerContext, peer: SocketAddr, since: Instant, end: Reject, detail: &str) {
     tracing::info!(
         target: "pglb::connection",
         client = %peer,
@@ -244,7 +245,7 @@ pub(crate) fn log_refusal(ctx: &ListenerContext, peer: SocketAddr, since: Instan
         duration_s = since.elapsed().as_secs_f64(),
         bytes_client_to_backend = 0,
         bytes_backend_to_client = 0,
-        end,
+        end = end.as_str(),
         detail,
         "connection closed"
     );
@@ -261,7 +262,7 @@ fn record_wait(ctx: &ListenerContext, started: Instant, held: bool, queued: bool
 }
 
 fn no_backend(config: &ListenerConfig) -> Refusal {
-    Refusal::Refuse { reason: "no_backend", sqlstate: CANNOT_CONNECT_NOW, message: no_backend_message(config) }
+    Refusal::Refuse { reason: Reject::NoBackend, sqlstate: CANNOT_CONNECT_NOW, message: no_backend_message(config) }
 }
 
 fn no_backend_message(config: &ListenerConfig) -> String {
@@ -418,7 +419,8 @@ async fn open<'a>(
         }
         _ = handle.stop.cancelled() => {
             discard_unsent(&backend);
-            tracing::info!(backend = %candidate.name, reason = handle.reason.get().copied().unwrap_or(""), "backend became ineligible before answering; routing the client again");
+            let reason = handle.reason.get().map_or("", |r| r.as_str());
+            tracing::info!(backend = %candidate.name, reason, "backend became ineligible before answering; routing the client again");
             return Opened::Rerouted;
         }
         _ = hung_up(client) => return Opened::Gone,
@@ -441,8 +443,8 @@ impl Session<'_> {
         let outcome = forward(client, self.backend, ctx.shared.pipes.as_deref(), &counters, &self.handle.stop).await;
         let end = match (outcome.end, self.handle.reason.get()) {
             (crate::forward::End::Stopped, Some(reason)) => {
-                ctx.metrics.closed(reason);
-                *reason
+                ctx.metrics.closed(*reason);
+                reason.as_str()
             }
             (end, _) => end.as_str(),
         };

@@ -16,6 +16,33 @@ use std::collections::BTreeMap;
 
 use crate::state::{BackendState, ObservedRole};
 
+/// Why a backend is fenced, as a kind a program can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FenceKind {
+    /// A primary on a lower timeline than the highest seen.
+    Timeline,
+    /// Another cluster's system identifier.
+    SystemId,
+}
+
+impl FenceKind {
+    pub const ALL: [FenceKind; 2] = [Self::Timeline, Self::SystemId];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeline => "timeline",
+            Self::SystemId => "system_identifier",
+        }
+    }
+}
+
+/// A fence: its kind and the reason, for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub kind: FenceKind,
+    pub reason: String,
+}
+
 /// Sticky fencing memory, across checks.
 #[derive(Debug, Clone, Default)]
 pub struct Fencing {
@@ -24,7 +51,7 @@ pub struct Fencing {
     /// The cluster's system identifier, once known.
     pub system_id: Option<u64>,
     /// Backend index → why it is fenced.
-    pub fenced: BTreeMap<usize, String>,
+    pub fenced: BTreeMap<usize, Fence>,
 }
 
 /// A fencing change worth one log line.
@@ -42,7 +69,7 @@ impl Fencing {
         for (i, s) in states.iter().enumerate() {
             if roles[i] == ObservedRole::Replica
                 && s.up
-                && self.fenced.get(&i).is_some_and(|r| r.starts_with("timeline"))
+                && self.fenced.get(&i).is_some_and(|f| f.kind == FenceKind::Timeline)
             {
                 self.clear(i, "seen as a replica", &mut changes);
             }
@@ -56,8 +83,8 @@ impl Fencing {
                     s.facts.system_id.unwrap_or_default(),
                     self.system_id.unwrap_or_default()
                 );
-                self.fence(i, reason, &mut changes);
-            } else if self.fenced.get(&i).is_some_and(|r| r.starts_with("system identifier")) {
+                self.fence(i, Fence { kind: FenceKind::SystemId, reason }, &mut changes);
+            } else if self.fenced.get(&i).is_some_and(|f| f.kind == FenceKind::SystemId) {
                 self.clear(i, "system identifier matches the cluster again", &mut changes);
             }
         }
@@ -74,7 +101,7 @@ impl Fencing {
             if timeline < self.max_timeline {
                 let reason =
                     format!("timeline {timeline} is below the highest primary timeline seen ({})", self.max_timeline);
-                self.fence(i, reason, &mut changes);
+                self.fence(i, Fence { kind: FenceKind::Timeline, reason }, &mut changes);
             }
         }
         changes
@@ -111,10 +138,11 @@ impl Fencing {
         }
     }
 
-    fn fence(&mut self, i: usize, reason: String, changes: &mut Vec<FenceChange>) {
-        if self.fenced.get(&i) != Some(&reason) {
+    fn fence(&mut self, i: usize, fence: Fence, changes: &mut Vec<FenceChange>) {
+        if self.fenced.get(&i) != Some(&fence) {
             let new = !self.fenced.contains_key(&i);
-            self.fenced.insert(i, reason.clone());
+            let reason = fence.reason.clone();
+            self.fenced.insert(i, fence);
             if new {
                 changes.push(FenceChange::Fenced { backend: i, reason });
             }

@@ -10,13 +10,15 @@
 
 mod fence;
 mod lag;
+mod reason;
 mod select;
 mod state;
 mod table;
 mod topology;
 
-pub use fence::{FenceChange, Fencing};
+pub use fence::{Fence, FenceChange, FenceKind, Fencing};
 pub use lag::{lag, Following, GateChange, Lag, LagGate};
+pub use reason::CloseReason;
 pub use select::Cursor;
 pub use state::{
     BackendState, CheckError, Facts, FailureClass, FailureKind, Health, Observation, ObservedRole, Receiver,

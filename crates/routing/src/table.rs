@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use pglb_config::{BackendConfig, Balance, ListenerConfig, Role};
 
+use crate::fence::Fence;
 use crate::lag::Lag;
+use crate::reason::CloseReason;
 use crate::state::{BackendState, ObservedRole};
 
 /// Live load of one backend, shared by every table that lists it.
@@ -68,7 +70,7 @@ pub struct BackendEntry {
     /// The role routing uses: the observed one, unless the config pins it.
     pub role: ObservedRole,
     /// Why it must get no traffic, if fenced.
-    pub fenced: Option<String>,
+    pub fenced: Option<Fence>,
     pub admin: AdminState,
     /// Last known lag behind the primary (replicas).
     pub lag: Lag,
@@ -104,8 +106,8 @@ pub struct ListenerRoute {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Keep,
-    /// The listener may no longer use this backend; the reason is a label.
-    Ineligible(&'static str),
+    /// The listener may no longer use this backend.
+    Ineligible(CloseReason),
     /// A replica over the listener's lag limit.
     Lagging,
 }
@@ -143,30 +145,30 @@ impl RoutingTable {
     /// returning replica does not close them.
     pub fn verdict(&self, listener: usize, backend: usize, via_fallback: bool) -> Verdict {
         let (Some(route), Some(b)) = (self.listeners.get(listener), self.backends.get(backend)) else {
-            return Verdict::Ineligible("removed");
+            return Verdict::Ineligible(CloseReason::Removed);
         };
         // Silence (degraded) and monitoring failures (unverified) keep sessions.
         if !b.state.up {
-            return Verdict::Ineligible("backend_down");
+            return Verdict::Ineligible(CloseReason::BackendDown);
         }
         if b.fenced.is_some() {
-            return Verdict::Ineligible("fenced");
+            return Verdict::Ineligible(CloseReason::Fenced);
         }
         if b.admin == AdminState::Disabled {
-            return Verdict::Ineligible("disabled");
+            return Verdict::Ineligible(CloseReason::Disabled);
         }
         let wanted = match (via_fallback, route.config.fallback) {
             (true, Some(f)) => f,
             _ => route.config.role,
         };
         match (wanted, b.role) {
-            (Role::Primary, ObservedRole::Primary) if self.split_brain => Verdict::Ineligible("split_brain"),
+            (Role::Primary, ObservedRole::Primary) if self.split_brain => Verdict::Ineligible(CloseReason::SplitBrain),
             (Role::Primary, ObservedRole::Primary) => Verdict::Keep,
             (Role::Replica, ObservedRole::Replica) if route.lagging.contains(&backend) => Verdict::Lagging,
             (Role::Replica, ObservedRole::Replica) => Verdict::Keep,
-            (Role::Any, ObservedRole::Primary) if self.split_brain => Verdict::Ineligible("split_brain"),
+            (Role::Any, ObservedRole::Primary) if self.split_brain => Verdict::Ineligible(CloseReason::SplitBrain),
             (Role::Any, ObservedRole::Primary | ObservedRole::Replica) => Verdict::Keep,
-            _ => Verdict::Ineligible("role_changed"),
+            _ => Verdict::Ineligible(CloseReason::RoleChanged),
         }
     }
 }

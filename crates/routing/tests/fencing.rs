@@ -4,7 +4,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pglb_routing::{Facts, FailureClass, Health, Observation, ObservedRole, Receiver, RoutingTable, Topology, Verdict};
+use pglb_routing::{
+    CloseReason, Facts, FailureClass, FenceKind, Health, Observation, ObservedRole, Receiver, RoutingTable, Topology,
+    Verdict,
+};
 
 fn topology(extra: &str, pin: &str) -> Topology {
     let text = format!(
@@ -70,8 +73,11 @@ fn lower_timeline_primary_is_fenced_and_stays_fenced() {
     primary(&mut t, "a", 1, 7);
     let (table, _) = t.table();
     assert_eq!(rw(&table), ["b"]);
-    assert!(table.backends[0].fenced.as_deref().is_some_and(|r| r.contains("timeline 1")));
-    assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible("fenced"));
+    assert!(table.backends[0]
+        .fenced
+        .as_ref()
+        .is_some_and(|f| f.kind == FenceKind::Timeline && f.reason.contains("timeline 1")));
+    assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible(CloseReason::Fenced));
     // The new primary dies: the stale one must still get no writes.
     refused(&mut t, "b", true);
     primary(&mut t, "a", 1, 7);
@@ -91,7 +97,7 @@ fn two_primaries_on_one_timeline_fence_rw_unless_allowed() {
     assert!(table.split_brain);
     assert!(rw(&table).is_empty());
     assert!(events.iter().any(|e| matches!(e, pglb_routing::Event::SplitBrain { .. })));
-    assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible("split_brain"));
+    assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible(CloseReason::SplitBrain));
 
     let mut t = topology("multi_primary: allow", "");
     primary(&mut t, "a", 2, 7);
@@ -109,7 +115,10 @@ fn another_clusters_backend_is_fenced() {
     replica(&mut t, "b", 7);
     replica(&mut t, "c", 99);
     let (table, _) = t.table();
-    assert!(table.backends[2].fenced.as_deref().is_some_and(|r| r.contains("system identifier")));
+    assert!(table.backends[2]
+        .fenced
+        .as_ref()
+        .is_some_and(|f| f.kind == FenceKind::SystemId && f.reason.contains("system identifier")));
     let ro = table.listener("ro").expect("ro");
     assert_eq!(ro.eligible, [1]);
 }
@@ -142,7 +151,7 @@ fn fallback_sessions_survive_a_returning_replica() {
     let (table, _) = t.table();
     assert_eq!(table.listener("ro").expect("ro").eligible, [1]);
     assert_eq!(table.verdict(1, 0, true), Verdict::Keep, "a fallback session on the primary stays");
-    assert_eq!(table.verdict(1, 0, false), Verdict::Ineligible("role_changed"));
+    assert_eq!(table.verdict(1, 0, false), Verdict::Ineligible(CloseReason::RoleChanged));
 }
 
 #[test]
@@ -182,7 +191,7 @@ fn a_silent_primary_is_degraded_still_used_alone_and_fenced_by_a_newer_one() {
     primary(&mut t, "b", 2, 7);
     let (table, _) = t.table();
     assert_eq!(rw(&table), ["b"]);
-    assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible("fenced"));
+    assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible(CloseReason::Fenced));
 }
 
 #[test]
@@ -197,7 +206,7 @@ fn silence_past_down_after_takes_the_backend_out() {
     let (table, _) = t.table();
     assert_eq!(table.backends[0].state.health(), Health::Down);
     assert!(rw(&table).is_empty());
-    assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible("backend_down"));
+    assert_eq!(table.verdict(0, 0, false), Verdict::Ineligible(CloseReason::BackendDown));
 }
 
 #[test]

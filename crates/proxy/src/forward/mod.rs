@@ -22,6 +22,7 @@ pub use pump::PipePool;
 #[cfg(target_os = "linux")]
 pub use splice::PipePool;
 
+use crate::reason::Side;
 use pump::pump;
 
 /// Byte counters for one session, per direction.
@@ -100,14 +101,14 @@ pub async fn forward(
                         first_eof.get_or_insert(End::ClientClosed);
                     }
                     // A reset after the other side's EOF is how many clients close.
-                    Err(f) => break first_eof.unwrap_or_else(|| f.end("client", "backend")),
+                    Err(f) => break first_eof.unwrap_or_else(|| f.end(Side::Client, Side::Backend)),
                 },
                 r = &mut b2c, if !b2c_done => match r {
                     Ok(()) => {
                         b2c_done = true;
                         first_eof.get_or_insert(End::BackendClosed);
                     }
-                    Err(f) => break first_eof.unwrap_or_else(|| f.end("backend", "client")),
+                    Err(f) => break first_eof.unwrap_or_else(|| f.end(Side::Backend, Side::Client)),
                 },
             }
             if c2b_done && b2c_done {

@@ -14,10 +14,12 @@
 //! switches the direction back to copying (HAProxy's `splice-auto` idea).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::Counter;
+
+use crate::reason::Side;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -36,16 +38,15 @@ pub enum Failure {
 
 impl Failure {
     /// The session end this failure means, for a direction `from` → `to`.
-    pub fn end(self, from: &'static str, to: &'static str) -> super::End {
+    pub fn end(self, from: Side, to: Side) -> super::End {
         let (side, error) = match self {
             Failure::Read(e) => (from, e),
             Failure::Write(e) => (to, e),
         };
-        tracing::debug!(side, %error, "forwarding failed");
-        if side == "client" {
-            super::End::ClientError
-        } else {
-            super::End::BackendError
+        tracing::debug!(side = side.as_str(), %error, "forwarding failed");
+        match side {
+            Side::Client => super::End::ClientError,
+            Side::Backend => super::End::BackendError,
         }
     }
 }
@@ -214,7 +215,7 @@ async fn splice_burst(
     counter: &Counter,
     total: &AtomicU64,
 ) -> Burst {
-    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let (src_fd, dst_fd) = (src.as_fd(), dst.as_fd());
     let mut largest = 0;
     let done = |ended, empty, largest, result| Burst { ended, empty, largest, result };
     for round in 0u32.. {

@@ -11,7 +11,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -48,20 +48,21 @@ impl Pipe {
 
     /// Moves up to `len` bytes from socket `from` into the pipe.
     /// `Ok(0)` is end of stream; `WouldBlock` means no data (or no room).
-    pub fn fill_from(&self, from: RawFd, len: usize) -> io::Result<usize> {
-        splice(from, self.write.as_raw_fd(), len)
+    pub(crate) fn fill_from(&self, from: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        splice(from, self.write.as_fd(), len)
     }
 
     /// Moves up to `len` bytes from the pipe into socket `to`.
-    pub fn drain_to(&self, to: RawFd, len: usize) -> io::Result<usize> {
-        splice(self.read.as_raw_fd(), to, len)
+    pub(crate) fn drain_to(&self, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        splice(self.read.as_fd(), to, len)
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: splice with null offsets on two valid fds (the caller's socket
-    // is borrowed for the call, the pipe end is owned by `Pipe`). It touches
-    // no memory of ours. SPLICE_F_MOVE has been a no-op since Linux 2.6.21.
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    let (from, to) = (from.as_raw_fd(), to.as_raw_fd());
+    // SAFETY: splice with null offsets on two fds that stay open for the
+    // call (both are borrowed for its duration). It touches no memory of
+    // ours. SPLICE_F_MOVE has been a no-op since Linux 2.6.21.
     let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_NONBLOCK) };
     if n < 0 {
         Err(io::Error::last_os_error())
@@ -156,7 +157,7 @@ impl PipePool {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
 
     #[test]
     fn moves_bytes_between_sockets() {
@@ -170,13 +171,13 @@ mod tests {
         let pipe = Pipe::new(1 << 16).expect("pipe");
         let mut moved = 0;
         while moved < 12 {
-            match pipe.fill_from(b.as_raw_fd(), 1 << 16) {
+            match pipe.fill_from(b.as_fd(), 1 << 16) {
                 Ok(n) => moved += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
                 Err(e) => panic!("{e}"),
             }
         }
-        assert_eq!(pipe.drain_to(c.as_raw_fd(), moved).expect("drain"), 12);
+        assert_eq!(pipe.drain_to(c.as_fd(), moved).expect("drain"), 12);
         let mut buf = [0u8; 12];
         d.read_exact(&mut buf).expect("read");
         assert_eq!(&buf, b"hello splice");
