@@ -223,6 +223,25 @@ impl Pglb {
             .sum()
     }
 
+    /// Health checks of `backend` completed so far (answered or failed).
+    pub fn checks(&self, backend: &str) -> f64 {
+        self.metric("pglb_health_check_duration_seconds_count", &[("backend", backend)])
+    }
+
+    /// Waits until `n` more checks of each of `backends` have completed:
+    /// "pglb has looked N times", instead of a guess in wall time.
+    pub fn wait_checks(&self, backends: &[&str], n: f64, timeout: Duration) {
+        let start: Vec<f64> = backends.iter().map(|b| self.checks(b)).collect();
+        wait_until(&format!("{n} more checks of {backends:?}"), timeout, || {
+            let done: Vec<f64> = backends.iter().map(|b| self.checks(b)).collect();
+            if done.iter().zip(&start).all(|(d, s)| d - s >= n) {
+                Ok(())
+            } else {
+                Err(format!("{start:?} -> {done:?}"))
+            }
+        });
+    }
+
     /// Backend `name` as `/status` shows it (`null` if there is none).
     pub fn backend(&self, name: &str) -> serde_json::Value {
         named(&self.status()["backends"], name).clone()

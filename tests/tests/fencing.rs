@@ -49,7 +49,8 @@ fn timeline_fork_fences_the_old_primary_and_closes_its_sessions() {
     // The new primary dies: the stale one must still get no writes.
     cluster.nodes[1].stop("immediate");
     pglb.wait_eligible("rw", &[], SETTLE);
-    std::thread::sleep(Duration::from_secs(2));
+    // pg0 answers as a primary check after check: it must stay fenced.
+    pglb.wait_checks(&["pg0"], 4.0, SETTLE);
     assert!(pglb.eligible("rw").is_empty(), "{}", pglb.status());
     assert!(fenced(&pglb, "pg0"));
     let err = pglb_tests::psql::psql(pglb.port("rw"), "SELECT 1", &[]).expect_err("no writes to a fenced node");

@@ -122,11 +122,22 @@ fn slow_consumer_does_not_grow_memory(forwarder: &str) {
     let mut s = wire::login(pglb.port("rw")).expect("login");
     wire::query(&mut s, "COPY (SELECT repeat('y', 1000) FROM generate_series(1, 300000)) TO STDOUT").expect("query");
     let mut buf = vec![0u8; 64 * 1024];
-    // Let the pipeline fill up, then take a baseline.
+    // Let the pipeline fill up (pglb stops moving bytes while we do not
+    // read), then take a baseline.
     for _ in 0..16 {
         s.read_exact(&mut buf).expect("read");
     }
-    std::thread::sleep(Duration::from_millis(300));
+    let mut last = -1.0;
+    pglb_tests::wait_until("the pipeline to fill up", Duration::from_secs(10), || {
+        let moved = pglb.metric("pglb_bytes_total", &[("direction", "backend_to_client")]);
+        let settled = moved == last;
+        last = moved;
+        if settled {
+            Ok(())
+        } else {
+            Err(format!("{moved} bytes moved"))
+        }
+    });
     let before = rss_kib(pglb.pid());
     // Read slowly: ~3 MB/s for 3 s while the server could send 300 MB.
     let started = Instant::now();

@@ -73,7 +73,9 @@ fn held_clients_reach_the_new_primary_or_get_57p03_and_the_hold_is_bounded() {
             Err(h)
         }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Held while pglb checks the cluster and still sees no primary.
+    pglb.wait_checks(&["pg1"], 2.0, Duration::from_secs(5));
+    assert_eq!(held(&pglb).rsplit(' ').next(), Some("1"), "the client is still held");
     cluster.nodes[1].promote().expect("promote");
     let (landed, after) = client.join().expect("client thread");
     assert_eq!(landed, Ok((cluster.nodes[1].port, false)), "held client did not reach the new primary");

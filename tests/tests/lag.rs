@@ -20,8 +20,9 @@ fn paused_replay_takes_a_replica_out_and_resume_brings_it_back() {
     let pglb = Pglb::start(&yaml);
     pglb.wait_eligible("ro", &["pg1", "pg2"], SETTLE);
 
-    // An idle primary: replicas are caught up, whatever the replay timestamp says.
-    std::thread::sleep(Duration::from_secs(3));
+    // An idle primary: replicas are caught up, whatever the replay timestamp
+    // says — over several checks of each.
+    pglb.wait_checks(&["pg0", "pg1", "pg2"], 4.0, SETTLE);
     let status = pglb.status();
     for b in ["pg1", "pg2"] {
         assert_eq!(named(&status["backends"], b)["lag_seconds"], 0.0, "{status}");

@@ -97,12 +97,7 @@ fn print_stalls(stalls: &[stall::StallRound], length: Duration) {
     };
     let mut table = Table::new(&["pglb", "haproxy"], &["haproxy"]);
     table.add("failed writes on new connections", Better::Lower, 1, both(|r, i| r.fresh_errors[i] as f64));
-    table.add(
-        "sessions lost (failed writes on a kept session)",
-        Better::Lower,
-        1,
-        both(|r, i| r.session_errors[i] as f64),
-    );
+    table.add("failed writes, client on a kept session", Better::Lower, 1, both(|r, i| r.session_errors[i] as f64));
     table.add("longest write gap ms, new connections", Better::Lower, 0, both(|r, i| ms(r.gap[i])));
     println!(
         "\n== pglb-bench failover: {} stalls of the primary ({} s SIGSTOP of every server process), mean per stall ==",
