@@ -72,9 +72,20 @@ fn pglb_refuses_to_start_on_a_bad_config() {
 
 #[test]
 fn syntax_and_unknown_keys_are_located() {
+    // An unknown key is reported with the closest known one, beside the
+    // file's other problems (here: no role, no backends).
     let (code, _, err) = run(&["check"], "listeners:\n  - name: rw\n    lisen: 127.0.0.1:1\n");
     assert_eq!(code, 1);
-    assert!(err.contains("lb.yaml:3:5: error: listeners[0]: unknown field `lisen`"), "{err}");
+    assert!(err.contains("lb.yaml:3:5: error: listeners[0].lisen: unknown key `lisen`"), "{err}");
+    assert!(err.contains("help: did you mean `listen`?"), "{err}");
+    assert!(err.contains("listeners[0].role: missing role") && err.contains("no backends are configured"), "{err}");
+    // A section of the wrong shape, in the user's terms.
+    let (code, _, err) = run(&["check"], "health: 5\n");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("lb.yaml:1:9: error: health: expected a mapping (key: value lines), found the number 5"),
+        "{err}"
+    );
     let (code, _, err) = run(&["check"], "listeners: [\n");
     assert_eq!(code, 1);
     assert!(err.contains("lb.yaml:2:1: error:"), "{err}");

@@ -15,6 +15,7 @@ mod positions;
 mod raw;
 mod secret;
 mod size;
+mod suggest;
 mod validate;
 
 pub use cidr::Cidr;

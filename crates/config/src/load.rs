@@ -41,18 +41,70 @@ fn syntax_problem(err: &serde_yaml::Error) -> Problem {
     if let Some(cut) = message.find(" at line ") {
         message.truncate(cut);
     }
-    let help = if message.contains("unknown field") {
-        "remove the key or fix its spelling (the expected keys are listed above)"
-    } else if message.contains("EOF while parsing") || message.is_empty() {
-        "the file is empty or truncated: see lb.yaml in the repository for a complete example"
-    } else {
-        "fix the YAML at this position"
+    // serde_yaml puts the item's path first: `health: invalid type: ...`.
+    let (item, rest) = match message.split_once(": invalid type: ") {
+        Some((path, rest)) => (path.to_owned(), format!("invalid type: {rest}")),
+        None => (String::new(), message.clone()),
+    };
+    let (item, message, help) = match in_user_terms(&rest) {
+        Some(plain) => (item, plain, "give this item the shape lb.yaml in the repository shows"),
+        None if message.contains("EOF while parsing") || message.is_empty() => (
+            String::new(),
+            message,
+            "the file is empty or truncated: see lb.yaml in the repository for a complete example",
+        ),
+        None => (String::new(), message, "fix the YAML at this position"),
     };
     Problem {
-        item: String::new(),
+        item,
         line: location.as_ref().map(|l| l.line()),
         column: location.as_ref().map(|l| l.column()),
         message,
         help: Some(help.into()),
+    }
+}
+
+/// serde's "invalid type: integer `5`, expected struct RawHealth" in the
+/// user's words: "expected a mapping (key: value lines), found the number 5".
+fn in_user_terms(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("invalid type: ")?;
+    let (found, expected) = rest.split_once(", expected ")?;
+    let found = match found.split_once(' ') {
+        Some(("integer" | "floating", value)) => format!("the number {}", value.trim_matches('`')),
+        Some(("string", value)) => format!("the text {value}"),
+        Some(("boolean", value)) => value.trim_matches('`').to_owned(),
+        _ => match found {
+            "map" => "a mapping".to_owned(),
+            "sequence" => "a list".to_owned(),
+            "unit value" => "nothing".to_owned(),
+            other => other.to_owned(),
+        },
+    };
+    let expected = if expected.starts_with("struct") || expected == "a map" {
+        "a mapping (key: value lines)"
+    } else if expected.starts_with("a sequence") {
+        "a list (`- item` lines)"
+    } else {
+        "a single value"
+    };
+    Some(format!("expected {expected}, found {found}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_user_terms;
+
+    #[test]
+    fn type_errors_in_user_terms() {
+        let plain = |m: &str| in_user_terms(m).unwrap_or_default();
+        assert_eq!(
+            plain("invalid type: integer `5`, expected struct RawHealth"),
+            "expected a mapping (key: value lines), found the number 5"
+        );
+        assert_eq!(
+            plain("invalid type: string \"rw\", expected a sequence"),
+            "expected a list (`- item` lines), found the text \"rw\""
+        );
+        assert_eq!(in_user_terms("did not find expected key"), None);
     }
 }

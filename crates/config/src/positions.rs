@@ -113,6 +113,13 @@ impl MarkedEventReceiver for Builder {
                 self.record(&path, mark);
                 self.stack.push(Frame::Seq { path, next: 0 });
             }
+            // A reused node (`*name`) takes a place like any other value, so
+            // the items after it keep their own index and position.
+            Event::Alias(_) => {
+                if let Some(path) = self.node_path(None) {
+                    self.record(&path, mark);
+                }
+            }
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();
             }
@@ -134,6 +141,14 @@ mod tests {
         assert_eq!(p.find("health.interval"), Some((2, 3)));
         assert_eq!(p.find("listeners[1].role"), Some((7, 5)));
         assert_eq!(p.find("listeners[0].name"), Some((4, 5)));
+    }
+
+    #[test]
+    fn an_alias_takes_its_place() {
+        let text = "listeners:\n  - &l {name: rw, role: primary}\n  - *l\n  - name: ro\n    role: bogus\n";
+        let p = Positions::index(text);
+        assert_eq!(p.find("listeners[1]"), Some((3, 5)));
+        assert_eq!(p.find("listeners[2].role"), Some((5, 5)), "the item after an alias keeps its own position");
     }
 
     #[test]

@@ -1,6 +1,9 @@
-//! The file as written: strict about keys, loose about values, so that
-//! validation can report every bad value at once with its position.
+//! The file as written: loose about keys and values, so that validation can
+//! report every problem at once with its position — unknown keys (collected
+//! in `other`, with the closest known key as a suggestion), and values of
+//! the wrong type, in the user's terms.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{self, Deserializer, Visitor};
@@ -40,7 +43,6 @@ impl<'de> Deserialize<'de> for Text {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub forwarder: Option<Text>,
     pub shutdown_timeout: Option<Text>,
@@ -53,19 +55,23 @@ pub struct RawConfig {
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<Text>,
     pub token_env: Option<Text>,
     pub token_file: Option<Text>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
 }
 
 /// Listener settings that every listener inherits unless it sets its own.
 #[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawDefaults {
     pub on_ineligible: Option<Text>,
     pub on_lag: Option<Text>,
@@ -75,16 +81,18 @@ pub struct RawDefaults {
     pub max_lag_seconds: Option<Text>,
     pub max_clients: Option<Text>,
     pub queue_timeout: Option<Text>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawHealth {
     pub interval: Option<Text>,
     pub fast_interval: Option<Text>,
     pub timeout: Option<Text>,
-    pub rise: Option<u32>,
-    pub fall: Option<u32>,
+    pub rise: Option<Text>,
+    pub fall: Option<Text>,
     pub down_after: Option<Text>,
     pub user: Option<Text>,
     pub password: Option<Text>,
@@ -93,10 +101,12 @@ pub struct RawHealth {
     pub database: Option<Text>,
     pub sslmode: Option<Text>,
     pub sslrootcert: Option<Text>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub name: Option<Text>,
     pub listen: Option<Text>,
@@ -113,16 +123,121 @@ pub struct RawListener {
     pub max_lag_seconds: Option<Text>,
     pub max_clients: Option<Text>,
     pub queue_timeout: Option<Text>,
-    pub allow: Option<Vec<Text>>,
-    pub freebind: Option<bool>,
+    pub allow: Option<OneOrMany>,
+    pub freebind: Option<Text>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawBackend {
     pub name: Option<Text>,
     pub address: Option<Text>,
-    pub weight: Option<u32>,
+    pub weight: Option<Text>,
     pub max_connections: Option<Text>,
     pub role: Option<Text>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// One value or a list of them (`allow: 10.0.0.0/8` or `allow: [a, b]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(Text),
+    Many(Vec<Text>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<Text> {
+        match self {
+            Self::One(t) => vec![t],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// The keys each section knows, for "did you mean" suggestions.
+pub const TOP_KEYS: &[&str] = &[
+    "forwarder",
+    "shutdown_timeout",
+    "log_format",
+    "multi_primary",
+    "defaults",
+    "admin",
+    "health",
+    "listeners",
+    "backends",
+];
+pub const ADMIN_KEYS: &[&str] = &["listen", "token_env", "token_file"];
+pub const DEFAULTS_KEYS: &[&str] = &[
+    "on_ineligible",
+    "on_lag",
+    "hold_timeout",
+    "hold_max",
+    "max_lag_bytes",
+    "max_lag_seconds",
+    "max_clients",
+    "queue_timeout",
+];
+pub const HEALTH_KEYS: &[&str] = &[
+    "interval",
+    "fast_interval",
+    "timeout",
+    "rise",
+    "fall",
+    "down_after",
+    "user",
+    "password",
+    "password_env",
+    "password_file",
+    "database",
+    "sslmode",
+    "sslrootcert",
+];
+pub const LISTENER_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "role",
+    "fallback",
+    "balance",
+    "connect_timeout",
+    "startup_timeout",
+    "on_ineligible",
+    "on_lag",
+    "hold_timeout",
+    "hold_max",
+    "max_lag_bytes",
+    "max_lag_seconds",
+    "max_clients",
+    "queue_timeout",
+    "allow",
+    "freebind",
+];
+pub const BACKEND_KEYS: &[&str] = &["name", "address", "weight", "max_connections", "role"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every listed key is one the section really reads (not collected in `other`).
+    #[test]
+    fn listed_keys_are_known() {
+        let mapping = |keys: &[&str]| keys.iter().map(|k| format!("{k}: x")).collect::<Vec<_>>().join(", ");
+        let health: RawHealth = serde_yaml::from_str(&format!("{{{}}}", mapping(HEALTH_KEYS))).expect("health");
+        assert!(health.other.is_empty(), "{:?}", health.other.keys());
+        let l: RawListener = serde_yaml::from_str(&format!("{{{}}}", mapping(LISTENER_KEYS))).expect("listener");
+        assert!(l.other.is_empty(), "{:?}", l.other.keys());
+        let b: RawBackend = serde_yaml::from_str(&format!("{{{}}}", mapping(BACKEND_KEYS))).expect("backend");
+        assert!(b.other.is_empty(), "{:?}", b.other.keys());
+        let d: RawDefaults = serde_yaml::from_str(&format!("{{{}}}", mapping(DEFAULTS_KEYS))).expect("defaults");
+        assert!(d.other.is_empty(), "{:?}", d.other.keys());
+        let a: RawAdmin = serde_yaml::from_str(&format!("{{{}}}", mapping(ADMIN_KEYS))).expect("admin");
+        assert!(a.other.is_empty(), "{:?}", a.other.keys());
+        let top = "{forwarder: x, shutdown_timeout: x, log_format: x, multi_primary: x, defaults: {}, admin: {}, health: {}, listeners: [], backends: []}";
+        let c: RawConfig = serde_yaml::from_str(top).expect("top");
+        assert!(c.other.is_empty() && TOP_KEYS.len() == 9, "{:?}", c.other.keys());
+    }
 }

@@ -1,6 +1,6 @@
 //! Semantic validation: raw file → `Config`, collecting every problem.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -26,6 +26,10 @@ impl<'a> Validator<'a> {
     }
 
     pub fn run(mut self, raw: RawConfig) -> Result<Config, Vec<Problem>> {
+        self.unknown_keys("", &raw.other, TOP_KEYS);
+        if let Some(d) = &raw.defaults {
+            self.unknown_keys("defaults", &d.other, DEFAULTS_KEYS);
+        }
         let forwarder = self.choice(
             "forwarder",
             raw.forwarder,
@@ -70,7 +74,10 @@ impl<'a> Validator<'a> {
 
     fn admin(&mut self, raw: Option<RawAdmin>) -> AdminConfig {
         let (listen, token_env, token_file) = match raw {
-            Some(a) => (a.listen, a.token_env, a.token_file),
+            Some(a) => {
+                self.unknown_keys("admin", &a.other, ADMIN_KEYS);
+                (a.listen, a.token_env, a.token_file)
+            }
             None => (None, None, None),
         };
         let listen = match listen {
@@ -99,6 +106,7 @@ impl<'a> Validator<'a> {
     }
 
     fn health(&mut self, raw: RawHealth) -> HealthConfig {
+        self.unknown_keys("health", &raw.other, HEALTH_KEYS);
         let interval = self.duration("health.interval", raw.interval, Duration::from_secs(1));
         // The default timeout fits inside the interval, so a config that sets only
         // `interval` stays valid.
@@ -273,6 +281,7 @@ impl<'a> Validator<'a> {
         let listen = self.socket_addr(&at("listen"), &listen);
         let role = self.role(&at("role"), l.role);
         let fallback = self.fallback(&at("fallback"), l.fallback, role);
+        let role = role.unwrap_or(Role::Primary);
         let balance = self.balance(&at("balance"), l.balance);
         let (item, v) = inherit("on_ineligible", l.on_ineligible, &d.on_ineligible);
         let on_ineligible =
@@ -298,7 +307,9 @@ impl<'a> Validator<'a> {
         let max_clients = self.limit(&item, v);
         let (item, v) = inherit("queue_timeout", l.queue_timeout, &d.queue_timeout);
         let queue_timeout = self.duration_or_zero(&item, v, Duration::from_secs(5));
-        let allow = self.allowlist(&at("allow"), l.allow.unwrap_or_default());
+        let allow = self.allowlist(&at("allow"), l.allow.map(OneOrMany::into_vec).unwrap_or_default());
+        let freebind = self.flag(&at("freebind"), l.freebind);
+        self.unknown_keys(&format!("listeners[{i}]"), &l.other, LISTENER_KEYS);
         ListenerConfig {
             name,
             listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -316,7 +327,7 @@ impl<'a> Validator<'a> {
             max_clients,
             queue_timeout,
             allow,
-            freebind: l.freebind.unwrap_or(false),
+            freebind,
         }
     }
 
@@ -372,24 +383,31 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn role(&mut self, item: &str, raw: Option<Text>) -> Role {
+    /// The listener's role; `None` (reported) when missing or unknown.
+    fn role(&mut self, item: &str, raw: Option<Text>) -> Option<Role> {
         match raw.map(|t| t.0).as_deref() {
-            Some("primary") => Role::Primary,
-            Some("replica") => Role::Replica,
-            Some("any") => Role::Any,
+            Some("primary") => Some(Role::Primary),
+            Some("replica") => Some(Role::Replica),
+            Some("any") => Some(Role::Any),
             other => {
                 let message = match other {
                     Some(v) => format!("unknown role `{v}`"),
                     None => "missing role".into(),
                 };
-                self.problem(item, message, "write one of: primary, replica, any");
-                Role::Primary
+                let help = match other.and_then(|v| crate::suggest::closest(v, &["primary", "replica", "any"])) {
+                    Some(near) => format!("did you mean `{near}`? write one of: primary, replica, any"),
+                    None => "write one of: primary, replica, any".into(),
+                };
+                self.problem(item, message, help);
+                None
             }
         }
     }
 
-    fn fallback(&mut self, item: &str, raw: Option<Text>, role: Role) -> Option<Role> {
+    /// The fallback role; not judged against a role that is itself wrong.
+    fn fallback(&mut self, item: &str, raw: Option<Text>, role: Option<Role>) -> Option<Role> {
         let text = raw?.0;
+        let role = role?;
         if text == "primary" && role == Role::Replica {
             return Some(Role::Primary);
         }
@@ -435,6 +453,7 @@ impl<'a> Validator<'a> {
         let mut out = Vec::new();
         for (i, b) in raw.into_iter().enumerate() {
             let at = |key: &str| format!("backends[{i}].{key}");
+            self.unknown_keys(&format!("backends[{i}]"), &b.other, BACKEND_KEYS);
             let name = self.required(&at("name"), b.name, "a short name such as `pg1`");
             if let Some(prev) = names.insert(name.clone(), i) {
                 self.problem(
@@ -454,14 +473,7 @@ impl<'a> Validator<'a> {
                     );
                 }
             }
-            let weight = b.weight.unwrap_or(1);
-            if weight == 0 || weight > 1000 {
-                self.problem(
-                    &at("weight"),
-                    format!("weight {weight} is out of range"),
-                    "write a weight from 1 to 1000 (drain a backend by removing it instead)",
-                );
-            }
+            let weight = self.whole(&at("weight"), b.weight, 1, 1..=1000, "a weight (drain a backend instead of 0)");
             let max_connections = self.limit(&at("max_connections"), b.max_connections);
             let role = match b.role.map(|t| t.0).as_deref() {
                 None => None,
@@ -502,13 +514,56 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn count(&mut self, item: &str, raw: Option<u32>, default: u32) -> u32 {
-        let n = raw.unwrap_or(default);
-        if n == 0 || n > 100 {
-            self.problem(item, format!("{n} is out of range"), "write a count from 1 to 100");
-            return default;
+    fn count(&mut self, item: &str, raw: Option<Text>, default: u32) -> u32 {
+        self.whole(item, raw, default, 1..=100, "a count")
+    }
+
+    /// A whole number in `range`; anything else is a problem in the user's terms.
+    fn whole(
+        &mut self,
+        item: &str,
+        raw: Option<Text>,
+        default: u32,
+        range: std::ops::RangeInclusive<u32>,
+        what: &str,
+    ) -> u32 {
+        let Some(text) = raw else { return default };
+        match text.0.trim().parse::<u32>() {
+            Ok(n) if range.contains(&n) => n,
+            _ => {
+                let (lo, hi) = (range.start(), range.end());
+                self.problem(
+                    item,
+                    format!("`{}` is not a whole number from {lo} to {hi}", text.0),
+                    format!("write {what} from {lo} to {hi}"),
+                );
+                default
+            }
         }
-        n
+    }
+
+    fn flag(&mut self, item: &str, raw: Option<Text>) -> bool {
+        match raw.map(|t| t.0).as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                self.problem(item, format!("`{other}` is not true or false"), "write true or false");
+                false
+            }
+        }
+    }
+
+    /// Keys a section does not know: each is a problem, with the closest
+    /// known key as a suggestion.
+    fn unknown_keys(&mut self, section: &str, other: &BTreeMap<String, serde_yaml::Value>, known: &[&str]) {
+        for key in other.keys() {
+            let item = if section.is_empty() { key.clone() } else { format!("{section}.{key}") };
+            let help = match crate::suggest::closest(key, known) {
+                Some(near) => format!("did you mean `{near}`? (known here: {})", known.join(", ")),
+                None => format!("remove it; known here: {}", known.join(", ")),
+            };
+            self.problem(&item, format!("unknown key `{key}`"), help);
+        }
     }
 
     fn duration(&mut self, item: &str, raw: Option<Text>, default: Duration) -> Duration {

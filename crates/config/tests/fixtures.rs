@@ -61,3 +61,21 @@ fn secrets_do_not_print() {
     let password = config.health.password.as_ref().and_then(|s| s.read().ok());
     assert_eq!(password.as_ref().map(|s| s.expose()), Some("hunter2"));
 }
+
+/// Every problem in one run, in the user's terms: a misspelled key gets the
+/// closest known one, a wrong role causes no follow-on fallback error, and
+/// nothing reads like Rust's type names.
+#[test]
+fn all_problems_at_once_with_suggestions() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/invalid/all-at-once.yaml");
+    let err = pglb_config::load_file(&path).expect_err("invalid");
+    let typo = err.problems.iter().find(|p| p.item == "health.intervall").expect("the misspelled key");
+    assert!(typo.help.as_deref().is_some_and(|h| h.starts_with("did you mean `interval`?")), "{typo:?}");
+    let replicaa = err.problems.iter().find(|p| p.item == "listeners[1].role").expect("the misspelled role");
+    assert!(replicaa.help.as_deref().is_some_and(|h| h.contains("did you mean `replica`?")), "{replicaa:?}");
+    assert!(!err.problems.iter().any(|p| p.item.ends_with("fallback")), "{:#?}", err.problems);
+    let text = err.to_string();
+    for rust in ["u32", "invalid type", "expected struct", "unknown field"] {
+        assert!(!text.contains(rust), "`{rust}` in:\n{text}");
+    }
+}
