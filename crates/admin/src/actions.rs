@@ -1,7 +1,7 @@
 //! Operator actions on backends.
 
 use pglb_health::Command;
-use pglb_routing::{ActionError, AdminState as Admin};
+use pglb_routing::{ActionError, AdminState};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,9 +18,9 @@ fn reply(status: u16, body: serde_json::Value) -> Reply {
 /// Runs `action` on backend `name`.
 pub async fn run(commands: &mpsc::Sender<Command>, name: &str, action: &str) -> Reply {
     let state = match action {
-        "drain" => Some(Admin::Drained),
-        "disable" => Some(Admin::Disabled),
-        "enable" => Some(Admin::Enabled),
+        "drain" => Some(AdminState::Drained),
+        "disable" => Some(AdminState::Disabled),
+        "enable" => Some(AdminState::Enabled),
         "unfence" => None,
         other => {
             return reply(

@@ -15,5 +15,5 @@ mod actions;
 mod server;
 mod status;
 
-pub use server::{serve, AdminState, LiveConfig};
+pub use server::{serve, AdminContext, LiveConfig};
 pub use status::{connections_json, status_json};

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pglb_config::Secret;
 use pglb_health::TopologyHandle;
-use pglb_proxy::ListenerContext;
+use pglb_proxy::Contexts;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -29,19 +29,20 @@ pub struct LiveConfig {
 }
 
 /// What the admin endpoint reads and acts on.
-pub struct AdminState {
+pub struct AdminContext {
     pub topology: TopologyHandle,
     pub metrics: PrometheusHandle,
     /// Set once shutdown begins: `/health` turns 503.
     pub draining: AtomicBool,
-    pub listeners: ArcSwap<Vec<Arc<ListenerContext>>>,
+    /// The data path's listeners and sessions; admin only takes snapshots.
+    pub data_path: Arc<Contexts>,
     pub live: ArcSwap<LiveConfig>,
     /// Bearer token for mutating endpoints, when configured.
     pub token: ArcSwap<Option<Secret>>,
 }
 
 /// Serves admin requests on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, state: Arc<AdminContext>, shutdown: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -69,7 +70,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     }
 }
 
-async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(state: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
@@ -83,11 +84,11 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         (&Method::GET, ["status"]) => {
             let table = state.topology.table.load();
-            let body = crate::status_json(&table, &state.live.load(), &state.listeners.load());
+            let body = crate::status_json(&table, &state.live.load(), &state.data_path.snapshot());
             reply(StatusCode::OK, "application/json", body)
         }
         (&Method::GET, ["connections"]) => {
-            reply(StatusCode::OK, "application/json", crate::connections_json(&state.listeners.load()))
+            reply(StatusCode::OK, "application/json", crate::connections_json(&state.data_path.snapshot()))
         }
         (&Method::POST, ["backends", name, action]) => {
             if !authorized(state, &req) {
@@ -107,7 +108,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
 }
 
 /// Mutating endpoints need `Authorization: Bearer <token>` when a token is set.
-fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
+fn authorized(state: &AdminContext, req: &Request<Incoming>) -> bool {
     let token = state.token.load();
     let Some(token) = token.as_ref() else { return true };
     let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));

@@ -1,17 +1,16 @@
 //! `/status` and `/connections`: what the current routing table and the
 //! session registries say, as JSON. No secrets.
 
-use std::sync::atomic::Ordering;
 use std::time::UNIX_EPOCH;
 
-use pglb_proxy::ListenerContext;
+use pglb_proxy::Snapshot;
 use pglb_routing::{Health, RoutingTable};
 use serde_json::{json, Value};
 
 use crate::server::LiveConfig;
 
 /// Renders the `/status` document.
-pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[std::sync::Arc<ListenerContext>]) -> String {
+pub fn status_json(table: &RoutingTable, live: &LiveConfig, data_path: &Snapshot) -> String {
     let backends: Vec<Value> = table
         .backends
         .iter()
@@ -48,7 +47,7 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[std::sy
         .enumerate()
         .map(|(i, l)| {
             let names = |set: &[usize]| set.iter().map(|&b| table.backends[b].config.name.clone()).collect::<Vec<_>>();
-            let ctx = listeners.iter().rev().find(|c| c.listen == l.config.listen);
+            let ctx = data_path.listeners.iter().find(|c| c.listen == l.config.listen);
             json!({
                 "name": l.config.name,
                 "listen": l.config.listen.to_string(),
@@ -59,9 +58,9 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[std::sy
                 "degraded": l.degraded,
                 "backends": names(&l.eligible),
                 "lagging": names(&l.lagging),
-                "clients_held": ctx.map(|c| c.held()),
-                "clients_queued": ctx.map(|c| c.queued()),
-                "clients_active": ctx.map(|c| c.active()),
+                "clients_held": ctx.map(|c| c.held),
+                "clients_queued": ctx.map(|c| c.queued),
+                "clients_active": ctx.map(|c| c.active),
                 "index": i,
             })
         })
@@ -82,23 +81,23 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[std::sy
 }
 
 /// Renders `/connections`: every open session of every listener.
-pub fn connections_json(listeners: &[std::sync::Arc<ListenerContext>]) -> String {
-    let mut out = Vec::new();
-    for ctx in listeners {
-        for s in ctx.registry.list() {
-            let started = s.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-            out.push(json!({
-                "listener": ctx.name,
+pub fn connections_json(data_path: &Snapshot) -> String {
+    let out: Vec<Value> = data_path
+        .sessions
+        .iter()
+        .map(|s| {
+            json!({
+                "listener": s.listener,
                 "client": s.client.to_string(),
                 "backend": s.backend,
                 "backend_local_port": s.backend_local_port,
                 "via_fallback": s.via_fallback,
-                "started_at": started,
+                "started_at": s.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
                 "duration_s": s.started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
-                "bytes_client_to_backend": s.bytes_in.load(Ordering::Relaxed),
-                "bytes_backend_to_client": s.bytes_out.load(Ordering::Relaxed),
-            }));
-        }
-    }
+                "bytes_client_to_backend": s.bytes_client_to_backend,
+                "bytes_backend_to_client": s.bytes_backend_to_client,
+            })
+        })
+        .collect();
     serde_json::to_string_pretty(&json!({ "connections": out })).unwrap_or_default()
 }

@@ -17,7 +17,6 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
 use pglb_admin::LiveConfig;
 use pglb_config::Config;
 use pglb_health::Command;
@@ -140,7 +139,7 @@ impl Server {
                     let previous = live.context.load_full();
                     let ctx = Arc::new(ListenerContext::new(index, self.shared.clone(), Some(&previous)));
                     live.context.store(ctx.clone());
-                    push_context(&self.admin.listeners, ctx);
+                    self.contexts.add(ctx);
                     self.listeners.push(live);
                 }
                 None => removed.push(live),
@@ -155,17 +154,7 @@ impl Server {
         self.checkers.start_missing(next.clone(), tls, &self.topology);
         self.config = next;
         // Sessions of removed listeners and backends are judged now.
-        for ctx in self.admin.listeners.load().iter() {
-            ctx.enforce(&table);
-        }
+        self.contexts.enforce(&table);
         Ok(())
     }
-}
-
-fn push_context(all: &ArcSwap<Vec<Arc<ListenerContext>>>, ctx: Arc<ListenerContext>) {
-    all.rcu(|v| {
-        let mut v = Vec::clone(v);
-        v.push(ctx.clone());
-        v
-    });
 }

@@ -10,10 +10,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use pglb_admin::{AdminState, LiveConfig};
+use pglb_admin::{AdminContext, LiveConfig};
 use pglb_config::{Config, ConfigError};
 use pglb_health::{Publisher, TopologyHandle};
-use pglb_proxy::{ListenerContext, PipePool, Shared};
+use pglb_proxy::{Contexts, ListenerContext, PipePool, Shared};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Notify;
@@ -86,7 +86,10 @@ pub struct Server {
     pub topology: TopologyHandle,
     pub shared: Shared,
     pub listeners: Vec<Live>,
-    pub admin: Arc<AdminState>,
+    /// Every listener context with sessions: what enforcement, reloads and
+    /// shutdown act on.
+    pub contexts: Arc<Contexts>,
+    pub admin: Arc<AdminContext>,
     pub sessions: TaskTracker,
     pub checkers: Checkers,
     /// Ends the admin endpoint and background tasks at the very end.
@@ -163,11 +166,12 @@ impl Server {
             loaded_at: SystemTime::now(),
         };
         crate::reload::record_success(false);
-        let admin = Arc::new(AdminState {
+        let contexts = Arc::new(Contexts::default());
+        let admin = Arc::new(AdminContext {
             topology: topology.clone(),
             metrics: metrics.clone(),
             draining: AtomicBool::new(false),
-            listeners: ArcSwap::from_pointee(Vec::new()),
+            data_path: contexts.clone(),
             live: ArcSwap::from_pointee(live),
             token: ArcSwap::from_pointee(config.admin.token.clone()),
         });
@@ -180,6 +184,7 @@ impl Server {
             topology,
             shared,
             listeners: Vec::new(),
+            contexts,
             admin,
             sessions: TaskTracker::new(),
             checkers,
@@ -187,7 +192,7 @@ impl Server {
             _control: control,
         };
         server.open_listeners(sockets);
-        tokio::spawn(crate::enforce::run(server.admin.clone(), server.topology.clone(), server.background.clone()));
+        tokio::spawn(crate::enforce::run(server.contexts.clone(), server.topology.clone(), server.background.clone()));
         tracing::info!(admin = %server.config.admin.listen, backends = server.config.backends.len(), "pglb is running");
         Ok(server)
     }
@@ -203,11 +208,7 @@ impl Server {
             let stop = CancellationToken::new();
             tokio::spawn(pglb_proxy::serve(socket, context.clone(), self.sessions.clone(), stop.clone()));
             self.listeners.push(Live { addr: l.listen, context, stop });
-            self.admin.listeners.rcu(|all| {
-                let mut all = Vec::clone(all);
-                all.push(ctx.clone());
-                all
-            });
+            self.contexts.add(ctx);
         }
     }
 
@@ -219,15 +220,13 @@ impl Server {
         self.shared.draining.cancel();
         self.sessions.close();
         let timeout = self.config.shutdown_timeout;
-        let open: usize = self.admin.listeners.load().iter().map(|c| c.registry.list().len()).sum();
+        let open = self.contexts.sessions();
         tracing::info!(sessions = open, timeout = ?timeout, "draining: new clients are refused; waiting for sessions to finish");
         tokio::select! {
             _ = self.sessions.wait() => tracing::info!("all sessions finished"),
             _ = tokio::time::sleep(timeout) => {
                 tracing::warn!(timeout = ?timeout, "shutdown timeout: closing the remaining sessions");
-                for ctx in self.admin.listeners.load().iter() {
-                    ctx.registry.close_all(pglb_routing::CloseReason::ShutdownTimeout);
-                }
+                self.contexts.close_all(pglb_routing::CloseReason::ShutdownTimeout);
                 let _ = tokio::time::timeout(Duration::from_secs(2), self.sessions.wait()).await;
             }
             _ = signals.stop() => {

@@ -7,6 +7,7 @@
 
 mod cancel;
 mod connect;
+mod contexts;
 pub mod forward;
 mod listener;
 mod metrics;
@@ -17,6 +18,7 @@ mod registry;
 mod session;
 mod wait;
 
+pub use contexts::{Contexts, ListenerView, SessionView, Snapshot};
 pub use forward::PipePool;
 pub use listener::{bind, serve, ListenerContext, Shared};
 pub use metrics::describe as describe_metrics;

@@ -1,0 +1,126 @@
+//! Every listener context still in use: the current one of each listening
+//! socket, and those a reload replaced while they still hold sessions. The
+//! control plane (routing changes, reloads, shutdown) acts on sessions
+//! through this type; the admin endpoint reads a plain [`Snapshot`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use pglb_routing::{CloseReason, RoutingTable};
+
+use crate::listener::ListenerContext;
+
+/// The contexts, newest last.
+#[derive(Default)]
+pub struct Contexts {
+    all: ArcSwap<Vec<Arc<ListenerContext>>>,
+}
+
+/// One listener, as the admin endpoint shows it.
+#[derive(Debug, Clone)]
+pub struct ListenerView {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub held: usize,
+    pub queued: usize,
+    pub active: usize,
+}
+
+/// One open session, as the admin endpoint shows it.
+#[derive(Debug, Clone)]
+pub struct SessionView {
+    pub listener: String,
+    pub client: SocketAddr,
+    pub backend: String,
+    pub backend_local_port: u16,
+    pub via_fallback: bool,
+    pub started: SystemTime,
+    pub bytes_client_to_backend: u64,
+    pub bytes_backend_to_client: u64,
+}
+
+/// What the data path looks like now: plain data, no handles.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The current context of each listening socket.
+    pub listeners: Vec<ListenerView>,
+    /// Every open session, of current and replaced contexts.
+    pub sessions: Vec<SessionView>,
+}
+
+impl Contexts {
+    /// Adds a context (a new listener, or one replacing another on reload).
+    pub fn add(&self, ctx: Arc<ListenerContext>) {
+        self.all.rcu(|all| {
+            let mut all = Vec::clone(all);
+            all.push(ctx.clone());
+            all
+        });
+    }
+
+    /// Closes sessions whose backend may no longer serve their listener;
+    /// returns how many were closed.
+    pub fn enforce(&self, table: &RoutingTable) -> usize {
+        self.all.load().iter().map(|ctx| ctx.enforce(table)).sum()
+    }
+
+    /// Closes every session for `reason`.
+    pub fn close_all(&self, reason: CloseReason) {
+        for ctx in self.all.load().iter() {
+            ctx.registry.close_all(reason);
+        }
+    }
+
+    /// Sessions open now.
+    pub fn sessions(&self) -> usize {
+        self.all.load().iter().map(|ctx| ctx.registry.list().len()).sum()
+    }
+
+    /// Forgets replaced or removed contexts whose sessions have all ended.
+    pub fn prune(&self) {
+        self.all.rcu(|all| {
+            let mut keep: Vec<Arc<ListenerContext>> = Vec::new();
+            for (i, ctx) in all.iter().enumerate() {
+                let newer = all[i + 1..].iter().any(|c| c.listen == ctx.listen);
+                let removed = ctx.config().is_none();
+                if (!newer && !removed) || !ctx.registry.list().is_empty() {
+                    keep.push(ctx.clone());
+                }
+            }
+            keep
+        });
+    }
+
+    /// A plain copy of what the data path looks like now.
+    pub fn snapshot(&self) -> Snapshot {
+        let all = self.all.load();
+        let current = all.iter().enumerate().filter(|(i, c)| !all[i + 1..].iter().any(|n| n.listen == c.listen));
+        let listeners = current
+            .map(|(_, c)| ListenerView {
+                name: c.name.clone(),
+                listen: c.listen,
+                held: c.held(),
+                queued: c.queued(),
+                active: c.active(),
+            })
+            .collect();
+        let sessions = all
+            .iter()
+            .flat_map(|ctx| ctx.registry.list().into_iter().map(move |s| (ctx.name.clone(), s)))
+            .map(|(listener, s)| SessionView {
+                listener,
+                client: s.client,
+                backend: s.backend.clone(),
+                backend_local_port: s.backend_local_port,
+                via_fallback: s.via_fallback,
+                started: s.started,
+                bytes_client_to_backend: s.bytes_in.load(Ordering::Relaxed),
+                bytes_backend_to_client: s.bytes_out.load(Ordering::Relaxed),
+            })
+            .collect();
+        Snapshot { listeners, sessions }
+    }
+}
