@@ -1,0 +1,176 @@
+//! The session paths — refuse, hold, queue, a silent backend — in process and
+//! in milliseconds: a real listener (`serve`) in front of a fake backend on
+//! port 0, with routing tables published by hand the way the topology task
+//! publishes them. The end-to-end tests under `tests/` cover the same paths
+//! against real PostgreSQL servers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use pglb_proxy::protocol::read_first;
+use pglb_proxy::{serve, ListenerContext, Shared};
+use pglb_routing::{Facts, FailureClass, Observation, ObservedRole, RoutingTable, Topology};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A backend that answers every client's first message with ReadyForQuery
+/// (or never answers, when `silent`), and keeps the connection open.
+async fn fake_backend(silent: bool) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the fake backend");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_first(&mut conn).await.is_ok() && !silent {
+                    let _ = conn.write_all(b"Z\0\0\0\x05I").await;
+                }
+                let _ = conn.read_to_end(&mut Vec::new()).await;
+            });
+        }
+    });
+    port
+}
+
+/// pglb's data path for one `rw` listener in front of one backend.
+struct Harness {
+    topology: Topology,
+    table: Arc<ArcSwap<RoutingTable>>,
+    generation: watch::Sender<u64>,
+    port: u16,
+    stop: CancellationToken,
+}
+
+impl Harness {
+    /// `listener` is extra YAML for the `rw` listener, `backend` for the backend.
+    async fn start(backend_port: u16, listener: &str, backend: &str) -> Self {
+        let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind the listener");
+        let port = socket.local_addr().expect("addr").port();
+        let yaml = format!(
+            "listeners:\n  - {{name: rw, listen: '127.0.0.1:{port}', role: primary{listener}}}\nbackends:\n  - {{name: pg, address: '127.0.0.1:{backend_port}'{backend}}}\n"
+        );
+        let config = pglb_config::load_str(std::path::Path::new("test.yaml"), &yaml).expect("valid config");
+        let mut topology = Topology::new(Arc::new(config));
+        let table = Arc::new(ArcSwap::from_pointee(topology.table().0));
+        let (generation, watched) = watch::channel(0);
+        let shared = Shared {
+            table: table.clone(),
+            generation: watched,
+            capacity: Arc::new(Notify::new()),
+            pipes: None,
+            draining: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        };
+        let ctx = Arc::new(ArcSwap::from_pointee(ListenerContext::new(0, shared, None)));
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(socket, ctx, TaskTracker::new(), stop.clone()));
+        Self { topology, table, generation, port, stop }
+    }
+
+    /// Applies a check result and publishes the table, as the topology task does.
+    fn observe(&mut self, obs: Observation) {
+        self.topology.observe("pg", obs, Instant::now());
+        let (table, _) = self.topology.table();
+        let generation = table.generation;
+        self.table.store(Arc::new(table));
+        self.generation.send_replace(generation);
+    }
+
+    fn primary(&mut self) {
+        let facts = Facts { timeline: Some(1), system_id: Some(7), ..Facts::default() };
+        self.observe(Observation::Up { role: ObservedRole::Primary, facts });
+    }
+
+    fn down(&mut self) {
+        self.observe(Observation::Failed { class: FailureClass::Refused, reason: "refused".into(), lost: true });
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A client that sent its StartupMessage.
+async fn client(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    let mut msg = ((8 + params.len()) as u32).to_be_bytes().to_vec();
+    msg.extend(196_608u32.to_be_bytes());
+    msg.extend(params);
+    s.write_all(&msg).await.expect("send startup");
+    s
+}
+
+/// The first message the client receives: its tag and its body as text.
+async fn answer(s: &mut TcpStream) -> (u8, String) {
+    let read = async {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        s.read_exact(&mut body).await?;
+        Ok::<_, std::io::Error>((head[0], String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.expect("an answer in time").expect("an answer")
+}
+
+#[tokio::test]
+async fn no_backend_and_no_hold_is_refused_at_once_with_57p03() {
+    let backend = fake_backend(false).await;
+    let mut pglb = Harness::start(backend, ", hold_timeout: 0s", "").await;
+    pglb.down();
+    let mut c = client(pglb.port).await;
+    let (tag, body) = answer(&mut c).await;
+    assert_eq!(tag, b'E');
+    assert!(body.contains("57P03") && body.contains("pglb: no healthy primary for listener \"rw\""), "{body}");
+}
+
+#[tokio::test]
+async fn a_held_client_is_forwarded_when_a_primary_appears() {
+    let backend = fake_backend(false).await;
+    let mut pglb = Harness::start(backend, ", hold_timeout: 5s", "").await;
+    pglb.down();
+    let mut c = client(pglb.port).await;
+    // Held: nothing comes back while no backend is eligible.
+    let early = tokio::time::timeout(Duration::from_millis(200), c.read_u8()).await;
+    assert!(early.is_err(), "the client was answered while no backend was eligible: {early:?}");
+    // A backend that was down comes back after `rise` (2) good checks.
+    pglb.primary();
+    pglb.primary();
+    assert_eq!(answer(&mut c).await.0, b'Z', "the held client reaches the backend");
+}
+
+#[tokio::test]
+async fn a_client_over_the_backend_limit_queues_then_gets_53300() {
+    let backend = fake_backend(false).await;
+    let mut pglb = Harness::start(backend, ", queue_timeout: 300ms", ", max_connections: 1").await;
+    pglb.primary();
+    let mut first = client(pglb.port).await;
+    assert_eq!(answer(&mut first).await.0, b'Z');
+    let started = Instant::now();
+    let mut second = client(pglb.port).await;
+    let (tag, body) = answer(&mut second).await;
+    assert_eq!(tag, b'E');
+    assert!(body.contains("53300") && body.contains("too many connections"), "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(300), "refused before queue_timeout");
+    // A place freed while queued is taken.
+    let mut third = client(pglb.port).await;
+    drop(first);
+    assert_eq!(answer(&mut third).await.0, b'Z', "the queued client takes the freed place");
+}
+
+#[tokio::test]
+async fn a_backend_that_does_not_answer_gets_the_client_57p03_naming_it() {
+    let backend = fake_backend(true).await;
+    let mut pglb = Harness::start(backend, ", hold_timeout: 300ms", "").await;
+    pglb.primary();
+    let mut c = client(pglb.port).await;
+    let (tag, body) = answer(&mut c).await;
+    assert_eq!(tag, b'E');
+    assert!(body.contains("57P03") && body.contains("pglb: backend \"pg\" did not answer within 300ms"), "{body}");
+}
