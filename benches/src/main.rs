@@ -10,7 +10,6 @@ mod child;
 mod cli;
 mod copy;
 mod haproxy;
-mod http;
 mod idle;
 mod pgbench;
 mod pglb;

@@ -11,7 +11,7 @@ use pglb_cluster::free_port;
 use serde_json::Value;
 
 use crate::child::{self, poll, Guard, Scratch};
-use crate::http;
+use pglb_testkit::http;
 
 /// Health checks as in the brief: 1s interval and timeout, rise 2, fall 2.
 pub const HEALTH: &str = "interval: 1s
@@ -147,7 +147,10 @@ impl Pglb {
 }
 
 fn status(admin: SocketAddr) -> Result<Value> {
-    let body = http::get(admin, "/status")?;
+    let (code, body) = http::get(admin, "/status").map_err(anyhow::Error::msg)?;
+    if code != 200 {
+        bail!("GET /status from {admin} answered {code}");
+    }
     serde_json::from_str(&body).with_context(|| format!("/status is not JSON: {body}"))
 }
 

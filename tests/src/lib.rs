@@ -4,10 +4,8 @@
 
 pub mod cluster;
 pub mod fault;
-pub mod http;
 pub mod pg;
 pub mod pglb;
-pub mod proc;
 pub mod prom;
 pub mod psql;
 pub mod wire;
@@ -16,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub use cluster::{shared_cluster, SharedCluster};
 pub use pglb::{Pglb, Yaml};
+pub use pglb_testkit::{http, proc, which};
 
 /// Serialises tests of one binary that start their own cluster, so two
 /// clusters do not starve each other on a small machine.

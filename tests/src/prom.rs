@@ -10,9 +10,44 @@ use pglb_cluster::free_port;
 
 use crate::{http, wait_until};
 
-pub fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).chain([PathBuf::from("/usr/bin")]).map(|dir| dir.join(program)).find(|p| p.is_file())
+pub use pglb_testkit::which;
+
+/// The deploy kit's `prometheus.yml`, made to scrape only the pglb at
+/// `admin` and to evaluate rules every second (the example hosts removed:
+/// nothing but this machine's loopback is ever scraped).
+pub fn deploy_scrape_config(admin: SocketAddr) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/prometheus.yml");
+    let example = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    let targets = "          - 10.0.0.3:9631   # pglb host A\n          - 10.0.0.4:9631   # pglb host B\n";
+    assert!(example.contains(targets), "prometheus.yml targets changed");
+    let config = example
+        .replace(targets, &format!("          - {admin}\n"))
+        .replace("scrape_interval: 15s", "scrape_interval: 1s")
+        .replace("scrape_interval: 5s", "scrape_interval: 1s")
+        .replace("scrape_timeout: 4s", "scrape_timeout: 1s")
+        .replace("evaluation_interval: 15s", "evaluation_interval: 1s");
+    assert!(!config.contains("10.0.0."), "{config}");
+    config
+}
+
+/// A pglb (rw and ro listeners) on the binary's shared cluster, and the
+/// Prometheus server `bin` scraping it with the deploy kit's config and
+/// `files` (e.g. the rules) beside it, once it has scraped pglb.
+pub fn scraping_pglb(bin: &Path, files: &[(&str, String)]) -> (crate::SharedCluster, crate::Pglb, Prometheus) {
+    let cluster = crate::shared_cluster();
+    let yaml = crate::Yaml::for_cluster(&cluster)
+        .listener("rw", "role: primary")
+        .listener("ro", "role: replica\n    fallback: primary");
+    let pglb = crate::Pglb::start(&yaml);
+    let prom = Prometheus::start(bin, &deploy_scrape_config(pglb.admin), files);
+    wait_until("Prometheus to scrape pglb", std::time::Duration::from_secs(20), || {
+        let result = prom.query(r#"up{job="pglb"} == 1"#)?;
+        match result.as_array().map(Vec::len) {
+            Some(1) => Ok(()),
+            _ => Err(format!("{result}")),
+        }
+    });
+    (cluster, pglb, prom)
 }
 
 /// A Prometheus server on a loopback port with its own temp dir; killed

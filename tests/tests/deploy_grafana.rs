@@ -209,17 +209,7 @@ fn dashboard_queries_evaluate_on_prometheus_scraping_pglb() {
         return;
     };
     let dash = dashboard();
-    let cluster = shared_cluster();
-    let yaml = Yaml::for_cluster(&cluster)
-        .listener("rw", "role: primary")
-        .listener("ro", "role: replica\n    fallback: primary");
-    let pglb = Pglb::start(&yaml);
-    let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pglb\n    \
-         static_configs:\n      - targets: ['{}']\n",
-        pglb.admin
-    );
-    let prom = Prometheus::start(&bin, &config, &[]);
+    let (_cluster, _pglb, prom) = pglb_tests::prom::scraping_pglb(&bin, &[]);
     // Enough samples for rate() over the 1m that $__rate_interval becomes.
     wait_until("a few scrapes of pglb", Duration::from_secs(20), || {
         let result = prom.query(r#"count_over_time(up{job="pglb"}[1m]) >= 3"#)?;
@@ -254,4 +244,4 @@ fn dashboard_queries_evaluate_on_prometheus_scraping_pglb() {
     }
 }
 
-use pglb_tests::prom::{promql, which, Prometheus};
+use pglb_tests::prom::{promql, which};

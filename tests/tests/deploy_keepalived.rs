@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use pglb_cluster::{pg_bin, PgUser};
 use pglb_tests::pglb::pglb_bin;
 use pglb_tests::wait_until;
+use pglb_tests::which;
 
 const A: &str = "10.200.0.11";
 const B: &str = "10.200.0.12";
@@ -38,14 +39,6 @@ fn keepalived_dir() -> PathBuf {
 
 fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
 }
 
 fn is_root() -> bool {

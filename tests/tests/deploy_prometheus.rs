@@ -4,7 +4,7 @@
 //! evaluates them all without error.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -129,42 +129,13 @@ fn rules_read_only_series_pglb_exports() {
     println!("rules read {} series: {used:?}", used.len());
 }
 
-/// `prometheus.yml` made to scrape only the given pglb, every second, and
-/// evaluate rules every second; the example hosts are removed.
-fn scrape_config_for(admin: SocketAddr) -> String {
-    let example = read("prometheus.yml");
-    let targets = "          - 10.0.0.3:9631   # pglb host A\n          - 10.0.0.4:9631   # pglb host B\n";
-    assert!(example.contains(targets), "prometheus.yml targets changed");
-    let config = example
-        .replace(targets, &format!("          - {admin}\n"))
-        .replace("scrape_interval: 15s", "scrape_interval: 1s")
-        .replace("scrape_interval: 5s", "scrape_interval: 1s")
-        .replace("scrape_timeout: 4s", "scrape_timeout: 1s")
-        .replace("evaluation_interval: 15s", "evaluation_interval: 1s");
-    // Nothing but this machine's loopback is ever scraped.
-    assert!(!config.contains("10.0.0."), "{config}");
-    config
-}
-
 #[test]
 fn rules_evaluate_without_errors_on_prometheus_scraping_pglb() {
     let Some(bin) = which("prometheus") else {
         pglb_tests::skip("the prometheus server is not installed (apt-get install prometheus)");
         return;
     };
-    let cluster = shared_cluster();
-    let yaml = Yaml::for_cluster(&cluster)
-        .listener("rw", "role: primary")
-        .listener("ro", "role: replica\n    fallback: primary");
-    let pglb = Pglb::start(&yaml);
-    let prom = Prometheus::start(&bin, &scrape_config_for(pglb.admin), &[("pglb-rules.yml", read("pglb-rules.yml"))]);
-    wait_until("Prometheus to scrape pglb", Duration::from_secs(20), || {
-        let result = prom.query(r#"up{job="pglb"} == 1"#)?;
-        match result.as_array().map(Vec::len) {
-            Some(1) => Ok(()),
-            _ => Err(format!("{result}")),
-        }
-    });
+    let (_cluster, _pglb, prom) = scraping_pglb(&bin, &[("pglb-rules.yml", read("pglb-rules.yml"))]);
     // Every rule evaluated at least once since, and none failed (a vector
     // matching error, say, only shows on real series).
     let scraped = std::time::SystemTime::now();
@@ -221,4 +192,4 @@ fn rfc3339_seconds(text: &str) -> Option<f64> {
     Some((days * 86_400 + h * 3_600 + min * 60) as f64 + sec)
 }
 
-use pglb_tests::prom::{promql, which, Prometheus};
+use pglb_tests::prom::{promql, scraping_pglb, which};

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use pglb_cluster::free_port;
 use pglb_tests::pglb::pglb_bin;
+use pglb_tests::which;
 use pglb_tests::{http, wait_until};
 
 /// The paths the unit is written for; the tests substitute them.
@@ -71,14 +72,6 @@ fn timespan(text: &str) -> Duration {
         };
     }
     total
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
 }
 
 /// A temp dir removed on drop.

@@ -138,14 +138,14 @@ fn slow_consumer_does_not_grow_memory(forwarder: &str) {
             Err(format!("{moved} bytes moved"))
         }
     });
-    let before = rss_kib(pglb.pid());
+    let before = rss_kib(pglb.pid()).expect("pglb's RSS");
     // Read slowly: ~3 MB/s for 3 s while the server could send 300 MB.
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(3) {
         s.read_exact(&mut buf).expect("read");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let after = rss_kib(pglb.pid());
+    let after = rss_kib(pglb.pid()).expect("pglb's RSS");
     assert!(
         after < before + 8 * 1024,
         "pglb ({forwarder}) RSS grew from {before} KiB to {after} KiB under a slow reader"
@@ -177,7 +177,7 @@ fn thousands_of_connections_leak_no_fds_or_pipes(forwarder: &str) {
     let (_cluster, pglb) = start(forwarder);
     let port = pglb.port("rw");
     let pid = pglb.pid();
-    let (baseline, baseline_pipes) = (fd_count(pid), pipe_count(pid));
+    let (baseline, baseline_pipes) = (fd_count(pid).expect("fds"), pipe_count(pid).expect("pipes"));
     runtime().block_on(async move {
         for _batch in 0..50 {
             let mut tasks = tokio::task::JoinSet::new();
@@ -196,7 +196,7 @@ fn thousands_of_connections_leak_no_fds_or_pipes(forwarder: &str) {
     // Health checks open and close connections too: allow a few fds of slack.
     let bound = baseline + 2 * PIPE_POOL + 8;
     wait_until("pglb's fds to settle", Duration::from_secs(10), || {
-        let (fds, pipes) = (fd_count(pid), pipe_count(pid));
+        let (fds, pipes) = (fd_count(pid).map_err(|e| e.to_string())?, pipe_count(pid).map_err(|e| e.to_string())?);
         let pipe_bound = baseline_pipes + if forwarder == "copy" { 0 } else { 2 * PIPE_POOL };
         if fds <= bound && pipes <= pipe_bound {
             Ok(())
@@ -210,7 +210,7 @@ fn thousands_of_connections_leak_no_fds_or_pipes(forwarder: &str) {
         assert!(m.contains("pglb_splice_pipes{state=\"in_use\"} 0"), "{m}");
     }
     eprintln!(
-        "{forwarder}: {} fds after 2000 connections (baseline {baseline}), {} pipe fds",
+        "{forwarder}: {:?} fds after 2000 connections (baseline {baseline}), {:?} pipe fds",
         fd_count(pid),
         pipe_count(pid)
     );

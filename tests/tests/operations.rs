@@ -813,17 +813,17 @@ fn accept_storm_at_the_fd_limit_backs_off_and_recovers() {
         if log.contains("cannot accept: out of file descriptors") {
             Ok(())
         } else {
-            Err(format!("{} fds: {log}", fd_count(pid)))
+            Err(format!("{:?} fds: {log}", fd_count(pid)))
         }
     });
     eprintln!("fd limit reached after {:?}", t.elapsed());
-    let (before, started) = (cpu_seconds(pid), Instant::now());
+    let (before, started) = (cpu_seconds(pid).expect("pglb's CPU time"), Instant::now());
     let mut fds = Vec::new();
     while started.elapsed() < Duration::from_secs(2) {
-        fds.push(fd_count(pid));
+        fds.push(fd_count(pid).expect("pglb's fds"));
         std::thread::sleep(Duration::from_millis(100));
     }
-    let used = cpu_seconds(pid) - before;
+    let used = cpu_seconds(pid).expect("pglb's CPU time") - before;
     assert!(used < 0.5, "pglb used {used:.2} CPU-s in 2 s at its fd limit: it must back off, not spin");
     assert!(matches!(process_state(pid), Some(s) if s != 'Z'), "pglb died at its fd limit:\n{}", pglb.log());
     let most = fds.iter().copied().max().unwrap_or(0);

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use pglb_cluster::{Cluster, Spec};
+use pglb_testkit::proc;
 
 use super::results::{Fig, Results};
 use crate::child::poll;
 use crate::idle::IdleSessions;
-use crate::procstat;
+
 use crate::targets::{self, Bins, Kind, Route};
 
 const REPLICAS: usize = 3;
@@ -49,14 +50,14 @@ fn measure(
 ) -> Result<()> {
     let target = targets::start(kind, bins, Route::Replicas, &cluster.nodes, high + 500)?;
     let pid = target.pid.context("a balancer without a pid")?;
-    results.record(Fig::PipesZero, kind, procstat::pipes(pid)? as f64);
-    let available = procstat::mem_available_kib()?;
+    results.record(Fig::PipesZero, kind, proc::pipe_count(pid)? as f64);
+    let available = proc::mem_available_kib()?;
     let mut sessions = IdleSessions::new()?;
     let (rss_low, n_low) = open_to(&mut sessions, target.port, low, pid, kind, results)?;
     results.record(Fig::RssLow, kind, rss_low as f64 / 1024.0);
-    results.record(Fig::PipesLow, kind, procstat::pipes(pid)? as f64);
+    results.record(Fig::PipesLow, kind, proc::pipe_count(pid)? as f64);
     // What the LOW sessions cost the whole machine predicts the rest.
-    let now = procstat::mem_available_kib()?;
+    let now = proc::mem_available_kib()?;
     let per_session = available.saturating_sub(now) / n_low.max(1) as u64;
     let needed = per_session * (high - low) as u64 * 12 / 10 + SPARE_KIB;
     if needed > now {
@@ -64,7 +65,7 @@ fn measure(
     }
     let (rss_high, n_high) = open_to(&mut sessions, target.port, high, pid, kind, results)?;
     results.record(Fig::RssHigh, kind, rss_high as f64 / 1024.0);
-    results.record(Fig::PipesHigh, kind, procstat::pipes(pid)? as f64);
+    results.record(Fig::PipesHigh, kind, proc::pipe_count(pid)? as f64);
     if n_high > n_low {
         let slope = rss_high.saturating_sub(rss_low) as f64 / (n_high - n_low) as f64;
         results.record(Fig::KibPerConn, kind, slope);
@@ -94,7 +95,7 @@ fn open_to(
         bail!("no idle session could log in");
     }
     thread::sleep(Duration::from_secs(1));
-    Ok((procstat::rss_kib(pid)?, sessions.count()))
+    Ok((proc::rss_kib(pid)?, sessions.count()))
 }
 
 /// Waits until the replicas have no bench session left, so the next

@@ -110,7 +110,7 @@ fn pgbench_rounds(opts: &Throughput, bins: &Bins, results: &mut Results) -> Resu
 /// Runs one test through one target and records its figures, with the
 /// balancer's CPU time (utime + stime) over the run.
 fn measure(test: Test, target: &Target, opts: &Throughput, results: &mut Results, tag: &str) -> Result<()> {
-    let cpu = || target.pid.map(procstat::cpu_seconds).transpose();
+    let cpu = || target.pid.map(pglb_testkit::proc::cpu_seconds).transpose();
     let before = cpu()?;
     let (port, secs, kind) = (target.port, opts.duration, target.kind);
     let (work, per) = match test {

@@ -1,0 +1,95 @@
+//! What /proc says about a process: open fds and pipes, RSS, CPU time; and
+//! the machine's available memory.
+
+use std::fs;
+use std::io;
+
+fn read(path: &str) -> io::Result<String> {
+    fs::read_to_string(path).map_err(|e| io::Error::new(e.kind(), format!("cannot read {path}: {e}")))
+}
+
+/// Where each open fd of `pid` points (`socket:[..]`, `pipe:[..]`, a path).
+pub fn fd_targets(pid: u32) -> io::Result<Vec<String>> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = fs::read_dir(&dir).map_err(|e| io::Error::new(e.kind(), format!("cannot list {dir}: {e}")))?;
+    let mut out: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Number of open fds of `pid`.
+pub fn fd_count(pid: u32) -> io::Result<usize> {
+    Ok(fd_targets(pid)?.len())
+}
+
+/// Number of `pid`'s fds that are pipe ends.
+pub fn pipe_count(pid: u32) -> io::Result<usize> {
+    Ok(fd_targets(pid)?.iter().filter(|t| t.starts_with("pipe:")).count())
+}
+
+/// Resident set size of `pid` in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> io::Result<u64> {
+    field_kib(&format!("/proc/{pid}/status"), "VmRSS:")
+}
+
+/// `MemAvailable` of the machine in KiB.
+pub fn mem_available_kib() -> io::Result<u64> {
+    field_kib("/proc/meminfo", "MemAvailable:")
+}
+
+fn field_kib(path: &str, name: &str) -> io::Result<u64> {
+    let text = read(path)?;
+    let line = text.lines().find(|l| l.starts_with(name));
+    line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{path} has no usable {name} line")))
+}
+
+/// User + system CPU seconds of `pid` (all threads) so far.
+pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = read(&path)?;
+    // The command name is in parentheses and may hold spaces: fields are
+    // counted after the last ')'; there, utime and stime (fields 14 and 15
+    // of proc(5)) are the 12th and 13th.
+    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (tick(11), tick(12)) {
+        (Some(user), Some(system)) => Ok((user + system) / clock_ticks()),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{path}: no utime/stime"))),
+    }
+}
+
+/// Clock ticks per second, the unit of utime/stime (`getconf CLK_TCK`; 100
+/// on Linux when it cannot be asked).
+pub fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(fd_count(me).expect("fds") >= 3);
+        assert!(rss_kib(me).expect("rss") > 0);
+        assert!(cpu_seconds(me).expect("cpu") >= 0.0);
+        assert!(mem_available_kib().expect("meminfo") > 0);
+        assert!(rss_kib(u32::MAX).is_err(), "a process that does not exist is an error");
+    }
+}
