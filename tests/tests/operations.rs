@@ -375,12 +375,30 @@ fn sighup_reload_applies_the_diff_while_sessions_run_and_health_does_not_flap() 
     assert_eq!(line["end"], "removed", "{line:?}");
     let line = wait_connection_line(&pglb, &[("listener", "gone")]);
     assert_eq!(line["end"], "listener_removed", "{line:?}");
+    // The removed backend's and listener's series leave /metrics (an alert
+    // must not fire on pg2), but not the removed `keep` listener's while
+    // its session lives.
+    wait_until("the series of pg2 and `gone` to leave /metrics", SETTLE, || {
+        let m = pglb.metrics();
+        match (m.contains("backend=\"pg2\""), m.contains("listener=\"gone\"")) {
+            (false, false) => Ok(()),
+            seen => Err(format!("pg2, gone still exported: {seen:?}")),
+        }
+    });
+    assert!(pglb.metrics().contains("pglb_connections_active{listener=\"kept\",backend=\"pg0\"} 1"));
 
     let (result, took) = long.join().expect("psql thread");
     assert_eq!(result, Ok(String::new()), "the long query through rw must complete");
     assert!(took >= Duration::from_millis(3900), "pg_sleep(4) returned after {took:?}");
     terminate(on_pg1);
     terminate(kept);
+    wait_until("the removed `keep` listener's series to leave once its session ended", SETTLE, || {
+        if pglb.metrics().contains("listener=\"kept\"") {
+            Err("still exported".into())
+        } else {
+            Ok(())
+        }
+    });
 
     stop.store(true, Ordering::Relaxed);
     let (samples, problems) = watcher.join().expect("health watcher");

@@ -2,7 +2,8 @@
 //! operator actions into commands for the topology task; it is never on the
 //! data path.
 //!
-//! - `GET /metrics`: Prometheus text.
+//! - `GET /metrics`: Prometheus text (without the series of backends and
+//!   listeners a reload removed, once no session uses them).
 //! - `GET /health`: 200 while pglb serves (liveness of pglb, not of the
 //!   database), 503 once it is shutting down.
 //! - `GET /status`: backends, listeners and the live config as JSON.
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod actions;
+mod exposition;
 mod server;
 mod status;
 

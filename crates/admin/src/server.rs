@@ -1,5 +1,6 @@
 //! The hyper server and its routes.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -74,7 +75,7 @@ async fn route(state: &AdminContext, req: Request<Incoming>) -> Response<Full<By
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
+        (&Method::GET, ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics_text(state)),
         (&Method::GET, ["health"]) => {
             if state.draining.load(Ordering::Relaxed) {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".into())
@@ -108,6 +109,20 @@ async fn route(state: &AdminContext, req: Request<Incoming>) -> Response<Full<By
 }
 
 /// Mutating endpoints need `Authorization: Bearer <token>` when a token is set.
+/// The recorder's text, without the series of backends and listeners that
+/// are neither configured nor holding a session.
+fn metrics_text(state: &AdminContext) -> String {
+    let table = state.topology.table.load();
+    let data_path = state.data_path.snapshot();
+    let mut backends: HashSet<&str> = table.backends.iter().map(|b| b.config.name.as_str()).collect();
+    let mut listeners: HashSet<&str> = table.listeners.iter().map(|l| l.config.name.as_str()).collect();
+    for s in &data_path.sessions {
+        backends.insert(&s.backend);
+        listeners.insert(&s.listener);
+    }
+    crate::exposition::without_removed(&state.metrics.render(), &backends, &listeners)
+}
+
 fn authorized(state: &AdminContext, req: &Request<Incoming>) -> bool {
     let token = state.token.load();
     let Some(token) = token.as_ref() else { return true };
