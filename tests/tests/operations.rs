@@ -467,6 +467,35 @@ fn invalid_reloads_are_rejected_whole_and_the_old_config_keeps_serving() {
     drop(squatter);
 }
 
+/// A listener's identity is its name: renamed on the same address, it keeps
+/// its socket (new clients are served throughout), while the old name's
+/// sessions end like a removed listener's and its series leave /metrics.
+#[test]
+fn a_renamed_listener_keeps_its_socket_and_ends_the_old_names_sessions() {
+    let cluster = shared_cluster();
+    let mut yaml = Yaml::for_cluster(&cluster).listener("rw", "role: primary\n    hold_timeout: 0s");
+    let pglb = Pglb::start(&yaml);
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    let port = pglb.port("rw");
+    let mut old = wire::login(port).expect("a session under the old name");
+    yaml.listeners[0].0 = "write".into();
+    std::fs::write(&pglb.config, yaml.render()).expect("write config");
+    pglb.signal("HUP");
+    wait_metric(&pglb, "pglb_config_reloads_total{result=\"success\"}", 1.0);
+    wait_closed(&mut old, Duration::from_secs(5)).expect("the old name's session ends");
+    assert_eq!(where_am_i(port), Ok((cluster.primary().port, false)), "the same socket serves under the new name");
+    assert!(pglb.listener("write")["backends"] == serde_json::json!(["pg0"]), "{}", pglb.status());
+    let line = wait_connection_line(&pglb, &[("listener", "rw")]);
+    assert_eq!(line["end"], "listener_removed", "{line:?}");
+    wait_until("the old name's series to leave /metrics", SETTLE, || {
+        if pglb.metrics().contains("listener=\"rw\"") {
+            Err("still exported".into())
+        } else {
+            Ok(())
+        }
+    });
+}
+
 /// A reload is all or nothing: when the checks' TLS connector cannot be
 /// built (the CA file, same path, now holds no certificate), nothing of the
 /// new config applies — before, its listeners opened and the backends it

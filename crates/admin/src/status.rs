@@ -47,7 +47,7 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, data_path: &Snapshot
         .enumerate()
         .map(|(i, l)| {
             let names = |set: &[usize]| set.iter().map(|&b| table.backends[b].config.name.clone()).collect::<Vec<_>>();
-            let ctx = data_path.listeners.iter().find(|c| c.listen == l.config.listen);
+            let ctx = data_path.listeners.iter().find(|c| c.name == l.config.name);
             json!({
                 "name": l.config.name,
                 "listen": l.config.listen.to_string(),

@@ -43,9 +43,10 @@ pub struct Shared {
 }
 
 /// Everything one listener's sessions share. A reload builds new contexts;
-/// sessions keep theirs. A context finds its listener in the current table
-/// by address (a reload matches listeners by address, so a rename is not a
-/// rebind), so it can never read another listener's route.
+/// sessions keep theirs. A listener's identity is its name: a context finds
+/// its listener in the current table by name, so it can never read another
+/// listener's route (sockets are kept by address: a renamed listener keeps
+/// its socket, but the old name's sessions end like a removed listener's).
 pub struct ListenerContext {
     pub listen: SocketAddr,
     pub name: String,
@@ -106,7 +107,7 @@ impl ListenerContext {
 
     /// This listener's position in `table`, if it still exists there.
     pub fn route_in(&self, table: &RoutingTable) -> Option<usize> {
-        table.listeners.iter().position(|l| l.config.listen == self.listen)
+        table.listeners.iter().position(|l| l.config.name == self.name)
     }
 
     /// The listener's config in the current table.
