@@ -35,7 +35,7 @@ pub struct AdminContext {
     pub metrics: PrometheusHandle,
     /// Set once shutdown begins: `/health` turns 503.
     pub draining: AtomicBool,
-    /// The data path's listeners and sessions; admin only takes snapshots.
+    /// The data path's listeners and sessions; admin only reads plain views.
     pub data_path: Arc<Contexts>,
     pub live: ArcSwap<LiveConfig>,
     /// Bearer token for mutating endpoints, when configured.
@@ -85,11 +85,11 @@ async fn route(state: &AdminContext, req: Request<Incoming>) -> Response<Full<By
         }
         (&Method::GET, ["status"]) => {
             let table = state.topology.table.load();
-            let body = crate::status_json(&table, &state.live.load(), &state.data_path.snapshot());
+            let body = crate::status_json(&table, &state.live.load(), &state.data_path.listeners());
             reply(StatusCode::OK, "application/json", body)
         }
         (&Method::GET, ["connections"]) => {
-            reply(StatusCode::OK, "application/json", crate::connections_json(&state.data_path.snapshot()))
+            reply(StatusCode::OK, "application/json", crate::connections_json(&state.data_path.session_views()))
         }
         (&Method::POST, ["backends", name, action]) => {
             if !authorized(state, &req) {
@@ -113,13 +113,11 @@ async fn route(state: &AdminContext, req: Request<Incoming>) -> Response<Full<By
 /// are neither configured nor holding a session.
 fn metrics_text(state: &AdminContext) -> String {
     let table = state.topology.table.load();
-    let data_path = state.data_path.snapshot();
+    let in_use = state.data_path.in_use();
     let mut backends: HashSet<&str> = table.backends.iter().map(|b| b.config.name.as_str()).collect();
     let mut listeners: HashSet<&str> = table.listeners.iter().map(|l| l.config.name.as_str()).collect();
-    for s in &data_path.sessions {
-        backends.insert(&s.backend);
-        listeners.insert(&s.listener);
-    }
+    backends.extend(in_use.backends.iter().map(String::as_str));
+    listeners.extend(in_use.listeners.iter().map(String::as_str));
     crate::exposition::without_removed(&state.metrics.render(), &backends, &listeners)
 }
 

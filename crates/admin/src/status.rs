@@ -3,14 +3,14 @@
 
 use std::time::UNIX_EPOCH;
 
-use pglb_proxy::Snapshot;
+use pglb_proxy::{ListenerView, SessionView};
 use pglb_routing::{Health, RoutingTable};
 use serde_json::{json, Value};
 
 use crate::server::LiveConfig;
 
 /// Renders the `/status` document.
-pub fn status_json(table: &RoutingTable, live: &LiveConfig, data_path: &Snapshot) -> String {
+pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[ListenerView]) -> String {
     let backends: Vec<Value> = table
         .backends
         .iter()
@@ -47,7 +47,7 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, data_path: &Snapshot
         .enumerate()
         .map(|(i, l)| {
             let names = |set: &[usize]| set.iter().map(|&b| table.backends[b].config.name.clone()).collect::<Vec<_>>();
-            let ctx = data_path.listeners.iter().find(|c| c.name == l.config.name);
+            let ctx = listeners.iter().find(|c| c.name == l.config.name);
             json!({
                 "name": l.config.name,
                 "listen": l.config.listen.to_string(),
@@ -81,9 +81,8 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, data_path: &Snapshot
 }
 
 /// Renders `/connections`: every open session of every listener.
-pub fn connections_json(data_path: &Snapshot) -> String {
-    let out: Vec<Value> = data_path
-        .sessions
+pub fn connections_json(sessions: &[SessionView]) -> String {
+    let out: Vec<Value> = sessions
         .iter()
         .map(|s| {
             json!({

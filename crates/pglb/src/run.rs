@@ -220,7 +220,7 @@ impl Server {
         self.shared.draining.cancel();
         self.sessions.close();
         let timeout = self.config.shutdown_timeout;
-        let open = self.contexts.sessions();
+        let open = self.contexts.open_sessions();
         tracing::info!(sessions = open, timeout = ?timeout, "draining: new clients are refused; waiting for sessions to finish");
         tokio::select! {
             _ = self.sessions.wait() => tracing::info!("all sessions finished"),

@@ -1,8 +1,9 @@
 //! Every listener context still in use: the current one of each listening
 //! socket, and those a reload replaced while they still hold sessions. The
 //! control plane (routing changes, reloads, shutdown) acts on sessions
-//! through this type; the admin endpoint reads a plain [`Snapshot`].
+//! through this type; the admin endpoint reads plain views of it.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -42,13 +43,11 @@ pub struct SessionView {
     pub bytes_backend_to_client: u64,
 }
 
-/// What the data path looks like now: plain data, no handles.
+/// Names of the backends and listeners that hold sessions now.
 #[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    /// The current context of each listening socket.
-    pub listeners: Vec<ListenerView>,
-    /// Every open session, of current and replaced contexts.
-    pub sessions: Vec<SessionView>,
+pub struct InUse {
+    pub backends: HashSet<String>,
+    pub listeners: HashSet<String>,
 }
 
 impl Contexts {
@@ -75,7 +74,7 @@ impl Contexts {
     }
 
     /// Sessions open now.
-    pub fn sessions(&self) -> usize {
+    pub fn open_sessions(&self) -> usize {
         self.all.load().iter().map(|ctx| ctx.registry.list().len()).sum()
     }
 
@@ -94,11 +93,12 @@ impl Contexts {
         });
     }
 
-    /// A plain copy of what the data path looks like now.
-    pub fn snapshot(&self) -> Snapshot {
+    /// The current context of each listening socket, as plain data.
+    pub fn listeners(&self) -> Vec<ListenerView> {
         let all = self.all.load();
-        let current = all.iter().enumerate().filter(|(i, c)| !all[i + 1..].iter().any(|n| n.listen == c.listen));
-        let listeners = current
+        all.iter()
+            .enumerate()
+            .filter(|(i, c)| !all[i + 1..].iter().any(|n| n.listen == c.listen))
             .map(|(_, c)| ListenerView {
                 name: c.name.clone(),
                 listen: c.listen,
@@ -106,9 +106,13 @@ impl Contexts {
                 queued: c.queued(),
                 active: c.active(),
             })
-            .collect();
-        let sessions = all
-            .iter()
+            .collect()
+    }
+
+    /// Every open session, of current and replaced contexts, as plain data.
+    pub fn session_views(&self) -> Vec<SessionView> {
+        let all = self.all.load();
+        all.iter()
             .flat_map(|ctx| ctx.registry.list().into_iter().map(move |s| (ctx.name.clone(), s)))
             .map(|(listener, s)| SessionView {
                 listener,
@@ -120,7 +124,23 @@ impl Contexts {
                 bytes_client_to_backend: s.bytes_in.load(Ordering::Relaxed),
                 bytes_backend_to_client: s.bytes_out.load(Ordering::Relaxed),
             })
-            .collect();
-        Snapshot { listeners, sessions }
+            .collect()
+    }
+
+    /// The backends and listeners that hold sessions now (no per-session copy).
+    pub fn in_use(&self) -> InUse {
+        let mut used = InUse::default();
+        for ctx in self.all.load().iter() {
+            let sessions = ctx.registry.list();
+            if !sessions.is_empty() {
+                used.listeners.insert(ctx.name.clone());
+            }
+            for s in sessions {
+                if !used.backends.contains(&s.backend) {
+                    used.backends.insert(s.backend.clone());
+                }
+            }
+        }
+        used
     }
 }

@@ -18,7 +18,7 @@ mod registry;
 mod session;
 mod wait;
 
-pub use contexts::{Contexts, ListenerView, SessionView, Snapshot};
+pub use contexts::{Contexts, InUse, ListenerView, SessionView};
 pub use forward::PipePool;
 pub use listener::{bind, serve, ListenerContext, Shared};
 pub use metrics::describe as describe_metrics;
