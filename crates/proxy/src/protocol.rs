@@ -1,5 +1,6 @@
 //! Just enough of the PostgreSQL wire protocol for a balancer: the client's
-//! first message (startup, SSL/GSS negotiation, cancel) and ErrorResponse.
+//! first message (startup, SSL/GSS negotiation, cancel, or the TLS record
+//! that opens a PostgreSQL 17+ direct TLS connection) and ErrorResponse.
 
 use std::io;
 
@@ -9,6 +10,17 @@ use crate::reason::Reject;
 
 /// PostgreSQL's own cap on a startup packet (MAX_STARTUP_PACKET_LENGTH).
 pub const MAX_FIRST_MESSAGE: usize = 10_000;
+
+/// The largest TLS record a client may open with: a TLSPlaintext fragment
+/// is at most 2^14 bytes (RFC 8446 §5.1), after a 5-byte record header.
+pub const MAX_TLS_RECORD: usize = 5 + (1 << 14);
+
+/// A CancelRequest carries a secret key of 4 bytes (protocol 3.0) up to 256
+/// bytes (3.2, PostgreSQL 18): the message is 16 to 268 bytes long.
+pub const CANCEL_LENGTHS: std::ops::RangeInclusive<usize> = 16..=268;
+
+/// The first byte of a TLS handshake record (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
 
 const CANCEL_REQUEST: u32 = 80_877_102;
 const SSL_REQUEST: u32 = 80_877_103;
@@ -23,11 +35,15 @@ pub enum FirstKind {
     Cancel {
         pid: u32,
     },
-    /// A protocol-3 StartupMessage.
+    /// A protocol-3 StartupMessage (any minor version).
     Startup {
         user: Option<String>,
         database: Option<String>,
     },
+    /// A TLS handshake record: PostgreSQL 17+ direct TLS
+    /// (`sslnegotiation=direct`). pglb cannot read what follows; the record
+    /// is passed on unchanged and the server does the handshake.
+    DirectTls,
 }
 
 /// A client's first message, kept whole so it can be passed on unchanged.
@@ -46,6 +62,10 @@ pub enum FirstMessageError {
     BadLength(u32),
     #[error("first message has unknown code {0} (not a PostgreSQL client)")]
     UnknownCode(u32),
+    #[error("cancel request length {0} is outside 16..=268")]
+    BadCancel(usize),
+    #[error("direct TLS: first record is not a TLS 1.x handshake of 1..=16384 bytes (version {0:#06x}, length {1})")]
+    BadTlsRecord(u16, usize),
     #[error("cannot read first message: {0}")]
     Io(#[from] io::Error),
 }
@@ -55,13 +75,16 @@ impl FirstMessageError {
     pub fn kind(&self) -> Reject {
         match self {
             Self::Closed => Reject::ClientClosed,
-            Self::BadLength(_) | Self::UnknownCode(_) => Reject::BadStartup,
+            Self::BadLength(_) | Self::UnknownCode(_) | Self::BadCancel(_) | Self::BadTlsRecord(..) => {
+                Reject::BadStartup
+            }
             Self::Io(_) => Reject::ClientError,
         }
     }
 }
 
-/// Reads one client message that has no type byte (every pre-startup message).
+/// Reads one client message that has no type byte (every pre-startup
+/// message), or the whole first TLS record of a direct TLS connection.
 pub async fn read_first<R: AsyncRead + Unpin>(r: &mut R) -> Result<FirstMessage, FirstMessageError> {
     let mut head = [0u8; 8];
     match r.read_exact(&mut head[..4]).await {
@@ -69,18 +92,44 @@ pub async fn read_first<R: AsyncRead + Unpin>(r: &mut R) -> Result<FirstMessage,
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FirstMessageError::Closed),
         Err(e) => return Err(e.into()),
     }
+    // A PostgreSQL message starting with 0x16 would claim 369 MB or more:
+    // that first byte can only be TLS.
+    if head[0] == TLS_HANDSHAKE {
+        return read_tls_record(r, [head[0], head[1], head[2], head[3]]).await;
+    }
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
     if !(8..=MAX_FIRST_MESSAGE as u32).contains(&len) {
         return Err(FirstMessageError::BadLength(len));
     }
     let mut bytes = vec![0u8; len as usize];
     bytes[..4].copy_from_slice(&head[..4]);
-    r.read_exact(&mut bytes[4..]).await.map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => FirstMessageError::Closed,
-        _ => FirstMessageError::Io(e),
-    })?;
+    r.read_exact(&mut bytes[4..]).await.map_err(eof_is_closed)?;
     let kind = classify(&bytes)?;
     Ok(FirstMessage { bytes, kind })
+}
+
+/// Reads the rest of a TLS record whose first 4 bytes are `head`: type,
+/// version (major 3) and the high byte of the length.
+async fn read_tls_record<R: AsyncRead + Unpin>(r: &mut R, head: [u8; 4]) -> Result<FirstMessage, FirstMessageError> {
+    let mut low = [0u8; 1];
+    r.read_exact(&mut low).await.map_err(eof_is_closed)?;
+    let version = u16::from_be_bytes([head[1], head[2]]);
+    let len = usize::from(u16::from_be_bytes([head[3], low[0]]));
+    if head[1] != 3 || !(1..=MAX_TLS_RECORD - 5).contains(&len) {
+        return Err(FirstMessageError::BadTlsRecord(version, len));
+    }
+    let mut bytes = vec![0u8; 5 + len];
+    bytes[..4].copy_from_slice(&head);
+    bytes[4] = low[0];
+    r.read_exact(&mut bytes[5..]).await.map_err(eof_is_closed)?;
+    Ok(FirstMessage { bytes, kind: FirstKind::DirectTls })
+}
+
+fn eof_is_closed(e: io::Error) -> FirstMessageError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => FirstMessageError::Closed,
+        _ => FirstMessageError::Io(e),
+    }
 }
 
 fn classify(bytes: &[u8]) -> Result<FirstKind, FirstMessageError> {
@@ -88,9 +137,10 @@ fn classify(bytes: &[u8]) -> Result<FirstKind, FirstMessageError> {
     match code {
         SSL_REQUEST if bytes.len() == 8 => Ok(FirstKind::SslRequest),
         GSSENC_REQUEST if bytes.len() == 8 => Ok(FirstKind::GssEncRequest),
-        CANCEL_REQUEST if bytes.len() >= 16 => {
+        CANCEL_REQUEST if CANCEL_LENGTHS.contains(&bytes.len()) => {
             Ok(FirstKind::Cancel { pid: u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) })
         }
+        CANCEL_REQUEST => Err(FirstMessageError::BadCancel(bytes.len())),
         c if c >> 16 == 3 => Ok(startup(&bytes[8..])),
         c => Err(FirstMessageError::UnknownCode(c)),
     }
@@ -113,6 +163,12 @@ fn startup(params: &[u8]) -> FirstKind {
     }
     FirstKind::Startup { user, database }
 }
+
+/// A fatal TLS alert record (`internal_error`), for a direct TLS client that
+/// pglb turns away before any server answered: it cannot read a PostgreSQL
+/// error, and an alert is what a TLS server sends when it cannot go on.
+/// Sent in the clear, as an alert before the ServerHello is.
+pub const TLS_ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 2, 80];
 
 /// A protocol-3 ErrorResponse, severity FATAL.
 pub fn fatal_error(sqlstate: &str, message: &str) -> Vec<u8> {
@@ -159,6 +215,33 @@ mod tests {
         assert_eq!(read(&msg(GSSENC_REQUEST, b"")).await.expect("gss").kind, FirstKind::GssEncRequest);
         let cancel = msg(CANCEL_REQUEST, &[0, 0, 0, 42, 1, 2, 3, 4]);
         assert_eq!(read(&cancel).await.expect("cancel").kind, FirstKind::Cancel { pid: 42 });
+    }
+
+    #[tokio::test]
+    async fn reads_a_direct_tls_record_whole() {
+        let mut record = vec![0x16, 0x03, 0x01, 0x00, 0x04, 1, 0, 0, 0];
+        let first = read(&record).await.expect("a ClientHello record");
+        assert_eq!((first.kind, first.bytes.clone()), (FirstKind::DirectTls, record.clone()));
+        record.extend(b"more bytes after the record stay unread");
+        assert_eq!(read(&record).await.expect("record").bytes.len(), 9);
+        assert!(matches!(read(&[0x16, 0x03, 0x01, 0x00, 0x04, 1]).await, Err(FirstMessageError::Closed)));
+        assert!(matches!(
+            read(&[0x16, 0x03, 0x03, 0x40, 0x01]).await,
+            Err(FirstMessageError::BadTlsRecord(0x0303, 16385))
+        ));
+        assert!(matches!(read(&[0x16, 0x02, 0x00, 0x00, 0x04]).await, Err(FirstMessageError::BadTlsRecord(0x0200, 4))));
+    }
+
+    #[tokio::test]
+    async fn cancel_keys_of_4_to_256_bytes() {
+        for key in [4, 32, 256] {
+            let cancel = msg(CANCEL_REQUEST, &[&[0, 0, 1, 0][..], &vec![7; key]].concat());
+            assert_eq!(read(&cancel).await.expect("cancel").kind, FirstKind::Cancel { pid: 256 });
+        }
+        for key in [0, 3, 257] {
+            let cancel = msg(CANCEL_REQUEST, &[&[0, 0, 1, 0][..], &vec![7; key]].concat());
+            assert!(matches!(read(&cancel).await, Err(FirstMessageError::BadCancel(n)) if n == 12 + key));
+        }
     }
 
     #[tokio::test]

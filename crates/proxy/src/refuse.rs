@@ -6,13 +6,15 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::protocol::{fatal_error, read_first, FirstKind, FirstMessage};
+use crate::protocol::{fatal_error, read_first, FirstKind, FirstMessage, TLS_ALERT_INTERNAL_ERROR};
 
 /// Declines SSL/GSS encryption ('N') until the StartupMessage arrives, then
 /// sends a FATAL ErrorResponse with `sqlstate` and `message` and returns.
 ///
-/// Limit: a client with `sslmode=require` gives up at the 'N' and reports
-/// "server does not support SSL" instead of `message`.
+/// Limits: a client with `sslmode=require` gives up at the 'N' and reports
+/// "server does not support SSL" instead of `message`; a direct TLS client
+/// gets a fatal `internal_error` alert (its library reports "tlsv1 alert
+/// internal error"): only pglb's log says why.
 pub async fn refuse(client: &mut TcpStream, first: FirstMessage, sqlstate: &str, message: &str, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, exchange(client, first, sqlstate, message)).await;
     let _ = client.shutdown().await;
@@ -37,6 +39,10 @@ async fn exchange(client: &mut TcpStream, first: FirstMessage, sqlstate: &str, m
                 return;
             }
             FirstKind::Cancel { .. } => return,
+            FirstKind::DirectTls => {
+                let _ = client.write_all(&TLS_ALERT_INTERNAL_ERROR).await;
+                return;
+            }
         }
     }
 }

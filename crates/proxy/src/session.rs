@@ -142,7 +142,11 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
         }
         Refusal::Refuse { reason, sqlstate, message } => {
             ctx.metrics.reject(reason);
-            log_refusal(&ctx, peer, accepted, reason, &message);
+            let detail = match first.kind {
+                FirstKind::DirectTls => format!("{message} (direct TLS client: closed with a TLS alert)"),
+                _ => message.clone(),
+            };
+            log_refusal(&ctx, peer, accepted, reason, &detail);
             refuse(&mut client, first, sqlstate, &message, config.startup_timeout).await;
         }
     }

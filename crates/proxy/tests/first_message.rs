@@ -1,9 +1,12 @@
 //! The client's first message comes from untrusted bytes: whatever arrives
 //! — random, truncated, oversized — `read_first` returns an answer without
-//! panicking, allocates at most PostgreSQL's 10,000-byte cap, and every
-//! valid message comes back byte for byte with the right kind.
+//! panicking, allocates at most PostgreSQL's 10,000-byte cap (or one TLS
+//! record of a direct TLS client), and every valid message comes back byte
+//! for byte with the right kind.
 
-use pglb_proxy::protocol::{read_first, FirstKind, FirstMessage, FirstMessageError, MAX_FIRST_MESSAGE};
+use pglb_proxy::protocol::{
+    read_first, FirstKind, FirstMessage, FirstMessageError, CANCEL_LENGTHS, MAX_FIRST_MESSAGE, MAX_TLS_RECORD,
+};
 use proptest::prelude::*;
 
 fn read(bytes: &[u8]) -> Result<FirstMessage, FirstMessageError> {
@@ -58,8 +61,16 @@ proptest! {
     #[test]
     fn any_bytes_get_an_answer_within_the_cap(bytes in prop_oneof![prop::collection::vec(any::<u8>(), 0..12_000), framed()]) {
         match read(&bytes) {
+            Ok(first) if first.kind == FirstKind::DirectTls => {
+                prop_assert!(first.bytes.len() <= MAX_TLS_RECORD && bytes.starts_with(&first.bytes));
+                prop_assert_eq!(first.bytes[0], 0x16);
+            }
             Ok(first) => prop_assert!(first.bytes.len() <= MAX_FIRST_MESSAGE && bytes.starts_with(&first.bytes)),
-            Err(FirstMessageError::BadLength(n)) => prop_assert!(!(8..=MAX_FIRST_MESSAGE as u32).contains(&n)),
+            Err(FirstMessageError::BadLength(n)) => {
+                prop_assert!(!(8..=MAX_FIRST_MESSAGE as u32).contains(&n));
+                prop_assert_ne!(bytes[0], 0x16, "a first byte 0x16 is read as TLS");
+            }
+            Err(FirstMessageError::BadCancel(n)) => prop_assert!(!CANCEL_LENGTHS.contains(&n)),
             Err(_) => {}
         }
     }
@@ -69,13 +80,14 @@ proptest! {
         len in prop_oneof![MAX_FIRST_MESSAGE as u32 + 1..MAX_FIRST_MESSAGE as u32 + 64, MAX_FIRST_MESSAGE as u32 + 1..],
         tail in prop::collection::vec(any::<u8>(), 0..64),
     ) {
+        prop_assume!(len >> 24 != 0x16);
         let mut bytes = len.to_be_bytes().to_vec();
         bytes.extend(tail);
         prop_assert!(matches!(read(&bytes), Err(FirstMessageError::BadLength(n)) if n == len));
     }
 
     #[test]
-    fn startup_messages_round_trip(minor in 0u16..4, params in params()) {
+    fn startup_messages_round_trip(minor in prop_oneof![0u16..4, Just(9999), any::<u16>()], params in params()) {
         let bytes = startup(minor, &params);
         prop_assume!(bytes.len() <= MAX_FIRST_MESSAGE);
         let first = read(&bytes).expect("a valid StartupMessage");
@@ -92,6 +104,42 @@ proptest! {
         let first = read(&bytes).expect("a valid CancelRequest");
         prop_assert_eq!(&first.bytes, &bytes);
         prop_assert_eq!(first.kind, FirstKind::Cancel { pid });
+    }
+
+    #[test]
+    fn cancel_requests_outside_16_to_268_bytes_are_refused(
+        pid in any::<u32>(),
+        key in prop_oneof![prop::collection::vec(any::<u8>(), 0..4), prop::collection::vec(any::<u8>(), 257..2000)],
+    ) {
+        let mut rest = pid.to_be_bytes().to_vec();
+        rest.extend(&key);
+        let bytes = message(80_877_102, &rest);
+        prop_assert!(matches!(read(&bytes), Err(FirstMessageError::BadCancel(n)) if n == bytes.len()));
+    }
+
+    #[test]
+    fn a_tls_record_is_read_whole_and_nothing_after_it(
+        minor in 0u8..=4,
+        body in prop::collection::vec(any::<u8>(), 1..4096),
+        after in prop::collection::vec(any::<u8>(), 0..64),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut record = vec![0x16, 3, minor];
+        record.extend((body.len() as u16).to_be_bytes());
+        record.extend(&body);
+        let whole = [&record[..], &after[..]].concat();
+        let first = read(&whole).expect("a TLS record");
+        prop_assert_eq!(first.kind, FirstKind::DirectTls);
+        prop_assert_eq!(&first.bytes, &record);
+        let cut = cut.index(record.len());
+        prop_assert!(matches!(read(&record[..cut]), Err(FirstMessageError::Closed)));
+    }
+
+    #[test]
+    fn a_tls_record_longer_than_16384_bytes_is_refused_before_reading(len in 16_385u32..=65_535) {
+        let mut bytes = vec![0x16, 3, 1];
+        bytes.extend((len as u16).to_be_bytes());
+        prop_assert!(matches!(read(&bytes), Err(FirstMessageError::BadTlsRecord(0x0301, n)) if n == len as usize));
     }
 
     #[test]

@@ -95,14 +95,24 @@ impl Drop for Harness {
     }
 }
 
-/// A client that sent its StartupMessage.
-async fn client(port: u16) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+/// A StartupMessage (protocol 3.0) for user and database `postgres`.
+fn startup() -> Vec<u8> {
     let params = b"user\0postgres\0database\0postgres\0\0";
     let mut msg = ((8 + params.len()) as u32).to_be_bytes().to_vec();
     msg.extend(196_608u32.to_be_bytes());
     msg.extend(params);
-    s.write_all(&msg).await.expect("send startup");
+    msg
+}
+
+/// A client that sent its StartupMessage.
+async fn client(port: u16) -> TcpStream {
+    opening_with(port, &startup()).await
+}
+
+/// A client that sent `first` (a StartupMessage, a TLS record...).
+async fn opening_with(port: u16, first: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    s.write_all(first).await.expect("send the first message");
     s
 }
 
@@ -132,10 +142,16 @@ async fn no_backend_and_no_hold_is_refused_at_once_with_57p03() {
 
 #[tokio::test]
 async fn a_held_client_is_forwarded_when_a_primary_appears() {
+    held_then_forwarded(&startup()).await;
+}
+
+/// A client that opens with `first` is held while there is no primary, and
+/// forwarded when one appears.
+async fn held_then_forwarded(first: &[u8]) {
     let backend = fake_backend(false).await;
     let mut pglb = Harness::start(backend, ", hold_timeout: 5s", "").await;
     pglb.down();
-    let mut c = client(pglb.port).await;
+    let mut c = opening_with(pglb.port, first).await;
     // Held: nothing comes back while no backend is eligible.
     let early = tokio::time::timeout(Duration::from_millis(200), c.read_u8()).await;
     assert!(early.is_err(), "the client was answered while no backend was eligible: {early:?}");
@@ -145,13 +161,20 @@ async fn a_held_client_is_forwarded_when_a_primary_appears() {
     assert_eq!(answer(&mut c).await.0, b'Z', "the held client reaches the backend");
 }
 
-#[tokio::test]
-async fn a_client_over_the_backend_limit_queues_then_gets_53300() {
+/// A backend with `max_connections: 1`, taken by a first client (returned
+/// with the harness); `queue_timeout` is 300ms.
+async fn backend_full() -> (Harness, TcpStream) {
     let backend = fake_backend(false).await;
     let mut pglb = Harness::start(backend, ", queue_timeout: 300ms", ", max_connections: 1").await;
     pglb.primary();
     let mut first = client(pglb.port).await;
     assert_eq!(answer(&mut first).await.0, b'Z');
+    (pglb, first)
+}
+
+#[tokio::test]
+async fn a_client_over_the_backend_limit_queues_then_gets_53300() {
+    let (pglb, first) = backend_full().await;
     let started = Instant::now();
     let mut second = client(pglb.port).await;
     let (tag, body) = answer(&mut second).await;
@@ -173,4 +196,47 @@ async fn a_backend_that_does_not_answer_gets_the_client_57p03_naming_it() {
     let (tag, body) = answer(&mut c).await;
     assert_eq!(tag, b'E');
     assert!(body.contains("57P03") && body.contains("pglb: backend \"pg\" did not answer within 300ms"), "{body}");
+}
+
+/// A (tiny) TLS handshake record: a direct TLS client (PostgreSQL 17+
+/// `sslnegotiation=direct`) opens with one instead of a PostgreSQL message.
+const CLIENT_HELLO: [u8; 9] = [0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0x00, 0x00];
+
+/// What the client receives until pglb closes the connection.
+async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    got
+}
+
+#[tokio::test]
+async fn a_direct_tls_client_is_held_then_forwarded_like_any_other() {
+    // The fake backend reads a whole first message (the record) and answers.
+    held_then_forwarded(&CLIENT_HELLO).await;
+}
+
+#[tokio::test]
+async fn a_direct_tls_client_over_the_limit_queues_then_gets_a_tls_alert() {
+    let (pglb, _first) = backend_full().await;
+    let started = Instant::now();
+    let mut second = opening_with(pglb.port, &CLIENT_HELLO).await;
+    // A fatal internal_error alert, in the clear, then the close: a TLS
+    // client cannot read a PostgreSQL ErrorResponse.
+    assert_eq!(until_closed(&mut second).await, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80]);
+    assert!(started.elapsed() >= Duration::from_millis(300), "refused before queue_timeout");
+}
+
+#[tokio::test]
+async fn startup_timeout_covers_the_first_tls_record() {
+    let backend = fake_backend(false).await;
+    let mut pglb = Harness::start(backend, ", startup_timeout: 300ms", "").await;
+    pglb.primary();
+    let started = Instant::now();
+    // Half a record, then nothing.
+    let mut c = opening_with(pglb.port, &CLIENT_HELLO[..6]).await;
+    assert!(until_closed(&mut c).await.is_empty(), "closed without an answer");
+    assert!(started.elapsed() >= Duration::from_millis(300), "closed before startup_timeout");
 }
