@@ -25,6 +25,24 @@ pub fn pglb_bin() -> &'static Path {
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet", "-p", "pglb", "--bin", "pglb"])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        // `cargo test` runs this binary with the package's CARGO_MANIFEST_DIR,
+        // CARGO_PKG_* ...; build scripts that track them (ring's does) would
+        // see a change and rebuild half the tree on every run.
+        for (key, _) in std::env::vars_os() {
+            let name = key.to_string_lossy();
+            let per_package = [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ];
+            if per_package.iter().any(|p| name.starts_with(p)) {
+                cmd.env_remove(&key);
+            }
+        }
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
