@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod fault;
 pub mod pg;
+pub mod pg18;
 pub mod pglb;
 pub mod prom;
 pub mod psql;

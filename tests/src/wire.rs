@@ -8,14 +8,42 @@ use std::time::Duration;
 /// Connects to 127.0.0.1:`port` and sends a StartupMessage for `postgres`,
 /// without waiting for the answer (a client that pglb holds or queues).
 pub fn start_up(port: u16) -> io::Result<TcpStream> {
+    start_up_with(port, 0, &[])
+}
+
+/// Like [`start_up`], for protocol 3.`minor` with more parameters (such as
+/// `_pq_.` protocol options).
+pub fn start_up_with(port: u16, minor: u16, extra: &[(&str, &str)]) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let params = b"user\0postgres\0database\0postgres\0\0";
-    let mut msg = ((8 + params.len()) as u32).to_be_bytes().to_vec();
-    msg.extend(196_608u32.to_be_bytes());
-    msg.extend(params);
-    s.write_all(&msg)?;
+    s.write_all(&startup_message(minor, extra))?;
     Ok(s)
+}
+
+/// A StartupMessage of protocol 3.`minor` for user and database `postgres`.
+pub fn startup_message(minor: u16, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut params = b"user\0postgres\0database\0postgres\0".to_vec();
+    for (k, v) in extra {
+        params.extend(k.as_bytes());
+        params.push(0);
+        params.extend(v.as_bytes());
+        params.push(0);
+    }
+    params.push(0);
+    let mut msg = ((8 + params.len()) as u32).to_be_bytes().to_vec();
+    msg.extend(((3u32 << 16) | u32::from(minor)).to_be_bytes());
+    msg.extend(params);
+    msg
+}
+
+/// A CancelRequest for process `pid` with secret `key` (4 bytes in
+/// protocol 3.0, up to 256 since 3.2).
+pub fn cancel_request(pid: u32, key: &[u8]) -> Vec<u8> {
+    let mut msg = ((12 + key.len()) as u32).to_be_bytes().to_vec();
+    msg.extend(80_877_102u32.to_be_bytes());
+    msg.extend(pid.to_be_bytes());
+    msg.extend(key);
+    msg
 }
 
 /// Connects to 127.0.0.1:`port` as `postgres` (trust) and waits for ReadyForQuery.

@@ -34,6 +34,10 @@ pub struct Spec {
     pub settings: Vec<String>,
     /// Enable TLS with a self-signed certificate (made with `openssl`).
     pub ssl: bool,
+    /// The server binaries to use instead of [`pg_bin`] (e.g. PostgreSQL 18
+    /// unpacked from a package). Without a `pg_basebackup` of their own,
+    /// replicas are made as cold copies of the cleanly stopped primary.
+    pub bin: Option<PathBuf>,
 }
 
 /// A running cluster; stopped and removed on drop.
@@ -51,7 +55,7 @@ impl Cluster {
     pub fn start(spec: &Spec) -> Result<Self, ClusterError> {
         sweep_stale();
         let user = PgUser::detect().map_err(ClusterError::Setup)?;
-        let bin = pg_bin();
+        let bin = spec.bin.clone().unwrap_or_else(pg_bin);
         if !bin.join("initdb").exists() {
             return Err(ClusterError::Setup(format!(
                 "no PostgreSQL server binaries in `{}`: install the postgresql package or set PGLB_PG_BIN",
@@ -151,6 +155,9 @@ impl Cluster {
     }
 
     fn clone_replica(&self, primary: &Node, node: &Node) -> Result<(), ClusterError> {
+        if !node.bin.join("pg_basebackup").exists() {
+            return self.copy_replica(primary, node);
+        }
         let mut backup = self.user.command(node.bin.join("pg_basebackup"));
         backup
             .args(["-h", "127.0.0.1", "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync", "-p"])
@@ -159,6 +166,31 @@ impl Cluster {
             .arg(&node.data);
         run(&mut backup, &format!("pg_basebackup for {}", node.name))?;
         node.configure(&node_settings(node))
+    }
+
+    /// A replica without pg_basebackup: stops the primary cleanly, copies its
+    /// data directory, starts it again, and points the copy at it with
+    /// `standby.signal` and `primary_conninfo`. The copy starts from the
+    /// primary's shutdown checkpoint and streams from there.
+    fn copy_replica(&self, primary: &Node, node: &Node) -> Result<(), ClusterError> {
+        let running = primary.pid().is_some();
+        primary.stop("fast");
+        let mut copy = self.user.command("cp");
+        copy.arg("-a").arg(&primary.data).arg(&node.data);
+        let copied = run(&mut copy, &format!("copying {} to make {}", primary.name, node.name));
+        if running {
+            primary.start()?;
+        }
+        copied?;
+        let signal = node.data.join("standby.signal");
+        std::fs::write(&signal, "").map_err(|e| ClusterError::Io { path: signal.clone(), source: e })?;
+        self.user.own(&signal).map_err(|e| ClusterError::Io { path: signal, source: e })?;
+        let mut settings = node_settings(node);
+        settings.push(format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'",
+            primary.port, node.name
+        ));
+        node.configure(&settings)
     }
 
     /// Makes a fresh replica of `primary` in `node`'s data dir (after a
