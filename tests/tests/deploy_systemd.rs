@@ -147,7 +147,8 @@ fn unit_passes_systemd_analyze_verify_with_and_without_the_drop_in() {
 fn unit_runs_as_pglb_sandboxed_and_outlasts_the_drain() {
     let unit = read(&systemd_dir().join("pglb.service"));
     for (key, want) in [
-        ("Type", "exec"),
+        ("Type", "notify"),
+        ("NotifyAccess", "main"),
         ("User", "pglb"),
         ("KillSignal", "SIGTERM"),
         ("Restart", "on-failure"),
@@ -162,6 +163,8 @@ fn unit_runs_as_pglb_sandboxed_and_outlasts_the_drain() {
     ] {
         assert_eq!(service_value(&unit, key), want, "{key}=");
     }
+    let watchdog = timespan(&service_value(&unit, "WatchdogSec"));
+    assert!(watchdog >= Duration::from_secs(10), "WatchdogSec={watchdog:?} would restart pglb on a busy host");
     let nofile: u64 = service_value(&unit, "LimitNOFILE").parse().expect("LimitNOFILE is a number");
     assert!((65_536..=1_048_576).contains(&nofile), "LimitNOFILE={nofile}");
 

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod actions;
+pub mod client;
 mod exposition;
 mod server;
 mod status;

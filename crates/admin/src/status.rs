@@ -4,7 +4,7 @@
 use std::time::UNIX_EPOCH;
 
 use pglb_proxy::{ListenerView, SessionView};
-use pglb_routing::{Health, RoutingTable};
+use pglb_routing::{Health, Receiver, RoutingTable};
 use serde_json::{json, Value};
 
 use crate::server::LiveConfig;
@@ -27,6 +27,15 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[Listene
                 "observed_role": b.state.role.as_str(),
                 "pinned_role": b.config.role.map(|r| r.as_str()),
                 "timeline": b.state.facts.timeline,
+                "receiver": b.state.facts.receiver.map(|r| match r {
+                    Receiver::Streaming { .. } => "streaming",
+                    Receiver::NotStreaming => "not_streaming",
+                    Receiver::Hidden => "hidden",
+                }),
+                "receiver_timeline": match b.state.facts.receiver {
+                    Some(Receiver::Streaming { timeline }) => timeline,
+                    _ => None,
+                },
                 "system_identifier": b.state.facts.system_id.map(|id| id.to_string()),
                 "fenced": b.fenced.is_some(),
                 "fence_kind": b.fenced.as_ref().map(|f| f.kind.as_str()),

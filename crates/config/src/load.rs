@@ -4,14 +4,29 @@ use std::path::Path;
 
 use crate::error::{ConfigError, Problem};
 use crate::positions::Positions;
-use crate::raw::RawConfig;
+use crate::raw::{RawAdminOnly, RawConfig};
 use crate::validate::Validator;
-use crate::Config;
+use crate::{AdminAccess, Config};
 
 /// Reads and validates the config at `path`.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    load_str(path, &read(path)?)
+}
+
+/// Reads only the `admin` section of the config at `path` (the control
+/// commands need nothing else, and must work while the rest is being edited).
+pub fn load_admin(path: &Path) -> Result<AdminAccess, ConfigError> {
+    let text = read(path)?;
+    let fail = |problems| ConfigError { file: path.to_owned(), problems };
+    let raw: RawAdminOnly = serde_yaml::from_str(&text).map_err(|e| fail(vec![syntax_problem(&e)]))?;
+    let positions = Positions::index(&text);
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    Validator::new(&positions, base).admin_access(raw.admin).map_err(fail)
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => load_str(path, &text),
+        Ok(text) => Ok(text),
         Err(err) => Err(ConfigError {
             file: path.to_owned(),
             problems: vec![Problem {

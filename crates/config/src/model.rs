@@ -29,6 +29,15 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
 }
 
+/// What the control commands (`pglb status`, `pglb drain`...) need: where
+/// the admin endpoint listens and where its token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminAccess {
+    pub listen: SocketAddr,
+    /// Not read yet: the caller decides (and may override it).
+    pub token: Option<SecretSource>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forwarder {
     Splice,

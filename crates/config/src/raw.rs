@@ -60,6 +60,14 @@ pub struct RawConfig {
     pub other: BTreeMap<String, serde_yaml::Value>,
 }
 
+/// A config read only for its `admin` section; the rest is not looked at.
+#[derive(Debug, Deserialize)]
+pub struct RawAdminOnly {
+    pub admin: Option<RawAdmin>,
+    #[serde(flatten)]
+    pub _rest: BTreeMap<String, serde_yaml::Value>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct RawAdmin {
     pub listen: Option<Text>,

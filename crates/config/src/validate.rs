@@ -73,17 +73,7 @@ impl<'a> Validator<'a> {
     }
 
     fn admin(&mut self, raw: Option<RawAdmin>) -> AdminConfig {
-        let (listen, token_env, token_file) = match raw {
-            Some(a) => {
-                self.unknown_keys("admin", &a.other, ADMIN_KEYS);
-                (a.listen, a.token_env, a.token_file)
-            }
-            None => (None, None, None),
-        };
-        let listen = match listen {
-            Some(t) => self.socket_addr("admin.listen", &t.0),
-            None => None,
-        };
+        let (listen, token_env, token_file) = self.admin_fields(raw);
         let token = self.secret("admin.token", None, token_env, token_file).and_then(|s| s.read().ok());
         if token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
             self.problem(
@@ -92,7 +82,44 @@ impl<'a> Validator<'a> {
                 "set a long random token, e.g. `openssl rand -hex 32`",
             );
         }
-        AdminConfig { listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9631))), token }
+        AdminConfig { listen, token }
+    }
+
+    /// The `admin` section alone, for `pglb status` and the other control
+    /// commands: the address and where the token comes from, not read yet
+    /// (the caller may be a user who cannot read it and overrides it).
+    pub fn admin_access(mut self, raw: Option<RawAdmin>) -> Result<AdminAccess, Vec<Problem>> {
+        let (listen, token_env, token_file) = self.admin_fields(raw);
+        let token = match (token_env, token_file) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    "admin.token_env",
+                    "more than one token source is set".into(),
+                    "keep exactly one of token_env, token_file (or none)",
+                );
+                None
+            }
+            (Some(var), None) => Some(SecretSource::Env(var.0)),
+            (None, Some(path)) => Some(SecretSource::File(self.base.join(path.0))),
+            (None, None) => None,
+        };
+        if self.problems.is_empty() {
+            Ok(AdminAccess { listen, token })
+        } else {
+            Err(self.problems)
+        }
+    }
+
+    fn admin_fields(&mut self, raw: Option<RawAdmin>) -> (SocketAddr, Option<Text>, Option<Text>) {
+        let (listen, token_env, token_file) = match raw {
+            Some(a) => {
+                self.unknown_keys("admin", &a.other, ADMIN_KEYS);
+                (a.listen, a.token_env, a.token_file)
+            }
+            None => (None, None, None),
+        };
+        let listen = listen.and_then(|t| self.socket_addr("admin.listen", &t.0));
+        (listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9631))), token_env, token_file)
     }
 
     fn choice<T: Copy>(&mut self, item: &str, raw: Option<Text>, options: &[(&str, T)], default: T) -> T {

@@ -74,7 +74,7 @@ pglb demo is running with config {config}
 
   read-write (primary):   psql -h 127.0.0.1 -p {rw} -U postgres -c 'SELECT inet_server_port(), pg_is_in_recovery()'
   read-only (replicas):   psql -h 127.0.0.1 -p {ro} -U postgres -c 'SELECT inet_server_port(), pg_is_in_recovery()'
-  status:                 curl -s http://{admin}/status
+  status:                 {exe} status --config {config}    (or curl -s http://{admin}/status)
   metrics:                curl -s http://{admin}/metrics
 
   watch a failover — stop the primary, promote a replica, and rw follows it:
@@ -92,6 +92,7 @@ Ctrl-C stops pglb and the cluster and removes its files.",
         ro = port_of("ro"),
         admin = config.admin.listen,
         bin = bin.display(),
+        exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "pglb".into()),
         d0 = primary.data.display(),
     );
 }

@@ -3,11 +3,13 @@
 
 mod checkers;
 mod cli;
+mod ctl;
 mod demo;
 mod enforce;
 mod limits;
 mod reload;
 mod run;
+mod systemd;
 mod telemetry;
 
 use std::process::ExitCode;
@@ -29,13 +31,27 @@ fn main() -> ExitCode {
             println!("pglb {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        cli::Command::Check { config } => run::check(&config),
-        cli::Command::Run { config } => report(run::run_blocking(&config)),
+        cli::Command::Check { config } => match cli::config_path(config) {
+            Ok(config) => run::check(&config),
+            Err(message) => usage_error(&message),
+        },
+        cli::Command::Run { config } => match cli::config_path(config) {
+            Ok(config) => report(run::run_blocking(&config)),
+            Err(message) => usage_error(&message),
+        },
+        cli::Command::Control { control, config, token_file, json } => {
+            ctl::run(control, config, token_file, json).into()
+        }
         cli::Command::Demo => {
             telemetry::init_logging(pglb_config::LogFormat::Text);
             report(demo::run())
         }
     }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("pglb: {message}\n\n{}", cli::USAGE);
+    ExitCode::from(2)
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

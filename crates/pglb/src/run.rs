@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::checkers::Checkers;
+use crate::systemd::{Heartbeat, Notifier};
 
 /// Most empty splice pipes kept for reuse (each is two fds).
 pub const PIPE_POOL: usize = 64;
@@ -95,7 +96,7 @@ pub struct Server {
     /// Ends the admin endpoint and background tasks at the very end.
     pub background: CancellationToken,
     /// The health checkers' and topology's own thread.
-    pub _control: Control,
+    pub control: Control,
 }
 
 /// A runtime of its own, on its own thread, for health checks and the
@@ -128,14 +129,21 @@ impl Control {
 }
 
 /// Binds every socket first (an invalid setup starts nothing), then serves
-/// until a stop signal, reloading on SIGHUP.
+/// until a stop signal, reloading on SIGHUP. Under systemd: READY once every
+/// backend's first check completed, RELOADING/READY around a reload.
 pub async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let notifier = Notifier::from_env();
     let mut signals = Signals::new()?;
     let mut server = Server::start(path, config).await?;
+    server.supervise(notifier)?;
+    server.first_checks().await;
+    notifier.ready(&server.summary());
     while let Sig::Hup = signals.next().await {
+        notifier.reloading();
         server.reload().await;
+        notifier.ready(&server.summary());
     }
-    server.shutdown(&mut signals).await;
+    server.shutdown(&mut signals, notifier).await;
     Ok(())
 }
 
@@ -189,7 +197,7 @@ impl Server {
             sessions: TaskTracker::new(),
             checkers,
             background,
-            _control: control,
+            control,
         };
         server.open_listeners(sockets);
         tokio::spawn(crate::enforce::run(server.contexts.clone(), server.topology.clone(), server.background.clone()));
@@ -212,10 +220,78 @@ impl Server {
         }
     }
 
+    /// Waits until every backend's first check has completed — answered,
+    /// failed or timed out — so that READY=1 means "routing on evidence";
+    /// bounded by twice (interval + timeout), and at least 5 s.
+    async fn first_checks(&self) {
+        let health = &self.config.health;
+        let cap = ((health.interval + health.timeout) * 2).max(Duration::from_secs(5));
+        let started = std::time::Instant::now();
+        while !self.topology.table.load().all_checked {
+            if started.elapsed() > cap {
+                tracing::warn!(waited = ?cap, "not every backend's first check completed; reporting ready anyway");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(after = ?started.elapsed(), "first checks of every backend completed: ready");
+    }
+
+    /// The one-line status for systemd.
+    fn summary(&self) -> String {
+        crate::systemd::summary(&self.topology.table.load(), self.contexts.open_sessions())
+    }
+
+    /// The watchdog (when systemd asks for one) fed by heartbeats of both
+    /// runtimes, and the STATUS= line kept current.
+    fn supervise(&self, notifier: Notifier) -> anyhow::Result<()> {
+        let data = tokio::runtime::Handle::current();
+        if let Some(period) = crate::systemd::watchdog_period() {
+            let hearts = vec![Heartbeat::new("data path"), Heartbeat::new("health check")];
+            hearts[0].spawn(&data, period / 8);
+            hearts[1].spawn(&self.control.handle, period / 8);
+            crate::systemd::start_watchdog(notifier, period, hearts).context("cannot start the watchdog thread")?;
+            tracing::info!(?period, "systemd watchdog enabled");
+        }
+        crate::systemd::test_stall(&data, &self.control.handle);
+        let (table, contexts, stop) = (self.topology.table.clone(), self.contexts.clone(), self.background.clone());
+        tokio::spawn(async move {
+            let mut last = String::new();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                let now = crate::systemd::summary(&table.load(), contexts.open_sessions());
+                if now != last {
+                    notifier.status(&now);
+                    last = now;
+                }
+            }
+        });
+        Ok(())
+    }
+
     /// SIGTERM/SIGINT: `/health` turns 503, new, held and queued clients get
     /// 57P01, sessions may finish for `shutdown_timeout`, then are closed. A
-    /// second signal stops at once.
-    async fn shutdown(self, signals: &mut Signals) {
+    /// second signal stops at once. systemd hears STOPPING=1, and its stop
+    /// timeout is extended while the drain runs.
+    async fn shutdown(self, signals: &mut Signals, notifier: Notifier) {
+        notifier.stopping();
+        let drained = CancellationToken::new();
+        tokio::spawn({
+            let drained = drained.clone();
+            async move {
+                loop {
+                    notifier.extend(Duration::from_secs(15));
+                    tokio::select! {
+                        _ = drained.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+            }
+        });
+        let _drained = drained.drop_guard();
         self.admin.draining.store(true, Ordering::Relaxed);
         self.shared.draining.cancel();
         self.sessions.close();

@@ -1,0 +1,136 @@
+//! The control commands — `pglb status`, `connections`, `drain`, `disable`,
+//! `enable`, `unfence` — a client of the running pglb's admin endpoint.
+//! They read only the config's `admin` section, never the health password.
+
+mod access;
+mod render;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use hyper::Method;
+use pglb_admin::client::{request, ClientError, Reply};
+
+use crate::cli::Control;
+
+/// The documented exit codes (`pglb --help`, README "Control commands").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Done = 0,
+    Refused = 1,
+    Usage = 2,
+    NotRunning = 3,
+    Unauthorized = 4,
+    NoSuchBackend = 5,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// Runs one control command and says how it went.
+pub fn run(control: Control, config: Option<PathBuf>, token_file: Option<PathBuf>, json: bool) -> Exit {
+    let access = match access::resolve(config, token_file) {
+        Ok(a) => a,
+        Err(message) => {
+            eprintln!("pglb: {message}");
+            return Exit::Usage;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pglb: cannot start the async runtime: {e}");
+            return Exit::Refused;
+        }
+    };
+    runtime.block_on(execute(&control, &access, json))
+}
+
+async fn execute(control: &Control, access: &access::Access, json: bool) -> Exit {
+    let (method, path) = match control {
+        Control::Status => (Method::GET, "/status".to_owned()),
+        Control::Connections => (Method::GET, "/connections".to_owned()),
+        Control::Act { action, backend } => {
+            if !backend.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                eprintln!("pglb: `{backend}` is not a backend name (letters, digits, `-`, `_`, `.`); `pglb status` lists them");
+                return Exit::NoSuchBackend;
+            }
+            (Method::POST, format!("/backends/{backend}/{}", action.as_str()))
+        }
+    };
+    let reply = match request(access.addr, method, &path, access.token.as_deref()).await {
+        Ok(reply) => reply,
+        Err(err) => return unreachable(access, &err),
+    };
+    match (reply.status, control) {
+        (200, Control::Status | Control::Connections) => show(control, &reply, json),
+        (200, Control::Act { backend, .. }) => {
+            println!("{backend}: {}", done(&reply.body));
+            Exit::Done
+        }
+        (401, _) => {
+            eprintln!("pglb: the admin endpoint at {} refused the token: {}", access.addr, access.token_hint());
+            Exit::Unauthorized
+        }
+        (404, Control::Act { .. }) => {
+            eprintln!("pglb: {}; `pglb status` lists the backends", summary(&reply.body));
+            Exit::NoSuchBackend
+        }
+        (code, _) => {
+            eprintln!("pglb: {path} answered {code}: {}", summary(&reply.body));
+            Exit::Refused
+        }
+    }
+}
+
+fn show(control: &Control, reply: &Reply, json: bool) -> Exit {
+    if json {
+        println!("{}", reply.body.trim_end());
+        return Exit::Done;
+    }
+    let value: serde_json::Value = match serde_json::from_str(&reply.body) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("pglb: the admin endpoint answered something that is not JSON ({e})");
+            return Exit::Refused;
+        }
+    };
+    let text = match control {
+        Control::Connections => render::connections(&value),
+        _ => render::status(&value),
+    };
+    print!("{text}");
+    Exit::Done
+}
+
+fn unreachable(access: &access::Access, err: &ClientError) -> Exit {
+    eprintln!(
+        "pglb: {err}\n  is pglb running with this config ({})? `systemctl status pglb` or start it with `pglb run`",
+        access.config.display()
+    );
+    match err {
+        ClientError::Connect { .. } | ClientError::Timeout { .. } => Exit::NotRunning,
+        ClientError::Http { .. } => Exit::Refused,
+    }
+}
+
+/// The `error` or `result` of a JSON answer, else the body itself.
+fn summary(body: &str) -> String {
+    let value: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    let field = value.as_ref().and_then(|v| v.get("error").or_else(|| v.get("result"))).and_then(|v| v.as_str());
+    field.map(str::to_owned).unwrap_or_else(|| body.trim().to_owned())
+}
+
+/// What an action did, from its JSON answer.
+fn done(body: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    match (value["admin_state"].as_str(), value["unfenced"].as_bool()) {
+        (Some(state), _) => format!("admin state is now {state}"),
+        (_, Some(true)) => "fence cleared".to_owned(),
+        (_, Some(false)) => "was not fenced; nothing to do".to_owned(),
+        _ => body.trim().to_owned(),
+    }
+}
