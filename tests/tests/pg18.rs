@@ -298,3 +298,34 @@ async fn wait_for<T>(task: &tokio::task::JoinHandle<T>) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[test]
+fn server_names_route_direct_tls_and_sslrequest_clients_on_one_port() {
+    let Some((dir, cluster)) = setup() else { return };
+    let port = pglb_cluster::free_port().expect("free port");
+    let mut yaml = Yaml::for_cluster(&cluster);
+    yaml.listeners.push(("rw".into(), port, "role: primary\n    sni: [rw.pglb.test]".into()));
+    yaml.listeners.push(("ro".into(), port, "role: replica\n    sni: [\"*.ro.pglb.test\", ro.pglb.test]".into()));
+    let pglb = Pglb::start(&yaml);
+    pglb.wait_eligible("ro", &["pg1", "pg2"], Duration::from_secs(20));
+    let primary = cluster.primary().port;
+    for negotiation in ["direct", "postgres"] {
+        let at = |name: &str| {
+            let conninfo =
+                format!("host={name} hostaddr=127.0.0.1 port={port} sslmode=require sslnegotiation={negotiation}");
+            pg18::psql(&dir, &conninfo, WHERE_AND_HOW).unwrap_or_else(|e| panic!("{name} ({negotiation}): {e}"))
+        };
+        assert_eq!(at("rw.pglb.test"), format!("{primary}|f|t"), "{negotiation}");
+        assert!(at("ro.pglb.test").ends_with("|t|t"), "{negotiation}");
+        assert!(at("a.ro.pglb.test").ends_with("|t|t"), "{negotiation}");
+        let err = pg18::psql(
+            &dir,
+            &format!("host=nope.pglb.test hostaddr=127.0.0.1 port={port} sslmode=require sslnegotiation={negotiation}"),
+            "SELECT 1",
+        )
+        .expect_err("an unknown name");
+        assert!(err.contains("unrecognized name"), "{negotiation}: {err}");
+    }
+    assert_eq!(pglb.metric("pglb_connections_total", &[("listener", "rw")]), 2.0);
+    assert_eq!(pglb.metric("pglb_connections_total", &[("listener", "ro")]), 4.0);
+}

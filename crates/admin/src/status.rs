@@ -60,6 +60,7 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[Listene
             json!({
                 "name": l.config.name,
                 "listen": l.config.listen.to_string(),
+                "sni": l.config.sni,
                 "role": l.config.role.as_str(),
                 "fallback": l.config.fallback.map(|r| r.as_str()),
                 "balance": l.config.balance.as_str(),
@@ -99,6 +100,7 @@ pub fn connections_json(sessions: &[SessionView]) -> String {
                 "client": s.client.to_string(),
                 "backend": s.backend,
                 "backend_local_port": s.backend_local_port,
+                "server_name": s.server_name,
                 "via_fallback": s.via_fallback,
                 "started_at": s.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
                 "duration_s": s.started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),

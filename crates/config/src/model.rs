@@ -167,6 +167,22 @@ pub struct ListenerConfig {
     pub allow: Vec<Cidr>,
     /// Bind even if the address is not (yet) local (IP_FREEBIND), for a VIP.
     pub freebind: bool,
+    /// TLS server names this listener takes on its address (lower case;
+    /// `*.suffix` for any name under `suffix`). Empty: the address's only
+    /// listener, or its default (unmatched names and plaintext clients).
+    pub sni: Vec<String>,
+}
+
+/// `pattern` (an exact name or `*.suffix`) matches server name `name`; a
+/// wildcard needs at least one label before the suffix.
+pub fn sni_matches(pattern: &str, name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            name.len() > suffix.len() + 1 && name.ends_with(suffix) && name[..name.len() - suffix.len()].ends_with('.')
+        }
+        None => pattern == name,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

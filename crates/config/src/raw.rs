@@ -133,6 +133,7 @@ pub struct RawListener {
     pub queue_timeout: Option<Text>,
     pub allow: Option<OneOrMany>,
     pub freebind: Option<Text>,
+    pub sni: Option<OneOrMany>,
     /// Keys this section does not know.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
@@ -223,6 +224,7 @@ pub const LISTENER_KEYS: &[&str] = &[
     "queue_timeout",
     "allow",
     "freebind",
+    "sni",
 ];
 pub const BACKEND_KEYS: &[&str] = &["name", "address", "weight", "max_connections", "role"];
 

@@ -267,7 +267,6 @@ impl<'a> Validator<'a> {
             );
         }
         let mut names = HashMap::new();
-        let mut addrs = HashMap::new();
         let mut out = Vec::new();
         for (i, l) in raw.into_iter().enumerate() {
             let listener = self.listener(i, l, defaults);
@@ -284,15 +283,10 @@ impl<'a> Validator<'a> {
                     format!("port 0 in {} would make the kernel pick a port nobody is told", listener.listen),
                     "write the port clients connect to, e.g. 127.0.0.1:6432",
                 );
-            } else if let Some(prev) = addrs.insert(listener.listen, i) {
-                self.problem(
-                    &format!("listeners[{i}].listen"),
-                    format!("address {} is already used by listeners[{prev}]", listener.listen),
-                    "give every listener its own address or port",
-                );
             }
             out.push(listener);
         }
+        self.shared_addresses(&out);
         out
     }
 
@@ -336,6 +330,7 @@ impl<'a> Validator<'a> {
         let queue_timeout = self.duration_or_zero(&item, v, Duration::from_secs(5));
         let allow = self.allowlist(&at("allow"), l.allow.map(OneOrMany::into_vec).unwrap_or_default());
         let freebind = self.flag(&at("freebind"), l.freebind);
+        let sni = self.server_names(&at("sni"), l.sni.map(OneOrMany::into_vec).unwrap_or_default());
         self.unknown_keys(&format!("listeners[{i}]"), &l.other, LISTENER_KEYS);
         ListenerConfig {
             name,
@@ -355,6 +350,90 @@ impl<'a> Validator<'a> {
             queue_timeout,
             allow,
             freebind,
+            sni,
+        }
+    }
+
+    /// `sni:` entries: DNS names or `*.suffix` wildcards, kept in lower case.
+    fn server_names(&mut self, item: &str, raw: Vec<Text>) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (k, entry) in raw.into_iter().enumerate() {
+            let name = entry.0.trim().to_ascii_lowercase();
+            let host = name.strip_prefix("*.").unwrap_or(&name);
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            };
+            if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+                self.problem(
+                    &format!("{item}[{k}]"),
+                    format!("`{}` is not a server name", entry.0),
+                    "write a DNS name such as rw.db.example.com, or `*.db.example.com` for every name under it",
+                );
+            } else if out.contains(&name) {
+                self.problem(&format!("{item}[{k}]"), format!("`{name}` is listed twice"), "list each name once");
+            } else {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    /// Listeners that share an address are told apart by TLS server name:
+    /// each names its own (`sni`), at most one is the default, no name is
+    /// claimed twice, and what acts before the name is known agrees.
+    fn shared_addresses(&mut self, listeners: &[ListenerConfig]) {
+        let mut by_addr: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
+        for (i, l) in listeners.iter().enumerate() {
+            match by_addr.iter_mut().find(|(a, _)| *a == l.listen) {
+                Some((_, group)) => group.push(i),
+                None => by_addr.push((l.listen, vec![i])),
+            }
+        }
+        for (addr, group) in by_addr.into_iter().filter(|(_, g)| g.len() > 1) {
+            let defaults: Vec<usize> = group.iter().copied().filter(|&i| listeners[i].sni.is_empty()).collect();
+            if defaults.len() > 1 {
+                self.problem(
+                    &format!("listeners[{}].listen", defaults[1]),
+                    format!(
+                        "address {addr} is already used by listeners[{}], and neither names server names (`sni`)",
+                        defaults[0]
+                    ),
+                    "give every listener its own address or port, or give all but one of those sharing it `sni: [name, ...]` (the one without is the default)",
+                );
+            }
+            let first = &listeners[group[0]];
+            for &i in &group[1..] {
+                let l = &listeners[i];
+                let differs = [
+                    ("allow", l.allow != first.allow),
+                    ("freebind", l.freebind != first.freebind),
+                    ("startup_timeout", l.startup_timeout != first.startup_timeout),
+                ];
+                for (key, _) in differs.iter().filter(|(_, d)| *d) {
+                    self.problem(
+                        &format!("listeners[{i}].{key}"),
+                        format!(
+                            "listeners[{i}] shares {addr} with listeners[{}] but sets another {key}: it acts before the server name is known",
+                            group[0]
+                        ),
+                        format!("give every listener on {addr} the same {key}"),
+                    );
+                }
+                for name in &l.sni {
+                    if let Some(&j) = group.iter().take_while(|&&j| j != i).find(|&&j| listeners[j].sni.contains(name))
+                    {
+                        self.problem(
+                            &format!("listeners[{i}].sni"),
+                            format!("server name `{name}` on {addr} is already claimed by listeners[{j}]"),
+                            "each server name goes to one listener of an address",
+                        );
+                    }
+                }
+            }
         }
     }
 

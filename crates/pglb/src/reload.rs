@@ -20,7 +20,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use pglb_admin::LiveConfig;
 use pglb_config::Config;
 use pglb_health::Command;
-use pglb_proxy::ListenerContext;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -117,7 +116,7 @@ impl Server {
     async fn apply(
         &mut self,
         next: Arc<Config>,
-        sockets: Vec<(usize, tokio::net::TcpListener)>,
+        sockets: Vec<(std::net::SocketAddr, tokio::net::TcpListener)>,
         tls: MakeRustlsConnect,
     ) -> anyhow::Result<()> {
         self.checkers.stop_changed(&next).await;
@@ -131,18 +130,15 @@ impl Server {
             self.shared.pipes = crate::run::pipes_for(&next);
         }
         let table = self.topology.table.load_full();
-        // Kept sockets: a fresh context (new index, backends, limits).
+        // Kept sockets: fresh contexts (new index, backends, limits, names).
         let mut removed = Vec::new();
         for live in std::mem::take(&mut self.listeners) {
-            match table.listeners.iter().position(|l| l.config.listen == live.addr) {
-                Some(index) => {
-                    let previous = live.context.load_full();
-                    let ctx = Arc::new(ListenerContext::new(index, self.shared.clone(), Some(&previous)));
-                    live.context.store(ctx.clone());
-                    self.contexts.add(ctx);
-                    self.listeners.push(live);
-                }
-                None => removed.push(live),
+            if table.listeners.iter().any(|l| l.config.listen == live.addr) {
+                let previous = live.group.load_full();
+                live.group.store(Arc::new(self.group_for(live.addr, Some(&previous))));
+                self.listeners.push(live);
+            } else {
+                removed.push(live);
             }
         }
         for live in removed {

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use pglb_admin::{AdminContext, LiveConfig};
 use pglb_config::{Config, ConfigError};
 use pglb_health::{Publisher, TopologyHandle};
-use pglb_proxy::{Contexts, ListenerContext, PipePool, Shared};
+use pglb_proxy::{AddressGroup, Contexts, ListenerContext, PipePool, Shared};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Notify;
@@ -73,10 +73,10 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }
 
-/// One listening socket and the context its accept loop uses.
+/// One listening socket and the listeners its accept loop serves.
 pub struct Live {
     pub addr: std::net::SocketAddr,
-    pub context: Arc<ArcSwap<ListenerContext>>,
+    pub group: Arc<ArcSwap<AddressGroup>>,
     pub stop: CancellationToken,
 }
 
@@ -206,18 +206,32 @@ impl Server {
     }
 
     /// Starts accept loops on freshly bound sockets.
-    pub fn open_listeners(&mut self, sockets: Vec<(usize, TcpListener)>) {
-        let table = self.topology.table.load();
-        for (index, socket) in sockets {
-            let ctx = Arc::new(ListenerContext::new(index, self.shared.clone(), None));
-            let l = &table.listeners[index].config;
-            tracing::info!(listener = %l.name, listen = %l.listen, role = l.role.as_str(), balance = l.balance.as_str(), "listening");
-            let context = Arc::new(ArcSwap::new(ctx.clone()));
+    pub fn open_listeners(&mut self, sockets: Vec<(std::net::SocketAddr, TcpListener)>) {
+        for (addr, socket) in sockets {
+            let group = Arc::new(ArcSwap::from_pointee(self.group_for(addr, None)));
             let stop = CancellationToken::new();
-            tokio::spawn(pglb_proxy::serve(socket, context.clone(), self.sessions.clone(), stop.clone()));
-            self.listeners.push(Live { addr: l.listen, context, stop });
-            self.contexts.add(ctx);
+            tokio::spawn(pglb_proxy::serve(socket, group.clone(), self.sessions.clone(), stop.clone()));
+            self.listeners.push(Live { addr, group, stop });
         }
+    }
+
+    /// Fresh contexts for the listeners of the current table on `addr`
+    /// (sharing counters with `previous` ones of the same name), registered
+    /// for enforcement and the admin views.
+    pub fn group_for(&self, addr: std::net::SocketAddr, previous: Option<&AddressGroup>) -> AddressGroup {
+        let table = self.topology.table.load();
+        let mut members = Vec::new();
+        for (index, route) in table.listeners.iter().enumerate().filter(|(_, l)| l.config.listen == addr) {
+            let l = &route.config;
+            let before = previous.and_then(|g| g.contexts().find(|c| c.name == l.name).cloned());
+            let ctx = Arc::new(ListenerContext::new(index, self.shared.clone(), before.as_deref()));
+            if before.is_none() {
+                tracing::info!(listener = %l.name, listen = %l.listen, role = l.role.as_str(), balance = l.balance.as_str(), sni = ?l.sni, "listening");
+            }
+            self.contexts.add(ctx.clone());
+            members.push((ctx, l.sni.clone()));
+        }
+        AddressGroup::new(addr, members)
     }
 
     /// Waits until every backend's first check has completed — answered,
@@ -319,18 +333,21 @@ impl Server {
     }
 }
 
-/// Binds the listeners of `config` whose address is not in `keep`, all or
-/// nothing; returns them with their index in `config.listeners`.
-pub fn bind_listeners(config: &Config, keep: &[std::net::SocketAddr]) -> anyhow::Result<Vec<(usize, TcpListener)>> {
-    let mut sockets = Vec::new();
-    for (i, l) in config.listeners.iter().enumerate() {
-        if keep.contains(&l.listen) {
+/// Binds the addresses of `config`'s listeners that are not in `keep`, all
+/// or nothing, once per address (listeners routed by server name share one).
+pub fn bind_listeners(
+    config: &Config,
+    keep: &[std::net::SocketAddr],
+) -> anyhow::Result<Vec<(std::net::SocketAddr, TcpListener)>> {
+    let mut sockets: Vec<(std::net::SocketAddr, TcpListener)> = Vec::new();
+    for l in &config.listeners {
+        if keep.contains(&l.listen) || sockets.iter().any(|(a, _)| *a == l.listen) {
             continue;
         }
         let socket = pglb_proxy::bind(l.listen, l.freebind).with_context(|| {
             format!("cannot bind listener `{}` to {} (is another pglb or server running there?)", l.name, l.listen)
         })?;
-        sockets.push((i, socket));
+        sockets.push((l.listen, socket));
     }
     Ok(sockets)
 }

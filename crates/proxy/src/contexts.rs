@@ -39,6 +39,7 @@ pub struct SessionView {
     pub backend_local_port: u16,
     pub via_fallback: bool,
     pub started: SystemTime,
+    pub server_name: Option<String>,
     pub bytes_client_to_backend: u64,
     pub bytes_backend_to_client: u64,
 }
@@ -121,6 +122,7 @@ impl Contexts {
                 backend_local_port: s.backend_local_port,
                 via_fallback: s.via_fallback,
                 started: s.started,
+                server_name: s.server_name.clone(),
                 bytes_client_to_backend: s.bytes_in.load(Ordering::Relaxed),
                 bytes_backend_to_client: s.bytes_out.load(Ordering::Relaxed),
             })

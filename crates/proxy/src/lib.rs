@@ -5,6 +5,8 @@
 //! Only `forward::splice` may use `unsafe`; everything else forbids it.
 #![deny(unsafe_code)]
 
+mod address;
+mod by_name;
 mod cancel;
 mod connect;
 mod contexts;
@@ -16,8 +18,10 @@ mod reason;
 mod refuse;
 mod registry;
 mod session;
+pub mod sni;
 mod wait;
 
+pub use address::AddressGroup;
 pub use contexts::{Contexts, InUse, ListenerView, SessionView};
 pub use forward::PipePool;
 pub use listener::{bind, serve, ListenerContext, Shared};

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::address::AddressGroup;
 use crate::forward::PipePool;
 use crate::metrics::{ListenerMetrics, PairMetrics};
 use crate::reason::Reject;
@@ -165,11 +166,12 @@ pub fn bind(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Accepts clients until `stop` fires. Each client is served by the context
-/// current at its accept (a reload swaps it); sessions run on `tracker`.
+/// Accepts clients until `stop` fires. Each client is served by the
+/// address's listeners current at its accept (a reload swaps them);
+/// sessions run on `tracker`.
 pub async fn serve(
     listener: TcpListener,
-    ctx: Arc<ArcSwap<ListenerContext>>,
+    group: Arc<ArcSwap<AddressGroup>>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -179,7 +181,8 @@ pub async fn serve(
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
-        let current = ctx.load_full();
+        let group_now = group.load_full();
+        let Some(current) = group_now.first().cloned() else { continue };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
@@ -195,8 +198,8 @@ pub async fn serve(
                     drop(stream);
                     continue;
                 }
-                let span = tracing::debug_span!("session", listener = %current.name, client = %peer);
-                let session = crate::session::run(current.clone(), stream, peer);
+                let span = tracing::debug_span!("session", listen = %group_now.listen, client = %peer);
+                let session = crate::session::run(group_now, stream, peer);
                 tracker.spawn(session.instrument(span));
             }
             Err(err) if is_resource_exhaustion(&err) => {

@@ -51,7 +51,22 @@ pub enum FirstKind {
 pub struct FirstMessage {
     pub bytes: Vec<u8>,
     pub kind: FirstKind,
+    /// On an address routed by server name, pglb answered the client's
+    /// SSLRequest itself and `bytes` is the ClientHello that followed: the
+    /// backend must get an SSLRequest of pglb's first and answer `S`.
+    pub via_ssl_request: bool,
+    /// The TLS server name the client asked for, when pglb read it.
+    pub server_name: Option<String>,
 }
+
+impl FirstMessage {
+    pub fn new(bytes: Vec<u8>, kind: FirstKind) -> Self {
+        Self { bytes, kind, via_ssl_request: false, server_name: None }
+    }
+}
+
+/// The SSLRequest pglb sends a backend on the client's behalf.
+pub const SSL_REQUEST_BYTES: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// Why a first message was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +120,7 @@ pub async fn read_first<R: AsyncRead + Unpin>(r: &mut R) -> Result<FirstMessage,
     bytes[..4].copy_from_slice(&head[..4]);
     r.read_exact(&mut bytes[4..]).await.map_err(eof_is_closed)?;
     let kind = classify(&bytes)?;
-    Ok(FirstMessage { bytes, kind })
+    Ok(FirstMessage::new(bytes, kind))
 }
 
 /// Reads the rest of a TLS record whose first 4 bytes are `head`: type,
@@ -122,7 +137,7 @@ async fn read_tls_record<R: AsyncRead + Unpin>(r: &mut R, head: [u8; 4]) -> Resu
     bytes[..4].copy_from_slice(&head);
     bytes[4] = low[0];
     r.read_exact(&mut bytes[5..]).await.map_err(eof_is_closed)?;
-    Ok(FirstMessage { bytes, kind: FirstKind::DirectTls })
+    Ok(FirstMessage::new(bytes, FirstKind::DirectTls))
 }
 
 fn eof_is_closed(e: io::Error) -> FirstMessageError {
@@ -168,7 +183,13 @@ fn startup(params: &[u8]) -> FirstKind {
 /// pglb turns away before any server answered: it cannot read a PostgreSQL
 /// error, and an alert is what a TLS server sends when it cannot go on.
 /// Sent in the clear, as an alert before the ServerHello is.
-pub const TLS_ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 2, 80];
+pub const TLS_ALERT_INTERNAL_ERROR: [u8; 7] = tls_alert(80);
+
+/// A fatal TLS alert record with `description` (RFC 8446 §6): 80
+/// internal_error, 112 unrecognized_name, 50 decode_error.
+pub const fn tls_alert(description: u8) -> [u8; 7] {
+    [0x15, 0x03, 0x03, 0x00, 0x02, 2, description]
+}
 
 /// A protocol-3 ErrorResponse, severity FATAL.
 pub fn fatal_error(sqlstate: &str, message: &str) -> Vec<u8> {

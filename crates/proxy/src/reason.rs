@@ -30,10 +30,18 @@ pub enum Reject {
     Shutdown,
     /// The client's address is not in the listener's `allow` list.
     NotAllowed,
+    /// On an address routed by TLS server name: no listener has the name
+    /// and there is no default.
+    UnknownServerName,
+    /// A plaintext client on an address routed by TLS server name that has
+    /// no default listener.
+    TlsRequired,
+    /// The backend answered `N` to pglb's SSLRequest (TLS off on it).
+    BackendNoTls,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 12] = [
+    pub const ALL: [Reject; 15] = [
         Self::NoBackend,
         Self::BackendSilent,
         Self::HoldFull,
@@ -46,6 +54,9 @@ impl Reject {
         Self::ClientGaveUp,
         Self::Shutdown,
         Self::NotAllowed,
+        Self::UnknownServerName,
+        Self::TlsRequired,
+        Self::BackendNoTls,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +73,9 @@ impl Reject {
             Self::ClientGaveUp => "client_gave_up",
             Self::Shutdown => "shutdown",
             Self::NotAllowed => "not_allowed",
+            Self::UnknownServerName => "unknown_server_name",
+            Self::TlsRequired => "tls_required",
+            Self::BackendNoTls => "backend_no_tls",
         }
     }
 

@@ -24,6 +24,8 @@ pub struct SessionHandle {
     /// The listener said `on_ineligible: keep` when this session started.
     pub keep_when_removed: bool,
     pub started: SystemTime,
+    /// The TLS server name the client asked for, when pglb routed by it.
+    pub server_name: Option<String>,
     pub stop: CancellationToken,
     /// Why pglb closed it, if it did.
     pub reason: OnceLock<CloseReason>,

@@ -13,10 +13,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::address::AddressGroup;
 use crate::connect::{connect, tune};
 use crate::forward::{discard_unsent, forward, Counters};
 use crate::listener::ListenerContext;
-use crate::protocol::{read_first, FirstKind, FirstMessage};
+use crate::protocol::{read_first, FirstKind, FirstMessage, SSL_REQUEST_BYTES};
 use crate::reason::Reject;
 use crate::refuse::refuse;
 use crate::registry::SessionHandle;
@@ -69,24 +70,54 @@ enum Refusal {
     Gone,
 }
 
-/// Serves one client until its session ends.
-pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketAddr) {
+/// Serves one client of an address until its session ends: reads its first
+/// message, picks its listener (by TLS server name where listeners share
+/// the address), then serves it there.
+pub async fn run(group: Arc<AddressGroup>, mut client: TcpStream, peer: SocketAddr) {
     let accepted = Instant::now();
     tune(&client);
-    let Some(config) = ctx.config() else { return };
+    let Some(front) = group.first().cloned() else { return };
+    let Some(config) = front.config() else { return };
+    let deadline = accepted + config.startup_timeout;
     let first = match tokio::time::timeout(config.startup_timeout, read_first(&mut client)).await {
         Ok(Ok(first)) => first,
         Ok(Err(err)) => {
-            ctx.metrics.reject(err.kind());
-            log_refusal(&ctx, peer, accepted, err.kind(), &err.to_string());
+            front.metrics.reject(err.kind());
+            log_refusal(&front, peer, accepted, err.kind(), &err.to_string());
             return;
         }
         Err(_) => {
-            ctx.metrics.reject(Reject::StartupTimeout);
-            log_refusal(&ctx, peer, accepted, Reject::StartupTimeout, "no startup message in time");
+            front.metrics.reject(Reject::StartupTimeout);
+            log_refusal(&front, peer, accepted, Reject::StartupTimeout, "no startup message in time");
             return;
         }
     };
+    let (ctx, first) = if group.by_name() {
+        match crate::by_name::pick(&group, &mut client, first, deadline).await {
+            Ok(found) => found,
+            Err(refusal) => {
+                front.metrics.reject(refusal.reason);
+                log_refusal(&front, peer, accepted, refusal.reason, &refusal.detail);
+                refusal.answer.send(&mut client).await;
+                return;
+            }
+        }
+    } else {
+        (front, first)
+    };
+    drop(group);
+    serve(ctx, client, peer, first, accepted).await;
+}
+
+/// Serves a client whose listener is known and whose first message is read.
+async fn serve(
+    ctx: Arc<ListenerContext>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    first: FirstMessage,
+    accepted: Instant,
+) {
+    let Some(config) = ctx.config() else { return };
     if let FirstKind::Cancel { pid } = first.kind {
         tracing::debug!(pid, "cancel request");
         crate::cancel::fan_out(&ctx, &first.bytes).await;
@@ -116,6 +147,16 @@ pub async fn run(ctx: Arc<ListenerContext>, mut client: TcpStream, peer: SocketA
                 }
                 Opened::Rerouted => continue,
                 Opened::Gone => break 'route Refusal::Gone,
+                Opened::NoTls { backend } => {
+                    break 'route Refusal::Refuse {
+                        reason: Reject::BackendNoTls,
+                        sqlstate: CANNOT_CONNECT_NOW,
+                        message: format!(
+                            "pglb: backend \"{backend}\" does not accept TLS (it answered N to pglb's SSLRequest), and listener \"{}\" routes by TLS server name: turn ssl on on the server",
+                            ctx.name
+                        ),
+                    };
+                }
                 Opened::Silent { backend, waited } => {
                     let waited = pglb_config::format_duration(waited);
                     break 'route Refusal::Refuse {
@@ -359,6 +400,9 @@ enum Opened<'a> {
     Silent { backend: String, waited: std::time::Duration },
     /// The client hung up.
     Gone,
+    /// The backend refused the SSLRequest pglb sent for a client routed by
+    /// server name (the client is already in TLS).
+    NoTls { backend: String },
 }
 
 /// A registered session whose backend has answered.
@@ -395,6 +439,7 @@ async fn open<'a>(
         via_fallback: places.via_fallback,
         keep_when_removed: config.on_ineligible == OnIneligible::Keep,
         started: SystemTime::now(),
+        server_name: first.server_name.clone(),
         stop: ctx.shared.hard_stop.child_token(),
         reason: OnceLock::new(),
         bytes_in: Default::default(),
@@ -408,13 +453,27 @@ async fn open<'a>(
         crate::registry::judge(&table, listener, &handle);
     }
     drop(table);
+    let wait = if config.hold_timeout.is_zero() { config.connect_timeout } else { config.hold_timeout };
+    if first.via_ssl_request {
+        match negotiate_tls(&mut backend, wait).await {
+            Negotiated::Tls => {}
+            Negotiated::Refused => {
+                discard_unsent(&backend);
+                return Opened::NoTls { backend: candidate.name.clone() };
+            }
+            Negotiated::Silent => {
+                discard_unsent(&backend);
+                return Opened::Silent { backend: candidate.name.clone(), waited: wait };
+            }
+            Negotiated::Closed => return Opened::Rerouted,
+        }
+    }
     if let Err(err) = backend.write_all(&first.bytes).await {
         tracing::warn!(backend = %candidate.name, error = %err, "backend closed before startup");
         return Opened::Rerouted;
     }
     pair.client_to_backend.increment(first.bytes.len() as u64);
     handle.bytes_in.fetch_add(first.bytes.len() as u64, Ordering::Relaxed);
-    let wait = if config.hold_timeout.is_zero() { config.connect_timeout } else { config.hold_timeout };
     tokio::select! {
         _ = backend.readable() => {}
         _ = tokio::time::sleep(wait) => {
@@ -430,6 +489,30 @@ async fn open<'a>(
         _ = hung_up(client) => return Opened::Gone,
     }
     Opened::Answered(Session { places, backend, handle, _open: open, peer, started })
+}
+
+/// How the backend answered pglb's SSLRequest.
+enum Negotiated {
+    Tls,
+    Refused,
+    Silent,
+    Closed,
+}
+
+/// Sends the backend an SSLRequest on a name-routed client's behalf and
+/// reads its one-byte answer.
+async fn negotiate_tls(backend: &mut TcpStream, wait: std::time::Duration) -> Negotiated {
+    use tokio::io::AsyncReadExt;
+    if backend.write_all(&SSL_REQUEST_BYTES).await.is_err() {
+        return Negotiated::Closed;
+    }
+    let mut answer = [0u8; 1];
+    match tokio::time::timeout(wait, backend.read_exact(&mut answer)).await {
+        Ok(Ok(_)) if answer[0] == b'S' => Negotiated::Tls,
+        Ok(Ok(_)) => Negotiated::Refused,
+        Ok(Err(_)) => Negotiated::Closed,
+        Err(_) => Negotiated::Silent,
+    }
 }
 
 impl Session<'_> {
@@ -462,6 +545,7 @@ impl Session<'_> {
             bytes_client_to_backend = outcome.client_to_backend,
             bytes_backend_to_client = outcome.backend_to_client,
             end,
+            server_name = self.handle.server_name.as_deref().unwrap_or(""),
             "connection closed"
         );
     }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use pglb_proxy::protocol::read_first;
-use pglb_proxy::{serve, ListenerContext, Shared};
+use pglb_proxy::protocol::{read_first, FirstKind};
+use pglb_proxy::{serve, AddressGroup, ListenerContext, Shared};
 use pglb_routing::{Facts, FailureClass, Observation, ObservedRole, RoutingTable, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,15 +17,29 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod common;
+use common::client_hello;
+
 /// A backend that answers every client's first message with ReadyForQuery
 /// (or never answers, when `silent`), and keeps the connection open.
 async fn fake_backend(silent: bool) -> u16 {
+    fake_backend_tls(silent, b'S').await
+}
+
+/// Like [`fake_backend`]; an SSLRequest is answered `tls` (`S` or `N`),
+/// and after `S` the next message (a TLS record) gets the ReadyForQuery.
+async fn fake_backend_tls(silent: bool, tls: u8) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the fake backend");
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             tokio::spawn(async move {
-                if read_first(&mut conn).await.is_ok() && !silent {
+                let mut first = read_first(&mut conn).await;
+                if first.as_ref().is_ok_and(|f| f.kind == FirstKind::SslRequest) {
+                    let _ = conn.write_all(&[tls]).await;
+                    first = read_first(&mut conn).await;
+                }
+                if first.is_ok() && !silent {
                     let _ = conn.write_all(b"Z\0\0\0\x05I").await;
                 }
                 let _ = conn.read_to_end(&mut Vec::new()).await;
@@ -53,7 +67,8 @@ impl Harness {
             "listeners:\n  - {{name: rw, listen: '127.0.0.1:{port}', role: primary{listener}}}\nbackends:\n  - {{name: pg, address: '127.0.0.1:{backend_port}'{backend}}}\n"
         );
         let config = pglb_config::load_str(std::path::Path::new("test.yaml"), &yaml).expect("valid config");
-        let mut topology = Topology::new(Arc::new(config));
+        let config = Arc::new(config);
+        let mut topology = Topology::new(config.clone());
         let table = Arc::new(ArcSwap::from_pointee(topology.table().0));
         let (generation, watched) = watch::channel(0);
         let shared = Shared {
@@ -64,9 +79,11 @@ impl Harness {
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         };
-        let ctx = Arc::new(ArcSwap::from_pointee(ListenerContext::new(0, shared, None)));
+        let ctx = Arc::new(ListenerContext::new(0, shared, None));
+        let names = config.listeners[0].sni.clone();
+        let group = Arc::new(ArcSwap::from_pointee(AddressGroup::new(config.listeners[0].listen, vec![(ctx, names)])));
         let stop = CancellationToken::new();
-        tokio::spawn(serve(socket, ctx, TaskTracker::new(), stop.clone()));
+        tokio::spawn(serve(socket, group, TaskTracker::new(), stop.clone()));
         Self { topology, table, generation, port, stop }
     }
 
@@ -239,4 +256,73 @@ async fn startup_timeout_covers_the_first_tls_record() {
     let mut c = opening_with(pglb.port, &CLIENT_HELLO[..6]).await;
     assert!(until_closed(&mut c).await.is_empty(), "closed without an answer");
     assert!(started.elapsed() >= Duration::from_millis(300), "closed before startup_timeout");
+}
+
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// On an address routed by server name: SSLRequest, pglb's own `S`, then
+/// the ClientHello; `Ok(first answer byte)` after the `S`.
+async fn sni_client(port: u16, name: &str) -> (TcpStream, u8) {
+    let mut c = opening_with(port, &SSL_REQUEST).await;
+    let s = tokio::time::timeout(Duration::from_secs(10), c.read_u8()).await.expect("in time").expect("pglb's answer");
+    assert_eq!(s, b'S', "pglb answers the SSLRequest itself");
+    c.write_all(&client_hello(name)).await.expect("send the ClientHello");
+    let next = tokio::time::timeout(Duration::from_secs(10), c.read_u8()).await.expect("in time").expect("an answer");
+    (c, next)
+}
+
+#[tokio::test]
+async fn a_named_client_reaches_its_listener_after_pglb_answers_s() {
+    let backend = fake_backend_tls(false, b'S').await;
+    let mut pglb = Harness::start(backend, ", sni: [rw.pglb.test]", "").await;
+    pglb.primary();
+    // The backend got pglb's SSLRequest, answered S, then the ClientHello.
+    let (_c, first) = sni_client(pglb.port, "RW.pglb.test").await;
+    assert_eq!(first, b'Z', "the ClientHello reached the backend after its S");
+}
+
+#[tokio::test]
+async fn an_unknown_name_without_a_default_gets_unrecognized_name() {
+    let backend = fake_backend_tls(false, b'S').await;
+    let mut pglb = Harness::start(backend, ", sni: [rw.pglb.test]", "").await;
+    pglb.primary();
+    let (mut c, first) = sni_client(pglb.port, "ro.pglb.test").await;
+    let mut alert = vec![first];
+    alert.extend(until_closed(&mut c).await);
+    assert_eq!(alert, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112], "a fatal unrecognized_name alert");
+}
+
+#[tokio::test]
+async fn a_backend_without_tls_closes_the_named_client_with_an_alert() {
+    let backend = fake_backend_tls(false, b'N').await;
+    let mut pglb = Harness::start(backend, ", sni: [rw.pglb.test]", "").await;
+    pglb.primary();
+    let (mut c, first) = sni_client(pglb.port, "rw.pglb.test").await;
+    let mut alert = vec![first];
+    alert.extend(until_closed(&mut c).await);
+    assert_eq!(alert, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80], "a fatal internal_error alert");
+}
+
+#[tokio::test]
+async fn bytes_pipelined_after_the_sslrequest_are_refused() {
+    let backend = fake_backend_tls(false, b'S').await;
+    let mut pglb = Harness::start(backend, ", sni: [rw.pglb.test]", "").await;
+    pglb.primary();
+    // The SSLRequest and the ClientHello in one write: before pglb's `S`.
+    let mut c = opening_with(pglb.port, &[&SSL_REQUEST[..], &client_hello("rw.pglb.test")].concat()).await;
+    assert!(until_closed(&mut c).await.is_empty(), "closed without an `S`");
+}
+
+#[tokio::test]
+async fn a_plaintext_client_without_a_default_listener_is_told_to_use_tls() {
+    let backend = fake_backend_tls(false, b'S').await;
+    let mut pglb = Harness::start(backend, ", sni: [rw.pglb.test]", "").await;
+    pglb.primary();
+    let mut c = client(pglb.port).await;
+    let (tag, body) = answer(&mut c).await;
+    assert_eq!(tag, b'E');
+    assert!(
+        body.contains("08004") && body.contains("routes by TLS server name") && body.contains("sslmode=require"),
+        "{body}"
+    );
 }

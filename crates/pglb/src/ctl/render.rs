@@ -33,9 +33,14 @@ pub fn status(status: &Value) -> String {
             if l["degraded"].as_bool() == Some(true) {
                 routes += " (degraded)";
             }
+            let names: Vec<String> = list(&l["sni"]).iter().map(text).collect();
+            let listen = match names.is_empty() {
+                true => text(&l["listen"]),
+                false => format!("{} ({})", text(&l["listen"]), names.join(" ")),
+            };
             vec![
                 text(&l["name"]),
-                text(&l["listen"]),
+                listen,
                 role,
                 text(&l["balance"]),
                 routes,
