@@ -85,7 +85,8 @@ async fn route(state: &AdminContext, req: Request<Incoming>) -> Response<Full<By
         }
         (&Method::GET, ["status"]) => {
             let table = state.topology.table.load();
-            let body = crate::status_json(&table, &state.live.load(), &state.data_path.listeners());
+            let body =
+                crate::status_json(&table, &state.live.load(), &state.data_path.listeners(), &state.topology.restored);
             reply(StatusCode::OK, "application/json", body)
         }
         (&Method::GET, ["connections"]) => {

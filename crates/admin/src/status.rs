@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::server::LiveConfig;
 
 /// Renders the `/status` document.
-pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[ListenerView]) -> String {
+pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[ListenerView], restored: &[String]) -> String {
     let backends: Vec<Value> = table
         .backends
         .iter()
@@ -84,6 +84,7 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[Listene
             "hash": live.hash,
             "loaded_at": live.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         },
+        "restored": restored,
         "backends": backends,
         "listeners": routes,
     });

@@ -13,6 +13,9 @@ pub struct Config {
     pub forwarder: Forwarder,
     /// How long sessions may finish after SIGTERM before they are closed.
     pub shutdown_timeout: Duration,
+    /// Where fences, the highest timeline and admin states are kept across
+    /// restarts; `None`: they live in memory only.
+    pub state_file: Option<PathBuf>,
     pub log_format: LogFormat,
     /// What to do when more than one backend claims to be primary.
     pub multi_primary: MultiPrimary,

@@ -46,6 +46,7 @@ impl<'de> Deserialize<'de> for Text {
 pub struct RawConfig {
     pub forwarder: Option<Text>,
     pub shutdown_timeout: Option<Text>,
+    pub state_file: Option<Text>,
     pub log_format: Option<Text>,
     pub multi_primary: Option<Text>,
     pub defaults: Option<RawDefaults>,
@@ -172,6 +173,7 @@ impl OneOrMany {
 pub const TOP_KEYS: &[&str] = &[
     "forwarder",
     "shutdown_timeout",
+    "state_file",
     "log_format",
     "multi_primary",
     "defaults",
@@ -246,8 +248,8 @@ mod tests {
         assert!(d.other.is_empty(), "{:?}", d.other.keys());
         let a: RawAdmin = serde_yaml::from_str(&format!("{{{}}}", mapping(ADMIN_KEYS))).expect("admin");
         assert!(a.other.is_empty(), "{:?}", a.other.keys());
-        let top = "{forwarder: x, shutdown_timeout: x, log_format: x, multi_primary: x, defaults: {}, admin: {}, health: {}, listeners: [], backends: []}";
+        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, defaults: {}, admin: {}, health: {}, listeners: [], backends: []}";
         let c: RawConfig = serde_yaml::from_str(top).expect("top");
-        assert!(c.other.is_empty() && TOP_KEYS.len() == 9, "{:?}", c.other.keys());
+        assert!(c.other.is_empty() && TOP_KEYS.len() == 10, "{:?}", c.other.keys());
     }
 }

@@ -37,6 +37,7 @@ impl<'a> Validator<'a> {
             Forwarder::Splice,
         );
         let shutdown_timeout = self.duration("shutdown_timeout", raw.shutdown_timeout, Duration::from_secs(30));
+        let state_file = raw.state_file.and_then(|t| self.state_file(t));
         let log_format = self.choice(
             "log_format",
             raw.log_format,
@@ -55,10 +56,35 @@ impl<'a> Validator<'a> {
         let listeners = self.listeners(raw.listeners, &defaults);
         let backends = self.backends(raw.backends);
         if self.problems.is_empty() {
-            Ok(Config { forwarder, shutdown_timeout, log_format, multi_primary, admin, health, listeners, backends })
+            Ok(Config {
+                forwarder,
+                shutdown_timeout,
+                state_file,
+                log_format,
+                multi_primary,
+                admin,
+                health,
+                listeners,
+                backends,
+            })
         } else {
             Err(self.problems)
         }
+    }
+
+    /// `state_file`: relative to the config's folder. Whether its folder is
+    /// writable is found out at the first write (and logged): under systemd
+    /// the unit's StateDirectory= makes it only when the service starts.
+    fn state_file(&mut self, text: Text) -> Option<std::path::PathBuf> {
+        if text.0.trim().is_empty() {
+            self.problem(
+                "state_file",
+                "state_file is empty".into(),
+                "write a path such as /var/lib/pglb/state.json, or remove the key",
+            );
+            return None;
+        }
+        Some(self.base.join(text.0.trim()))
     }
 
     fn problem(&mut self, item: &str, message: String, help: impl Into<String>) {

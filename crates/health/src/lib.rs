@@ -13,6 +13,8 @@ mod metrics;
 mod tls;
 mod topology;
 
+pub mod state_file;
+
 pub use checker::spawn_checker;
 pub use metrics::{describe_metrics, export_table};
 pub use tls::{make_tls, TlsError};

@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use pglb_config::{Config, Role};
 use pglb_routing::{
     ActionError, AdminState, CheckError, Event, FailureKind, FenceChange, GateChange, Health, Observation,
-    RoutingTable, Transition,
+    RoutingTable, SavedState, Transition,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -33,6 +33,8 @@ pub enum Command {
 /// Handles the rest of pglb holds on the topology task.
 #[derive(Clone)]
 pub struct TopologyHandle {
+    /// What the state file restored at start, one line each (for /status).
+    pub restored: Arc<Vec<String>>,
     pub commands: mpsc::Sender<Command>,
     pub table: Arc<ArcSwap<RoutingTable>>,
     /// The routing generation; changes when choices or verdicts may change.
@@ -47,21 +49,31 @@ pub struct Publisher {
     table: Arc<ArcSwap<RoutingTable>>,
     generation: watch::Sender<u64>,
     fast_until: watch::Sender<Instant>,
+    /// The state file's writer and what it was last sent.
+    saver: Option<(std::sync::mpsc::Sender<SavedState>, SavedState)>,
 }
 
 impl Publisher {
     /// A publisher for `config` and the handle to reach it.
     pub fn new(config: Arc<Config>) -> (Self, TopologyHandle, mpsc::Receiver<Command>) {
+        let state_file = config.state_file.clone();
         let mut topology = pglb_routing::Topology::new(config);
+        let restored = state_file.as_deref().map(|path| restore(&mut topology, path)).unwrap_or_default();
+        let saver = state_file.map(|path| (crate::state_file::spawn_writer(path), topology.saved()));
         let (table, _) = topology.table();
         export_table(&table);
         let (generation_tx, generation_rx) = watch::channel(table.generation);
         let (fast_tx, fast_rx) = watch::channel(Instant::now());
         let (tx, rx) = mpsc::channel(1024);
         let table = Arc::new(ArcSwap::from_pointee(table));
-        let handle =
-            TopologyHandle { commands: tx, table: table.clone(), generation: generation_rx, fast_until: fast_rx };
-        (Self { topology, table, generation: generation_tx, fast_until: fast_tx }, handle, rx)
+        let handle = TopologyHandle {
+            restored: Arc::new(restored),
+            commands: tx,
+            table: table.clone(),
+            generation: generation_rx,
+            fast_until: fast_rx,
+        };
+        (Self { topology, table, generation: generation_tx, fast_until: fast_tx, saver }, handle, rx)
     }
 
     /// Applies commands until every sender is gone.
@@ -133,6 +145,13 @@ impl Publisher {
         }
         let generation = table.generation;
         self.table.store(Arc::new(table));
+        if let Some((writer, last)) = &mut self.saver {
+            let now = self.topology.saved();
+            if now != *last {
+                let _ = writer.send(now.clone());
+                *last = now;
+            }
+        }
         // Race: a reader may load the new table before the generation moves;
         // that is fine, waiters re-read the table after every change.
         self.generation.send_if_modified(|g| {
@@ -169,6 +188,32 @@ fn log_event(event: &Event) {
             "split brain: more than one backend is primary on the same timeline; primary listeners route to none until one remains"
         ),
         Event::SplitBrainOver => tracing::warn!("split brain over: at most one primary is visible again"),
+        Event::SavedTimelineIgnored { saved, now } => tracing::warn!(
+            saved_system_identifier = saved,
+            system_identifier = now,
+            "the state file's highest timeline is another cluster's (rebuilt?): not used"
+        ),
+    }
+}
+
+/// Reads the state file and applies it; returns what was restored.
+fn restore(topology: &mut pglb_routing::Topology, path: &std::path::Path) -> Vec<String> {
+    match crate::state_file::read(path) {
+        Ok(None) => {
+            tracing::info!(path = %path.display(), "no state file yet: nothing to restore");
+            Vec::new()
+        }
+        Ok(Some(saved)) => {
+            let notes = topology.restore(saved);
+            for note in &notes {
+                tracing::warn!(path = %path.display(), "restored from the state file: {note}");
+            }
+            notes
+        }
+        Err(why) => {
+            tracing::error!(path = %path.display(), "the state file is unusable ({why}): ignored; it is rewritten at the next change");
+            Vec::new()
+        }
     }
 }
 

@@ -106,6 +106,9 @@ impl Server {
         if next.log_format != self.config.log_format {
             return Err("log_format changed: it takes effect only at start; restart pglb".into());
         }
+        if next.state_file != self.config.state_file {
+            return Err("state_file changed: it is read at start only; restart pglb to move it".into());
+        }
         if next.health.sslrootcert != self.config.health.sslrootcert {
             return Err("health.sslrootcert changed: restart pglb to load another CA".into());
         }

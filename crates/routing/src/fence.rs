@@ -52,6 +52,12 @@ pub struct Fencing {
     pub system_id: Option<u64>,
     /// Backend index → why it is fenced.
     pub fenced: BTreeMap<usize, Fence>,
+    /// A highest timeline restored from the state file, for the cluster
+    /// with this system identifier: applied once the backends show that
+    /// cluster, dropped if they show another (the cluster was rebuilt).
+    pub restored_timeline: Option<(u64, u32)>,
+    /// Set when the restored timeline was dropped: (saved cluster, this one).
+    pub foreign_state: Option<(u64, u64)>,
 }
 
 /// A fencing change worth one log line.
@@ -66,6 +72,14 @@ impl Fencing {
     pub fn update(&mut self, states: &[BackendState], roles: &[ObservedRole]) -> Vec<FenceChange> {
         let mut changes = Vec::new();
         self.learn_system_id(states);
+        if let (Some((cluster, timeline)), Some(now)) = (self.restored_timeline, self.system_id) {
+            self.restored_timeline = None;
+            if cluster == now {
+                self.max_timeline = self.max_timeline.max(timeline);
+            } else {
+                self.foreign_state = Some((cluster, now));
+            }
+        }
         for (i, s) in states.iter().enumerate() {
             if roles[i] == ObservedRole::Replica
                 && s.up

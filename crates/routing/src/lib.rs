@@ -11,6 +11,7 @@
 mod fence;
 mod lag;
 mod reason;
+mod saved;
 mod select;
 mod state;
 mod table;
@@ -19,6 +20,7 @@ mod topology;
 pub use fence::{Fence, FenceChange, FenceKind, Fencing};
 pub use lag::{lag, Following, GateChange, Lag, LagGate};
 pub use reason::CloseReason;
+pub use saved::{SavedAdmin, SavedFence, SavedState};
 pub use select::Cursor;
 pub use state::{
     BackendState, CheckError, Facts, FailureClass, FailureKind, Health, Observation, ObservedRole, Receiver,

@@ -11,17 +11,37 @@ use pglb_config::{Config, MultiPrimary, Role};
 
 use crate::fence::{FenceChange, Fencing};
 use crate::lag::{lag, Following, GateChange, Lag, LagGate};
+use crate::saved::{SavedAdmin, SavedFence, SavedState};
 use crate::state::{BackendState, Observation, ObservedRole, Thresholds, Transition};
 use crate::table::{AdminState, BackendEntry, BackendLoad, ListenerRoute, RoutingTable};
 
 /// Something that happened, for one log line (and metrics).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Backend { backend: String, transition: Transition },
-    Fence { backend: String, change: FenceChange },
-    Lag { listener: String, backend: String, change: GateChange, lag: Lag },
-    SplitBrain { primaries: Vec<String> },
+    Backend {
+        backend: String,
+        transition: Transition,
+    },
+    Fence {
+        backend: String,
+        change: FenceChange,
+    },
+    Lag {
+        listener: String,
+        backend: String,
+        change: GateChange,
+        lag: Lag,
+    },
+    SplitBrain {
+        primaries: Vec<String>,
+    },
     SplitBrainOver,
+    /// The state file's highest timeline belongs to another cluster (system
+    /// identifier `saved`) than the one the backends show (`now`): not used.
+    SavedTimelineIgnored {
+        saved: u64,
+        now: u64,
+    },
 }
 
 /// Cluster knowledge: per backend state, fencing, lag gates, admin states.
@@ -126,6 +146,9 @@ impl Topology {
                 };
                 events.push(Event::Fence { backend: self.config.backends[backend].name.clone(), change });
             }
+            if let Some((saved, now)) = self.fencing.foreign_state.take() {
+                events.push(Event::SavedTimelineIgnored { saved, now });
+            }
         }
         self.update_lag(i, replica_sample, now, &mut events);
         events
@@ -177,6 +200,76 @@ impl Topology {
                 (_, observed) => observed,
             })
             .collect()
+    }
+
+    /// The state to save: fences, highest timeline, admin states.
+    pub fn saved(&self) -> SavedState {
+        let backend = |i: usize| (self.config.backends[i].name.clone(), self.config.backends[i].address());
+        let fences = self
+            .fencing
+            .fenced
+            .iter()
+            .map(|(&i, fence)| {
+                let (backend, address) = backend(i);
+                SavedFence { backend, address, fence: fence.clone() }
+            })
+            .collect();
+        let admin = (0..self.admin.len())
+            .filter(|&i| self.admin[i] != AdminState::Enabled)
+            .map(|i| {
+                let (backend, address) = backend(i);
+                SavedAdmin { backend, address, state: self.admin[i] }
+            })
+            .collect();
+        // A timeline not yet confirmed against the backends is kept as saved.
+        let (system_id, max_timeline) = match (self.fencing.system_id, self.fencing.restored_timeline) {
+            (None, Some((id, t))) => (Some(id), t.max(self.fencing.max_timeline)),
+            (id, _) => (id, self.fencing.max_timeline),
+        };
+        SavedState { system_id, max_timeline, fences, admin }
+    }
+
+    /// Applies a saved state where it still fits the config; returns one
+    /// line per thing applied or left out, for the log and `/status`.
+    pub fn restore(&mut self, saved: SavedState) -> Vec<String> {
+        let mut notes = Vec::new();
+        let find = |name: &str, address: &str| {
+            self.config.backends.iter().position(|b| b.name == name && b.address() == address)
+        };
+        for f in saved.fences {
+            match find(&f.backend, &f.address) {
+                Some(i) => {
+                    notes.push(format!("{}: fenced ({}): {}", f.backend, f.fence.kind.as_str(), f.fence.reason));
+                    self.fencing.fenced.insert(i, f.fence);
+                }
+                None => notes
+                    .push(format!("{} ({}): fence not restored: no such backend in the config", f.backend, f.address)),
+            }
+        }
+        for a in saved.admin {
+            match find(&a.backend, &a.address) {
+                Some(i) => {
+                    notes.push(format!("{}: {}", a.backend, a.state.as_str()));
+                    self.admin[i] = a.state;
+                }
+                None => notes.push(format!(
+                    "{} ({}): admin state {} not restored: no such backend in the config",
+                    a.backend,
+                    a.address,
+                    a.state.as_str()
+                )),
+            }
+        }
+        if let (Some(id), t) = (saved.system_id, saved.max_timeline) {
+            if t > 0 {
+                notes.push(format!(
+                    "highest primary timeline {t} (system identifier {id}), once the backends confirm that cluster"
+                ));
+                self.fencing.restored_timeline = Some((id, t));
+            }
+        }
+        self.last = None;
+        notes
     }
 
     /// Sets an operator's admin state.

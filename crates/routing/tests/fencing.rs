@@ -272,3 +272,76 @@ fn a_replica_left_following_nothing_leaves_ro_after_max_lag_seconds() {
     t.observe("c", up(ObservedRole::Replica, streaming(2)), at(33));
     assert_eq!(ro(&t.table().0), ["c"]);
 }
+
+/// A restart with the saved state: the stale old primary, answering first
+/// and alone, must not win rw; a drained node stays drained.
+#[test]
+fn a_restart_with_the_saved_state_keeps_fences_timeline_and_drains() {
+    let mut before = topology("", "");
+    steady(&mut before);
+    primary(&mut before, "b", 2, 7);
+    primary(&mut before, "a", 1, 7);
+    before.set_admin("c", pglb_routing::AdminState::Drained).expect("drain c");
+    let saved = before.saved();
+    assert_eq!((saved.system_id, saved.max_timeline, saved.fences.len(), saved.admin.len()), (Some(7), 2, 1, 1));
+
+    // Without it, the old primary is all pglb sees after a restart: it wins.
+    let mut forgetful = topology("", "");
+    primary(&mut forgetful, "a", 1, 7);
+    refused(&mut forgetful, "b", true);
+    replica(&mut forgetful, "c", 7);
+    assert_eq!(rw(&forgetful.table().0), ["a"]);
+
+    let mut restarted = topology("", "");
+    let notes = restarted.restore(saved.clone());
+    assert!(notes.iter().any(|n| n.starts_with("a: fenced (timeline)")), "{notes:?}");
+    assert!(notes.iter().any(|n| n == "c: drained"), "{notes:?}");
+    primary(&mut restarted, "a", 1, 7);
+    refused(&mut restarted, "b", true);
+    replica(&mut restarted, "c", 7);
+    let table = restarted.table().0;
+    assert!(rw(&table).is_empty(), "the stale primary stays fenced");
+    assert!(!ro(&table).contains(&"c"), "the drained node stays out");
+
+    // The fence alone, unfenced by an operator: the saved timeline still
+    // fences the old primary once its cluster is confirmed.
+    let mut timeline_only = topology("", "");
+    timeline_only.restore(pglb_routing::SavedState { fences: Vec::new(), admin: Vec::new(), ..saved.clone() });
+    primary(&mut timeline_only, "a", 1, 7);
+    assert!(rw(&timeline_only.table().0).is_empty(), "timeline 1 < saved 2");
+
+    // A rebuilt cluster (another system identifier): the saved timeline is
+    // not applied, and says so.
+    let mut rebuilt = topology("", "");
+    rebuilt.restore(pglb_routing::SavedState { fences: Vec::new(), admin: Vec::new(), ..saved });
+    let facts = Facts { timeline: Some(1), system_id: Some(99), ..Facts::default() };
+    let events = rebuilt.observe("a", Observation::Up { role: ObservedRole::Primary, facts }, Instant::now());
+    assert!(events.iter().any(|e| matches!(e, pglb_routing::Event::SavedTimelineIgnored { saved: 7, now: 99 })));
+    replica(&mut rebuilt, "b", 99);
+    replica(&mut rebuilt, "c", 99);
+    assert_eq!(rw(&rebuilt.table().0), ["a"]);
+}
+
+#[test]
+fn a_saved_state_for_other_backends_is_applied_only_where_it_fits() {
+    let mut t = topology("", "");
+    let saved = pglb_routing::SavedState {
+        system_id: None,
+        max_timeline: 0,
+        fences: vec![pglb_routing::SavedFence {
+            backend: "a".into(),
+            address: "10.9.9.9:5432".into(),
+            fence: pglb_routing::Fence { kind: FenceKind::Timeline, reason: "old".into() },
+        }],
+        admin: vec![pglb_routing::SavedAdmin {
+            backend: "gone".into(),
+            address: "127.0.0.1:9".into(),
+            state: pglb_routing::AdminState::Disabled,
+        }],
+    };
+    let notes = t.restore(saved);
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(notes.iter().all(|n| n.contains("no such backend in the config")), "{notes:?}");
+    steady(&mut t);
+    assert_eq!(rw(&t.table().0), ["a"], "a moved address: another node, not fenced");
+}

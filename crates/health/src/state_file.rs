@@ -1,0 +1,136 @@
+//! The state file: pglb's safety state (`pglb_routing::SavedState`) as JSON,
+//! written atomically (a temp file beside it, fsync, rename, fsync of the
+//! folder) by a thread of its own whenever the state changes, and read once
+//! at start. A missing file is a first start; a corrupt one is reported and
+//! ignored (and replaced at the next change), never fatal.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use pglb_routing::{AdminState, Fence, FenceKind, SavedAdmin, SavedFence, SavedState};
+use serde_json::{json, Value};
+
+/// Reads the state file: `Ok(None)` if there is none yet.
+pub fn read(path: &Path) -> Result<Option<SavedState>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read: {e}")),
+    };
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("not valid JSON: {e}"))?;
+    if v["version"] != 1 {
+        return Err(format!("unknown version {}", v["version"]));
+    }
+    let text_of = |v: &Value, key: &str| v[key].as_str().map(str::to_owned).ok_or_else(|| format!("missing `{key}`"));
+    let mut saved = SavedState {
+        system_id: match &v["system_identifier"] {
+            Value::Null => None,
+            id => Some(id.as_str().and_then(|s| s.parse().ok()).ok_or("bad `system_identifier`")?),
+        },
+        max_timeline: v["max_timeline"].as_u64().and_then(|t| u32::try_from(t).ok()).ok_or("bad `max_timeline`")?,
+        ..SavedState::default()
+    };
+    for f in v["fences"].as_array().ok_or("missing `fences`")? {
+        let kind = FenceKind::parse(&text_of(f, "kind")?).ok_or("unknown fence `kind`")?;
+        let fence = Fence { kind, reason: text_of(f, "reason")? };
+        saved.fences.push(SavedFence { backend: text_of(f, "backend")?, address: text_of(f, "address")?, fence });
+    }
+    for a in v["admin"].as_array().ok_or("missing `admin`")? {
+        let state = AdminState::parse(&text_of(a, "state")?).ok_or("unknown admin `state`")?;
+        saved.admin.push(SavedAdmin { backend: text_of(a, "backend")?, address: text_of(a, "address")?, state });
+    }
+    Ok(Some(saved))
+}
+
+/// The file's text for `state`.
+pub fn render(state: &SavedState) -> String {
+    let fences: Vec<Value> = state
+        .fences
+        .iter()
+        .map(|f| json!({"backend": f.backend, "address": f.address, "kind": f.fence.kind.as_str(), "reason": f.fence.reason}))
+        .collect();
+    let admin: Vec<Value> = state
+        .admin
+        .iter()
+        .map(|a| json!({"backend": a.backend, "address": a.address, "state": a.state.as_str()}))
+        .collect();
+    let doc = json!({
+        "version": 1,
+        "system_identifier": state.system_id.map(|id| id.to_string()),
+        "max_timeline": state.max_timeline,
+        "fences": fences,
+        "admin": admin,
+    });
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+}
+
+/// Writes `state` to `path` so that a crash leaves the old or the new file.
+pub fn write(path: &Path, state: &SavedState) -> std::io::Result<()> {
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = folder.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("state")));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(render(state).as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(folder)?.sync_all()
+}
+
+/// A thread that writes the newest state it was sent (older pending ones
+/// are skipped), so the topology task never waits on a disk.
+pub fn spawn_writer(path: PathBuf) -> mpsc::Sender<SavedState> {
+    let (tx, rx) = mpsc::channel::<SavedState>();
+    let spawned = std::thread::Builder::new().name("pglb-state-file".into()).spawn(move || {
+        while let Ok(mut state) = rx.recv() {
+            while let Ok(newer) = rx.try_recv() {
+                state = newer;
+            }
+            match write(&path, &state) {
+                Ok(()) => tracing::debug!(path = %path.display(), "state file written"),
+                Err(err) => tracing::error!(
+                    path = %path.display(),
+                    error = %err,
+                    "cannot write the state file: fences and admin states will not survive a restart until it is writable"
+                ),
+            }
+        }
+    });
+    if let Err(err) = spawned {
+        tracing::error!(error = %err, "cannot start the state file writer");
+    }
+    tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_survives_the_round_trip_and_garbage_is_an_error() {
+        let state = SavedState {
+            system_id: Some(7_000_000_000_000_000_001),
+            max_timeline: 3,
+            fences: vec![SavedFence {
+                backend: "pg0".into(),
+                address: "10.0.0.1:5432".into(),
+                fence: Fence { kind: FenceKind::Timeline, reason: "timeline 2 < 3".into() },
+            }],
+            admin: vec![SavedAdmin {
+                backend: "pg1".into(),
+                address: "10.0.0.2:5432".into(),
+                state: AdminState::Drained,
+            }],
+        };
+        let dir = std::env::temp_dir().join(format!("pglb-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("state.json");
+        assert_eq!(read(&path), Ok(None), "no file: a first start");
+        write(&path, &state).expect("write");
+        assert_eq!(read(&path), Ok(Some(state)));
+        std::fs::write(&path, "{\"version\": 1, \"fences\": [").expect("write garbage");
+        assert!(read(&path).expect_err("corrupt").contains("not valid JSON"));
+        std::fs::write(&path, "{\"version\": 2}").expect("write");
+        assert!(read(&path).expect_err("unknown").contains("version"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
