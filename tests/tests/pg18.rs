@@ -261,8 +261,9 @@ fn encrypted_cancels_reach_the_right_server_only_when_routing_happens_to_agree()
 }
 
 /// One trial: a TLS session runs `pg_sleep`, a TLS cancel follows through
-/// the same listener. Whether the query was cancelled within 0.8 s (a cancel
-/// that reaches its server acts within milliseconds).
+/// the same listener. Whether the query was cancelled within 0.8 s on the
+/// balanced listener (a cancel that reaches its server acts within
+/// milliseconds), 5 s on the primary-only one.
 async fn encrypted_cancel(cluster: &Cluster, port: u16, replicas: bool) -> bool {
     let tls = pglb_health::make_tls(None).expect("TLS connector");
     let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=require");
@@ -278,8 +279,12 @@ async fn encrypted_cancel(cluster: &Cluster, port: u16, replicas: bool) -> bool 
     let probe_nodes = nodes.clone();
     tokio::task::spawn_blocking(move || wait_running(&probe_nodes, sql)).await.expect("probe");
     token.cancel_query(tls).await.expect("send the cancel over TLS");
+    // On the balanced listener a miss costs this wait, so it is short; on
+    // the primary-only listener, where success is asserted, a loaded
+    // machine gets time.
+    let patience = if replicas { Duration::from_millis(800) } else { Duration::from_secs(5) };
     let cancelled = matches!(
-        tokio::time::timeout(Duration::from_millis(800), wait_for(&query)).await,
+        tokio::time::timeout(patience, wait_for(&query)).await,
         Ok(()) if query.is_finished()
     );
     if !cancelled {
