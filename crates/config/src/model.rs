@@ -179,12 +179,13 @@ pub struct ListenerConfig {
 /// `pattern` (an exact name or `*.suffix`) matches server name `name`; a
 /// wildcard needs at least one label before the suffix.
 pub fn sni_matches(pattern: &str, name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    match pattern.strip_prefix("*.") {
+    let name = name.as_bytes();
+    match pattern.strip_prefix("*.").map(str::as_bytes) {
         Some(suffix) => {
-            name.len() > suffix.len() + 1 && name.ends_with(suffix) && name[..name.len() - suffix.len()].ends_with('.')
+            let head = name.len().saturating_sub(suffix.len());
+            name.len() > suffix.len() + 1 && name[head..].eq_ignore_ascii_case(suffix) && name[head - 1] == b'.'
         }
-        None => pattern == name,
+        None => pattern.as_bytes().eq_ignore_ascii_case(name),
     }
 }
 
@@ -209,5 +210,24 @@ impl BackendConfig {
         } else {
             format!("{}:{}", self.host, self.port)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sni_matches;
+
+    #[test]
+    fn server_names_match_exactly_or_under_a_wildcard() {
+        assert!(sni_matches("rw.db.example.com", "RW.db.Example.com"));
+        assert!(!sni_matches("rw.db.example.com", "rw.db.example.co"));
+        assert!(sni_matches("*.ro.example.com", "a.ro.example.com"));
+        assert!(sni_matches("*.ro.example.com", "a.b.RO.example.com"));
+        assert!(!sni_matches("*.ro.example.com", "ro.example.com"), "a wildcard needs a label before it");
+        assert!(!sni_matches("*.ro.example.com", ".ro.example.com"));
+        assert!(!sni_matches("*.ro.example.com", "xro.example.com"));
+        assert!(!sni_matches("*.ro.example.com", "abxro.example.com"), "the suffix starts at a label");
+        assert!(!sni_matches("*.example.com", "é.example.cöm"), "non-ASCII names neither match nor panic");
+        assert!(!sni_matches("*.x", ""));
     }
 }

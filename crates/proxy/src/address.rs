@@ -46,7 +46,10 @@ impl AddressGroup {
     /// longest matching wildcard, then the default.
     pub fn for_name(&self, name: Option<&str>) -> Option<&Arc<ListenerContext>> {
         let named = name.and_then(|name| {
-            let exact = self.members.iter().find(|(_, names)| names.iter().any(|n| n == name));
+            let exact = self
+                .members
+                .iter()
+                .find(|(_, names)| names.iter().any(|n| !n.starts_with("*.") && sni_matches(n, name)));
             exact.or_else(|| {
                 self.members
                     .iter()

@@ -76,7 +76,7 @@ impl Contexts {
 
     /// Sessions open now.
     pub fn open_sessions(&self) -> usize {
-        self.all.load().iter().map(|ctx| ctx.registry.list().len()).sum()
+        self.all.load().iter().map(|ctx| ctx.registry.len()).sum()
     }
 
     /// Forgets replaced or removed contexts whose sessions have all ended.

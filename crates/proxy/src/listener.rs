@@ -182,14 +182,15 @@ pub async fn serve(
             r = listener.accept() => r,
         };
         let group_now = group.load_full();
-        let Some(current) = group_now.first().cloned() else { continue };
+        // The first listener stands for the address until a session is routed.
+        let Some(current) = group_now.first() else { continue };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                if !allowed(&current, peer) {
+                if !allowed(current, peer) {
                     current.metrics.reject(Reject::NotAllowed);
                     crate::session::log_refusal(
-                        &current,
+                        current,
                         peer,
                         std::time::Instant::now(),
                         Reject::NotAllowed,

@@ -59,6 +59,15 @@ impl Registry {
         self.lock().remove(&id);
     }
 
+    /// How many sessions are open (no copy of them).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// A snapshot of the open sessions.
     pub fn list(&self) -> Vec<Arc<SessionHandle>> {
         self.lock().values().cloned().collect()

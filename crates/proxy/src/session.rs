@@ -92,9 +92,12 @@ pub async fn run(group: Arc<AddressGroup>, mut client: TcpStream, peer: SocketAd
             return;
         }
     };
-    let (ctx, first) = if group.by_name() {
+    let (ctx, first, config) = if group.by_name() {
         match crate::by_name::pick(&group, &mut client, first, deadline).await {
-            Ok(found) => found,
+            Ok((ctx, first)) => {
+                let Some(config) = ctx.config() else { return };
+                (ctx, first, config)
+            }
             Err(refusal) => {
                 front.metrics.reject(refusal.reason);
                 log_refusal(&front, peer, accepted, refusal.reason, &refusal.detail);
@@ -103,21 +106,21 @@ pub async fn run(group: Arc<AddressGroup>, mut client: TcpStream, peer: SocketAd
             }
         }
     } else {
-        (front, first)
+        (front, first, config)
     };
     drop(group);
-    serve(ctx, client, peer, first, accepted).await;
+    serve(ctx, config, client, peer, first, accepted).await;
 }
 
 /// Serves a client whose listener is known and whose first message is read.
 async fn serve(
     ctx: Arc<ListenerContext>,
+    config: ListenerConfig,
     mut client: TcpStream,
     peer: SocketAddr,
     first: FirstMessage,
     accepted: Instant,
 ) {
-    let Some(config) = ctx.config() else { return };
     if let FirstKind::Cancel { pid } = first.kind {
         tracing::debug!(pid, "cancel request");
         crate::cancel::fan_out(&ctx, &first.bytes).await;

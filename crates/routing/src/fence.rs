@@ -34,6 +34,11 @@ impl FenceKind {
             Self::SystemId => "system_identifier",
         }
     }
+
+    /// The kind whose [`FenceKind::as_str`] is `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
 }
 
 /// A fence: its kind and the reason, for people.

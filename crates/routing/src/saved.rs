@@ -4,7 +4,7 @@
 //! a stale old primary that answers first win rw again, or put a drained
 //! node back in rotation. No I/O here: the health crate writes and reads it.
 
-use crate::fence::{Fence, FenceKind};
+use crate::fence::Fence;
 use crate::table::AdminState;
 
 /// What is saved, by backend name and address (a backend that changed
@@ -30,16 +30,4 @@ pub struct SavedAdmin {
     pub backend: String,
     pub address: String,
     pub state: AdminState,
-}
-
-impl FenceKind {
-    pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == text)
-    }
-}
-
-impl AdminState {
-    pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.as_str() == text)
-    }
 }

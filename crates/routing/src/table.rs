@@ -60,6 +60,11 @@ impl AdminState {
             Self::Disabled => "disabled",
         }
     }
+
+    /// The state whose [`AdminState::as_str`] is `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
 }
 
 /// One backend as this snapshot sees it.

@@ -63,7 +63,7 @@ async fn execute(control: &Control, access: &access::Access, json: bool) -> Exit
     };
     let reply = match request(access.addr, method, &path, access.token.as_deref()).await {
         Ok(reply) => reply,
-        Err(err) => return unreachable(access, &err),
+        Err(err) => return not_reached(access, &err),
     };
     match (reply.status, control) {
         (200, Control::Status | Control::Connections) => show(control, &reply, json),
@@ -106,7 +106,7 @@ fn show(control: &Control, reply: &Reply, json: bool) -> Exit {
     Exit::Done
 }
 
-fn unreachable(access: &access::Access, err: &ClientError) -> Exit {
+fn not_reached(access: &access::Access, err: &ClientError) -> Exit {
     eprintln!(
         "pglb: {err}\n  is pglb running with this config ({})? `systemctl status pglb` or start it with `pglb run`",
         access.config.display()

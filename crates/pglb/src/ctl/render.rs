@@ -87,10 +87,11 @@ pub fn connections(value: &Value) -> String {
                 seconds(c["duration_s"].as_f64().unwrap_or(0.0)),
                 bytes(c["bytes_client_to_backend"].as_u64().unwrap_or(0)),
                 bytes(c["bytes_backend_to_client"].as_u64().unwrap_or(0)),
+                text(&c["server_name"]),
             ]
         })
         .collect();
-    let mut out = table(&["LISTENER", "CLIENT", "BACKEND", "DURATION", "SENT", "RECEIVED"], &rows);
+    let mut out = table(&["LISTENER", "CLIENT", "BACKEND", "DURATION", "SENT", "RECEIVED", "SERVER NAME"], &rows);
     out += &format!("{} session{}\n", rows.len(), if rows.len() == 1 { "" } else { "s" });
     out
 }
