@@ -164,6 +164,7 @@ impl Pglb {
     /// Like [`Pglb::start_with`], run under `wrapper` (e.g. `["prlimit",
     /// "--nofile=64:64"]`), which must exec pglb so the pid stays pglb's.
     pub fn start_wrapped(yaml: &Yaml, env: &[(&str, &str)], wrapper: &[&str]) -> Self {
+        remember_panics();
         let dir = std::env::temp_dir().join(format!("pglb-run-{}-{}", std::process::id(), free_port().expect("port")));
         fs::create_dir_all(&dir).expect("temp dir");
         let config = dir.join("lb.yaml");
@@ -324,12 +325,33 @@ impl Pglb {
     }
 }
 
+/// The last panic message seen in this process, for [`Pglb`]'s drop.
+static LAST_PANIC: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// Records every panic's message (then prints it as before), so a failed
+/// test's pglb log can end with the reason rather than bury it above.
+fn remember_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(mut last) = LAST_PANIC.lock() {
+                *last = info.to_string();
+            }
+            previous(info);
+        }));
+    });
+}
+
 impl Drop for Pglb {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
             eprintln!("--- pglb log ---\n{}", self.log());
+            // CI shows the tail of a failed test's output: repeat why it failed.
+            let why = LAST_PANIC.lock().map(|m| m.clone()).unwrap_or_default();
+            eprintln!("--- end of pglb log; the test failed with: {why} ---");
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
