@@ -2,15 +2,17 @@
 
 pub const USAGE: &str = "\
 usage:
-  pglb-bench throughput [--quick] [--duration SECS] [--rounds N] [--scale N]
+  pglb-bench throughput [--quick] [--duration SECS] [--rounds N] [--scale N] [--rate TPS]
                         [--copy-rows N] [--memory LOW,HIGH | --no-memory] [--no-build]
   pglb-bench failover   [--quick] [--promotions N] [--stalls N] [--stall-secs S] [--no-build]
   pglb-bench --help
 
-throughput  direct vs pglb (splice) vs pglb (copy) vs HAProxy on one primary:
-            pgbench select-only, connect rate, 1 GB COPY, TPC-B, idle-connection memory.
+throughput  direct vs pglb (splice) vs pglb (sockmap) vs HAProxy on one primary:
+            pgbench select-only (saturated, and at a fixed --rate for whole-host CPU),
+            connect rate, 1 GB COPY, TPC-B, idle-connection memory.
             defaults: --duration 10 --rounds 3 --scale 64 --copy-rows 1000000 --memory 2000,6000
             --quick:  --duration 5 --rounds 1 --scale 4 --copy-rows 100000 --memory 200,600
+            --rate:   default half of HAProxy's select-only TPS in round 1 (below saturation)
 failover    pglb vs HAProxy (external-check) through promotions of a replica:
             write-unavailability window and detection time; then stalls
             (SIGSTOP) of the primary: errors clients saw.
@@ -39,6 +41,9 @@ pub struct Throughput {
     pub rounds: usize,
     /// `pgbench -i -s`.
     pub scale: u32,
+    /// `pgbench -R` of the fixed-rate select-only run; `None`: half of
+    /// HAProxy's saturated select-only TPS in the first round.
+    pub rate: Option<u64>,
     /// Rows of 1000 bytes in the COPY test (0 skips it).
     pub copy_rows: u64,
     /// Idle connections for the two memory points; `None` skips the test.
@@ -62,6 +67,7 @@ struct Given {
     rounds: Option<usize>,
     scale: Option<u32>,
     copy_rows: Option<u64>,
+    rate: Option<u64>,
     memory: Option<Option<(usize, usize)>>,
     promotions: Option<usize>,
     stalls: Option<usize>,
@@ -86,6 +92,7 @@ pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> 
             "--rounds" => given.rounds = Some(number(&arg, &value()?)?),
             "--scale" => given.scale = Some(number(&arg, &value()?)?),
             "--copy-rows" => given.copy_rows = Some(number(&arg, &value()?)?),
+            "--rate" => given.rate = Some(number(&arg, &value()?)?),
             "--memory" => given.memory = Some(Some(pair(&arg, &value()?)?)),
             "--promotions" => given.promotions = Some(number(&arg, &value()?)?),
             "--stalls" => given.stalls = Some(number(&arg, &value()?)?),
@@ -107,10 +114,11 @@ fn throughput(g: &Given) -> Result<Throughput, String> {
         rounds: g.rounds.unwrap_or(if q { 1 } else { 3 }),
         scale: g.scale.unwrap_or(if q { 4 } else { 64 }),
         copy_rows: g.copy_rows.unwrap_or(if q { 100_000 } else { 1_000_000 }),
+        rate: g.rate,
         memory: g.memory.unwrap_or(Some(if q { (200, 600) } else { (2000, 6000) })),
     };
-    if t.duration == 0 || t.rounds == 0 || t.scale == 0 {
-        return Err("--duration, --rounds and --scale must be at least 1".into());
+    if t.duration == 0 || t.rounds == 0 || t.scale == 0 || t.rate == Some(0) {
+        return Err("--duration, --rounds, --scale and --rate must be at least 1".into());
     }
     if g.promotions.is_some() || g.stalls.is_some() || g.stall_secs.is_some() {
         return Err("--promotions, --stalls and --stall-secs belong to the failover suite".into());
@@ -119,10 +127,16 @@ fn throughput(g: &Given) -> Result<Throughput, String> {
 }
 
 fn failover(g: &Given) -> Result<Failover, String> {
-    let throughput_only =
-        g.duration.is_some() || g.rounds.is_some() || g.scale.is_some() || g.copy_rows.is_some() || g.memory.is_some();
+    let throughput_only = g.duration.is_some()
+        || g.rounds.is_some()
+        || g.scale.is_some()
+        || g.copy_rows.is_some()
+        || g.rate.is_some()
+        || g.memory.is_some();
     if throughput_only {
-        return Err("--duration, --rounds, --scale, --copy-rows and --memory belong to the throughput suite".into());
+        return Err(
+            "--duration, --rounds, --scale, --rate, --copy-rows and --memory belong to the throughput suite".into()
+        );
     }
     let promotions = g.promotions.unwrap_or(if g.quick { 2 } else { 10 });
     if promotions == 0 {

@@ -1,5 +1,6 @@
 //! The ways of reaching PostgreSQL that the throughput suite compares:
-//! directly, through pglb with either data path, and through HAProxy.
+//! directly, through pglb with the splice and the kernel (sockmap) data
+//! paths, and through HAProxy.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,19 +15,19 @@ use crate::pglb::{self, Pglb};
 pub enum Kind {
     Direct,
     PglbSplice,
-    PglbCopy,
+    PglbSockmap,
     Haproxy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::PglbSplice, Kind::PglbCopy, Kind::Haproxy];
-    pub const BALANCERS: [Kind; 3] = [Kind::PglbSplice, Kind::PglbCopy, Kind::Haproxy];
+    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::PglbSplice, Kind::PglbSockmap, Kind::Haproxy];
+    pub const BALANCERS: [Kind; 3] = [Kind::PglbSplice, Kind::PglbSockmap, Kind::Haproxy];
 
     pub fn label(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
             Kind::PglbSplice => "pglb (splice)",
-            Kind::PglbCopy => "pglb (copy)",
+            Kind::PglbSockmap => "pglb (sockmap)",
             Kind::Haproxy => "haproxy",
         }
     }
@@ -82,7 +83,7 @@ pub fn start(kind: Kind, bins: &Bins, route: Route, nodes: &[Node], maxconn: usi
     let (port, pid, process) = match kind {
         Kind::Direct => (primary.port, None, Process::None),
         Kind::PglbSplice => start_pglb(bins, "splice", route, nodes)?,
-        Kind::PglbCopy => start_pglb(bins, "copy", route, nodes)?,
+        Kind::PglbSockmap => start_pglb(bins, "sockmap", route, nodes)?,
         Kind::Haproxy => start_haproxy(bins, route, nodes, maxconn)?,
     };
     Ok(Target { kind, port, pid, process })

@@ -78,6 +78,30 @@ pub fn read_message(s: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     Ok((head[0], body))
 }
 
+/// Runs `sql` and returns the first column of its last row (or the error).
+pub fn scalar(s: &mut TcpStream, sql: &str) -> Result<String, String> {
+    query(s, sql).map_err(|e| format!("send query: {e}"))?;
+    let mut value = None;
+    loop {
+        let (tag, body) = read_message(s).map_err(|e| format!("read reply: {e}"))?;
+        match tag {
+            b'D' if body.len() >= 6 => {
+                let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+                let text = usize::try_from(len).ok().and_then(|n| body.get(6..6 + n)).unwrap_or_default();
+                value = Some(String::from_utf8_lossy(text).into_owned());
+            }
+            b'E' => return Err(String::from_utf8_lossy(&body).into_owned()),
+            b'Z' => return value.ok_or_else(|| "no row".to_owned()),
+            _ => {}
+        }
+    }
+}
+
+/// Ends a session the way libpq does: Terminate, then close.
+pub fn terminate(mut s: TcpStream) {
+    let _ = s.write_all(b"X\0\0\0\x04");
+}
+
 /// Half-closes the client's sending side.
 pub fn shutdown_write(s: &TcpStream) -> io::Result<()> {
     s.shutdown(Shutdown::Write)

@@ -130,9 +130,11 @@ fn unit_passes_systemd_analyze_verify_with_and_without_the_drop_in() {
     // The drop-in is read from pglb.service.d/ beside the unit.
     let dropins = tmp.0.join("pglb.service.d");
     fs::create_dir_all(&dropins).expect("drop-in dir");
-    let conf = systemd_dir().join("pglb.service.d/low-ports.conf");
-    fs::copy(&conf, dropins.join("low-ports.conf")).expect("copy drop-in");
-    verify();
+    for name in ["low-ports.conf", "sockmap.conf"] {
+        let conf = systemd_dir().join("pglb.service.d").join(name);
+        fs::copy(&conf, dropins.join(name)).expect("copy drop-in");
+        verify();
+    }
 
     // The sandbox keeps the exposure score low (0 = locked down, 10 = none).
     let out = Command::new(&analyze)
@@ -191,6 +193,12 @@ fn unit_runs_as_pglb_sandboxed_and_outlasts_the_drain() {
     for key in ["AmbientCapabilities", "CapabilityBoundingSet"] {
         assert_eq!(service_value(&dropin, key), "CAP_NET_BIND_SERVICE", "low-ports.conf {key}=");
     }
+    // tests/tests/sockmap.rs runs pglb with exactly these capabilities.
+    let dropin = read(&systemd_dir().join("pglb.service.d/sockmap.conf"));
+    for key in ["AmbientCapabilities", "CapabilityBoundingSet"] {
+        assert_eq!(service_value(&dropin, key), "CAP_BPF CAP_NET_ADMIN", "sockmap.conf {key}=");
+    }
+    assert_eq!(service_value(&dropin, "SystemCallFilter"), "bpf", "sockmap.conf SystemCallFilter=");
 }
 
 /// One Exec*= command line with the unit's paths replaced by the built

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use pglb_cluster::Cluster;
 use pglb_tests::proc::{cpu_seconds, fd_count, fd_targets};
 use pglb_tests::psql::{psql, where_am_i};
+use pglb_tests::wire::{scalar, terminate};
 use pglb_tests::{http, shared_cluster, wait_until, wire, Pglb, Yaml};
 use serde_json::Value;
 
@@ -73,31 +74,6 @@ fn backend_names(pglb: &Pglb) -> Vec<String> {
 
 fn post(pglb: &Pglb, path: &str, headers: &[&str]) -> (u16, String) {
     http::request(pglb.admin, "POST", path, headers).expect("POST to the admin endpoint")
-}
-
-/// Runs one simple query over a raw session and returns the first column of
-/// its (single) row.
-fn scalar(s: &mut TcpStream, sql: &str) -> Result<String, String> {
-    wire::query(s, sql).map_err(|e| format!("send query: {e}"))?;
-    let mut value = None;
-    loop {
-        let (tag, body) = wire::read_message(s).map_err(|e| format!("read reply: {e}"))?;
-        match tag {
-            b'D' if body.len() >= 6 => {
-                let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
-                let text = usize::try_from(len).ok().and_then(|n| body.get(6..6 + n)).unwrap_or_default();
-                value = Some(String::from_utf8_lossy(text).into_owned());
-            }
-            b'E' => return Err(String::from_utf8_lossy(&body).into_owned()),
-            b'Z' => return value.ok_or_else(|| "no row".to_owned()),
-            _ => {}
-        }
-    }
-}
-
-/// Ends a raw session the way libpq does: Terminate, then close.
-fn terminate(mut s: TcpStream) {
-    let _ = s.write_all(b"X\0\0\0\x04");
 }
 
 /// Waits until pglb closes the session: EOF or a reset (any message before

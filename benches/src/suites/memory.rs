@@ -54,6 +54,7 @@ fn measure(
     let available = proc::mem_available_kib()?;
     let mut sessions = IdleSessions::new()?;
     let (rss_low, n_low) = open_to(&mut sessions, target.port, low, pid, kind, results)?;
+    let slab_low = proc::slab_kib()?;
     results.record(Fig::RssLow, kind, rss_low as f64 / 1024.0);
     results.record(Fig::PipesLow, kind, proc::pipe_count(pid)? as f64);
     // What the LOW sessions cost the whole machine predicts the rest.
@@ -66,9 +67,14 @@ fn measure(
     let (rss_high, n_high) = open_to(&mut sessions, target.port, high, pid, kind, results)?;
     results.record(Fig::RssHigh, kind, rss_high as f64 / 1024.0);
     results.record(Fig::PipesHigh, kind, proc::pipe_count(pid)? as f64);
+    let slab_high = proc::slab_kib()?;
     if n_high > n_low {
         let slope = rss_high.saturating_sub(rss_low) as f64 / (n_high - n_low) as f64;
         results.record(Fig::KibPerConn, kind, slope);
+        // Both sockets of each session and the server's, plus sockmap's
+        // per-socket state: the same server side for every balancer.
+        let slab = slab_high.saturating_sub(slab_low) as f64 / (n_high - n_low) as f64;
+        results.record(Fig::SlabKibPerConn, kind, slab);
     }
     eprintln!("memory {:<13} {n_low} sessions: {rss_low} KiB; {n_high} sessions: {rss_high} KiB", kind.label());
     Ok(())

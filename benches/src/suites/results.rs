@@ -13,37 +13,47 @@ pub enum Fig {
     SelectLatency,
     SelectCpu,
     SelectPipes,
+    FixedTps,
+    FixedHostCpu,
+    FixedSwitches,
     ConnectRate,
     ConnectCpu,
     CopyMbps,
     CopyCpu,
+    CopyHostCpu,
     TpcbTps,
     TpcbLatency,
     TpcbCpu,
     RssLow,
     RssHigh,
     KibPerConn,
+    SlabKibPerConn,
     PipesZero,
     PipesLow,
     PipesHigh,
 }
 
 impl Fig {
-    const ALL: [Fig; 17] = [
+    const ALL: [Fig; 22] = [
         Fig::SelectTps,
         Fig::SelectLatency,
         Fig::SelectCpu,
         Fig::SelectPipes,
+        Fig::FixedTps,
+        Fig::FixedHostCpu,
+        Fig::FixedSwitches,
         Fig::ConnectRate,
         Fig::ConnectCpu,
         Fig::CopyMbps,
         Fig::CopyCpu,
+        Fig::CopyHostCpu,
         Fig::TpcbTps,
         Fig::TpcbLatency,
         Fig::TpcbCpu,
         Fig::RssLow,
         Fig::RssHigh,
         Fig::KibPerConn,
+        Fig::SlabKibPerConn,
         Fig::PipesZero,
         Fig::PipesLow,
         Fig::PipesHigh,
@@ -53,12 +63,22 @@ impl Fig {
     fn balancer_only(self) -> bool {
         !matches!(
             self,
-            Fig::SelectTps | Fig::SelectLatency | Fig::ConnectRate | Fig::CopyMbps | Fig::TpcbTps | Fig::TpcbLatency
+            Fig::SelectTps
+                | Fig::SelectLatency
+                | Fig::FixedTps
+                | Fig::FixedHostCpu
+                | Fig::FixedSwitches
+                | Fig::ConnectRate
+                | Fig::CopyMbps
+                | Fig::CopyHostCpu
+                | Fig::TpcbTps
+                | Fig::TpcbLatency
         )
     }
 
     /// Label, which way is better, decimals.
-    fn describe(self, opts: &Throughput) -> (String, Better, usize) {
+    fn describe(self, opts: &Throughput, rate: Option<u64>) -> (String, Better, usize) {
+        let rate = rate.map_or_else(|| "?".to_owned(), |r| r.to_string());
         let (low, high) = opts.memory.unwrap_or_default();
         let copy_mb = opts.copy_rows * crate::copy::ROW_BYTES / 1_000_000;
         use Better::{Higher, Lower};
@@ -67,16 +87,21 @@ impl Fig {
             Fig::SelectLatency => ("select-only latency ms".into(), Lower, 3),
             Fig::SelectCpu => ("select-only: balancer CPU s/10k tx".into(), Lower, 3),
             Fig::SelectPipes => ("select-only: most pipe fds held".into(), Lower, 0),
+            Fig::FixedTps => (format!("select-only at -R {}: TPS reached", rate), Higher, 0),
+            Fig::FixedHostCpu => (format!("select-only at -R {}: host CPU s/10k tx", rate), Lower, 3),
+            Fig::FixedSwitches => (format!("select-only at -R {rate}: host context switches/tx"), Lower, 2),
             Fig::ConnectRate => ("new connections/s (-S -C -c8 -j2)".into(), Higher, 0),
             Fig::ConnectCpu => ("connect: balancer CPU s/10k conn".into(), Lower, 3),
             Fig::CopyMbps => (format!("COPY TO STDOUT MB/s ({copy_mb} MB)"), Higher, 0),
             Fig::CopyCpu => ("COPY: balancer CPU s/GB".into(), Lower, 3),
+            Fig::CopyHostCpu => ("COPY: host CPU s/GB".into(), Lower, 3),
             Fig::TpcbTps => ("TPC-B TPS (-c64 -j2)".into(), Higher, 0),
             Fig::TpcbLatency => ("TPC-B latency ms".into(), Lower, 3),
             Fig::TpcbCpu => ("TPC-B: balancer CPU s/10k tx".into(), Lower, 3),
             Fig::RssLow => (format!("RSS MiB, {low} idle conns"), Lower, 1),
             Fig::RssHigh => (format!("RSS MiB, {high} idle conns"), Lower, 1),
             Fig::KibPerConn => (format!("KiB per idle conn ({low}->{high})"), Lower, 1),
+            Fig::SlabKibPerConn => (format!("kernel slab KiB per idle conn ({low}->{high})"), Lower, 2),
             Fig::PipesZero => ("pipe fds held, 0 idle (inherited too)".into(), Lower, 0),
             Fig::PipesLow => (format!("pipe fds held, {low} idle"), Lower, 0),
             Fig::PipesHigh => (format!("pipe fds held, {high} idle"), Lower, 0),
@@ -88,11 +113,18 @@ impl Fig {
 pub struct Results {
     samples: HashMap<(Fig, Kind), Vec<f64>>,
     notes: Vec<String>,
+    /// The fixed rate used (`pgbench -R`).
+    pub rate: Option<u64>,
 }
 
 impl Results {
     pub fn record(&mut self, fig: Fig, kind: Kind, value: f64) {
         self.samples.entry((fig, kind)).or_default().push(value);
+    }
+
+    /// The first value recorded for `fig` through `kind`.
+    pub fn first(&self, fig: Fig, kind: Kind) -> Option<f64> {
+        self.samples.get(&(fig, kind))?.first().copied()
     }
 
     /// A line printed under the table (failures, skipped steps).
@@ -114,7 +146,7 @@ impl Results {
                 })
                 .collect();
             if samples.iter().flatten().any(|s| !s.is_empty()) {
-                let (label, better, decimals) = fig.describe(opts);
+                let (label, better, decimals) = fig.describe(opts, self.rate);
                 table.add(&label, better, decimals, samples);
             }
         }

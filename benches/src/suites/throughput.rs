@@ -1,5 +1,5 @@
 //! The throughput suite: one primary (+1 replica) reached directly, through
-//! pglb (splice), pglb (copy) and HAProxy, measured in interleaved rounds
+//! pglb (splice), pglb (sockmap) and HAProxy, measured in interleaved rounds
 //! (the target order rotates each round) so machine drift hits all alike.
 //! Then the idle-connection memory test on its own cluster.
 
@@ -19,17 +19,19 @@ const MAXCONN: usize = 1000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Test {
     Select,
+    Fixed,
     Connect,
     Copy,
     Tpcb,
 }
 
 impl Test {
-    const ALL: [Test; 4] = [Test::Select, Test::Connect, Test::Copy, Test::Tpcb];
+    const ALL: [Test; 5] = [Test::Select, Test::Fixed, Test::Connect, Test::Copy, Test::Tpcb];
 
     fn name(self) -> &'static str {
         match self {
             Test::Select => "select-only",
+            Test::Fixed => "fixed-rate",
             Test::Connect => "connect",
             Test::Copy => "copy",
             Test::Tpcb => "tpc-b",
@@ -108,10 +110,13 @@ fn pgbench_rounds(opts: &Throughput, bins: &Bins, results: &mut Results) -> Resu
 }
 
 /// Runs one test through one target and records its figures, with the
-/// balancer's CPU time (utime + stime) over the run.
+/// balancer's CPU time (utime + stime) over the run, and for the fixed-rate
+/// and COPY runs the whole machine's busy CPU time.
 fn measure(test: Test, target: &Target, opts: &Throughput, results: &mut Results, tag: &str) -> Result<()> {
     let cpu = || target.pid.map(pglb_testkit::proc::cpu_seconds).transpose();
     let before = cpu()?;
+    let host_before = pglb_testkit::proc::host_busy_seconds()?;
+    let switches_before = pglb_testkit::proc::host_context_switches()?;
     let (port, secs, kind) = (target.port, opts.duration, target.kind);
     let (work, per) = match test {
         Test::Select => {
@@ -130,6 +135,19 @@ fn measure(test: Test, target: &Target, opts: &Throughput, results: &mut Results
             results.record(Fig::SelectLatency, kind, run.latency_ms);
             (run.transactions as f64, (Fig::SelectCpu, 10_000.0))
         }
+        Test::Fixed => {
+            let rate = fixed_rate(opts, results)?.to_string();
+            let run = pgbench::run(port, &["-S", "-c", "16", "-j", "2", "-R", &rate], secs)?;
+            let host = pglb_testkit::proc::host_busy_seconds()? - host_before;
+            eprintln!("{tag} {:>9.0} tps  host CPU {host:.2} s", run.tps);
+            results.record(Fig::FixedTps, kind, run.tps);
+            let switches = pglb_testkit::proc::host_context_switches()? - switches_before;
+            if run.transactions > 0 {
+                results.record(Fig::FixedHostCpu, kind, host / run.transactions as f64 * 10_000.0);
+                results.record(Fig::FixedSwitches, kind, switches as f64 / run.transactions as f64);
+            }
+            (run.transactions as f64, (Fig::SelectCpu, 0.0))
+        }
         Test::Connect => {
             let run = pgbench::run(port, &["-S", "-C", "-c", "8", "-j", "2"], secs)?;
             eprintln!("{tag} {:>9.0} conn/s", run.tps);
@@ -141,6 +159,8 @@ fn measure(test: Test, target: &Target, opts: &Throughput, results: &mut Results
             let bytes = (opts.copy_rows * copy::ROW_BYTES) as f64;
             eprintln!("{tag} {:>9.0} MB/s", bytes / 1e6 / elapsed);
             results.record(Fig::CopyMbps, kind, bytes / 1e6 / elapsed);
+            let host = pglb_testkit::proc::host_busy_seconds()? - host_before;
+            results.record(Fig::CopyHostCpu, kind, host / bytes * 1e9);
             (bytes, (Fig::CopyCpu, 1e9))
         }
         Test::Tpcb => {
@@ -153,11 +173,25 @@ fn measure(test: Test, target: &Target, opts: &Throughput, results: &mut Results
     };
     if let (Some(before), Some(after)) = (before, cpu()?) {
         let (fig, unit) = per;
-        if work > 0.0 {
+        if work > 0.0 && unit > 0.0 {
             results.record(fig, kind, (after - before) / work * unit);
         }
     }
     Ok(())
+}
+
+/// The fixed-rate run's `-R`: as given, or half of HAProxy's saturated
+/// select-only TPS in the first round (fixed from then on).
+fn fixed_rate(opts: &Throughput, results: &mut Results) -> Result<u64> {
+    if let Some(rate) = results.rate.or(opts.rate) {
+        results.rate = Some(rate);
+        return Ok(rate);
+    }
+    let haproxy = results.first(Fig::SelectTps, Kind::Haproxy).context("no HAProxy select-only TPS to take half of")?;
+    let rate = (haproxy / 2.0).round().max(1.0) as u64;
+    eprintln!("fixed rate: -R {rate} (half of HAProxy's {haproxy:.0} select-only TPS)");
+    results.rate = Some(rate);
+    Ok(rate)
 }
 
 /// Lets the cluster digest the initial load before anything is measured: a

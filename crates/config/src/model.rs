@@ -45,6 +45,11 @@ pub struct AdminAccess {
 pub enum Forwarder {
     Splice,
     Copy,
+    /// The kernel moves the bytes (eBPF sockmap); needs CAP_BPF +
+    /// CAP_NET_ADMIN: pglb refuses to start without them.
+    Sockmap,
+    /// Sockmap where the kernel and privileges allow, otherwise splice.
+    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -33,7 +33,12 @@ impl<'a> Validator<'a> {
         let forwarder = self.choice(
             "forwarder",
             raw.forwarder,
-            &[("splice", Forwarder::Splice), ("copy", Forwarder::Copy)],
+            &[
+                ("splice", Forwarder::Splice),
+                ("copy", Forwarder::Copy),
+                ("sockmap", Forwarder::Sockmap),
+                ("auto", Forwarder::Auto),
+            ],
             Forwarder::Splice,
         );
         let shutdown_timeout = self.duration("shutdown_timeout", raw.shutdown_timeout, Duration::from_secs(30));

@@ -4,6 +4,7 @@
 mod checkers;
 mod cli;
 mod ctl;
+mod data_path;
 mod demo;
 mod enforce;
 mod limits;

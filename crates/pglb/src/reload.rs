@@ -122,6 +122,12 @@ impl Server {
         sockets: Vec<(std::net::SocketAddr, tokio::net::TcpListener)>,
         tls: MakeRustlsConnect,
     ) -> anyhow::Result<()> {
+        // Before anything changes: a forwarder that cannot be had fails the reload.
+        let data_path = if next.forwarder != self.config.forwarder {
+            Some(crate::data_path::choose(&next, &mut self.loaded)?)
+        } else {
+            None
+        };
         self.checkers.stop_changed(&next).await;
         let (tx, rx) = oneshot::channel();
         if self.topology.commands.send(Command::Reconfigure { config: next.clone(), reply: tx }).await.is_err()
@@ -129,8 +135,9 @@ impl Server {
         {
             anyhow::bail!("the topology task is gone (pglb is stopping)");
         }
-        if next.forwarder != self.config.forwarder {
-            self.shared.pipes = crate::run::pipes_for(&next);
+        if let Some(path) = data_path {
+            self.shared.pipes = path.pipes;
+            self.shared.sockmap = path.sockmap;
         }
         let table = self.topology.table.load_full();
         // Kept sockets: fresh contexts (new index, backends, limits, names).

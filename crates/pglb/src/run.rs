@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use pglb_admin::{AdminContext, LiveConfig};
 use pglb_config::{Config, ConfigError};
 use pglb_health::{Publisher, TopologyHandle};
-use pglb_proxy::{AddressGroup, Contexts, ListenerContext, PipePool, Shared};
+use pglb_proxy::{AddressGroup, Contexts, ListenerContext, Shared};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Notify;
@@ -22,11 +22,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::checkers::Checkers;
 use crate::systemd::{Heartbeat, Notifier};
-
-/// Most empty splice pipes kept for reuse (each is two fds).
-pub const PIPE_POOL: usize = 64;
-/// Bytes per splice pipe (F_SETPIPE_SZ); within the unprivileged pipe-max-size.
-const PIPE_SIZE: usize = 256 * 1024;
 
 /// `pglb check`: validate only; never binds a socket.
 pub fn check(path: &Path) -> ExitCode {
@@ -97,6 +92,8 @@ pub struct Server {
     pub background: CancellationToken,
     /// The health checkers' and topology's own thread.
     pub control: Control,
+    /// The kernel program, once loaded (kept across reloads).
+    pub loaded: crate::data_path::Loaded,
 }
 
 /// A runtime of its own, on its own thread, for health checks and the
@@ -160,11 +157,14 @@ impl Server {
         let control = Control::start()?;
         control.handle.spawn(publisher.run(inbox));
         let checkers = Checkers::start(control.handle.clone(), config.clone(), tls, &topology);
+        let mut loaded = crate::data_path::Loaded::default();
+        let data_path = crate::data_path::choose(&config, &mut loaded)?;
         let shared = Shared {
             table: topology.table.clone(),
             generation: topology.generation.clone(),
             capacity: Arc::new(Notify::new()),
-            pipes: pipes_for(&config),
+            pipes: data_path.pipes,
+            sockmap: data_path.sockmap,
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         };
@@ -198,6 +198,7 @@ impl Server {
             checkers,
             background,
             control,
+            loaded,
         };
         server.open_listeners(sockets);
         tokio::spawn(crate::enforce::run(server.contexts.clone(), server.topology.clone(), server.background.clone()));
@@ -350,15 +351,6 @@ pub fn bind_listeners(
         sockets.push((l.listen, socket));
     }
     Ok(sockets)
-}
-
-pub fn pipes_for(config: &Config) -> Option<Arc<PipePool>> {
-    match config.forwarder {
-        pglb_config::Forwarder::Splice if cfg!(target_os = "linux") => {
-            Some(Arc::new(PipePool::new(PIPE_POOL, PIPE_SIZE)))
-        }
-        _ => None,
-    }
 }
 
 /// What a signal asks for.

@@ -37,6 +37,10 @@ pub struct Shared {
     pub capacity: Arc<Notify>,
     /// Splice pipes; `None` forwards by copying.
     pub pipes: Option<Arc<PipePool>>,
+    /// The kernel path (`forwarder: sockmap`); sessions it cannot take
+    /// use `pipes`.
+    #[cfg(target_os = "linux")]
+    pub sockmap: Option<Arc<pglb_sockmap::Kernel>>,
     /// Cancelled when shutdown begins: new, held and queued clients get 57P01.
     pub draining: CancellationToken,
     /// Cancelled when sessions in progress must end (shutdown timeout).

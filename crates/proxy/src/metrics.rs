@@ -40,9 +40,46 @@ pub fn describe() {
         "Times no splice pipe could be had (fd limit, pipe-user-pages-soft) and a session copied instead."
     );
     describe_counter!(
+        "pglb_forwarded_sessions_total",
+        "Sessions forwarded, per data path: sockmap (kernel), splice or copy."
+    );
+    describe_counter!(
+        "pglb_sockmap_fallbacks_total",
+        "Sessions the kernel path could not take (reason: map_full, error), forwarded with splice instead."
+    );
+    describe_counter!(
+        "pglb_sockmap_demotions_total",
+        "Sessions moved off the kernel path because their reader fell behind (bytes would queue in kernel memory)."
+    );
+    describe_gauge!(
+        "pglb_sockmap_sockets",
+        "Sockets in the kernel's sockmap now (two per session on the kernel path)."
+    );
+    describe_counter!(
         "pglb_accept_errors_total",
         "Errors accepting client connections (EMFILE/ENFILE and others), per listener."
     );
+}
+
+/// Counts a session forwarded on `path` (sockmap, splice, copy).
+pub fn forwarded(path: &'static str) {
+    metrics::counter!("pglb_forwarded_sessions_total", "forwarder" => path).increment(1);
+}
+
+/// Counts a session the kernel path could not take.
+pub fn sockmap_fallback(reason: &'static str) {
+    metrics::counter!("pglb_sockmap_fallbacks_total", "reason" => reason).increment(1);
+}
+
+/// Counts a session moved off the kernel path (slow reader).
+pub fn sockmap_demoted() {
+    metrics::counter!("pglb_sockmap_demotions_total").increment(1);
+}
+
+/// Sockets put in (positive) or taken out of (negative) the kernel map.
+/// Added, not set: sessions link and unlink concurrently.
+pub fn sockmap_sockets(change: f64) {
+    metrics::gauge!("pglb_sockmap_sockets").increment(change);
 }
 
 /// Handles for one listener × backend pair.

@@ -76,109 +76,87 @@ enum Refusal {
 pub async fn run(group: Arc<AddressGroup>, mut client: TcpStream, peer: SocketAddr) {
     let accepted = Instant::now();
     tune(&client);
-    let Some(front) = group.first().cloned() else { return };
-    let Some(config) = front.config() else { return };
+    // The stages before forwarding run boxed (here and in `serve`): an idle
+    // session's memory is mostly its future, which then holds only what
+    // forwarding needs.
+    if let Some((ctx, setup)) = Box::pin(identify(group, &mut client, peer, accepted)).await {
+        serve(ctx, setup, client, peer, accepted).await;
+    }
+}
+
+/// What serving a client starts from: its listener, that listener's config
+/// and the client's first message.
+type Identified = (Arc<ListenerContext>, Box<(ListenerConfig, FirstMessage)>);
+
+/// Reads the client's first message and picks its listener; `None` when the
+/// client was refused (and told why).
+async fn identify(
+    group: Arc<AddressGroup>,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+) -> Option<Identified> {
+    let front = group.first().cloned()?;
+    let config = front.config()?;
     let deadline = accepted + config.startup_timeout;
-    let first = match tokio::time::timeout(config.startup_timeout, read_first(&mut client)).await {
+    let first = match tokio::time::timeout(config.startup_timeout, read_first(client)).await {
         Ok(Ok(first)) => first,
         Ok(Err(err)) => {
             front.metrics.reject(err.kind());
             log_refusal(&front, peer, accepted, err.kind(), &err.to_string());
-            return;
+            return None;
         }
         Err(_) => {
             front.metrics.reject(Reject::StartupTimeout);
             log_refusal(&front, peer, accepted, Reject::StartupTimeout, "no startup message in time");
-            return;
+            return None;
         }
     };
     let (ctx, first, config) = if group.by_name() {
-        match crate::by_name::pick(&group, &mut client, first, deadline).await {
+        match crate::by_name::pick(&group, client, first, deadline).await {
             Ok((ctx, first)) => {
-                let Some(config) = ctx.config() else { return };
+                let config = ctx.config()?;
                 (ctx, first, config)
             }
             Err(refusal) => {
                 front.metrics.reject(refusal.reason);
                 log_refusal(&front, peer, accepted, refusal.reason, &refusal.detail);
-                refusal.answer.send(&mut client).await;
-                return;
+                refusal.answer.send(client).await;
+                return None;
             }
         }
     } else {
         (front, first, config)
     };
-    drop(group);
-    serve(ctx, config, client, peer, first, accepted).await;
+    Some((ctx, Box::new((config, first))))
 }
 
 /// Serves a client whose listener is known and whose first message is read.
+/// The config and first message come boxed, and routing runs boxed: an
+/// async fn keeps its arguments and the results it awaits for its whole
+/// life, and a forwarding session needs none of them (an idle session's
+/// memory is mostly this future).
 async fn serve(
     ctx: Arc<ListenerContext>,
-    config: ListenerConfig,
+    setup: Box<(ListenerConfig, FirstMessage)>,
     mut client: TcpStream,
     peer: SocketAddr,
-    first: FirstMessage,
     accepted: Instant,
 ) {
-    if let FirstKind::Cancel { pid } = first.kind {
+    if let FirstKind::Cancel { pid } = setup.1.kind {
         tracing::debug!(pid, "cancel request");
-        crate::cancel::fan_out(&ctx, &first.bytes).await;
+        Box::pin(crate::cancel::fan_out(&ctx, &setup.1.bytes)).await;
         return;
     }
-    let stop = ctx.shared.draining.clone();
-    // A backend that becomes ineligible before it answered (fenced, taken
-    // out) is given up and another one found; the client saw nothing yet.
-    let refusal = 'route: {
-        if stop.is_cancelled() {
-            break 'route Refusal::Refuse {
-                reason: Reject::Shutdown,
-                sqlstate: ADMIN_SHUTDOWN,
-                message: "pglb: shutting down".into(),
-            };
+    let refusal = match Box::pin(route(&ctx, &setup, &client, peer)).await {
+        Ok(session) => {
+            // A forwarding session holds no config and no startup bytes.
+            drop(setup);
+            return session.forward(&ctx, client).await;
         }
-        for _ in 0..MAX_ROUTES {
-            let (places, backend) = match find_backend(&ctx, &config, &client, &stop).await {
-                Ok(found) => found,
-                Err(refusal) => break 'route refusal,
-            };
-            match open(&ctx, &config, &client, backend, places, &first, peer).await {
-                Opened::Answered(session) => {
-                    // A forwarding session holds no config and no startup bytes.
-                    drop((config, first));
-                    return session.forward(&ctx, client).await;
-                }
-                Opened::Rerouted => continue,
-                Opened::Gone => break 'route Refusal::Gone,
-                Opened::NoTls { backend } => {
-                    break 'route Refusal::Refuse {
-                        reason: Reject::BackendNoTls,
-                        sqlstate: CANNOT_CONNECT_NOW,
-                        message: format!(
-                            "pglb: backend \"{backend}\" does not accept TLS (it answered N to pglb's SSLRequest), and listener \"{}\" routes by TLS server name: turn ssl on on the server",
-                            ctx.name
-                        ),
-                    };
-                }
-                Opened::Silent { backend, waited } => {
-                    let waited = pglb_config::format_duration(waited);
-                    break 'route Refusal::Refuse {
-                        reason: Reject::BackendSilent,
-                        sqlstate: CANNOT_CONNECT_NOW,
-                        message: format!(
-                            "pglb: backend \"{backend}\" did not answer within {waited} (listener \"{}\")",
-                            ctx.name
-                        ),
-                    };
-                }
-            }
-        }
-        Refusal::Refuse {
-            reason: Reject::NoBackend,
-            sqlstate: CANNOT_CONNECT_NOW,
-            message: format!("pglb: no backend for listener \"{}\" stayed eligible long enough to answer", ctx.name),
-        }
+        Err(refusal) => refusal,
     };
+    let (config, first) = *setup;
     match refusal {
         Refusal::Gone => {
             ctx.metrics.reject(Reject::ClientGaveUp);
@@ -191,9 +169,62 @@ async fn serve(
                 _ => message.clone(),
             };
             log_refusal(&ctx, peer, accepted, reason, &detail);
-            refuse(&mut client, first, sqlstate, &message, config.startup_timeout).await;
+            Box::pin(refuse(&mut client, first, sqlstate, &message, config.startup_timeout)).await;
         }
     }
+}
+
+/// Finds a backend that answers: a backend that becomes ineligible before
+/// it answered (fenced, taken out) is given up and another one found; the
+/// client saw nothing yet.
+async fn route<'a>(
+    ctx: &'a ListenerContext,
+    (config, first): &(ListenerConfig, FirstMessage),
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> Result<Box<Session<'a>>, Refusal> {
+    let stop = ctx.shared.draining.clone();
+    if stop.is_cancelled() {
+        return Err(Refusal::Refuse {
+            reason: Reject::Shutdown,
+            sqlstate: ADMIN_SHUTDOWN,
+            message: "pglb: shutting down".into(),
+        });
+    }
+    for _ in 0..MAX_ROUTES {
+        let (places, backend) = find_backend(ctx, config, client, &stop).await?;
+        match open(ctx, config, client, backend, places, first, peer).await {
+            Opened::Answered(session) => return Ok(Box::new(session)),
+            Opened::Rerouted => continue,
+            Opened::Gone => return Err(Refusal::Gone),
+            Opened::NoTls { backend } => {
+                return Err(Refusal::Refuse {
+                    reason: Reject::BackendNoTls,
+                    sqlstate: CANNOT_CONNECT_NOW,
+                    message: format!(
+                        "pglb: backend \"{backend}\" does not accept TLS (it answered N to pglb's SSLRequest), and listener \"{}\" routes by TLS server name: turn ssl on on the server",
+                        ctx.name
+                    ),
+                });
+            }
+            Opened::Silent { backend, waited } => {
+                let waited = pglb_config::format_duration(waited);
+                return Err(Refusal::Refuse {
+                    reason: Reject::BackendSilent,
+                    sqlstate: CANNOT_CONNECT_NOW,
+                    message: format!(
+                        "pglb: backend \"{backend}\" did not answer within {waited} (listener \"{}\")",
+                        ctx.name
+                    ),
+                });
+            }
+        }
+    }
+    Err(Refusal::Refuse {
+        reason: Reject::NoBackend,
+        sqlstate: CANNOT_CONNECT_NOW,
+        message: format!("pglb: no backend for listener \"{}\" stayed eligible long enough to answer", ctx.name),
+    })
 }
 
 /// Most backends one client is routed to before it gets an answer.
@@ -520,7 +551,7 @@ async fn negotiate_tls(backend: &mut TcpStream, wait: std::time::Duration) -> Ne
 
 impl Session<'_> {
     /// Forwards until the session ends, then logs it.
-    async fn forward(self, ctx: &ListenerContext, client: TcpStream) {
+    async fn forward(self: Box<Self>, ctx: &ListenerContext, client: TcpStream) {
         let name = &self.places.candidate.name;
         let pair = ctx.pair(name);
         let local_port = self.handle.backend_local_port;
@@ -530,7 +561,7 @@ impl Session<'_> {
             up: &self.handle.bytes_in,
             down: &self.handle.bytes_out,
         };
-        let outcome = forward(client, self.backend, ctx.shared.pipes.as_deref(), &counters, &self.handle.stop).await;
+        let outcome = forward_any(ctx, client, self.backend, &counters, &self.handle.stop).await;
         let end = match (outcome.end, self.handle.reason.get()) {
             (crate::forward::End::Stopped, Some(reason)) => {
                 ctx.metrics.closed(*reason);
@@ -552,6 +583,35 @@ impl Session<'_> {
             "connection closed"
         );
     }
+}
+
+/// Forwards on the kernel path when there is one and it takes the session,
+/// otherwise with splice (or copy).
+async fn forward_any(
+    ctx: &ListenerContext,
+    client: TcpStream,
+    backend: TcpStream,
+    counters: &Counters<'_>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> crate::forward::Outcome {
+    #[cfg(target_os = "linux")]
+    let (client, backend) = match ctx.shared.sockmap.as_deref() {
+        // Boxed: a splice session's future does not reserve the kernel path's room.
+        Some(kernel) => {
+            match Box::pin(crate::forward::kernel::forward(kernel, client, backend, counters, stop)).await {
+                Ok(outcome) => return outcome,
+                Err(fallback) => {
+                    crate::metrics::sockmap_fallback(fallback.reason);
+                    tracing::debug!(error = %fallback.error, reason = fallback.reason, "session not linked in the kernel; forwarding it with splice");
+                    (fallback.client, fallback.backend)
+                }
+            }
+        }
+        None => (client, backend),
+    };
+    let pipes = ctx.shared.pipes.as_deref();
+    crate::metrics::forwarded(if pipes.is_some() { "splice" } else { "copy" });
+    forward(client, backend, pipes, counters, stop).await
 }
 
 /// Registers a session and counts it as open for as long as it lives.

@@ -45,9 +45,11 @@ pub async fn wait(
     }
 }
 
-/// Resolves when the client hangs up. A client waiting for our answer sends
-/// nothing, so any byte (or EOF) ends the wait; a stale readiness left from
-/// reading its first message is cleared by the EAGAIN of a peek.
+/// Resolves when the client hangs up: EOF, a reset or another error.
+/// A client that sends bytes while it waits (it pipelines after its first
+/// message) is not gone: the bytes stay queued for the backend, and its
+/// hang-up is noticed once forwarding starts. A stale readiness left from
+/// reading the first message is cleared by the EAGAIN of a peek.
 pub(crate) async fn hung_up(client: &TcpStream) {
     loop {
         if client.readable().await.is_err() {
@@ -57,6 +59,8 @@ pub(crate) async fn hung_up(client: &TcpStream) {
         let peeked = client.try_io(Interest::READABLE, || socket2::SockRef::from(client).peek(&mut byte));
         match peeked {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // Readiness stays set for the forwarder: wait no more here.
+            Ok(n) if n > 0 => return std::future::pending().await,
             _ => return,
         }
     }

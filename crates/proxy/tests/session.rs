@@ -76,6 +76,7 @@ impl Harness {
             generation: watched,
             capacity: Arc::new(Notify::new()),
             pipes: None,
+            sockmap: None,
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         };

@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod proc;
+pub mod sockets;
 
 use std::path::PathBuf;
 

@@ -41,6 +41,36 @@ pub fn mem_available_kib() -> io::Result<u64> {
     field_kib("/proc/meminfo", "MemAvailable:")
 }
 
+/// Kernel slab memory of the machine in KiB (`Slab` in /proc/meminfo):
+/// where socket structures, and sockmap's per-socket state, live.
+pub fn slab_kib() -> io::Result<u64> {
+    field_kib("/proc/meminfo", "Slab:")
+}
+
+/// CPU seconds the whole machine spent busy so far (all CPUs; user, nice,
+/// system, irq, softirq and steal from the `cpu` line of /proc/stat): every
+/// process and kernel thread, so work moved into the kernel is counted.
+pub fn host_busy_seconds() -> io::Result<f64> {
+    let text = read("/proc/stat")?;
+    let line = text.lines().find(|l| l.starts_with("cpu ")).unwrap_or_default();
+    let f: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if f.len() < 8 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "/proc/stat has no usable cpu line"));
+    }
+    // user nice system idle iowait irq softirq steal
+    Ok((f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / clock_ticks())
+}
+
+/// Context switches of the whole machine so far (`ctxt` in /proc/stat):
+/// each is a thread woken or put to sleep, in any process or kernel thread.
+pub fn host_context_switches() -> io::Result<u64> {
+    let text = read("/proc/stat")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("ctxt "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "/proc/stat has no ctxt line"))
+}
+
 fn field_kib(path: &str, name: &str) -> io::Result<u64> {
     let text = read(path)?;
     let line = text.lines().find(|l| l.starts_with(name));

@@ -2,11 +2,14 @@
 //! both directions are done, passing each side's EOF on as a write shutdown
 //! (half-close), and count the bytes as they go.
 //!
-//! Two data paths behind one interface: `Splice` (Linux: small reads copied,
-//! bulk moved with splice(2) through pooled pipes) and `Copy` (userspace
-//! copy only; portable, and what `Splice` falls back to when no pipe can be
-//! had).
+//! Three data paths: `Splice` (Linux: small reads copied, bulk moved with
+//! splice(2) through pooled pipes), `Copy` (userspace copy only; portable,
+//! and what `Splice` falls back to when no pipe can be had) — both behind
+//! [`forward`] — and the kernel path of [`kernel::forward`] (eBPF sockmap:
+//! the kernel moves the bytes; a session it cannot take uses `Splice`).
 
+#[cfg(target_os = "linux")]
+pub mod kernel;
 mod pump;
 #[cfg(target_os = "linux")]
 pub mod splice;

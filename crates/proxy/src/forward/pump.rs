@@ -73,7 +73,9 @@ pub async fn pump(
                 bulk = false;
                 continue;
             };
-            let burst = splice_burst(src, dst, &pipe, pool.pipe_size(), counter, total).await;
+            // Boxed, like `flush` below: only a burst in progress pays for
+            // its state, not every idle session's future.
+            let burst = Box::pin(splice_burst(src, dst, &pipe, pool.pipe_size(), counter, total)).await;
             pool.give_back(pipe, burst.empty);
             burst.result?;
             if burst.ended {
@@ -93,7 +95,7 @@ pub async fn pump(
             Step::Failed(f) => return Err(f),
         };
         if let Some(rest) = rest {
-            flush(dst, rest).await?;
+            Box::pin(flush(dst, rest)).await?;
         }
         counter.increment(n as u64);
         total.fetch_add(n as u64, Ordering::Relaxed);

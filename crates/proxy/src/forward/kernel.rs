@@ -1,0 +1,352 @@
+//! The kernel path for one session (`forwarder: sockmap`): after pglb has
+//! passed on what it read, the two sockets are linked in the kernel's
+//! SOCKHASH and the verdict program moves every byte from then on. pglb
+//! does not read or write again; it waits for hang-ups and errors, passes
+//! each EOF on once the bytes before it have reached the peer's send queue,
+//! and samples the byte counts from `TCP_INFO`.
+//!
+//! Ordering: the verdict program takes whole segments from a socket's
+//! receive queue, so pglb first reads each socket until it would block and
+//! passes that on itself; bytes arriving after that stay queued until the
+//! link is made, which runs the program over them (`SO_RCVLOWAT` kick)
+//! before anything newer. Nothing is lost, duplicated or reordered.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pglb_sockmap::watch::{CLOSED, ERROR, READ_CLOSED};
+use pglb_sockmap::{Fins, Kernel, Link};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{Counters, End, Outcome};
+
+/// How often byte counts are read while bytes move; doubled up to
+/// [`SAMPLE_IDLE`] while they do not, so an idle session costs little.
+/// While bytes move, each sample also checks the backlog.
+const SAMPLE_BUSY: Duration = Duration::from_millis(20);
+const SAMPLE_IDLE: Duration = Duration::from_secs(5);
+/// Bytes redirected but not yet sent on, per direction, past which the
+/// session leaves the kernel path (a slow reader: see [`demote`]).
+const MAX_QUEUED: u64 = 4 << 20;
+/// How often a passed EOF waits to check that the bytes before it left.
+const DRAIN_POLL: Duration = Duration::from_millis(2);
+
+/// Why a session could not be linked; it is forwarded in userspace instead.
+pub struct Fallback {
+    pub client: TcpStream,
+    pub backend: TcpStream,
+    /// `map_full` or `error` (the `pglb_sockmap_fallbacks_total` label).
+    pub reason: &'static str,
+    pub error: io::Error,
+}
+
+/// Forwards on the kernel path until both directions end, an error occurs,
+/// or `stop` fires. Gives the sockets back when the link cannot be made.
+pub async fn forward(
+    kernel: &Kernel,
+    client: TcpStream,
+    backend: TcpStream,
+    counters: &Counters<'_>,
+    stop: &CancellationToken,
+) -> Result<Outcome, Fallback> {
+    let fallback = |client, backend, error: io::Error| {
+        let reason = if matches!(error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM | libc::ENOSPC)) {
+            "map_full"
+        } else {
+            "error"
+        };
+        Fallback { client, backend, reason, error }
+    };
+    // Pass on what is queued, so no segment is left half read.
+    if let Err(error) = pass_queued(&client, &backend, &counters.client_to_backend, counters.up).await {
+        return Err(fallback(client, backend, error));
+    }
+    if let Err(error) = pass_queued(&backend, &client, &counters.backend_to_client, counters.down).await {
+        return Err(fallback(client, backend, error));
+    }
+    // Out of tokio's epoll: the bytes the kernel moves must wake nobody.
+    let (client, backend) = match (client.into_std(), backend.into_std()) {
+        (Ok(c), Ok(b)) => (c, b),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot take a session's sockets off the event loop");
+            return Ok(Outcome { end: End::ClientError, client_to_backend: 0, backend_to_client: 0 });
+        }
+    };
+    let link = match kernel.link(client.as_fd(), backend.as_fd()) {
+        Ok(link) => link,
+        Err(error) => {
+            return match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
+                (Ok(c), Ok(b)) => Err(fallback(c, b, error)),
+                _ => Ok(Outcome { end: End::ClientError, client_to_backend: 0, backend_to_client: 0 }),
+            };
+        }
+    };
+    crate::metrics::forwarded("sockmap");
+    crate::metrics::sockmap_sockets(2.0);
+    let mut sampler = Sampler::new(counters);
+    let end = match run(kernel, &link, &client, &backend, &mut sampler, stop).await {
+        Ran::Ended(end) => end,
+        Ran::Backlog(fins) => demote(kernel, &link, client, backend, fins, &mut sampler, stop).await,
+    };
+    kernel.unlink(link);
+    crate::metrics::sockmap_sockets(-2.0);
+    Ok(Outcome {
+        end,
+        client_to_backend: counters.up.load(Ordering::Relaxed),
+        backend_to_client: counters.down.load(Ordering::Relaxed),
+    })
+}
+
+/// Moves a session whose reader is slower than its writer off the kernel
+/// path: the redirect has no backpressure (it takes bytes from the source's
+/// receive queue whether or not the destination can send them, so they
+/// would pile up in kernel memory no limit covers). Held, the bytes stay in
+/// their source and TCP's window closes; once what was redirected has gone
+/// out, the session is copied in userspace to its end.
+async fn demote(
+    kernel: &Kernel,
+    link: &Link,
+    client: std::net::TcpStream,
+    backend: std::net::TcpStream,
+    fins: Fins,
+    sampler: &mut Sampler<'_>,
+    stop: &CancellationToken,
+) -> End {
+    crate::metrics::sockmap_demoted();
+    if let Err(e) = kernel.hold(link) {
+        tracing::warn!(error = %e, "cannot hold a linked session's bytes back; closing it");
+        return stopped(&backend);
+    }
+    let mut wait = DRAIN_POLL;
+    loop {
+        match link.settled(client.as_fd(), backend.as_fd(), fins) {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(_) => return End::ClientError,
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return stopped(&backend),
+            _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_millis(50)),
+        }
+    }
+    if let Ok(flows) = link.flows(client.as_fd(), backend.as_fd(), fins) {
+        sampler.update(&flows);
+    }
+    let (client, backend) = match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
+        (Ok(c), Ok(b)) => (c, b),
+        _ => return End::ClientError,
+    };
+    // Copy, not splice: splice(2) reads the TCP queue and would skip the
+    // bytes held in the socket's own (sockmap) queue.
+    // Boxed: only a demoted session pays for the copy path's future.
+    Box::pin(super::forward(client, backend, None, sampler.counters, stop)).await.end
+}
+
+fn stopped(backend: &std::net::TcpStream) -> End {
+    let _ = socket2::SockRef::from(backend).set_linger(Some(Duration::ZERO));
+    End::Stopped
+}
+
+/// How the kernel path ended.
+enum Ran {
+    Ended(End),
+    /// A reader fell behind: bytes queue in the kernel.
+    Backlog(Fins),
+}
+
+/// Reads `src` until it would block and writes it all to `dst`. Reads with
+/// recv(2) itself, not through tokio's readiness (which may be stale): the
+/// socket's queue must really be empty, no segment left half read.
+async fn pass_queued(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &metrics::Counter,
+    total: &std::sync::atomic::AtomicU64,
+) -> io::Result<()> {
+    use std::io::Read;
+    // On the heap and only for this call: an array here would sit in every
+    // session's future, idle or not.
+    let mut buf = vec![0u8; 16 * 1024];
+    let socket = socket2::SockRef::from(src);
+    loop {
+        match (&*socket).read(&mut buf) {
+            // EOF (or an error) already: the userspace forwarder reads it again.
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the link")),
+            Ok(n) => {
+                write_all(dst, &buf[..n]).await?;
+                counter.increment(n as u64);
+                total.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes all of `buf` to `dst`, waiting for room.
+async fn write_all(dst: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One direction's state: its source sent EOF; the EOF was passed on.
+#[derive(Default, Clone, Copy)]
+struct Direction {
+    eof: bool,
+    passed: bool,
+}
+
+fn fins(dirs: &[Direction; 2]) -> Fins {
+    Fins { received: [dirs[0].eof, dirs[1].eof], sent: [dirs[0].passed, dirs[1].passed] }
+}
+
+async fn run(
+    kernel: &Kernel,
+    link: &Link,
+    client: &std::net::TcpStream,
+    backend: &std::net::TcpStream,
+    sampler: &mut Sampler<'_>,
+    stop: &CancellationToken,
+) -> Ran {
+    let (c, b) = (client.as_fd(), backend.as_fd());
+    let (watch_c, watch_b) = match (kernel.watcher().watch(c), kernel.watcher().watch(b)) {
+        (Ok(wc), Ok(wb)) => (wc, wb),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot watch a linked session for hang-ups; closing it");
+            return Ran::Ended(stopped(backend));
+        }
+    };
+    // [client to backend, backend to client]
+    let mut dirs = [Direction::default(); 2];
+    let mut first_eof = None;
+    let mut drain_wait = DRAIN_POLL;
+    let end = loop {
+        let (ce, be) = (watch_c.hangup().events(), watch_b.hangup().events());
+        if ce & (READ_CLOSED | CLOSED) != 0 && !dirs[0].eof {
+            dirs[0].eof = true;
+            first_eof.get_or_insert(End::ClientClosed);
+        }
+        if be & (READ_CLOSED | CLOSED) != 0 && !dirs[1].eof {
+            dirs[1].eof = true;
+            first_eof.get_or_insert(End::BackendClosed);
+        }
+        // Closed both ways (a reset, or closed before we passed an EOF on
+        // to it): nothing more can reach that side; waiting for the bytes
+        // before an EOF to reach it would wait forever.
+        if ce & CLOSED != 0 && !dirs[1].passed {
+            break first_eof.unwrap_or(End::ClientError);
+        }
+        if be & CLOSED != 0 && !dirs[0].passed {
+            break first_eof.unwrap_or(End::BackendError);
+        }
+        if watch_c.hangup().take(ERROR) && failed(client, dirs[1].eof) {
+            break first_eof.unwrap_or(End::ClientError);
+        }
+        if watch_b.hangup().take(ERROR) && failed(backend, dirs[0].eof) {
+            break first_eof.unwrap_or(End::BackendError);
+        }
+        let Ok(flows) = link.flows(c, b, fins(&dirs)) else {
+            break first_eof.unwrap_or(End::ClientError);
+        };
+        sampler.update(&flows);
+        if flows.iter().any(|f| f.received.saturating_sub(f.delivered) > MAX_QUEUED) {
+            return Ran::Backlog(fins(&dirs));
+        }
+        let mut failed = None;
+        for (i, dst, side) in [(0, backend, End::BackendError), (1, client, End::ClientError)] {
+            if dirs[i].eof && !dirs[i].passed && flows[i].drained() {
+                dirs[i].passed = true;
+                match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
+                    Ok(()) => {}
+                    // The peer is already gone: nothing left to tell it.
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                    Err(_) => failed = Some(side),
+                }
+            }
+        }
+        if let Some(side) = failed {
+            break first_eof.unwrap_or(side);
+        }
+        if dirs[0].passed && dirs[1].passed {
+            break first_eof.unwrap_or(End::ClientClosed);
+        }
+        let draining = dirs.iter().any(|d| d.eof && !d.passed);
+        if !draining {
+            drain_wait = DRAIN_POLL;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ran::Ended(stopped(backend)),
+            _ = watch_c.hangup().changed() => {}
+            _ = watch_b.hangup().changed() => {}
+            _ = tokio::time::sleep(sampler.next), if !draining => sampler.slower(),
+            _ = tokio::time::sleep(drain_wait), if draining => drain_wait = (drain_wait * 2).min(Duration::from_millis(50)),
+        }
+    };
+    if let Ok(flows) = link.flows(c, b, fins(&dirs)) {
+        sampler.update(&flows);
+    }
+    Ran::Ended(end)
+}
+
+/// Whether an error reported on `socket` is a real one. The kernel reports
+/// EPIPE on a socket when the FIN of the socket feeding it reaches the
+/// redirect (`feeder_eof`): the FIN does not cross, the bytes before it did,
+/// and the socket still works. Reading the error clears it.
+fn failed(socket: &std::net::TcpStream, feeder_eof: bool) -> bool {
+    match socket.take_error() {
+        Ok(None) => false,
+        Ok(Some(e)) if feeder_eof && e.raw_os_error() == Some(libc::EPIPE) => false,
+        Ok(Some(e)) | Err(e) => {
+            tracing::debug!(error = %e, "a linked socket failed");
+            true
+        }
+    }
+}
+
+/// Turns the kernel's counts into the session's counters and metrics.
+struct Sampler<'a> {
+    counters: &'a Counters<'a>,
+    /// The totals counted in userspace before the link.
+    base: [u64; 2],
+    /// Bytes delivered since the link, as last counted.
+    seen: [u64; 2],
+    next: Duration,
+}
+
+impl<'a> Sampler<'a> {
+    fn new(counters: &'a Counters<'a>) -> Self {
+        let base = [counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed)];
+        Self { counters, base, seen: [0; 2], next: SAMPLE_BUSY }
+    }
+
+    fn update(&mut self, flows: &[pglb_sockmap::Flow; 2]) {
+        let targets = [
+            (&self.counters.client_to_backend, self.counters.up),
+            (&self.counters.backend_to_client, self.counters.down),
+        ];
+        for (i, (counter, total)) in targets.into_iter().enumerate() {
+            let now = flows[i].delivered;
+            if now > self.seen[i] {
+                counter.increment(now - self.seen[i]);
+                total.store(self.base[i] + now, Ordering::Relaxed);
+                self.seen[i] = now;
+                self.next = SAMPLE_BUSY;
+            }
+        }
+    }
+
+    /// Called when a sample period passed: sample less often while idle.
+    fn slower(&mut self) {
+        self.next = (self.next * 2).min(SAMPLE_IDLE);
+    }
+}

@@ -1,0 +1,223 @@
+//! The sockmap fast path: once pglb has routed a session and the backend has
+//! answered, the session's two sockets go into a kernel map (SOCKHASH) whose
+//! verdict program redirects what each socket receives straight to its
+//! peer's send path. The bytes never come up to pglb again; pglb watches for
+//! hang-ups and errors only, passes each EOF on once the bytes before it have
+//! been handed to the peer, and reads the byte counts from `TCP_INFO`.
+//!
+//! Linux only, and it needs CAP_BPF + CAP_NET_ADMIN (or root) and `bpf(2)`
+//! allowed by the seccomp filter. [`Kernel::load`] says why when it cannot.
+
+pub mod program;
+mod sys;
+pub mod watch;
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+pub use sys::TcpCounts;
+pub use watch::{Hangup, Watch, Watcher};
+
+/// Most sockets in the map (two per session).
+pub const MAX_SOCKETS: u32 = 1 << 17;
+
+/// The loaded program and its map, shared by every session.
+pub struct Kernel {
+    /// Cookie -> the socket's peer: what the program redirects to.
+    peers: OwnedFd,
+    /// Cookie -> the socket itself: the map the program is attached to.
+    /// A socket enters it only once both sockets are in `peers`, so the
+    /// first byte it receives already finds its peer.
+    active: OwnedFd,
+    /// Cookies of sockets held back: their bytes stay with them.
+    held: OwnedFd,
+    _prog: OwnedFd,
+    watcher: Watcher,
+}
+
+/// Why the kernel path is not available.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("cannot create the SOCKHASH map: {0} (sockmap needs CAP_BPF and CAP_NET_ADMIN, or root, and bpf(2) allowed: see deploy/systemd/sockmap.conf)")]
+    Map(io::Error),
+    #[error("the kernel refused the verdict program: {0}")]
+    Program(io::Error),
+    #[error("cannot attach the verdict program: {0} (Linux 5.13 or newer is needed)")]
+    Attach(io::Error),
+    #[error("cannot watch sockets for hang-ups: {0}")]
+    Watcher(io::Error),
+}
+
+impl Kernel {
+    /// Creates the map, loads and attaches the program. Must run inside the
+    /// tokio runtime that will forward (it registers the hang-up watcher).
+    pub fn load() -> Result<Self, Unavailable> {
+        let peers = sys::sockhash(MAX_SOCKETS, b"pglb_peers").map_err(Unavailable::Map)?;
+        let active = sys::sockhash(MAX_SOCKETS, b"pglb_active").map_err(Unavailable::Map)?;
+        let held = sys::hash_set(MAX_SOCKETS).map_err(Unavailable::Map)?;
+        let insns = program::verdict(peers.as_raw_fd(), held.as_raw_fd());
+        let prog = sys::load_sk_skb(&insns, c"Dual MIT/GPL").map_err(Unavailable::Program)?;
+        sys::attach_verdict(active.as_fd(), prog.as_fd()).map_err(Unavailable::Attach)?;
+        let watcher = Watcher::start().map_err(Unavailable::Watcher)?;
+        Ok(Self { peers, active, held, _prog: prog, watcher })
+    }
+
+    /// Links `a` and `b`: from now on what either receives is sent by the
+    /// kernel to the other. Bytes already queued in either socket are sent
+    /// on too (see [`kick`]), but the verdict takes whole segments: pglb
+    /// must not have read part of one (read until `WouldBlock` first). On
+    /// error nothing is left in the maps.
+    pub fn link(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<Link> {
+        let (ka, kb) = (sys::cookie(a)?, sys::cookie(b)?);
+        let base = [Base::of(a)?, Base::of(b)?];
+        let link = Link { keys: [ka, kb], base };
+        // Peers first (what `a` receives goes to `b`: the program looks `b`
+        // up by `a`'s cookie), then the program: no byte can reach the
+        // program before its socket's peer is known.
+        let steps = [(&self.peers, ka, b), (&self.peers, kb, a), (&self.active, ka, a), (&self.active, kb, b)];
+        for (map, key, socket) in steps {
+            if let Err(err) = sys::insert(map.as_fd(), key, socket) {
+                self.unlink(link);
+                return Err(err);
+            }
+        }
+        if let Err(err) = kick(a).and_then(|()| kick(b)) {
+            self.unlink(link);
+            return Err(err);
+        }
+        Ok(link)
+    }
+
+    /// Takes a link's sockets out of the maps (bytes still queued in the
+    /// kernel for them are dropped: unlink when both directions are done).
+    pub fn unlink(&self, link: Link) {
+        for map in [&self.active, &self.peers, &self.held] {
+            for key in link.keys {
+                let _ = sys::remove(map.as_fd(), key);
+            }
+        }
+    }
+
+    /// Holds a link's bytes back: from now on what either socket receives
+    /// stays with it (readable by pglb, and charged to its receive memory,
+    /// so TCP's flow control works again). Bytes already redirected still
+    /// go out: wait for [`Link::settled`] before writing to either socket.
+    pub fn hold(&self, link: &Link) -> io::Result<()> {
+        for key in link.keys {
+            sys::set_add(self.held.as_fd(), key)?;
+        }
+        Ok(())
+    }
+
+    pub fn watcher(&self) -> &Watcher {
+        &self.watcher
+    }
+}
+
+/// A linked pair of sockets; give it back to [`Kernel::unlink`].
+#[derive(Debug)]
+#[must_use = "a link stays in the kernel map until Kernel::unlink"]
+pub struct Link {
+    keys: [u64; 2],
+    base: [Base; 2],
+}
+
+/// A socket's counts when it was linked.
+#[derive(Debug, Clone, Copy)]
+struct Base {
+    /// Bytes pglb had read from it.
+    consumed: u64,
+    /// Bytes written into it (by pglb).
+    written: u64,
+}
+
+impl Base {
+    fn of(socket: BorrowedFd<'_>) -> io::Result<Self> {
+        let (counts, queued) = counts_and_queued(socket)?;
+        Ok(Self { consumed: counts.received.saturating_sub(queued), written: counts.written })
+    }
+}
+
+/// A socket's counts and the bytes it holds unread, read between two equal
+/// `received` readings, so no segment arrived in between.
+fn counts_and_queued(socket: BorrowedFd<'_>) -> io::Result<(TcpCounts, u64)> {
+    loop {
+        let before = sys::tcp_counts(socket)?;
+        let queued = sys::inq(socket)?;
+        let after = sys::tcp_counts(socket)?;
+        if before.received == after.received {
+            return Ok((after, queued));
+        }
+    }
+}
+
+/// One direction of a link since it was made: what the source received and
+/// what the kernel has written into the destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub received: u64,
+    pub delivered: u64,
+}
+
+impl Flow {
+    /// Every byte received has been handed to the destination's TCP send
+    /// queue: its EOF can follow without cutting anything off.
+    pub fn drained(&self) -> bool {
+        self.delivered >= self.received
+    }
+}
+
+/// FINs each way so far: the FIN takes a sequence number, and TCP counts it
+/// like a byte.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fins {
+    /// The source of direction `i` (`a` for 0, `b` for 1) sent its FIN.
+    pub received: [bool; 2],
+    /// pglb passed direction `i`'s EOF on (shut its destination's writing).
+    pub sent: [bool; 2],
+}
+
+impl Link {
+    /// The two directions (`a` to `b`, `b` to `a`) since the link was made.
+    pub fn flows(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, fins: Fins) -> io::Result<[Flow; 2]> {
+        let (ca, cb) = (sys::tcp_counts(a)?, sys::tcp_counts(b)?);
+        let received =
+            |c: TcpCounts, i: usize| c.received.saturating_sub(self.base[i].consumed + u64::from(fins.received[i]));
+        // Direction 0 is written into b (base 1), direction 1 into a (base 0).
+        let delivered =
+            |c: TcpCounts, i: usize, base: Base| c.written.saturating_sub(base.written + u64::from(fins.sent[i]));
+        Ok([
+            Flow { received: received(ca, 0), delivered: delivered(cb, 0, self.base[1]) },
+            Flow { received: received(cb, 1), delivered: delivered(ca, 1, self.base[0]) },
+        ])
+    }
+}
+
+impl Link {
+    /// After [`Kernel::hold`]: every byte the kernel redirected has reached
+    /// its destination's send queue (the rest waits unread in its source),
+    /// so pglb may now read and write both sockets itself.
+    pub fn settled(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, fins: Fins) -> io::Result<bool> {
+        let ((ca, qa), (cb, qb)) = (counts_and_queued(a)?, counts_and_queued(b)?);
+        let redirected = |c: TcpCounts, q: u64, i: usize| {
+            c.received.saturating_sub(self.base[i].consumed + q + u64::from(fins.received[i]))
+        };
+        let written =
+            |c: TcpCounts, i: usize, base: Base| c.written.saturating_sub(base.written + u64::from(fins.sent[i]));
+        let a_to_b = redirected(ca, qa, 0) <= written(cb, 0, self.base[1]);
+        let b_to_a = redirected(cb, qb, 1) <= written(ca, 1, self.base[0]);
+        Ok(a_to_b && b_to_a)
+    }
+}
+
+/// Makes TCP run the socket's data-ready callback over bytes already queued
+/// (setting `SO_RCVLOWAT` does that): bytes that arrived before the socket
+/// was linked are redirected in order, ahead of any that arrive later.
+pub fn kick(socket: BorrowedFd<'_>) -> io::Result<()> {
+    sys::kick(socket)
+}
+
+/// The byte counts the kernel keeps for `socket`.
+pub fn tcp_counts(socket: BorrowedFd<'_>) -> io::Result<TcpCounts> {
+    sys::tcp_counts(socket)
+}

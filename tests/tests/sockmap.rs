@@ -1,0 +1,449 @@
+//! The kernel data path (`forwarder: sockmap`) beyond the forwarding suite,
+//! which runs against every forwarder (tests/tests/forwarding.rs): bytes a
+//! client pipelines after its first message, a backend's last message before
+//! it closes, byte counts read from the kernel, cancel, sessions pglb closes
+//! (disable, shutdown timeout), draining on SIGTERM, a reload that changes
+//! the forwarder, 2,000 concurrent sessions, and `auto` / `sockmap` without
+//! the privileges.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use pglb_cluster::{Cluster, Spec};
+use pglb_tests::proc::fd_count;
+use pglb_tests::wire::{self, scalar, terminate};
+use pglb_tests::{http, shared_cluster, wait_until, Pglb, Yaml};
+use serde_json::Value;
+
+const SETTLE: Duration = Duration::from_secs(15);
+
+fn yaml(cluster: &Cluster, top: &str) -> Yaml {
+    Yaml::for_cluster(cluster)
+        .top(&format!("forwarder: sockmap\n{top}"))
+        .listener("rw", "role: primary\n    hold_timeout: 0s")
+}
+
+fn start(cluster: &Cluster, top: &str) -> Pglb {
+    let pglb = Pglb::start(&yaml(cluster, top));
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    pglb
+}
+
+fn sockmap_sessions(pglb: &Pglb) -> f64 {
+    pglb.metric("pglb_forwarded_sessions_total", &[("forwarder", "sockmap")])
+}
+
+/// Waits until no socket is left in the kernel map.
+fn wait_map_empty(pglb: &Pglb) {
+    wait_until("the linked sockets to leave the map", SETTLE, || {
+        let m = pglb.metrics();
+        if m.contains("pglb_sockmap_sockets 0") {
+            Ok(())
+        } else {
+            Err(m)
+        }
+    });
+}
+
+/// A Query message.
+fn query_message(sql: &str) -> Vec<u8> {
+    let mut msg = vec![b'Q'];
+    msg.extend(((sql.len() + 5) as u32).to_be_bytes());
+    msg.extend(sql.as_bytes());
+    msg.push(0);
+    msg
+}
+
+/// Reads until EOF; returns the values of the DataRows seen (first column).
+fn rows_until_eof(s: &mut TcpStream) -> Result<Vec<String>, String> {
+    let mut rows = Vec::new();
+    loop {
+        match wire::read_message(s) {
+            Ok((b'D', body)) if body.len() >= 6 => rows.push(String::from_utf8_lossy(&body[6..]).into_owned()),
+            Ok((b'E', body)) => return Err(String::from_utf8_lossy(&body).into_owned()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(rows),
+            Err(e) => return Err(format!("{e} after {rows:?}")),
+        }
+    }
+}
+
+/// Sessions the pipelining test opens: enough to hit the races around the
+/// hand-over (one in ~2,500 hung before the program's map was split in two).
+const ATTEMPTS: u32 = 1500;
+
+#[test]
+fn bytes_pipelined_after_the_first_message_arrive_in_order() {
+    let cluster = shared_cluster();
+    let pglb = start(&cluster, "");
+    let port = pglb.port("rw");
+    let after = [query_message("SELECT 1"), query_message("SELECT 2"), b"X\0\0\0\x04".to_vec()].concat();
+    for i in 0..ATTEMPTS {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let first = wire::startup_message(0, &[]);
+        match i % 3 {
+            // In the first message's segment: pglb reads only the first message.
+            0 => s.write_all(&[first, after.clone()].concat()).expect("write"),
+            // Right behind it, while pglb connects and waits for the server.
+            1 => {
+                s.write_all(&first).expect("write");
+                s.write_all(&after).expect("write");
+            }
+            // A moment later: around the hand-over to the kernel.
+            _ => {
+                s.write_all(&first).expect("write");
+                std::thread::sleep(Duration::from_micros(200 * u64::from(i % 10)));
+                s.write_all(&after).expect("write");
+            }
+        }
+        let rows = rows_until_eof(&mut s).unwrap_or_else(|e| panic!("attempt {i}: {e}"));
+        assert_eq!(rows, ["1", "2"], "attempt {i}");
+    }
+    // A session whose backend has already closed when pglb would link it
+    // (all three queries answered) is finished in userspace.
+    let (kernel, splice) =
+        (sockmap_sessions(&pglb), pglb.metric("pglb_forwarded_sessions_total", &[("forwarder", "splice")]));
+    eprintln!("{kernel} sessions on the kernel path, {splice} finished with splice");
+    assert_eq!(kernel + splice, ATTEMPTS as f64);
+    assert!(kernel >= ATTEMPTS as f64 / 2.0, "{kernel} sessions on the kernel path");
+}
+
+#[test]
+fn a_backends_last_message_before_it_closes_arrives_whole_a_thousand_times() {
+    let cluster = shared_cluster();
+    let pglb = start(&cluster, "");
+    let port = pglb.port("rw");
+    for i in 0..1000 {
+        let mut s = wire::login(port).expect("login");
+        wire::query(&mut s, "SELECT pg_terminate_backend(pg_backend_pid())").expect("query");
+        let mut last = None;
+        loop {
+            match wire::read_message(&mut s) {
+                Ok(message) => last = Some(message),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => panic!("attempt {i}: {e} after {last:?}"),
+            }
+        }
+        let (tag, body) = last.unwrap_or_else(|| panic!("attempt {i}: nothing before EOF"));
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(tag, b'E', "attempt {i}: the last message is the FATAL: {text}");
+        assert!(text.contains("C57P01") && text.contains("terminating connection"), "attempt {i}: {text}");
+    }
+    assert!(sockmap_sessions(&pglb) >= 1000.0, "{}", pglb.metrics());
+}
+
+/// The session's entry in `/connections`.
+fn connection(pglb: &Pglb, client: &str) -> Option<Value> {
+    let (_, body) = http::get(pglb.admin, "/connections").ok()?;
+    let all: Value = serde_json::from_str(&body).ok()?;
+    all["connections"].as_array()?.iter().find(|c| c["client"] == client).cloned()
+}
+
+#[test]
+fn byte_counts_come_from_the_kernel_move_during_a_session_and_are_exact() {
+    let cluster = shared_cluster();
+    let pglb = start(&cluster, "");
+    let before_up = pglb.metric("pglb_bytes_total", &[("direction", "client_to_backend")]);
+    let before_down = pglb.metric("pglb_bytes_total", &[("direction", "backend_to_client")]);
+    // Count every byte the client sends and reads.
+    let mut s = TcpStream::connect(("127.0.0.1", pglb.port("rw"))).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let client = s.local_addr().expect("addr").to_string();
+    let (mut sent, mut read) = (0u64, 0u64);
+    let mut send = |s: &mut TcpStream, bytes: &[u8]| {
+        s.write_all(bytes).expect("write");
+        sent += bytes.len() as u64;
+    };
+    send(&mut s, &wire::startup_message(0, &[]));
+    let mut buf = vec![0u8; 64 * 1024];
+    // Login answer, up to ReadyForQuery.
+    loop {
+        let (tag, body) = wire::read_message(&mut s).expect("login answer");
+        read += 5 + body.len() as u64;
+        if tag == b'Z' {
+            break;
+        }
+    }
+    // ~100 MB of COPY: read half, see the counts move, read the rest.
+    send(&mut s, &query_message("COPY (SELECT repeat('c', 999) FROM generate_series(1, 100000)) TO STDOUT"));
+    while read < 50_000_000 {
+        read += s.read(&mut buf).expect("read") as u64;
+    }
+    let moving = wait_until("/connections to show the bytes moving", Duration::from_secs(10), || {
+        let c = connection(&pglb, &client).ok_or("no such session")?;
+        let down = c["bytes_backend_to_client"].as_u64().unwrap_or(0);
+        if down >= 40_000_000 {
+            Ok(down)
+        } else {
+            Err(format!("{c}"))
+        }
+    });
+    eprintln!("mid-session: /connections shows {moving} bytes to the client ({read} read)");
+    // To the end: CopyDone, CommandComplete, ReadyForQuery.
+    let want_end = b"Z\0\0\0\x05I";
+    let mut tail = Vec::new();
+    loop {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "EOF before the end of the COPY");
+        read += n as u64;
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > 64 {
+            tail.drain(..tail.len() - 64);
+        }
+        if tail.ends_with(want_end) {
+            break;
+        }
+    }
+    wait_until("/connections to count every byte", Duration::from_secs(15), || {
+        let c = connection(&pglb, &client).ok_or("no such session")?;
+        let (up, down) = (c["bytes_client_to_backend"].as_u64(), c["bytes_backend_to_client"].as_u64());
+        if (up, down) == (Some(sent), Some(read)) {
+            Ok(())
+        } else {
+            Err(format!("want {sent} up, {read} down: {c}"))
+        }
+    });
+    let terminate_bytes = 5;
+    terminate(s);
+    wait_until("pglb_bytes_total to count every byte", Duration::from_secs(15), || {
+        let up = pglb.metric("pglb_bytes_total", &[("direction", "client_to_backend")]) - before_up;
+        let down = pglb.metric("pglb_bytes_total", &[("direction", "backend_to_client")]) - before_down;
+        if up == (sent + terminate_bytes) as f64 && down == read as f64 {
+            Ok(())
+        } else {
+            Err(format!("{up} up, {down} down; want {} and {read}", sent + terminate_bytes))
+        }
+    });
+}
+
+#[test]
+fn a_gigabyte_copy_each_way_is_byte_exact() {
+    let cluster = shared_cluster();
+    let pglb = start(&cluster, "");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let via = pglb_tests::pg::connect(pglb.port("rw")).await;
+        let direct = pglb_tests::pg::connect(cluster.primary().port).await;
+        let out = pglb_tests::pg::copy_out_matches(&via, &direct, 5_000_000).await;
+        assert!(out > 1_000_000_000, "only {out} bytes out");
+        let sent = pglb_tests::pg::copy_in_round_trip(&via, &direct, "sockmap_gigabyte", 3_500_000).await;
+        assert!(sent > 1_000_000_000, "only {sent} bytes in");
+    });
+    assert_eq!(sockmap_sessions(&pglb), 1.0);
+    // COPY IN outruns the server's writing: the session usually leaves the
+    // kernel path mid-COPY (and the bytes above were still exact).
+    let demoted = pglb.metric("pglb_sockmap_demotions_total", &[]);
+    eprintln!("demotions: {demoted}");
+}
+
+#[test]
+fn cancel_reaches_a_query_on_the_kernel_path() {
+    let cluster = shared_cluster();
+    let pglb = start(&cluster, "");
+    let port = pglb.port("rw");
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(async {
+        let client = pglb_tests::pg::connect(port).await;
+        let token = client.cancel_token();
+        let started = Instant::now();
+        let (result, cancelled) = tokio::join!(client.simple_query("SELECT pg_sleep(30)"), async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            token.cancel_query(tokio_postgres::NoTls).await
+        });
+        cancelled.expect("the cancel request");
+        let err = result.expect_err("the query must be cancelled");
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "cancelled after {:?}", started.elapsed());
+    });
+    assert!(sockmap_sessions(&pglb) >= 1.0);
+}
+
+#[test]
+fn sessions_pglb_must_close_are_closed_and_draining_ones_finish() {
+    let cluster = shared_cluster();
+    // Disable: pglb closes the backend's sessions.
+    let pglb = start(&cluster, "");
+    let mut s = wire::login(pglb.port("rw")).expect("login");
+    assert_eq!(scalar(&mut s, "SELECT 1"), Ok("1".into()));
+    let (code, body) = http::request(pglb.admin, "POST", "/backends/pg0/disable", &[]).expect("POST");
+    assert_eq!(code, 200, "{body}");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut buf = [0u8; 256];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break true,
+            Ok(_) => {}
+        }
+    };
+    assert!(closed, "disabling pg0 closes its session on the kernel path");
+    wait_map_empty(&pglb);
+    drop(pglb);
+
+    // SIGTERM: a query in progress finishes; one that outlives
+    // shutdown_timeout is closed.
+    let mut pglb = start(&cluster, "shutdown_timeout: 3s");
+    let port = pglb.port("rw");
+    let mut short = wire::login(port).expect("login");
+    let mut long = wire::login(port).expect("login");
+    wire::query(&mut short, "SELECT pg_sleep(1)").expect("query");
+    wire::query(&mut long, "SELECT pg_sleep(60)").expect("query");
+    std::thread::sleep(Duration::from_millis(200));
+    pglb.signal("TERM");
+    let short_done = std::thread::spawn(move || {
+        let mut tags = Vec::new();
+        while let Ok((tag, _)) = wire::read_message(&mut short) {
+            tags.push(tag);
+            if tag == b'Z' {
+                break;
+            }
+        }
+        tags
+    });
+    assert!(short_done.join().expect("thread").ends_with(b"CZ"), "the draining session's query completed");
+    assert_eq!(pglb.wait_exit(Duration::from_secs(15)), Some(0), "{}", pglb.log());
+    long.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut buf = [0u8; 256];
+    assert!(matches!(long.read(&mut buf), Ok(0) | Err(_)), "the session past shutdown_timeout is closed");
+    let log = pglb.log();
+    assert!(log.contains("end=\"shutdown_timeout\""), "{log}");
+    let _ = cluster
+        .primary()
+        .sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'");
+}
+
+#[test]
+fn a_reload_to_splice_keeps_linked_sessions_and_forwards_new_ones_with_splice() {
+    let cluster = shared_cluster();
+    let config = yaml(&cluster, "");
+    let pglb = Pglb::start(&config);
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    let mut old = wire::login(pglb.port("rw")).expect("login");
+    assert_eq!(scalar(&mut old, "SELECT 'old'"), Ok("old".into()));
+    let next = config.render().replace("forwarder: sockmap", "forwarder: splice");
+    std::fs::write(&pglb.config, next).expect("rewrite config");
+    pglb.signal("HUP");
+    wait_until("the reload", SETTLE, || {
+        if pglb.metric("pglb_config_reloads_total", &[("result", "success")]) == 1.0 {
+            Ok(())
+        } else {
+            Err(pglb.log())
+        }
+    });
+    let mut new = wire::login(pglb.port("rw")).expect("login after the reload");
+    assert_eq!(scalar(&mut new, "SELECT 'new'"), Ok("new".into()));
+    assert_eq!(scalar(&mut old, "SELECT 'still'"), Ok("still".into()), "the linked session goes on");
+    assert_eq!(pglb.metric("pglb_forwarded_sessions_total", &[("forwarder", "splice")]), 1.0);
+    terminate(old);
+    terminate(new);
+    wait_map_empty(&pglb);
+}
+
+#[test]
+fn two_thousand_concurrent_sessions_leave_no_map_entry_or_fd_behind() {
+    let cluster = Cluster::start(&Spec {
+        tag: "sockmap".into(),
+        replicas: 0,
+        settings: vec!["max_connections = 2100".into()],
+        ..Spec::default()
+    })
+    .expect("a cluster for 2,000 sessions");
+    pglb_tests::cluster::create_check_users_on(&cluster, 0);
+    let pglb = start(&cluster, "");
+    let pid = pglb.pid();
+    let baseline = fd_count(pid).expect("fds");
+    let port = pglb.port("rw");
+    let mut sessions = Vec::new();
+    for i in 0..2000 {
+        sessions.push(wire::login(port).unwrap_or_else(|e| panic!("session {i}: {e}")));
+    }
+    wait_until("4,000 sockets in the map", SETTLE, || {
+        let m = pglb.metrics();
+        if m.contains("pglb_sockmap_sockets 4000") {
+            Ok(())
+        } else {
+            Err(m.lines().filter(|l| l.contains("sockmap")).collect::<Vec<_>>().join("\n"))
+        }
+    });
+    for s in sessions.iter_mut().step_by(97) {
+        assert_eq!(scalar(s, "SELECT 42"), Ok("42".into()));
+    }
+    for s in sessions {
+        terminate(s);
+    }
+    wait_until("the map and fds back to where they were", Duration::from_secs(60), || {
+        let m = pglb.metrics();
+        let fds = fd_count(pid).map_err(|e| e.to_string())?;
+        if m.contains("pglb_sockmap_sockets 0") && fds <= baseline + 8 {
+            Ok(())
+        } else {
+            Err(format!("{fds} fds (baseline {baseline})"))
+        }
+    });
+    assert_eq!(sockmap_sessions(&pglb), 2000.0);
+}
+
+/// Runs pglb without CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (root's
+/// bounding set cut down, as a unit without the sockmap drop-in has).
+const UNPRIVILEGED: [&str; 3] = ["setpriv", "--bounding-set=-bpf,-net_admin,-sys_admin", "--"];
+
+#[test]
+fn without_the_privileges_auto_uses_splice_and_sockmap_refuses_to_start() {
+    let cluster = shared_cluster();
+    let auto = Yaml::for_cluster(&cluster).top("forwarder: auto").listener("rw", "role: primary");
+    let pglb = Pglb::start_wrapped(&auto, &[], &UNPRIVILEGED);
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    let mut s = wire::login(pglb.port("rw")).expect("login");
+    assert_eq!(scalar(&mut s, "SELECT 1"), Ok("1".into()));
+    terminate(s);
+    assert_eq!(pglb.metric("pglb_forwarded_sessions_total", &[("forwarder", "splice")]), 1.0);
+    let log = pglb.log();
+    assert!(log.contains("forwarder: auto uses splice") && log.contains("CAP_BPF"), "{log}");
+    drop(pglb);
+
+    // Asked for by name, sockmap without privileges is a start-up error.
+    let dir = tempdir();
+    let config = dir.join("lb.yaml");
+    std::fs::write(&config, yaml(&cluster, "").render()).expect("write config");
+    let out = std::process::Command::new(UNPRIVILEGED[0])
+        .args(&UNPRIVILEGED[1..])
+        .arg(pglb_tests::pglb::pglb_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run pglb");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pglb started without the privileges sockmap needs: {stderr}");
+    assert!(stderr.contains("forwarder: sockmap is not available") && stderr.contains("forwarder: auto"), "{stderr}");
+}
+
+/// What deploy/systemd/pglb.service.d/sockmap.conf grants is enough: an
+/// unprivileged user with CAP_BPF and CAP_NET_ADMIN as ambient capabilities
+/// forwards on the kernel path.
+#[test]
+fn an_unprivileged_user_with_the_drop_ins_capabilities_gets_the_kernel_path() {
+    let cluster = shared_cluster();
+    let caps = "+bpf,+net_admin";
+    let wrapper = [
+        "setpriv",
+        "--reuid=postgres",
+        "--regid=postgres",
+        "--init-groups",
+        &format!("--inh-caps={caps}"),
+        &format!("--ambient-caps={caps}"),
+        "--",
+    ];
+    let pglb = Pglb::start_wrapped(&yaml(&cluster, ""), &[], &wrapper);
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    let mut s = wire::login(pglb.port("rw")).expect("login");
+    assert_eq!(scalar(&mut s, "SELECT 1"), Ok("1".into()));
+    terminate(s);
+    assert_eq!(sockmap_sessions(&pglb), 1.0, "{}", pglb.log());
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pglb-sockmap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
