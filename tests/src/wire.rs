@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Connects to 127.0.0.1:`port` and sends a StartupMessage for `postgres`,
 /// without waiting for the answer (a client that pglb holds or queues).
@@ -61,11 +61,16 @@ pub fn login(port: u16) -> io::Result<TcpStream> {
 
 /// Sends a simple Query message.
 pub fn query(s: &mut TcpStream, sql: &str) -> io::Result<()> {
+    s.write_all(&query_message(sql))
+}
+
+/// A simple Query message.
+pub fn query_message(sql: &str) -> Vec<u8> {
     let mut msg = vec![b'Q'];
     msg.extend(((sql.len() + 5) as u32).to_be_bytes());
     msg.extend(sql.as_bytes());
     msg.push(0);
-    s.write_all(&msg)
+    msg
 }
 
 /// Reads one backend message: its tag and body.
@@ -100,6 +105,25 @@ pub fn scalar(s: &mut TcpStream, sql: &str) -> Result<String, String> {
 /// Ends a session the way libpq does: Terminate, then close.
 pub fn terminate(mut s: TcpStream) {
     let _ = s.write_all(b"X\0\0\0\x04");
+}
+
+/// Waits until pglb closes the session: EOF or a reset (any message before
+/// it, such as a FATAL, is skipped).
+pub fn wait_closed(s: &mut TcpStream, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    s.set_read_timeout(Some(within)).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) if Instant::now() < deadline => {}
+            Ok(_) => return Err("still sending data".into()),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(format!("session still open after {within:?}"))
+            }
+            Err(_) => return Ok(()),
+        }
+    }
 }
 
 /// Half-closes the client's sending side.

@@ -6,7 +6,7 @@
 //! allow lists, and an accept storm under a tiny fd limit.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use pglb_cluster::Cluster;
 use pglb_tests::proc::{cpu_seconds, fd_count, fd_targets};
 use pglb_tests::psql::{psql, where_am_i};
-use pglb_tests::wire::{scalar, terminate};
+use pglb_tests::wire::{scalar, terminate, wait_closed};
 use pglb_tests::{http, shared_cluster, wait_until, wire, Pglb, Yaml};
 use serde_json::Value;
 
@@ -74,25 +74,6 @@ fn backend_names(pglb: &Pglb) -> Vec<String> {
 
 fn post(pglb: &Pglb, path: &str, headers: &[&str]) -> (u16, String) {
     http::request(pglb.admin, "POST", path, headers).expect("POST to the admin endpoint")
-}
-
-/// Waits until pglb closes the session: EOF or a reset (any message before
-/// it, such as a FATAL, is skipped).
-fn wait_closed(s: &mut TcpStream, within: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + within;
-    s.set_read_timeout(Some(within)).map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(_) if Instant::now() < deadline => {}
-            Ok(_) => return Err("still sending data".into()),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return Err(format!("session still open after {within:?}"))
-            }
-            Err(_) => return Ok(()),
-        }
-    }
 }
 
 /// Raw sessions through replica listener `port`, one on each of the two

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use pglb_cluster::{Cluster, Spec};
 use pglb_tests::proc::fd_count;
-use pglb_tests::wire::{self, scalar, terminate};
+use pglb_tests::wire::{self, scalar, terminate, wait_closed};
 use pglb_tests::{http, shared_cluster, wait_until, Pglb, Yaml};
 use serde_json::Value;
 
@@ -46,15 +46,6 @@ fn wait_map_empty(pglb: &Pglb) {
     });
 }
 
-/// A Query message.
-fn query_message(sql: &str) -> Vec<u8> {
-    let mut msg = vec![b'Q'];
-    msg.extend(((sql.len() + 5) as u32).to_be_bytes());
-    msg.extend(sql.as_bytes());
-    msg.push(0);
-    msg
-}
-
 /// Reads until EOF; returns the values of the DataRows seen (first column).
 fn rows_until_eof(s: &mut TcpStream) -> Result<Vec<String>, String> {
     let mut rows = Vec::new();
@@ -78,7 +69,7 @@ fn bytes_pipelined_after_the_first_message_arrive_in_order() {
     let cluster = shared_cluster();
     let pglb = start(&cluster, "");
     let port = pglb.port("rw");
-    let after = [query_message("SELECT 1"), query_message("SELECT 2"), b"X\0\0\0\x04".to_vec()].concat();
+    let after = [wire::query_message("SELECT 1"), wire::query_message("SELECT 2"), b"X\0\0\0\x04".to_vec()].concat();
     for i in 0..ATTEMPTS {
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
@@ -167,7 +158,7 @@ fn byte_counts_come_from_the_kernel_move_during_a_session_and_are_exact() {
         }
     }
     // ~100 MB of COPY: read half, see the counts move, read the rest.
-    send(&mut s, &query_message("COPY (SELECT repeat('c', 999) FROM generate_series(1, 100000)) TO STDOUT"));
+    send(&mut s, &wire::query_message("COPY (SELECT repeat('c', 999) FROM generate_series(1, 100000)) TO STDOUT"));
     while read < 50_000_000 {
         read += s.read(&mut buf).expect("read") as u64;
     }
@@ -268,15 +259,7 @@ fn sessions_pglb_must_close_are_closed_and_draining_ones_finish() {
     assert_eq!(scalar(&mut s, "SELECT 1"), Ok("1".into()));
     let (code, body) = http::request(pglb.admin, "POST", "/backends/pg0/disable", &[]).expect("POST");
     assert_eq!(code, 200, "{body}");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let mut buf = [0u8; 256];
-    let closed = loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break true,
-            Ok(_) => {}
-        }
-    };
-    assert!(closed, "disabling pg0 closes its session on the kernel path");
+    wait_closed(&mut s, Duration::from_secs(10)).expect("disabling pg0 closes its session on the kernel path");
     wait_map_empty(&pglb);
     drop(pglb);
 
@@ -302,9 +285,7 @@ fn sessions_pglb_must_close_are_closed_and_draining_ones_finish() {
     });
     assert!(short_done.join().expect("thread").ends_with(b"CZ"), "the draining session's query completed");
     assert_eq!(pglb.wait_exit(Duration::from_secs(15)), Some(0), "{}", pglb.log());
-    long.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    let mut buf = [0u8; 256];
-    assert!(matches!(long.read(&mut buf), Ok(0) | Err(_)), "the session past shutdown_timeout is closed");
+    wait_closed(&mut long, Duration::from_secs(5)).expect("the session past shutdown_timeout is closed");
     let log = pglb.log();
     assert!(log.contains("end=\"shutdown_timeout\""), "{log}");
     let _ = cluster

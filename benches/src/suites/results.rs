@@ -16,6 +16,7 @@ pub enum Fig {
     FixedTps,
     FixedHostCpu,
     FixedSwitches,
+    FixedCpu,
     ConnectRate,
     ConnectCpu,
     CopyMbps,
@@ -34,7 +35,7 @@ pub enum Fig {
 }
 
 impl Fig {
-    const ALL: [Fig; 22] = [
+    const ALL: [Fig; 23] = [
         Fig::SelectTps,
         Fig::SelectLatency,
         Fig::SelectCpu,
@@ -42,6 +43,7 @@ impl Fig {
         Fig::FixedTps,
         Fig::FixedHostCpu,
         Fig::FixedSwitches,
+        Fig::FixedCpu,
         Fig::ConnectRate,
         Fig::ConnectCpu,
         Fig::CopyMbps,
@@ -90,6 +92,7 @@ impl Fig {
             Fig::FixedTps => (format!("select-only at -R {}: TPS reached", rate), Higher, 0),
             Fig::FixedHostCpu => (format!("select-only at -R {}: host CPU s/10k tx", rate), Lower, 3),
             Fig::FixedSwitches => (format!("select-only at -R {rate}: host context switches/tx"), Lower, 2),
+            Fig::FixedCpu => (format!("select-only at -R {rate}: balancer CPU s/10k tx"), Lower, 3),
             Fig::ConnectRate => ("new connections/s (-S -C -c8 -j2)".into(), Higher, 0),
             Fig::ConnectCpu => ("connect: balancer CPU s/10k conn".into(), Lower, 3),
             Fig::CopyMbps => (format!("COPY TO STDOUT MB/s ({copy_mb} MB)"), Higher, 0),

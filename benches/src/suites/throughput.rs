@@ -146,7 +146,7 @@ fn measure(test: Test, target: &Target, opts: &Throughput, results: &mut Results
                 results.record(Fig::FixedHostCpu, kind, host / run.transactions as f64 * 10_000.0);
                 results.record(Fig::FixedSwitches, kind, switches as f64 / run.transactions as f64);
             }
-            (run.transactions as f64, (Fig::SelectCpu, 0.0))
+            (run.transactions as f64, (Fig::FixedCpu, 10_000.0))
         }
         Test::Connect => {
             let run = pgbench::run(port, &["-S", "-C", "-c", "8", "-j", "2"], secs)?;
@@ -173,7 +173,7 @@ fn measure(test: Test, target: &Target, opts: &Throughput, results: &mut Results
     };
     if let (Some(before), Some(after)) = (before, cpu()?) {
         let (fig, unit) = per;
-        if work > 0.0 && unit > 0.0 {
+        if work > 0.0 {
             results.record(fig, kind, (after - before) / work * unit);
         }
     }

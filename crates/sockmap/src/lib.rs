@@ -15,7 +15,7 @@ pub mod watch;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
-pub use sys::TcpCounts;
+use sys::TcpCounts;
 pub use watch::{Hangup, Watch, Watcher};
 
 /// Most sockets in the map (two per session).
@@ -64,7 +64,8 @@ impl Kernel {
 
     /// Links `a` and `b`: from now on what either receives is sent by the
     /// kernel to the other. Bytes already queued in either socket are sent
-    /// on too (see [`kick`]), but the verdict takes whole segments: pglb
+    /// on too (setting `SO_RCVLOWAT` makes TCP run the socket's data-ready
+    /// callback, and so the program, over them), but the verdict takes whole segments: pglb
     /// must not have read part of one (read until `WouldBlock` first). On
     /// error nothing is left in the maps.
     pub fn link(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<Link> {
@@ -81,7 +82,7 @@ impl Kernel {
                 return Err(err);
             }
         }
-        if let Err(err) = kick(a).and_then(|()| kick(b)) {
+        if let Err(err) = sys::kick(a).and_then(|()| sys::kick(b)) {
             self.unlink(link);
             return Err(err);
         }
@@ -180,44 +181,29 @@ pub struct Fins {
 impl Link {
     /// The two directions (`a` to `b`, `b` to `a`) since the link was made.
     pub fn flows(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, fins: Fins) -> io::Result<[Flow; 2]> {
-        let (ca, cb) = (sys::tcp_counts(a)?, sys::tcp_counts(b)?);
-        let received =
-            |c: TcpCounts, i: usize| c.received.saturating_sub(self.base[i].consumed + u64::from(fins.received[i]));
-        // Direction 0 is written into b (base 1), direction 1 into a (base 0).
-        let delivered =
-            |c: TcpCounts, i: usize, base: Base| c.written.saturating_sub(base.written + u64::from(fins.sent[i]));
-        Ok([
-            Flow { received: received(ca, 0), delivered: delivered(cb, 0, self.base[1]) },
-            Flow { received: received(cb, 1), delivered: delivered(ca, 1, self.base[0]) },
-        ])
+        Ok(self.directions([(sys::tcp_counts(a)?, 0), (sys::tcp_counts(b)?, 0)], fins))
     }
-}
 
-impl Link {
     /// After [`Kernel::hold`]: every byte the kernel redirected has reached
     /// its destination's send queue (the rest waits unread in its source),
     /// so pglb may now read and write both sockets itself.
     pub fn settled(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, fins: Fins) -> io::Result<bool> {
-        let ((ca, qa), (cb, qb)) = (counts_and_queued(a)?, counts_and_queued(b)?);
-        let redirected = |c: TcpCounts, q: u64, i: usize| {
-            c.received.saturating_sub(self.base[i].consumed + q + u64::from(fins.received[i]))
-        };
-        let written =
-            |c: TcpCounts, i: usize, base: Base| c.written.saturating_sub(base.written + u64::from(fins.sent[i]));
-        let a_to_b = redirected(ca, qa, 0) <= written(cb, 0, self.base[1]);
-        let b_to_a = redirected(cb, qb, 1) <= written(ca, 1, self.base[0]);
-        Ok(a_to_b && b_to_a)
+        let flows = self.directions([counts_and_queued(a)?, counts_and_queued(b)?], fins);
+        Ok(flows.iter().all(Flow::drained))
     }
-}
 
-/// Makes TCP run the socket's data-ready callback over bytes already queued
-/// (setting `SO_RCVLOWAT` does that): bytes that arrived before the socket
-/// was linked are redirected in order, ahead of any that arrive later.
-pub fn kick(socket: BorrowedFd<'_>) -> io::Result<()> {
-    sys::kick(socket)
-}
-
-/// The byte counts the kernel keeps for `socket`.
-pub fn tcp_counts(socket: BorrowedFd<'_>) -> io::Result<TcpCounts> {
-    sys::tcp_counts(socket)
+    /// Both directions from each socket's counts and the bytes it holds
+    /// unread (not counted as received: they have not been redirected).
+    fn directions(&self, [(ca, qa), (cb, qb)]: [(TcpCounts, u64); 2], fins: Fins) -> [Flow; 2] {
+        let received = |c: TcpCounts, queued: u64, i: usize| {
+            c.received.saturating_sub(self.base[i].consumed + queued + u64::from(fins.received[i]))
+        };
+        // Direction 0 is written into b (base 1), direction 1 into a (base 0).
+        let delivered =
+            |c: TcpCounts, i: usize| c.written.saturating_sub(self.base[1 - i].written + u64::from(fins.sent[i]));
+        [
+            Flow { received: received(ca, qa, 0), delivered: delivered(cb, 0) },
+            Flow { received: received(cb, qb, 1), delivered: delivered(ca, 1) },
+        ]
+    }
 }

@@ -76,15 +76,6 @@ impl Watcher {
         }
         Ok(Watch { watcher: self, socket, token, hangup })
     }
-
-    /// Sockets watched now.
-    pub fn len(&self) -> usize {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// One watched socket.

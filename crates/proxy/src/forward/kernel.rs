@@ -72,7 +72,7 @@ pub async fn forward(
         (Ok(c), Ok(b)) => (c, b),
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(error = %e, "cannot take a session's sockets off the event loop");
-            return Ok(Outcome { end: End::ClientError, client_to_backend: 0, backend_to_client: 0 });
+            return Ok(Outcome::of(End::ClientError, counters));
         }
     };
     let link = match kernel.link(client.as_fd(), backend.as_fd()) {
@@ -80,7 +80,7 @@ pub async fn forward(
         Err(error) => {
             return match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
                 (Ok(c), Ok(b)) => Err(fallback(c, b, error)),
-                _ => Ok(Outcome { end: End::ClientError, client_to_backend: 0, backend_to_client: 0 }),
+                _ => Ok(Outcome::of(End::ClientError, counters)),
             };
         }
     };
@@ -93,11 +93,7 @@ pub async fn forward(
     };
     kernel.unlink(link);
     crate::metrics::sockmap_sockets(-2.0);
-    Ok(Outcome {
-        end,
-        client_to_backend: counters.up.load(Ordering::Relaxed),
-        backend_to_client: counters.down.load(Ordering::Relaxed),
-    })
+    Ok(Outcome::of(end, counters))
 }
 
 /// Moves a session whose reader is slower than its writer off the kernel
@@ -176,7 +172,7 @@ async fn pass_queued(
             // EOF (or an error) already: the userspace forwarder reads it again.
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the link")),
             Ok(n) => {
-                write_all(dst, &buf[..n]).await?;
+                super::pump::write_all(dst, &buf[..n]).await?;
                 counter.increment(n as u64);
                 total.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -184,19 +180,6 @@ async fn pass_queued(
             Err(e) => return Err(e),
         }
     }
-}
-
-/// Writes all of `buf` to `dst`, waiting for room.
-async fn write_all(dst: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(buf) {
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// One direction's state: its source sent EOF; the EOF was passed on.

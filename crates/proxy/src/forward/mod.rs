@@ -72,6 +72,17 @@ pub struct Outcome {
     pub backend_to_client: u64,
 }
 
+impl Outcome {
+    /// How the session ended, with its byte totals.
+    pub fn of(end: End, counters: &Counters<'_>) -> Self {
+        Self {
+            end,
+            client_to_backend: counters.up.load(Ordering::Relaxed),
+            backend_to_client: counters.down.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Closes `backend` with a reset when pglb ends a session itself: bytes the
 /// client sent that the backend has not acknowledged yet (a partitioned old
 /// primary) are discarded, never delivered — and committed — after the
@@ -122,9 +133,5 @@ pub async fn forward(
     if end == End::Stopped {
         discard_unsent(&backend);
     }
-    Outcome {
-        end,
-        client_to_backend: counters.up.load(Ordering::Relaxed),
-        backend_to_client: counters.down.load(Ordering::Relaxed),
-    }
+    Outcome::of(end, counters)
 }

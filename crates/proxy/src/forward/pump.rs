@@ -73,7 +73,7 @@ pub async fn pump(
                 bulk = false;
                 continue;
             };
-            // Boxed, like `flush` below: only a burst in progress pays for
+            // Boxed, like `write_all` below: only a burst in progress pays for
             // its state, not every idle session's future.
             let burst = Box::pin(splice_burst(src, dst, &pipe, pool.pipe_size(), counter, total)).await;
             pool.give_back(pipe, burst.empty);
@@ -95,7 +95,7 @@ pub async fn pump(
             Step::Failed(f) => return Err(f),
         };
         if let Some(rest) = rest {
-            Box::pin(flush(dst, rest)).await?;
+            Box::pin(write_all(dst, &rest)).await.map_err(Failure::Write)?;
         }
         counter.increment(n as u64);
         total.fetch_add(n as u64, Ordering::Relaxed);
@@ -169,16 +169,15 @@ fn copy_through(src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> Step {
     Step::Moved { read: n, rest }
 }
 
-/// Writes `rest` once `dst` has room; `src` is not read meanwhile.
-async fn flush(dst: &TcpStream, mut rest: Vec<u8>) -> Result<(), Failure> {
-    while !rest.is_empty() {
-        dst.writable().await.map_err(Failure::Write)?;
-        match dst.try_write(&rest) {
-            Ok(n) => {
-                rest.drain(..n);
-            }
+/// Writes all of `buf`, waiting for room in `dst` (the pump reads nothing
+/// from its source meanwhile).
+pub(super) async fn write_all(dst: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(Failure::Write(e)),
+            Err(e) => return Err(e),
         }
     }
     Ok(())
