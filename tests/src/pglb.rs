@@ -164,6 +164,16 @@ impl Pglb {
     /// Like [`Pglb::start_with`], run under `wrapper` (e.g. `["prlimit",
     /// "--nofile=64:64"]`), which must exec pglb so the pid stays pglb's.
     pub fn start_wrapped(yaml: &Yaml, env: &[(&str, &str)], wrapper: &[&str]) -> Self {
+        Self::launch(yaml, env, wrapper, pglb_bin())
+    }
+
+    /// Like [`Pglb::start_with`], from another copy of the binary (which an
+    /// upgrade test replaces).
+    pub fn start_binary(yaml: &Yaml, env: &[(&str, &str)], binary: &Path) -> Self {
+        Self::launch(yaml, env, &[], binary)
+    }
+
+    fn launch(yaml: &Yaml, env: &[(&str, &str)], wrapper: &[&str], binary: &Path) -> Self {
         remember_panics();
         let dir = std::env::temp_dir().join(format!("pglb-run-{}-{}", std::process::id(), free_port().expect("port")));
         fs::create_dir_all(&dir).expect("temp dir");
@@ -176,10 +186,10 @@ impl Pglb {
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
-                cmd.args(args).arg(pglb_bin());
+                cmd.args(args).arg(binary);
                 cmd
             }
-            None => Command::new(pglb_bin()),
+            None => Command::new(binary),
         };
         cmd.arg("--config")
             .arg(&config)

@@ -162,6 +162,9 @@ fn unit_runs_as_pglb_sandboxed_and_outlasts_the_drain() {
         ("AmbientCapabilities", ""),
         ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
         ("LoadCredential", "check-password:/etc/pglb/check-password"),
+        // The upgrade's hand-over socket: a place only this service writes.
+        ("RuntimeDirectory", "pglb"),
+        ("RuntimeDirectoryMode", "0700"),
     ] {
         assert_eq!(service_value(&unit, key), want, "{key}=");
     }

@@ -1,9 +1,12 @@
 //! pglb under systemd, with a datagram socket standing in for the service
 //! manager (`NOTIFY_SOCKET`): READY=1 only once every backend's first check
 //! has completed (also with a dead and a silent backend), RELOADING=1 and
-//! READY=1 around a reload, STOPPING=1 on SIGTERM, and watchdog pings that
-//! stop when either runtime is blocked.
+//! READY=1 around a reload, STOPPING=1 on SIGTERM, watchdog pings that
+//! stop when either runtime is blocked, and an upgrade that hands systemd
+//! the new main process (MAINPID=) before the old one exits.
 
+use std::io::IoSliceMut;
+use std::mem::MaybeUninit;
 use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
@@ -11,11 +14,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pglb_tests::{shared_cluster, wait_until, Pglb, Yaml};
+use rustix::net::{recvmsg, sockopt, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+
+/// One datagram: who sent it (`SO_PASSCRED`), whether that process was
+/// still running when it arrived, and the text.
+#[derive(Debug, Clone)]
+struct Note {
+    pid: u32,
+    sender_alive: bool,
+    text: String,
+}
 
 /// The service manager's end: every datagram pglb sends, in order.
 struct Manager {
     path: PathBuf,
-    seen: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<Vec<Note>>>,
 }
 
 impl Manager {
@@ -23,16 +36,39 @@ impl Manager {
         let path = std::env::temp_dir().join(format!("pglb-notify-{tag}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+        sockopt::set_socket_passcred(&socket, true).expect("SO_PASSCRED");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
-            while let Ok(n) = socket.recv(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(text);
+            loop {
+                let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1), ScmRights(8))];
+                let mut control = RecvAncillaryBuffer::new(&mut space);
+                let Ok(got) = recvmsg(&socket, &mut [IoSliceMut::new(&mut buf)], &mut control, RecvFlags::CMSG_CLOEXEC)
+                else {
+                    return;
+                };
+                let mut pid = 0;
+                for message in control.drain() {
+                    match message {
+                        RecvAncillaryMessage::ScmCredentials(cred) => {
+                            pid = cred.pid.as_raw_nonzero().get().unsigned_abs();
+                        }
+                        // A BARRIER=1's pipe: closing it is systemd's answer.
+                        RecvAncillaryMessage::ScmRights(fds) => drop(fds.collect::<Vec<_>>()),
+                        _ => {}
+                    }
+                }
+                let text = String::from_utf8_lossy(&buf[..got.bytes]).into_owned();
+                let note = Note { pid, sender_alive: running(pid), text };
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(note);
             }
         });
         Self { path, seen }
+    }
+
+    fn notes(&self) -> Vec<Note> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn env(&self) -> (&'static str, &str) {
@@ -40,17 +76,27 @@ impl Manager {
     }
 
     fn messages(&self) -> Vec<String> {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.notes().into_iter().map(|n| n.text).collect()
     }
 
     /// Waits for a message with line `line`; returns its index.
     fn wait_for(&self, line: &str, from: usize) -> usize {
-        wait_until(&format!("`{line}` from pglb"), Duration::from_secs(30), || {
+        self.wait_for_line(&format!("`{line}`"), from, |l| l == line)
+    }
+
+    /// Waits for a message with a line starting with `prefix`; returns its index.
+    fn wait_for_prefix(&self, prefix: &str, from: usize) -> usize {
+        self.wait_for_line(&format!("`{prefix}...`"), from, |l| l.starts_with(prefix))
+    }
+
+    /// Waits for a message from index `from` on with a line that `fits`.
+    fn wait_for_line(&self, what: &str, from: usize, fits: impl Fn(&str) -> bool) -> usize {
+        wait_until(&format!("{what} from pglb"), Duration::from_secs(60), || {
             let all = self.messages();
             all.iter()
                 .enumerate()
                 .skip(from)
-                .find(|(_, m)| m.lines().any(|l| l == line))
+                .find(|(_, m)| m.lines().any(&fits))
                 .map(|(i, _)| i)
                 .ok_or_else(|| format!("{all:?}"))
         })
@@ -59,6 +105,13 @@ impl Manager {
     fn count(&self, line: &str) -> usize {
         self.messages().iter().filter(|m| m.lines().any(|l| l == line)).count()
     }
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit(')').next().unwrap_or_default().trim_start().starts_with('Z'))
+        .unwrap_or(false)
 }
 
 impl Drop for Manager {
@@ -173,4 +226,82 @@ fn watchdog_pings_stop_when_the_health_runtime_is_blocked() {
 #[test]
 fn watchdog_pings_stop_when_the_data_runtime_is_blocked() {
     watchdog_stops_when_blocked("data");
+}
+
+#[test]
+fn an_upgrade_makes_the_new_process_main_before_the_old_one_exits() {
+    let cluster = shared_cluster();
+    let manager = Manager::new("upgrade");
+    // A backend that never answers keeps the new process's first checks
+    // going for health.timeout (2 s): long enough for watchdog pings (every
+    // 0.5 s) and a STATUS= that systemd would refuse from a process that is
+    // not yet the main one.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind the silent backend");
+    let mut yaml = Yaml::for_cluster(&cluster)
+        .health("interval: 2s\n  timeout: 2s\n  rise: 1\n  fall: 2\n  user: pglb_check\n  sslmode: disable")
+        .top("shutdown_timeout: 3s")
+        .listener("rw", "role: primary");
+    yaml.backends.push(("silent".into(), format!("address: {}", silent.local_addr().expect("addr"))));
+    let mut old = Pglb::start_with(&yaml, &[manager.env(), ("WATCHDOG_USEC", "1000000")]);
+    let ready = manager.wait_for("READY=1", 0);
+    // A session the old process finishes after the hand-over.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let session = runtime.block_on(pglb_tests::pg::connect(old.port("rw")));
+
+    let out = std::process::Command::new(pglb_tests::pglb::pglb_bin())
+        .args(["upgrade", "--config"])
+        .arg(&old.config)
+        .output()
+        .expect("pglb upgrade");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stderr), old.log());
+    let handed = manager.wait_for_prefix("MAINPID=", ready + 1);
+    let new_pid: u32 = manager.messages()[handed]
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .expect("a pid in MAINPID=");
+    let _stop_new = Kill(new_pid);
+    let ready_new = manager.wait_for("READY=1", handed + 1);
+    drop(session);
+    assert_eq!(old.wait_exit(Duration::from_secs(20)), Some(0), "{}", old.log());
+    wait_until("watchdog pings from the new main process", Duration::from_secs(10), || {
+        let pings = manager.notes().iter().filter(|n| n.pid == new_pid && n.text.trim_end() == "WATCHDOG=1").count();
+        if pings >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{pings}"))
+        }
+    });
+    drop(silent);
+
+    let notes = manager.notes();
+    let from = |pid: u32| notes.iter().enumerate().filter(move |(_, n)| n.pid == pid);
+    let handed_note = &notes[handed];
+    assert_eq!(handed_note.pid, old.pid(), "MAINPID= comes from the old (main) process: {notes:?}");
+    assert!(handed_note.sender_alive, "MAINPID= arrived while the old process ran: {notes:?}");
+    let barrier = from(old.pid()).find(|(i, n)| *i > handed && n.text.lines().any(|l| l == "BARRIER=1"));
+    assert!(barrier.is_some(), "the old process waits for systemd to take MAINPID= (BARRIER=1): {notes:?}");
+    assert!(from(new_pid).all(|(i, _)| i > handed), "the new process spoke before it was main: {notes:?}");
+    assert_eq!(notes[ready_new].pid, new_pid, "READY=1 from the new main process: {notes:?}");
+    assert!(
+        from(old.pid()).all(|(_, n)| !n.text.lines().any(|l| l == "STOPPING=1")),
+        "the old process must not say STOPPING=1 (systemd would stop the service): {notes:?}"
+    );
+    assert!(
+        from(old.pid()).all(|(i, n)| i <= handed || n.text.trim_end() == "BARRIER=1"),
+        "the old process spoke after the hand-over: {notes:?}"
+    );
+}
+
+/// Stops a pglb the test did not start itself (the upgrade's new process).
+struct Kill(u32);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while running(self.0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

@@ -26,17 +26,28 @@ pub struct Reply {
 pub enum ClientError {
     #[error("cannot connect to pglb's admin endpoint at {addr}: {source}")]
     Connect { addr: SocketAddr, source: std::io::Error },
-    #[error("pglb's admin endpoint at {addr} did not answer within {}s", TIMEOUT.as_secs())]
-    Timeout { addr: SocketAddr },
+    #[error("pglb's admin endpoint at {addr} did not answer within {}s", within.as_secs())]
+    Timeout { addr: SocketAddr, within: Duration },
     #[error("bad answer from pglb's admin endpoint at {addr}: {detail}")]
     Http { addr: SocketAddr, detail: String },
 }
 
 /// Sends `method path` (with the bearer `token`, if any) and reads the reply.
 pub async fn request(addr: SocketAddr, method: Method, path: &str, token: Option<&str>) -> Result<Reply, ClientError> {
-    tokio::time::timeout(TIMEOUT, exchange(addr, method, path, token))
+    request_within(addr, method, path, token, TIMEOUT).await
+}
+
+/// [`request`], for an answer that may take up to `within` (an upgrade).
+pub async fn request_within(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    within: Duration,
+) -> Result<Reply, ClientError> {
+    tokio::time::timeout(within, exchange(addr, method, path, token))
         .await
-        .unwrap_or(Err(ClientError::Timeout { addr }))
+        .unwrap_or(Err(ClientError::Timeout { addr, within }))
 }
 
 async fn exchange(addr: SocketAddr, method: Method, path: &str, token: Option<&str>) -> Result<Reply, ClientError> {

@@ -10,6 +10,7 @@
 //! - `GET /connections`: open client sessions.
 //! - `POST /backends/{name}/{drain|disable|enable|unfence}`: operator
 //!   actions, behind `Authorization: Bearer` when a token is configured.
+//! - `POST /upgrade`: start the binary anew and hand over (same token).
 #![forbid(unsafe_code)]
 
 mod actions;
@@ -18,5 +19,5 @@ mod exposition;
 mod server;
 mod status;
 
-pub use server::{serve, AdminContext, LiveConfig};
+pub use server::{serve, AdminContext, LiveConfig, UpgradeRequest};
 pub use status::{connections_json, status_json};

@@ -16,8 +16,9 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pglb_config::Secret;
 use pglb_health::TopologyHandle;
-use pglb_proxy::Contexts;
+use pglb_proxy::{gate_open, AcceptGate, Contexts};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Which config is live.
@@ -40,13 +41,30 @@ pub struct AdminContext {
     pub live: ArcSwap<LiveConfig>,
     /// Bearer token for mutating endpoints, when configured.
     pub token: ArcSwap<Option<Secret>>,
+    /// `POST /upgrade`: asks the running pglb to start its binary anew and
+    /// hand over; the reply says how it went.
+    pub upgrade: mpsc::Sender<UpgradeRequest>,
 }
 
-/// Serves admin requests on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, state: Arc<AdminContext>, shutdown: CancellationToken) {
+/// An upgrade asked for over the admin endpoint: answered with the new
+/// process's pid, or why the upgrade failed (this pglb keeps serving).
+pub type UpgradeRequest = oneshot::Sender<Result<u32, String>>;
+
+/// Serves admin requests on `listener` until `shutdown` fires, while `gate`
+/// is open (an upgrade hands the socket to the new process).
+pub async fn serve(listener: TcpListener, state: Arc<AdminContext>, shutdown: CancellationToken, mut gate: AcceptGate) {
     loop {
+        if !gate_open(&mut gate, &shutdown).await {
+            return;
+        }
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
+            changed = gate.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
             r = listener.accept() => r,
         };
         let stream = match accepted {
@@ -85,8 +103,7 @@ async fn route(state: &AdminContext, req: Request<Incoming>) -> Response<Full<By
         }
         (&Method::GET, ["status"]) => {
             let table = state.topology.table.load();
-            let body =
-                crate::status_json(&table, &state.live.load(), &state.data_path.listeners(), &state.topology.restored);
+            let body = crate::status_json(&table, &state.live.load(), &state.data_path.listeners(), &state.topology);
             reply(StatusCode::OK, "application/json", body)
         }
         (&Method::GET, ["connections"]) => {
@@ -103,10 +120,44 @@ async fn route(state: &AdminContext, req: Request<Incoming>) -> Response<Full<By
             let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             reply(status, "application/json", outcome.body)
         }
+        (&Method::POST, ["upgrade"]) => {
+            if !authorized(state, &req) {
+                return json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "this endpoint needs `Authorization: Bearer <admin token>`",
+                );
+            }
+            upgrade(state).await
+        }
         (_, ["metrics" | "health" | "status" | "connections"]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (_, ["upgrade"]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (_, ["backends", _, _]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         _ => json_error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }
+}
+
+/// Starts an upgrade and waits for its outcome: 200 with the new pid, 409
+/// when one is already under way or this process has handed over, 500 with
+/// the reason when it failed (this pglb keeps serving).
+async fn upgrade(state: &AdminContext) -> Response<Full<Bytes>> {
+    let (reply, outcome) = oneshot::channel();
+    if state.upgrade.try_send(reply).is_err() {
+        return json_error(StatusCode::CONFLICT, "an upgrade is already under way, or this pglb has handed over");
+    }
+    match outcome.await {
+        Ok(Ok(pid)) => {
+            let body = serde_json::json!({ "result": format!("upgraded: pid {pid} serves now; this process finishes its sessions and exits"), "pid": pid });
+            reply_json(StatusCode::OK, body)
+        }
+        Ok(Err(why)) => {
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("upgrade failed: {why}; this pglb keeps serving"))
+        }
+        Err(_) => json_error(StatusCode::CONFLICT, "this pglb is stopping: no upgrade"),
+    }
+}
+
+fn reply_json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    reply(status, "application/json", body.to_string() + "\n")
 }
 
 /// Mutating endpoints need `Authorization: Bearer <token>` when a token is set.
@@ -140,8 +191,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ "error": message }).to_string() + "\n";
-    reply(status, "application/json", body)
+    reply_json(status, serde_json::json!({ "error": message }))
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

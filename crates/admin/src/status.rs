@@ -10,7 +10,12 @@ use serde_json::{json, Value};
 use crate::server::LiveConfig;
 
 /// Renders the `/status` document.
-pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[ListenerView], restored: &[String]) -> String {
+pub fn status_json(
+    table: &RoutingTable,
+    live: &LiveConfig,
+    listeners: &[ListenerView],
+    topology: &pglb_health::TopologyHandle,
+) -> String {
     let backends: Vec<Value> = table
         .backends
         .iter()
@@ -76,6 +81,7 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[Listene
         })
         .collect();
     let status = json!({
+        "pid": std::process::id(),
         "generation": table.generation,
         "split_brain": table.split_brain,
         "primary_visible": table.primary_visible,
@@ -84,7 +90,8 @@ pub fn status_json(table: &RoutingTable, live: &LiveConfig, listeners: &[Listene
             "hash": live.hash,
             "loaded_at": live.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         },
-        "restored": restored,
+        "restored": *topology.restored,
+        "restored_from": topology.restored_from,
         "backends": backends,
         "listeners": routes,
     });

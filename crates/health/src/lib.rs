@@ -18,4 +18,4 @@ pub mod state_file;
 pub use checker::spawn_checker;
 pub use metrics::{describe_metrics, export_table};
 pub use tls::{make_tls, TlsError};
-pub use topology::{Command, Publisher, TopologyHandle};
+pub use topology::{Command, Origin, Publisher, TopologyHandle};

@@ -18,7 +18,12 @@ pub fn read(path: &Path) -> Result<Option<SavedState>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read: {e}")),
     };
-    let v: Value = serde_json::from_str(&text).map_err(|e| format!("not valid JSON: {e}"))?;
+    parse(&text).map(Some)
+}
+
+/// A state from its JSON text (the file's, or one handed over at an upgrade).
+pub fn parse(text: &str) -> Result<SavedState, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
     if v["version"] != 1 {
         return Err(format!("unknown version {}", v["version"]));
     }
@@ -40,7 +45,7 @@ pub fn read(path: &Path) -> Result<Option<SavedState>, String> {
         let state = AdminState::parse(&text_of(a, "state")?).ok_or("unknown admin `state`")?;
         saved.admin.push(SavedAdmin { backend: text_of(a, "backend")?, address: text_of(a, "address")?, state });
     }
-    Ok(Some(saved))
+    Ok(saved)
 }
 
 /// The file's text for `state`.

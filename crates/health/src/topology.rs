@@ -28,13 +28,24 @@ pub enum Command {
     Unfence { backend: String, reply: oneshot::Sender<Result<bool, ActionError>> },
     /// A reload: the next config (already validated).
     Reconfigure { config: Arc<Config>, reply: oneshot::Sender<()> },
+    /// The safety state now, for a new process taking over. With
+    /// `hand_over`, this process stops writing the state file (the new one
+    /// owns it from here) until [`Command::KeepSaving`].
+    Saved { hand_over: bool, reply: oneshot::Sender<SavedState> },
+    /// This process owns the state file (again, if an upgrade failed; from
+    /// now on, in a process that took over): it is written at once.
+    KeepSaving,
+    /// The old process's final state, applied where it fits (as at start).
+    Restore { saved: SavedState, reply: oneshot::Sender<Vec<String>> },
 }
 
 /// Handles the rest of pglb holds on the topology task.
 #[derive(Clone)]
 pub struct TopologyHandle {
-    /// What the state file restored at start, one line each (for /status).
+    /// What was restored at start, one line each (for /status), and from
+    /// where: `state_file`, or `upgrade` (the process this one took over from).
     pub restored: Arc<Vec<String>>,
+    pub restored_from: &'static str,
     pub commands: mpsc::Sender<Command>,
     pub table: Arc<ArcSwap<RoutingTable>>,
     /// The routing generation; changes when choices or verdicts may change.
@@ -51,14 +62,32 @@ pub struct Publisher {
     fast_until: watch::Sender<Instant>,
     /// The state file's writer and what it was last sent.
     saver: Option<(std::sync::mpsc::Sender<SavedState>, SavedState)>,
+    /// Set once the state was handed to a new process: no more writes.
+    handed_over: bool,
+}
+
+/// Where the state restored at start comes from.
+pub enum Origin {
+    /// The state file, if the config names one.
+    StateFile,
+    /// The running pglb this process takes over from (its in-memory state).
+    HandedOver(SavedState),
 }
 
 impl Publisher {
     /// A publisher for `config` and the handle to reach it.
-    pub fn new(config: Arc<Config>) -> (Self, TopologyHandle, mpsc::Receiver<Command>) {
+    pub fn new(config: Arc<Config>, origin: Origin) -> (Self, TopologyHandle, mpsc::Receiver<Command>) {
         let state_file = config.state_file.clone();
         let mut topology = pglb_routing::Topology::new(config);
-        let restored = state_file.as_deref().map(|path| restore(&mut topology, path)).unwrap_or_default();
+        // A process taking over writes the state file only once it serves
+        // (Command::KeepSaving); until then the running one owns it.
+        let (restored, handed_over, restored_from) = match origin {
+            Origin::HandedOver(saved) => (restore_handed(&mut topology, saved), true, "upgrade"),
+            Origin::StateFile => {
+                let restored = state_file.as_deref().map(|path| restore(&mut topology, path)).unwrap_or_default();
+                (restored, false, "state_file")
+            }
+        };
         let saver = state_file.map(|path| (crate::state_file::spawn_writer(path), topology.saved()));
         let (table, _) = topology.table();
         export_table(&table);
@@ -68,12 +97,14 @@ impl Publisher {
         let table = Arc::new(ArcSwap::from_pointee(table));
         let handle = TopologyHandle {
             restored: Arc::new(restored),
+            restored_from,
             commands: tx,
             table: table.clone(),
             generation: generation_rx,
             fast_until: fast_rx,
         };
-        (Self { topology, table, generation: generation_tx, fast_until: fast_tx, saver }, handle, rx)
+        let publisher = Self { topology, table, generation: generation_tx, fast_until: fast_tx, saver, handed_over };
+        (publisher, handle, rx)
     }
 
     /// Applies commands until every sender is gone.
@@ -117,6 +148,25 @@ impl Publisher {
                 let _ = reply.send(());
                 return;
             }
+            Command::Saved { hand_over, reply } => {
+                self.handed_over |= hand_over;
+                let _ = reply.send(self.topology.saved());
+                return;
+            }
+            Command::KeepSaving => {
+                self.handed_over = false;
+                if let Some((writer, last)) = &mut self.saver {
+                    *last = self.topology.saved();
+                    let _ = writer.send(last.clone());
+                }
+                return;
+            }
+            Command::Restore { saved, reply } => {
+                let notes = restore_handed(&mut self.topology, saved);
+                self.publish(Vec::new());
+                let _ = reply.send(notes);
+                return;
+            }
         };
         self.publish(events);
     }
@@ -145,7 +195,7 @@ impl Publisher {
         }
         let generation = table.generation;
         self.table.store(Arc::new(table));
-        if let Some((writer, last)) = &mut self.saver {
+        if let Some((writer, last)) = self.saver.as_mut().filter(|_| !self.handed_over) {
             let now = self.topology.saved();
             if now != *last {
                 let _ = writer.send(now.clone());
@@ -194,6 +244,15 @@ fn log_event(event: &Event) {
             "the state file's highest timeline is another cluster's (rebuilt?): not used"
         ),
     }
+}
+
+/// Applies the state handed over by the running pglb; returns what was restored.
+fn restore_handed(topology: &mut pglb_routing::Topology, saved: SavedState) -> Vec<String> {
+    let notes = topology.restore(saved);
+    for note in &notes {
+        tracing::warn!("restored from the running pglb: {note}");
+    }
+    notes
 }
 
 /// Reads the state file and applies it; returns what was restored.

@@ -14,6 +14,9 @@ usage:
   pglb disable BACKEND                no new sessions on BACKEND; open ones are closed
   pglb enable BACKEND                 undo drain/disable
   pglb unfence BACKEND                clear BACKEND's fence
+  pglb upgrade                        start the (replaced) binary anew; it takes over the sockets
+                                      and state with no connection refused; the old process
+                                      finishes its sessions and exits
   pglb demo                           start a local primary + 2 replicas and pglb in front of them
   pglb --help | --version
 
@@ -27,6 +30,7 @@ unexpectedly (message says why); 2 usage or config problem; 3 pglb is not runnin
 (admin endpoint unreachable); 4 token missing or wrong; 5 no such backend.
 
 signals: SIGHUP reloads the config (a bad one is rejected whole, the old one keeps serving);
+         SIGUSR2 upgrades, like `pglb upgrade` (the outcome is in the log);
          SIGTERM/SIGINT drain (new clients refused, sessions finish for shutdown_timeout)
          and stop; a second SIGTERM/SIGINT stops at once.";
 
@@ -56,6 +60,7 @@ pub enum Control {
     Status,
     Connections,
     Act { action: Action, backend: String },
+    Upgrade,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -72,7 +77,8 @@ pub fn parse(args: impl Iterator<Item = OsString>) -> Result<Command, String> {
     let mut args = args.peekable();
     let sub = match args.peek().and_then(|a| a.to_str()) {
         Some(
-            s @ ("check" | "demo" | "run" | "status" | "connections" | "drain" | "disable" | "enable" | "unfence"),
+            s @ ("check" | "demo" | "run" | "status" | "connections" | "drain" | "disable" | "enable" | "unfence"
+            | "upgrade"),
         ) => {
             let s = s.to_owned();
             args.next();
@@ -106,6 +112,7 @@ pub fn parse(args: impl Iterator<Item = OsString>) -> Result<Command, String> {
         Some("demo") => Command::Demo,
         Some("status") => control(Control::Status),
         Some("connections") => control(Control::Connections),
+        Some("upgrade") => control(Control::Upgrade),
         Some(name @ ("drain" | "disable" | "enable" | "unfence")) => {
             let action = match name {
                 "drain" => Action::Drain,

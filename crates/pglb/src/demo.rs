@@ -27,7 +27,7 @@ pub fn run() -> anyhow::Result<()> {
     let config = pglb_config::load_str(&path, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     print_welcome(&cluster, &config, &path);
     let runtime = crate::run::runtime()?;
-    let result = runtime.block_on(crate::run::serve(path.clone(), config));
+    let result = runtime.block_on(crate::run::serve(path.clone(), config, crate::upgrade::Launch::current()));
     println!("pglb demo: stopping the cluster and removing {}", cluster.root.display());
     drop(cluster);
     result

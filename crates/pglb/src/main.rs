@@ -12,6 +12,7 @@ mod reload;
 mod run;
 mod systemd;
 mod telemetry;
+mod upgrade;
 
 use std::process::ExitCode;
 

@@ -65,7 +65,7 @@ impl Server {
             return;
         }
         let kept: Vec<_> = self.listeners.iter().map(|l| l.addr).collect();
-        let prepared = bind_listeners(&next, &kept).and_then(|sockets| {
+        let prepared = bind_listeners(&next, &kept, None).and_then(|sockets| {
             let tls = pglb_health::make_tls(next.health.sslrootcert.as_deref()).context("health.sslrootcert")?;
             Ok((sockets, tls))
         });
@@ -155,7 +155,7 @@ impl Server {
             tracing::info!(listen = %live.addr, "listener removed: no longer accepting");
             live.stop.cancel();
         }
-        self.open_listeners(sockets);
+        self.open_listeners(sockets)?;
         self.admin.token.store(Arc::new(next.admin.token.clone()));
         self.checkers.start_missing(next.clone(), tls, &self.topology);
         self.config = next;

@@ -1,7 +1,9 @@
 //! Wiring: config → topology (routing tables) ← checkers; listeners → table
 //! → forwarders; the admin endpoint reads tables and metrics. Signals: SIGHUP
-//! reloads, SIGTERM/SIGINT drain and stop, a second one stops at once.
+//! reloads, SIGUSR2 (or `POST /upgrade`) upgrades, SIGTERM/SIGINT drain and
+//! stop, a second one stops at once.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,18 +12,22 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use pglb_admin::{AdminContext, LiveConfig};
+use pglb_admin::{AdminContext, LiveConfig, UpgradeRequest};
 use pglb_config::{Config, ConfigError};
 use pglb_health::{Publisher, TopologyHandle};
 use pglb_proxy::{AddressGroup, Contexts, ListenerContext, Shared};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::checkers::Checkers;
 use crate::systemd::{Heartbeat, Notifier};
+use crate::upgrade::new::Incoming;
+use crate::upgrade::old::Outcome;
+use crate::upgrade::Launch;
 
 /// `pglb check`: validate only; never binds a socket.
 pub fn check(path: &Path) -> ExitCode {
@@ -61,7 +67,8 @@ pub fn run_blocking(path: &Path) -> anyhow::Result<()> {
     };
     crate::telemetry::init_logging(config.log_format);
     crate::limits::raise_fd_limit();
-    runtime()?.block_on(serve(path.to_owned(), config))
+    let launch = Launch::current();
+    runtime()?.block_on(serve(path.to_owned(), config, launch))
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -73,6 +80,8 @@ pub struct Live {
     pub addr: std::net::SocketAddr,
     pub group: Arc<ArcSwap<AddressGroup>>,
     pub stop: CancellationToken,
+    /// The socket itself (a second descriptor), to hand over at an upgrade.
+    pub fd: OwnedFd,
 }
 
 /// A running balancer.
@@ -94,6 +103,17 @@ pub struct Server {
     pub control: Control,
     /// The kernel program, once loaded (kept across reloads).
     pub loaded: crate::data_path::Loaded,
+    /// The admin endpoint's address and socket (to hand over), its accept
+    /// loop's stop and task.
+    pub admin_socket: (std::net::SocketAddr, OwnedFd),
+    admin_stop: CancellationToken,
+    admin_task: JoinHandle<()>,
+    /// Open while this process accepts clients (see `upgrade`).
+    pub accepting: watch::Sender<bool>,
+    /// How this process was started, to start it again for an upgrade.
+    pub launch: Launch,
+    /// Upgrades asked for over the admin endpoint.
+    upgrades: mpsc::Receiver<UpgradeRequest>,
 }
 
 /// A runtime of its own, on its own thread, for health checks and the
@@ -125,35 +145,94 @@ impl Control {
     }
 }
 
-/// Binds every socket first (an invalid setup starts nothing), then serves
-/// until a stop signal, reloading on SIGHUP. Under systemd: READY once every
-/// backend's first check completed, RELOADING/READY around a reload.
-pub async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
+/// Binds every socket first (an invalid setup starts nothing), or takes
+/// them from the running pglb when started by it for an upgrade; then
+/// serves until a stop signal, reloading on SIGHUP and upgrading on SIGUSR2
+/// or `POST /upgrade`. Under systemd: READY once every backend's first check
+/// completed, RELOADING/READY around a reload.
+pub async fn serve(path: PathBuf, config: Config, launch: Launch) -> anyhow::Result<()> {
     let notifier = Notifier::from_env();
     let mut signals = Signals::new()?;
-    let mut server = Server::start(path, config).await?;
+    let mut incoming = Incoming::connect().await?;
+    let server = match Server::start(path, config, launch, incoming.as_mut()).await {
+        Ok(server) => server,
+        Err(err) => {
+            if let Some(incoming) = &incoming {
+                incoming.fail(&err).await;
+            }
+            return Err(err);
+        }
+    };
+    let mut server = server;
     server.supervise(notifier)?;
     server.first_checks().await;
+    if let Some(incoming) = incoming {
+        incoming.take_over(&server).await?;
+    }
     notifier.ready(&server.summary());
-    while let Sig::Hup = signals.next().await {
-        notifier.reloading();
-        server.reload().await;
-        notifier.ready(&server.summary());
+    loop {
+        let request = tokio::select! {
+            sig = signals.next() => match sig {
+                Sig::Hup => {
+                    notifier.reloading();
+                    server.reload().await;
+                    notifier.ready(&server.summary());
+                    continue;
+                }
+                Sig::Upgrade => None,
+                Sig::Stop => break,
+            },
+            Some(request) = server.upgrades.recv() => Some(request),
+        };
+        let outcome = crate::upgrade::old::upgrade(&server, &mut signals, notifier).await;
+        let answer = match &outcome {
+            Outcome::Done { pid } => Ok(*pid),
+            Outcome::Failed(why) => {
+                tracing::error!("upgrade failed: {why}; this pglb keeps serving");
+                Err(why.clone())
+            }
+            Outcome::Stopped => Err("a stop signal came during the upgrade".to_owned()),
+        };
+        if let Some(request) = request {
+            let _ = request.send(answer);
+        }
+        match outcome {
+            Outcome::Done { pid } => {
+                server.retire(&mut signals, pid).await;
+                return Ok(());
+            }
+            Outcome::Failed(_) => notifier.ready(&server.summary()),
+            Outcome::Stopped => break,
+        }
     }
     server.shutdown(&mut signals, notifier).await;
     Ok(())
 }
 
 impl Server {
-    pub async fn start(path: PathBuf, config: Config) -> anyhow::Result<Self> {
+    pub async fn start(
+        path: PathBuf,
+        config: Config,
+        launch: Launch,
+        mut incoming: Option<&mut Incoming>,
+    ) -> anyhow::Result<Self> {
         let config = Arc::new(config);
-        let admin_socket = pglb_proxy::bind(config.admin.listen, false)
-            .with_context(|| format!("cannot bind admin listener to {}", config.admin.listen))?;
-        let sockets = bind_listeners(&config, &[])?;
+        let admin_listen = config.admin.listen;
+        let admin_socket = match incoming.as_deref_mut().and_then(|i| i.admin(admin_listen)) {
+            Some(inherited) => inherited?,
+            None => pglb_proxy::bind(admin_listen, false)
+                .with_context(|| format!("cannot bind admin listener to {admin_listen}"))?,
+        };
+        let admin_fd = admin_socket.as_fd().try_clone_to_owned().context("cannot duplicate the admin socket")?;
+        let sockets = bind_listeners(&config, &[], incoming.as_deref_mut())?;
         let tls = pglb_health::make_tls(config.health.sslrootcert.as_deref()).context("health.sslrootcert")?;
         let metrics = crate::telemetry::init_metrics()?;
 
-        let (publisher, topology, inbox) = Publisher::new(config.clone());
+        let origin = match &incoming {
+            Some(incoming) => pglb_health::Origin::HandedOver(incoming.state.clone()),
+            None => pglb_health::Origin::StateFile,
+        };
+        let (publisher, topology, inbox) = Publisher::new(config.clone(), origin);
         let control = Control::start()?;
         control.handle.spawn(publisher.run(inbox));
         let checkers = Checkers::start(control.handle.clone(), config.clone(), tls, &topology);
@@ -175,6 +254,7 @@ impl Server {
         };
         crate::reload::record_success(false);
         let contexts = Arc::new(Contexts::default());
+        let (upgrade, upgrades) = mpsc::channel(1);
         let admin = Arc::new(AdminContext {
             topology: topology.clone(),
             metrics: metrics.clone(),
@@ -182,9 +262,14 @@ impl Server {
             data_path: contexts.clone(),
             live: ArcSwap::from_pointee(live),
             token: ArcSwap::from_pointee(config.admin.token.clone()),
+            upgrade,
         });
         let background = CancellationToken::new();
-        tokio::spawn(pglb_admin::serve(admin_socket, admin.clone(), background.clone()));
+        // A process taking over accepts nothing until the old one steps aside.
+        let (accepting, _) = watch::channel(incoming.is_none());
+        let admin_stop = background.child_token();
+        let admin_task =
+            tokio::spawn(pglb_admin::serve(admin_socket, admin.clone(), admin_stop.clone(), accepting.subscribe()));
         spawn_upkeep(metrics, background.clone());
         let mut server = Server {
             path,
@@ -199,21 +284,33 @@ impl Server {
             background,
             control,
             loaded,
+            admin_socket: (admin_listen, admin_fd),
+            admin_stop,
+            admin_task,
+            accepting,
+            launch,
+            upgrades,
         };
-        server.open_listeners(sockets);
+        server.open_listeners(sockets)?;
         tokio::spawn(crate::enforce::run(server.contexts.clone(), server.topology.clone(), server.background.clone()));
         tracing::info!(admin = %server.config.admin.listen, backends = server.config.backends.len(), "pglb is running");
         Ok(server)
     }
 
-    /// Starts accept loops on freshly bound sockets.
-    pub fn open_listeners(&mut self, sockets: Vec<(std::net::SocketAddr, TcpListener)>) {
+    /// Starts accept loops on freshly bound (or handed over) sockets.
+    pub fn open_listeners(&mut self, sockets: Vec<(std::net::SocketAddr, TcpListener)>) -> anyhow::Result<()> {
         for (addr, socket) in sockets {
+            let fd = socket
+                .as_fd()
+                .try_clone_to_owned()
+                .with_context(|| format!("cannot duplicate the socket of {addr}"))?;
             let group = Arc::new(ArcSwap::from_pointee(self.group_for(addr, None)));
             let stop = CancellationToken::new();
-            tokio::spawn(pglb_proxy::serve(socket, group.clone(), self.sessions.clone(), stop.clone()));
-            self.listeners.push(Live { addr, group, stop });
+            let gate = self.accepting.subscribe();
+            tokio::spawn(pglb_proxy::serve(socket, group.clone(), self.sessions.clone(), stop.clone(), gate));
+            self.listeners.push(Live { addr, group, stop, fd });
         }
+        Ok(())
     }
 
     /// Fresh contexts for the listeners of the current table on `addr`
@@ -309,10 +406,37 @@ impl Server {
         let _drained = drained.drop_guard();
         self.admin.draining.store(true, Ordering::Relaxed);
         self.shared.draining.cancel();
+        let open = self.contexts.open_sessions();
+        let timeout = self.config.shutdown_timeout;
+        tracing::info!(sessions = open, timeout = ?timeout, "draining: new clients are refused; waiting for sessions to finish");
+        self.drain(signals).await;
+    }
+
+    /// After an upgrade handed the sockets to `pid`: accept nothing more,
+    /// keep serving open sessions and held or queued clients (no 57P01, no
+    /// STOPPING=1) for up to `shutdown_timeout`, then exit. A stop signal
+    /// meanwhile closes what is left at once.
+    async fn retire(mut self, signals: &mut Signals, pid: u32) {
+        for live in std::mem::take(&mut self.listeners) {
+            live.stop.cancel();
+        }
+        self.admin_stop.cancel();
+        let open = self.contexts.open_sessions();
+        let timeout = self.config.shutdown_timeout;
+        tracing::info!(
+            pid,
+            sessions = open,
+            timeout = ?timeout,
+            "upgrade done: pid {pid} accepts now; this process finishes its sessions and its held and queued clients, then exits"
+        );
+        self.drain(signals).await;
+    }
+
+    /// Lets sessions finish for `shutdown_timeout` (a stop signal ends the
+    /// wait), closes the rest, and stops everything.
+    async fn drain(self, signals: &mut Signals) {
         self.sessions.close();
         let timeout = self.config.shutdown_timeout;
-        let open = self.contexts.open_sessions();
-        tracing::info!(sessions = open, timeout = ?timeout, "draining: new clients are refused; waiting for sessions to finish");
         tokio::select! {
             _ = self.sessions.wait() => tracing::info!("all sessions finished"),
             _ = tokio::time::sleep(timeout) => {
@@ -330,6 +454,8 @@ impl Server {
         self.shared.hard_stop.cancel();
         self.checkers.stop_all().await;
         self.background.cancel();
+        // The admin endpoint's last answers (an upgrade's outcome) go out.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.admin_task).await;
         tracing::info!("pglb stopped");
     }
 }
@@ -339,10 +465,15 @@ impl Server {
 pub fn bind_listeners(
     config: &Config,
     keep: &[std::net::SocketAddr],
+    mut incoming: Option<&mut Incoming>,
 ) -> anyhow::Result<Vec<(std::net::SocketAddr, TcpListener)>> {
     let mut sockets: Vec<(std::net::SocketAddr, TcpListener)> = Vec::new();
     for l in &config.listeners {
         if keep.contains(&l.listen) || sockets.iter().any(|(a, _)| *a == l.listen) {
+            continue;
+        }
+        if let Some(inherited) = incoming.as_deref_mut().and_then(|i| i.listener(l.listen)) {
+            sockets.push((l.listen, inherited?));
             continue;
         }
         let socket = pglb_proxy::bind(l.listen, l.freebind).with_context(|| {
@@ -356,12 +487,14 @@ pub fn bind_listeners(
 /// What a signal asks for.
 pub enum Sig {
     Hup,
+    Upgrade,
     Stop,
 }
 
 /// The signals pglb acts on.
 pub struct Signals {
     pub hup: Signal,
+    usr2: Signal,
     term: Signal,
     int: Signal,
 }
@@ -371,6 +504,7 @@ impl Signals {
         let install = |kind| signal(kind).context("cannot install signal handlers");
         Ok(Self {
             hup: install(SignalKind::hangup())?,
+            usr2: install(SignalKind::user_defined2())?,
             term: install(SignalKind::terminate())?,
             int: install(SignalKind::interrupt())?,
         })
@@ -380,6 +514,7 @@ impl Signals {
     pub async fn next(&mut self) -> Sig {
         tokio::select! {
             _ = self.hup.recv() => Sig::Hup,
+            _ = self.usr2.recv() => { tracing::info!("SIGUSR2 received: upgrading"); Sig::Upgrade }
             _ = self.term.recv() => { tracing::info!("SIGTERM received"); Sig::Stop }
             _ = self.int.recv() => { tracing::info!("SIGINT received"); Sig::Stop }
         }

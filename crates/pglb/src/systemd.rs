@@ -5,7 +5,8 @@
 //! path's and the health checks' — make progress. Outside systemd (no
 //! `NOTIFY_SOCKET`) nothing is sent.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,13 +19,26 @@ pub struct Notifier {
     enabled: bool,
 }
 
+/// Set while this process must not speak to systemd: a new process during
+/// an upgrade until the old one made it the main process (systemd would
+/// refuse its messages, `NotifyAccess=main`), and the old one after that.
+static SILENT: AtomicBool = AtomicBool::new(false);
+
+/// This process is systemd's main process now: its messages count.
+pub fn speak() {
+    SILENT.store(false, Ordering::Relaxed);
+}
+
 impl Notifier {
     pub fn from_env() -> Self {
+        if std::env::var_os(crate::upgrade::SOCKET_ENV).is_some() {
+            SILENT.store(true, Ordering::Relaxed);
+        }
         Self { enabled: std::env::var_os("NOTIFY_SOCKET").is_some() }
     }
 
     fn send(&self, states: &[NotifyState<'_>]) {
-        if !self.enabled {
+        if !self.enabled || SILENT.load(Ordering::Relaxed) {
             return;
         }
         if let Err(err) = sd_notify::notify(states) {
@@ -56,6 +70,27 @@ impl Notifier {
         self.send(&[NotifyState::ExtendTimeoutUsec(usec)]);
     }
 
+    /// Upgrade: makes `pid` (our child, in the unit's cgroup) systemd's main
+    /// process, and waits (up to 5 s) for systemd to have processed it
+    /// (`BARRIER=1`), so the old process's exit can never be taken for the
+    /// service's. Then this process falls silent: no STOPPING=1.
+    pub async fn hand_over(&self, pid: u32) {
+        if !self.enabled || SILENT.load(Ordering::Relaxed) {
+            return;
+        }
+        let status = format!("upgraded: pid {pid} serves; pid {} finishes its sessions", std::process::id());
+        self.send(&[NotifyState::MainPid(pid), NotifyState::Status(&status)]);
+        match tokio::task::spawn_blocking(barrier).await {
+            Ok(Ok(true)) => tracing::info!(pid, "systemd took the new main process"),
+            Ok(Ok(false)) => tracing::warn!(pid, "systemd did not confirm the new main process (BARRIER=1) within 5s"),
+            Ok(Err(e)) => {
+                tracing::warn!(pid, error = %e, "cannot confirm the new main process with systemd (BARRIER=1)")
+            }
+            Err(e) => tracing::warn!(pid, error = %e, "cannot confirm the new main process with systemd"),
+        }
+        SILENT.store(true, Ordering::Relaxed);
+    }
+
     pub fn status(&self, line: &str) {
         self.send(&[NotifyState::Status(line)]);
     }
@@ -63,6 +98,19 @@ impl Notifier {
     fn watchdog(&self) {
         self.send(&[NotifyState::Watchdog]);
     }
+}
+
+/// sd_notify_barrier(3): sends `BARRIER=1` with the write end of a pipe and
+/// waits until systemd closes it, which it does after every message before
+/// it. `Ok(false)` on a timeout.
+fn barrier() -> std::io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    sd_notify::notify_with_fds(&[NotifyState::Custom("BARRIER=1")], &[write.as_fd()])?;
+    drop(write);
+    let mut fds = [PollFd::new(&read, PollFlags::IN)];
+    let ready = poll(&mut fds, Some(&Timespec { tv_sec: 5, tv_nsec: 0 }))?;
+    Ok(ready > 0)
 }
 
 /// The one-line `STATUS=`: the primary, healthy replicas, open sessions.

@@ -24,7 +24,7 @@ mod wait;
 pub use address::AddressGroup;
 pub use contexts::{Contexts, InUse, ListenerView, SessionView};
 pub use forward::PipePool;
-pub use listener::{bind, serve, ListenerContext, Shared};
+pub use listener::{bind, gate_open, serve, AcceptGate, ListenerContext, Shared};
 pub use metrics::describe as describe_metrics;
 pub use reason::{Reject, Side};
 pub use registry::{Registry, SessionHandle};

@@ -170,19 +170,48 @@ pub fn bind(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Accepts clients until `stop` fires. Each client is served by the
-/// address's listeners current at its accept (a reload swaps them);
-/// sessions run on `tracker`.
+/// Whether accept loops take clients now. During an upgrade the new
+/// process holds its loops shut until it is ready, and the old one shuts its
+/// own the moment the new one opens (and opens them again if the upgrade
+/// fails). A shut loop keeps its socket: clients wait in the kernel's
+/// backlog, they are not refused.
+pub type AcceptGate = watch::Receiver<bool>;
+
+/// Waits while `gate` is shut; `false` once it can never open (its sender is
+/// gone) or `stop` fired.
+pub async fn gate_open(gate: &mut AcceptGate, stop: &CancellationToken) -> bool {
+    while !*gate.borrow_and_update() {
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            changed = gate.changed() => if changed.is_err() { return false },
+        }
+    }
+    true
+}
+
+/// Accepts clients until `stop` fires, while `gate` is open. Each client is
+/// served by the address's listeners current at its accept (a reload swaps
+/// them); sessions run on `tracker`.
 pub async fn serve(
     listener: TcpListener,
     group: Arc<ArcSwap<AddressGroup>>,
     tracker: TaskTracker,
     stop: CancellationToken,
+    mut gate: AcceptGate,
 ) {
     let mut backoff = Duration::from_millis(10);
     loop {
+        if !gate_open(&mut gate, &stop).await {
+            return;
+        }
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
+            changed = gate.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
             r = listener.accept() => r,
         };
         let group_now = group.load_full();

@@ -56,6 +56,8 @@ struct Harness {
     generation: watch::Sender<u64>,
     port: u16,
     stop: CancellationToken,
+    /// The accept loop's gate (open unless a test shuts it).
+    accepting: watch::Sender<bool>,
 }
 
 impl Harness {
@@ -84,8 +86,9 @@ impl Harness {
         let names = config.listeners[0].sni.clone();
         let group = Arc::new(ArcSwap::from_pointee(AddressGroup::new(config.listeners[0].listen, vec![(ctx, names)])));
         let stop = CancellationToken::new();
-        tokio::spawn(serve(socket, group, TaskTracker::new(), stop.clone()));
-        Self { topology, table, generation, port, stop }
+        let (accepting, gate) = watch::channel(true);
+        tokio::spawn(serve(socket, group, TaskTracker::new(), stop.clone(), gate));
+        Self { topology, table, generation, port, stop, accepting }
     }
 
     /// Applies a check result and publishes the table, as the topology task does.
@@ -177,6 +180,29 @@ async fn held_then_forwarded(first: &[u8]) {
     pglb.primary();
     pglb.primary();
     assert_eq!(answer(&mut c).await.0, b'Z', "the held client reaches the backend");
+}
+
+#[tokio::test]
+async fn a_shut_accept_gate_keeps_clients_in_the_backlog_until_it_opens() {
+    let backend = fake_backend(false).await;
+    let mut pglb = Harness::start(backend, "", "").await;
+    pglb.primary();
+    pglb.primary();
+    // Shut, as in the old process during an upgrade's hand-over.
+    pglb.accepting.send_replace(false);
+    tokio::task::yield_now().await;
+    let mut waiting = Vec::new();
+    for _ in 0..5 {
+        waiting.push(client(pglb.port).await);
+    }
+    for c in &mut waiting {
+        let early = tokio::time::timeout(Duration::from_millis(100), c.read_u8()).await;
+        assert!(early.is_err(), "a client was served while the gate was shut: {early:?}");
+    }
+    pglb.accepting.send_replace(true);
+    for mut c in waiting {
+        assert_eq!(answer(&mut c).await.0, b'Z', "a client from the backlog is served once the gate opens");
+    }
 }
 
 /// A backend with `max_connections: 1`, taken by a first client (returned

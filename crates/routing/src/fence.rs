@@ -92,9 +92,11 @@ impl Fencing {
             {
                 self.clear(i, "seen as a replica", &mut changes);
             }
-            let foreign = match (s.facts.system_id, self.system_id) {
-                (Some(mine), Some(cluster)) => mine != cluster,
-                _ => false,
+            // Unknown (never answered since start, e.g. a fence restored
+            // for a node that is down) is neither: the fence stays.
+            let (foreign, matching) = match (s.facts.system_id, self.system_id) {
+                (Some(mine), Some(cluster)) => (mine != cluster, mine == cluster),
+                _ => (false, false),
             };
             if foreign {
                 let reason = format!(
@@ -103,7 +105,7 @@ impl Fencing {
                     self.system_id.unwrap_or_default()
                 );
                 self.fence(i, Fence { kind: FenceKind::SystemId, reason }, &mut changes);
-            } else if self.fenced.get(&i).is_some_and(|f| f.kind == FenceKind::SystemId) {
+            } else if matching && self.fenced.get(&i).is_some_and(|f| f.kind == FenceKind::SystemId) {
                 self.clear(i, "system identifier matches the cluster again", &mut changes);
             }
         }

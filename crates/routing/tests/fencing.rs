@@ -323,6 +323,31 @@ fn a_restart_with_the_saved_state_keeps_fences_timeline_and_drains() {
 }
 
 #[test]
+fn a_restored_system_identifier_fence_stays_until_the_backend_answers() {
+    let mut before = topology("", "");
+    steady(&mut before);
+    primary(&mut before, "c", 1, 99);
+    assert!(before.saved().fences.iter().any(|f| f.backend == "c" && f.fence.kind == FenceKind::SystemId));
+
+    // After a restart (or an upgrade) the stranger is down: nothing says it
+    // is of this cluster now, so the fence stays.
+    let mut after = topology("", "");
+    after.restore(before.saved());
+    steady_without_c(&mut after);
+    refused(&mut after, "c", false);
+    refused(&mut after, "c", false);
+    assert!(after.saved().fences.iter().any(|f| f.backend == "c"), "{:?}", after.saved());
+    // It comes back as a member of the cluster (rebuilt at that address): cleared.
+    replica(&mut after, "c", 7);
+    assert!(after.saved().fences.is_empty(), "{:?}", after.saved());
+}
+
+fn steady_without_c(t: &mut Topology) {
+    primary(t, "a", 1, 7);
+    replica(t, "b", 7);
+}
+
+#[test]
 fn a_saved_state_for_other_backends_is_applied_only_where_it_fits() {
     let mut t = topology("", "");
     let saved = pglb_routing::SavedState {

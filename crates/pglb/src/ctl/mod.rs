@@ -1,5 +1,6 @@
 //! The control commands — `pglb status`, `connections`, `drain`, `disable`,
-//! `enable`, `unfence` — a client of the running pglb's admin endpoint.
+//! `enable`, `unfence`, `upgrade` — a client of the running pglb's admin
+//! endpoint.
 //! They read only the config's `admin` section, never the health password.
 
 mod access;
@@ -9,7 +10,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use hyper::Method;
-use pglb_admin::client::{request, ClientError, Reply};
+use std::time::Duration;
+
+use pglb_admin::client::{request_within, ClientError, Reply};
 
 use crate::cli::Control;
 
@@ -60,8 +63,11 @@ async fn execute(control: &Control, access: &access::Access, json: bool) -> Exit
             }
             (Method::POST, format!("/backends/{backend}/{}", action.as_str()))
         }
+        Control::Upgrade => (Method::POST, "/upgrade".to_owned()),
     };
-    let reply = match request(access.addr, method, &path, access.token.as_deref()).await {
+    // An upgrade answers once the new process serves: after its first checks.
+    let within = if *control == Control::Upgrade { UPGRADE_WITHIN } else { Duration::from_secs(5) };
+    let reply = match request_within(access.addr, method, &path, access.token.as_deref(), within).await {
         Ok(reply) => reply,
         Err(err) => return not_reached(access, &err),
     };
@@ -69,6 +75,10 @@ async fn execute(control: &Control, access: &access::Access, json: bool) -> Exit
         (200, Control::Status | Control::Connections) => show(control, &reply, json),
         (200, Control::Act { backend, .. }) => {
             println!("{backend}: {}", done(&reply.body));
+            Exit::Done
+        }
+        (200, Control::Upgrade) => {
+            println!("pglb: {}", summary(&reply.body));
             Exit::Done
         }
         (401, _) => {
@@ -85,6 +95,10 @@ async fn execute(control: &Control, access: &access::Access, json: bool) -> Exit
         }
     }
 }
+
+/// How long `pglb upgrade` waits for the outcome: the new process's first
+/// checks, and the old one's wait for them, are bounded well below this.
+const UPGRADE_WITHIN: Duration = Duration::from_secs(180);
 
 fn show(control: &Control, reply: &Reply, json: bool) -> Exit {
     if json {

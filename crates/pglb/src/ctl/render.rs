@@ -15,8 +15,12 @@ pub fn status(status: &Value) -> String {
         text(&config["path"]),
         ago(config["loaded_at"].as_u64().unwrap_or(0))
     );
+    let from = match status["restored_from"].as_str() {
+        Some("upgrade") => "the pglb this one took over from",
+        _ => "the state file",
+    };
     for note in list(&status["restored"]) {
-        out += &format!("restored at start from the state file: {}\n", text(&note));
+        out += &format!("restored at start from {from}: {}\n", text(&note));
     }
     if status["split_brain"].as_bool() == Some(true) {
         out += "SPLIT BRAIN: more than one unfenced primary answers; writes are refused until one is fenced\n";

@@ -1,0 +1,76 @@
+//! Binary upgrade without refusing a connection (`pglb upgrade`, SIGUSR2).
+//!
+//! The running pglb (the *old* process) starts its own binary again — the
+//! path it was started from, so a package that replaced the file starts the
+//! new version — with the same arguments, as its child: under systemd that
+//! keeps the new process in the unit's cgroup, where the old one (the main
+//! process) may name it the new main process. Then, over a unix socket in
+//! `$RUNTIME_DIRECTORY` (or the temp folder), only from that child's pid:
+//!
+//! 1. old → new `hello`: the listening sockets and the admin socket
+//!    (`SCM_RIGHTS`) and the old process's safety state (fences, highest
+//!    timeline, admin states). The new one has loaded and checked its own
+//!    config already (a bad one makes it exit, which the old one sees);
+//!    it binds what the old one did not have, drops what its config no
+//!    longer names, and starts its checks with that state, accepting nothing.
+//! 2. new → old `ready`, once every backend's first check completed.
+//! 3. The old process stops accepting (the sockets stay open: clients wait
+//!    in the kernel's backlog, nobody is refused), stops writing the state
+//!    file, and sends `go` with its final state.
+//! 4. new: applies that state, owns the state file, opens its accept loops,
+//!    answers `accepting`.
+//! 5. old: under systemd, `MAINPID=<new>` and a `BARRIER=1`, so systemd has
+//!    taken the new main process before anything else happens; then `main`.
+//!    From then on the old process sends systemd nothing (no STOPPING=1):
+//!    it closes its copies of the sockets, serves its sessions and its held
+//!    and queued clients for up to `shutdown_timeout`, and exits 0.
+//!
+//! Any failure before step 4 completes — the binary cannot start, exits,
+//! misbehaves or is too slow, a stop signal arrives — kills the child and
+//! leaves the old process accepting as before, saying why.
+
+mod channel;
+pub mod new;
+pub mod old;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the new process finds the hand-over socket.
+pub const SOCKET_ENV: &str = "PGLB_UPGRADE_SOCKET";
+
+/// How long the new process has to connect after it was started.
+const CONNECT_WITHIN: Duration = Duration::from_secs(15);
+/// How long it has to answer each step after `ready`.
+const STEP_WITHIN: Duration = Duration::from_secs(10);
+
+/// How this process was started, to start it again.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The binary's path as it was at start (`/proc/self/exe` then).
+    pub exe: Result<PathBuf, String>,
+    pub args: Vec<OsString>,
+}
+
+impl Launch {
+    pub fn current() -> Self {
+        Self {
+            exe: std::env::current_exe().map_err(|e| format!("cannot tell which binary this pglb runs: {e}")),
+            args: std::env::args_os().skip(1).collect(),
+        }
+    }
+}
+
+/// Where the hand-over socket goes: systemd's `RuntimeDirectory=`, else the
+/// temp folder.
+fn socket_dir() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .map(|dirs| {
+            // Several directories are separated by ':'; the first is ours.
+            let first = dirs.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
+            PathBuf::from(first)
+        })
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(std::env::temp_dir)
+}

@@ -1,0 +1,200 @@
+//! The running pglb's side of an upgrade: start the new binary, hand it the
+//! sockets and the state, step aside — or, on any failure, keep serving.
+
+use std::future::Future;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use pglb_health::Command as Topology;
+use serde_json::json;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::Child;
+use tokio::sync::oneshot;
+
+use super::channel::Channel;
+use super::{socket_dir, CONNECT_WITHIN, SOCKET_ENV, STEP_WITHIN};
+use crate::run::{Server, Signals};
+use crate::systemd::Notifier;
+
+/// How an upgrade ended for the old process.
+pub enum Outcome {
+    /// The new process (this pid) accepts now; this one retires.
+    Done { pid: u32 },
+    /// This process keeps serving; why the upgrade failed.
+    Failed(String),
+    /// A stop signal came during the upgrade (the child was stopped).
+    Stopped,
+}
+
+/// Why the steps stopped.
+enum Abort {
+    Failed(String),
+    Stopped,
+}
+
+/// Undoes what the steps did to this process if they do not all succeed.
+#[derive(Default)]
+struct Undo {
+    gate_closed: bool,
+    state_handed: bool,
+}
+
+/// Runs one upgrade.
+pub async fn upgrade(server: &Server, signals: &mut Signals, notifier: Notifier) -> Outcome {
+    let exe = match &server.launch.exe {
+        Ok(exe) => exe.clone(),
+        Err(why) => return Outcome::Failed(why.clone()),
+    };
+    let path = socket_dir().join(format!("pglb-upgrade-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = match UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            return Outcome::Failed(format!(
+                "cannot create the hand-over socket {} ({e}); under systemd the unit needs RuntimeDirectory=pglb",
+                path.display()
+            ))
+        }
+    };
+    let _remove = RemoveOnDrop(path.clone());
+    let mut child = match tokio::process::Command::new(&exe)
+        .args(&server.launch.args)
+        .env(SOCKET_ENV, &path)
+        // The watchdog is the new process's once it is the main one.
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => return Outcome::Failed(format!("cannot start {}: {e}", exe.display())),
+    };
+    let pid = child.id().unwrap_or_default();
+    tracing::info!(pid, binary = %exe.display(), "upgrade: started the new pglb; it checks its config and its backends before it takes over");
+    let mut undo = Undo::default();
+    let outcome = steps(server, &listener, &mut child, pid, signals, notifier, &mut undo).await;
+    match outcome {
+        Ok(()) => return Outcome::Done { pid },
+        Err(Abort::Failed(_)) | Err(Abort::Stopped) => {}
+    }
+    if undo.gate_closed {
+        server.accepting.send_replace(true);
+    }
+    if undo.state_handed {
+        let _ = server.topology.commands.send(Topology::KeepSaving).await;
+    }
+    let _ = child.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    match outcome {
+        Err(Abort::Failed(why)) => Outcome::Failed(why),
+        _ => Outcome::Stopped,
+    }
+}
+
+async fn steps(
+    server: &Server,
+    listener: &UnixListener,
+    child: &mut Child,
+    pid: u32,
+    signals: &mut Signals,
+    notifier: Notifier,
+    undo: &mut Undo,
+) -> Result<(), Abort> {
+    let mut step = Step { child, pid, signals };
+    let stream = step.run("connect to the hand-over socket", CONNECT_WITHIN, accept_from(listener, pid)).await?;
+    let mut channel = Channel::new(stream);
+
+    let state = saved(server, false).await.map_err(Abort::Failed)?;
+    let mut fds = vec![server.admin_socket.1.as_fd()];
+    fds.extend(server.listeners.iter().map(|l| l.fd.as_fd()));
+    let hello = json!({
+        "type": "hello",
+        "pid": std::process::id(),
+        "admin": server.admin_socket.0.to_string(),
+        "listeners": server.listeners.iter().map(|l| l.addr.to_string()).collect::<Vec<_>>(),
+        "state": pglb_health::state_file::render(&state),
+    });
+    step.run("take the sockets", STEP_WITHIN, channel.send(&hello, &fds)).await?;
+    let health = &server.config.health;
+    let ready_within = ((health.interval + health.timeout) * 2).max(Duration::from_secs(5)) + Duration::from_secs(30);
+    step.run("complete its first checks", ready_within, channel.expect("ready")).await?;
+
+    // From here until `accepting`, clients wait in the backlog.
+    server.accepting.send_replace(false);
+    undo.gate_closed = true;
+    let state = saved(server, true).await.map_err(Abort::Failed)?;
+    undo.state_handed = true;
+    let go = json!({ "type": "go", "state": pglb_health::state_file::render(&state) });
+    step.run("take the final state", STEP_WITHIN, channel.send(&go, &[])).await?;
+    step.run("start accepting", STEP_WITHIN, channel.expect("accepting")).await?;
+
+    notifier.hand_over(pid).await;
+    if let Err(e) = channel.send(&json!({ "type": "main" }), &[]).await {
+        tracing::warn!(pid, error = %e, "upgrade: the new pglb accepts, but did not take the last message");
+    }
+    Ok(())
+}
+
+/// One step, raced against the child's exit, a deadline and a stop signal.
+struct Step<'a> {
+    child: &'a mut Child,
+    pid: u32,
+    signals: &'a mut Signals,
+}
+
+impl Step<'_> {
+    async fn run<T>(
+        &mut self,
+        what: &str,
+        within: Duration,
+        step: impl Future<Output = std::io::Result<T>>,
+    ) -> Result<T, Abort> {
+        let pid = self.pid;
+        tokio::select! {
+            done = step => done.map_err(|e| Abort::Failed(format!("the new pglb (pid {pid}) did not {what}: {e}"))),
+            status = self.child.wait() => {
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                Err(Abort::Failed(format!(
+                    "the new pglb (pid {pid}) exited ({status}) before it could {what}; its own messages are in pglb's log"
+                )))
+            }
+            _ = tokio::time::sleep(within) => Err(Abort::Failed(format!("the new pglb (pid {pid}) did not {what} within {within:?}"))),
+            _ = self.signals.stop() => Err(Abort::Stopped),
+        }
+    }
+}
+
+/// The first connection from `pid` (connections from other processes are
+/// closed unread: only our child may take the sockets).
+async fn accept_from(listener: &UnixListener, pid: u32) -> std::io::Result<UnixStream> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let peer = stream.peer_cred().ok().and_then(|c| c.pid());
+        if peer.and_then(|p| u32::try_from(p).ok()) == Some(pid) {
+            return Ok(stream);
+        }
+        tracing::warn!(
+            ?peer,
+            expected = pid,
+            "upgrade: a connection to the hand-over socket from another process, closed"
+        );
+    }
+}
+
+/// The safety state now; with `hand_over`, this process stops writing the
+/// state file.
+async fn saved(server: &Server, hand_over: bool) -> Result<pglb_routing::SavedState, String> {
+    let (reply, answer) = oneshot::channel();
+    let gone = || "the topology task has stopped".to_owned();
+    server.topology.commands.send(Topology::Saved { hand_over, reply }).await.map_err(|_| gone())?;
+    answer.await.map_err(|_| gone())
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(Path::new(&self.0));
+    }
+}

@@ -1,0 +1,283 @@
+//! Binary upgrade (`pglb upgrade`) under load: the running pglb starts its
+//! (replaced) binary, which takes the listening sockets, the admin socket and
+//! the in-memory safety state, and only then accepts; the old process
+//! finishes its sessions and exits 0. While clients open a connection every
+//! 10 ms and long sessions run through rw and ro, nothing is refused or
+//! reset. A failed upgrade (a bad config, a binary that exits at start)
+//! leaves the old process serving, just as quietly.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pglb_cluster::{Cluster, Spec};
+use pglb_tests::{shared_cluster, wait_until, wire, Pglb, Yaml};
+
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// New connections every 10 ms, alternating rw and ro, each a login, a
+/// query and a Terminate, on threads of their own so a slow one does not
+/// lower the rate.
+struct Load {
+    stop: Arc<AtomicBool>,
+    opener: Option<JoinHandle<()>>,
+    results: mpsc::Receiver<Result<(), String>>,
+}
+
+impl Load {
+    fn start(ports: [u16; 2]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, results) = mpsc::channel();
+        let flag = stop.clone();
+        let opener = std::thread::spawn(move || {
+            let mut n = 0usize;
+            let mut clients = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let (port, tx) = (ports[n % 2], tx.clone());
+                clients.push(std::thread::spawn(move || {
+                    let _ = tx.send(one_client(port));
+                }));
+                n += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            for client in clients {
+                let _ = client.join();
+            }
+        });
+        Self { stop, opener: Some(opener), results }
+    }
+
+    /// Stops opening connections; returns (attempted, failures).
+    fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(opener) = self.opener.take() {
+            let _ = opener.join();
+        }
+        let all: Vec<Result<(), String>> = self.results.try_iter().collect();
+        let failures = all.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+        (all.len(), failures)
+    }
+}
+
+fn one_client(port: u16) -> Result<(), String> {
+    let mut s = wire::login(port).map_err(|e| format!("port {port}: login: {e}"))?;
+    let one = wire::scalar(&mut s, "SELECT 1").map_err(|e| format!("port {port}: query: {e}"))?;
+    if one != "1" {
+        return Err(format!("port {port}: SELECT 1 answered {one}"));
+    }
+    wire::terminate(s);
+    Ok(())
+}
+
+/// A session that runs a query every 50 ms for `secs` seconds; returns how
+/// many succeeded, or the first error.
+fn long_session(port: u16, secs: u64) -> JoinHandle<Result<usize, String>> {
+    std::thread::spawn(move || {
+        let mut s = wire::login(port).map_err(|e| format!("port {port}: login: {e}"))?;
+        let until = Instant::now() + Duration::from_secs(secs);
+        let mut done = 0;
+        while Instant::now() < until {
+            let got = wire::scalar(&mut s, "SELECT pg_backend_pid()").map_err(|e| format!("port {port}: {e}"))?;
+            got.parse::<u32>().map_err(|_| format!("port {port}: {got}"))?;
+            done += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        wire::terminate(s);
+        Ok(done)
+    })
+}
+
+/// A copy of the pglb binary in its own folder, which the test replaces the
+/// way a package upgrade does (a new file renamed over the old one).
+struct Binary {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl Binary {
+    fn copy(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("pglb-upgrade-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("binary dir");
+        let path = dir.join("pglb");
+        let me = Self { dir, path };
+        me.replace_with(pglb_tests::pglb::pglb_bin());
+        me
+    }
+
+    fn replace_with(&self, source: &Path) {
+        let next = self.dir.join("pglb.next");
+        std::fs::copy(source, &next).expect("copy the binary");
+        std::fs::rename(&next, &self.path).expect("rename over the binary");
+    }
+
+    fn replace_with_script(&self, script: &str) {
+        let next = self.dir.join("pglb.next");
+        std::fs::write(&next, script).expect("write script");
+        std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&next, &self.path).expect("rename over the binary");
+    }
+
+    /// `pglb upgrade` (the replaced binary's CLI talks to the running one).
+    fn upgrade(&self, config: &Path) -> (i32, String, String) {
+        // The control command must not be the replaced file (it may be a script).
+        let out = Command::new(pglb_tests::pglb::pglb_bin())
+            .args(["upgrade", "--config"])
+            .arg(config)
+            .output()
+            .expect("run pglb upgrade");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The new process: not the test's child (its parent is the old pglb), so
+/// it is stopped by pid.
+struct Successor(u32);
+
+impl Successor {
+    fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.0))
+            .map(|stat| !stat.rsplit(')').next().unwrap_or_default().trim_start().starts_with('Z'))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn ports(pglb: &Pglb) -> [u16; 2] {
+    [pglb.port("rw"), pglb.port("ro")]
+}
+
+#[test]
+fn an_upgrade_under_load_refuses_nothing_and_carries_fences_and_drains_over() {
+    let cluster = shared_cluster();
+    // Another cluster behind a backend's address: fenced (system identifier)
+    // while it answers; stopped before the upgrade, so the new process can
+    // only know the fence from the old one (no state file in this config).
+    let other =
+        Cluster::start(&Spec { tag: "upgrade-other".into(), replicas: 0, ..Spec::default() }).expect("other cluster");
+    pglb_tests::cluster::create_check_users_on(&other, 0);
+    let mut yaml = Yaml::for_cluster(&cluster)
+        .listener("rw", "role: primary")
+        .listener("ro", "role: replica")
+        .top("shutdown_timeout: 20s");
+    yaml.backends.push(("stranger".into(), format!("address: {}", other.primary().address())));
+    let binary = Binary::copy("load");
+    let mut old = Pglb::start_binary(&yaml, &[], &binary.path);
+    wait_until("the stranger fenced", SETTLE, || match old.backend("stranger")["fence_kind"].as_str() {
+        Some("system_identifier") => Ok(()),
+        _ => Err(old.backend("stranger").to_string()),
+    });
+    drop(other);
+    old.wait_state("stranger", "down", SETTLE);
+    let (code, body) = pglb_tests::http::request(old.admin, "POST", "/backends/pg2/drain", &[]).expect("drain");
+    assert_eq!(code, 200, "{body}");
+    old.wait_eligible("ro", &["pg1"], SETTLE);
+
+    let load = Load::start(ports(&old));
+    let long: Vec<_> = [old.port("rw"), old.port("ro"), old.port("rw"), old.port("ro")]
+        .into_iter()
+        .map(|port| long_session(port, 6))
+        .collect();
+    // Half a second of load through the old process alone.
+    std::thread::sleep(Duration::from_millis(500));
+    binary.replace_with(pglb_tests::pglb::pglb_bin());
+    let (code, out, err) = binary.upgrade(&old.config);
+    assert_eq!(code, 0, "pglb upgrade failed: {out}{err}\n{}", old.log());
+    let pid: u32 = out
+        .split("pid ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in `{out}`"));
+    let new = Successor(pid);
+    assert_ne!(pid, old.pid());
+    // Load through the new process alone, too.
+    std::thread::sleep(Duration::from_millis(500));
+    let sessions: Vec<Result<usize, String>> =
+        long.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("panicked".into()))).collect();
+    let (attempted, failures) = load.finish();
+    println!(
+        "upgrade under load: {attempted} connections attempted, {} refused or failed; {} of {} long sessions completed ({:?} queries each)",
+        failures.len(),
+        sessions.iter().filter(|s| s.is_ok()).count(),
+        sessions.len(),
+        sessions
+    );
+    assert!(failures.is_empty(), "{} of {attempted} connections failed: {failures:?}\n{}", failures.len(), old.log());
+    assert!(attempted >= 100, "only {attempted} connections attempted");
+    for s in &sessions {
+        assert!(s.as_ref().is_ok_and(|n| *n > 20), "a long session did not complete: {sessions:?}\n{}", old.log());
+    }
+
+    // The old process exits 0 once its sessions are done; the new one serves.
+    assert_eq!(old.wait_exit(Duration::from_secs(30)), Some(0), "{}", old.log());
+    assert!(new.alive(), "the new pglb is gone:\n{}", old.log());
+    let status = old.status();
+    assert_ne!(status["pid"], serde_json::json!(old.pid()));
+    let stranger = pglb_tests::pglb::named(&status["backends"], "stranger");
+    assert_eq!(stranger["fence_kind"], "system_identifier", "fence carried over: {stranger}");
+    let pg2 = pglb_tests::pglb::named(&status["backends"], "pg2");
+    assert_eq!(pg2["admin_state"], "drained", "drain carried over: {pg2}");
+    old.wait_eligible("ro", &["pg1"], SETTLE);
+    one_client(old.port("rw")).expect("rw through the new pglb");
+    let log = old.log();
+    assert!(log.contains("restored from the running pglb: pg2: drained"), "{log}");
+    assert!(log.contains("restored from the running pglb: stranger: fenced"), "{log}");
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_pglb_serving() {
+    let cluster = shared_cluster();
+    let yaml = Yaml::for_cluster(&cluster).listener("rw", "role: primary").listener("ro", "role: replica");
+    let binary = Binary::copy("failed");
+    let old = Pglb::start_binary(&yaml, &[], &binary.path);
+    old.wait_eligible("ro", &["pg1", "pg2"], SETTLE);
+    let load = Load::start(ports(&old));
+
+    // A config the new process rejects: it exits at start.
+    let good = std::fs::read_to_string(&old.config).expect("config");
+    std::fs::write(&old.config, good.replace("interval: 500ms", "interval: 500xs")).expect("break the config");
+    let (code, out, err) = binary.upgrade(&old.config);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("upgrade failed") && err.contains("exited (exit status: 1)"), "{err}");
+    assert!(err.contains("this pglb keeps serving"), "{err}");
+    std::fs::write(&old.config, &good).expect("restore the config");
+
+    // A binary that exits at once.
+    binary.replace_with_script("#!/bin/sh\nexit 3\n");
+    let (code, _, err) = binary.upgrade(&old.config);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("exited (exit status: 3)"), "{err}");
+
+    std::thread::sleep(Duration::from_millis(300));
+    let (attempted, failures) = load.finish();
+    println!("failed upgrades under load: {attempted} connections attempted, {} refused or failed", failures.len());
+    assert!(failures.is_empty(), "{} of {attempted} connections failed: {failures:?}\n{}", failures.len(), old.log());
+    assert!(attempted >= 20, "only {attempted} connections attempted");
+    // Still the same process, serving, on both listeners and the admin endpoint.
+    let (code, _) = pglb_tests::http::get(old.admin, "/health").expect("GET /health");
+    assert_eq!(code, 200);
+    assert_eq!(old.status()["pid"], serde_json::json!(old.pid()));
+    let log = old.log();
+    assert_eq!(log.matches("upgrade failed:").count(), 2, "{log}");
+    assert!(log.contains("health.interval: invalid duration"), "the new process's own error is in the log: {log}");
+}
