@@ -60,7 +60,7 @@ impl Manager {
                     }
                 }
                 let text = String::from_utf8_lossy(&buf[..got.bytes]).into_owned();
-                let note = Note { pid, sender_alive: running(pid), text };
+                let note = Note { pid, sender_alive: pglb_tests::proc::running(pid), text };
                 sink.lock().unwrap_or_else(|e| e.into_inner()).push(note);
             }
         });
@@ -105,13 +105,6 @@ impl Manager {
     fn count(&self, line: &str) -> usize {
         self.messages().iter().filter(|m| m.lines().any(|l| l == line)).count()
     }
-}
-
-/// Whether process `pid` exists and has not exited (a zombie has).
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit(')').next().unwrap_or_default().trim_start().starts_with('Z'))
-        .unwrap_or(false)
 }
 
 impl Drop for Manager {
@@ -298,10 +291,6 @@ struct Kill(u32);
 
 impl Drop for Kill {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while running(self.0) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        pglb_tests::proc::stop(self.0, "KILL");
     }
 }

@@ -146,19 +146,13 @@ struct Successor(u32);
 
 impl Successor {
     fn alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.0))
-            .map(|stat| !stat.rsplit(')').next().unwrap_or_default().trim_start().starts_with('Z'))
-            .unwrap_or(false)
+        pglb_tests::proc::running(self.0)
     }
 }
 
 impl Drop for Successor {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.alive() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        pglb_tests::proc::stop(self.0, "KILL");
     }
 }
 

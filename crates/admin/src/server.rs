@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http_body_util::Full;
@@ -20,6 +20,7 @@ use pglb_proxy::{gate_open, AcceptGate, Contexts};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Which config is live.
 #[derive(Debug, Clone)]
@@ -51,10 +52,25 @@ pub struct AdminContext {
 pub type UpgradeRequest = oneshot::Sender<Result<u32, String>>;
 
 /// Serves admin requests on `listener` until `shutdown` fires, while `gate`
-/// is open (an upgrade hands the socket to the new process).
-pub async fn serve(listener: TcpListener, state: Arc<AdminContext>, shutdown: CancellationToken, mut gate: AcceptGate) {
+/// is open (an upgrade hands the socket to the new process). At shutdown,
+/// requests in progress are answered (an upgrade's outcome among them) and
+/// idle keep-alive connections closed, waiting at most 2 s.
+pub async fn serve(listener: TcpListener, state: Arc<AdminContext>, shutdown: CancellationToken, gate: AcceptGate) {
+    let connections = TaskTracker::new();
+    accept(listener, state, &shutdown, gate, &connections).await;
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
+}
+
+async fn accept(
+    listener: TcpListener,
+    state: Arc<AdminContext>,
+    shutdown: &CancellationToken,
+    mut gate: AcceptGate,
+    connections: &TaskTracker,
+) {
     loop {
-        if !gate_open(&mut gate, &shutdown).await {
+        if !gate_open(&mut gate, shutdown).await {
             return;
         }
         let accepted = tokio::select! {
@@ -71,18 +87,26 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminContext>, shutdown: Ca
             Ok((stream, _)) => stream,
             Err(err) => {
                 tracing::warn!(error = %err, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let state = state.clone();
-        tokio::spawn(async move {
+        let (state, stop) = (state.clone(), shutdown.clone());
+        connections.spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            if let Err(err) = conn.await {
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = ended {
                 tracing::debug!(error = %err, "admin connection ended with an error");
             }
         });

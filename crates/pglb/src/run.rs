@@ -201,7 +201,7 @@ pub async fn serve(path: PathBuf, config: Config, launch: Launch) -> anyhow::Res
                 server.retire(&mut signals, pid).await;
                 return Ok(());
             }
-            Outcome::Failed(_) => notifier.ready(&server.summary()),
+            Outcome::Failed(_) => notifier.status(&server.summary()),
             Outcome::Stopped => break,
         }
     }

@@ -109,6 +109,28 @@ pub fn clock_ticks() -> f64 {
     })
 }
 
+/// Whether process `pid` exists and has not exited (a zombie, exited but
+/// not yet reaped, has).
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit(')').next().unwrap_or_default().trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+/// Sends `signal` (e.g. "KILL") to `pid`, a process the caller did not
+/// start (an upgrade's new pglb), and waits up to 10 s for it to end.
+pub fn stop(pid: u32, signal: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stderr(std::process::Stdio::null())
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while running(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
