@@ -22,27 +22,8 @@ pub fn pglb_bin() -> &'static Path {
         let exe = std::env::current_exe().expect("current exe");
         // target/<profile>/deps/<test> → target/<profile>
         let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_owned();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "pglb", "--bin", "pglb"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        // `cargo test` runs this binary with the package's CARGO_MANIFEST_DIR,
-        // CARGO_PKG_* ...; build scripts that track them (ring's does) would
-        // see a change and rebuild half the tree on every run.
-        for (key, _) in std::env::vars_os() {
-            let name = key.to_string_lossy();
-            let per_package = [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-                "CARGO_PRIMARY_",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_RUSTC_CURRENT_DIR",
-            ];
-            if per_package.iter().any(|p| name.starts_with(p)) {
-                cmd.env_remove(&key);
-            }
-        }
+        let mut cmd = workspace_command(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "pglb", "--bin", "pglb"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -50,6 +31,30 @@ pub fn pglb_bin() -> &'static Path {
         assert!(status.success(), "cargo build -p pglb failed");
         profile_dir.join("pglb")
     })
+}
+
+/// `program` (cargo, or a script that runs it) in the workspace root,
+/// without the per-package variables `cargo test` sets: build scripts that
+/// track them (ring's does) would see a change and rebuild half the tree.
+pub fn workspace_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        let per_package = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_RUSTC_CURRENT_DIR",
+        ];
+        if per_package.iter().any(|p| name.starts_with(p)) {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
 }
 
 /// A config under construction: the cluster's nodes as backends, free ports

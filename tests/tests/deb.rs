@@ -1,0 +1,270 @@
+//! The Debian package, built with cargo-deb (`deploy/debian/build-deb`):
+//! lintian shows no errors; `dpkg -i` on this machine installs the binary,
+//! the unit (the kit's, with /usr/bin), the Prometheus rules and the Grafana
+//! dashboard, creates the `pglb` user, owns /etc/pglb by its group, keeps
+//! /etc/pglb/lb.yaml as a conffile, enables the unit without starting it; an
+//! upgrade to a second build hands a running pglb over (`pglb upgrade`)
+//! instead of restarting it: its open session goes on; `dpkg --purge` leaves
+//! the machine as it was but for the `pglb` user.
+//!
+//! It installs a package on this machine, so it runs only as root (and under
+//! CI, where it must); a failure purges what it installed.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use pglb_tests::pglb::{named, workspace_command};
+use pglb_tests::{shared_cluster, wait_until, which, wire, Yaml};
+
+fn run(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let shown = format!("{cmd:?}");
+    let (code, text) = run(cmd);
+    assert_eq!(code, 0, "{shown} failed:\n{text}");
+    text
+}
+
+fn dpkg(args: &[&str]) -> Command {
+    let mut cmd = Command::new("dpkg");
+    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+/// Builds revision `revision` of the package; the second reuses the binary.
+fn build(revision: u32) -> PathBuf {
+    let mut cmd = workspace_command("deploy/debian/build-deb");
+    cmd.arg(revision.to_string());
+    if revision > 1 {
+        cmd.arg("--no-build");
+    }
+    let text = ok(&mut cmd);
+    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debian"));
+    let name = format!("pglb_{}-{revision}_amd64.deb", env!("CARGO_PKG_VERSION"));
+    let deb = dir.join(name);
+    assert!(deb.exists(), "no {} after build-deb:\n{text}", deb.display());
+    // The next build replaces it: keep a copy (lintian refuses a path with `..`).
+    let keep = std::env::temp_dir().join(format!("pglb-deb-{}", std::process::id()));
+    std::fs::create_dir_all(&keep).expect("temp dir");
+    let copy = keep.join(deb.file_name().expect("file name"));
+    std::fs::copy(&deb, &copy).expect("copy the package");
+    copy
+}
+
+/// Names of the files of the system, but for the places that change on
+/// their own (logs, caches, dpkg's and apt's databases, temp files) and
+/// the backups adduser writes (`/etc/passwd-`...).
+fn snapshot() -> BTreeSet<String> {
+    let skip = [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/run",
+        "/tmp",
+        "/var/tmp",
+        "/root",
+        "/home",
+        "/work",
+        "/var/log",
+        "/var/cache",
+        "/var/lib/dpkg",
+        "/var/lib/apt",
+        "/var/lib/postgresql",
+        "/var/spool",
+        "/var/backups",
+        "/var/mail",
+        "/mnt",
+        "/media",
+        "/opt",
+        "/srv",
+    ];
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![PathBuf::from("/")];
+    while let Some(dir) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let text = path.to_string_lossy().into_owned();
+            if skip.iter().any(|s| text == *s) || (text.starts_with("/etc/") && text.ends_with('-')) {
+                continue;
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(path);
+            }
+            seen.insert(text);
+        }
+    }
+    seen
+}
+
+/// Purges the package when the test ends, however it ends.
+struct Purge;
+
+impl Drop for Purge {
+    fn drop(&mut self) {
+        let _ = run(&mut dpkg(&["--purge", "pglb"]));
+    }
+}
+
+/// pglb processes to stop if the test fails half way.
+struct Processes(Vec<u32>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            pglb_tests::proc::stop(*pid, "KILL");
+        }
+    }
+}
+
+fn mode_and_group(path: &str) -> (u32, u32) {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    (meta.permissions().mode() & 0o7777, meta.gid())
+}
+
+fn group_id(name: &str) -> u32 {
+    let text = ok(Command::new("getent").args(["group", name]));
+    text.split(':').nth(2).and_then(|g| g.trim().parse().ok()).unwrap_or_else(|| panic!("group {name}: {text}"))
+}
+
+/// The unit's directive lines (no comments, no blank lines).
+fn directives(unit: &str) -> Vec<String> {
+    unit.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect()
+}
+
+#[test]
+fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let tools = ["dpkg", "lintian", "deb-systemd-helper", "adduser"];
+    let cargo_deb = run(workspace_command(env!("CARGO")).args(["deb", "--version"])).0 == 0;
+    if !root || !cargo_deb || tools.iter().any(|t| which(t).is_none()) {
+        pglb_tests::skip(&format!("needs root, cargo-deb and {tools:?} (.ci/run installs them)"));
+        return;
+    }
+    if run(&mut dpkg(&["-s", "pglb"])).0 == 0 {
+        ok(&mut dpkg(&["--purge", "pglb"]));
+    }
+    let before = snapshot();
+    let first = build(1);
+    let second = build(2);
+
+    // lintian: no errors (warnings are printed for the record).
+    let (code, report) = run(Command::new("lintian").args(["--fail-on", "error"]).arg(&first));
+    println!("lintian {}:\n{report}", first.display());
+    assert_eq!(code, 0, "lintian found errors:\n{report}");
+
+    let _purge = Purge;
+    let installed = ok(dpkg(&["-i"]).arg(&first));
+    assert!(installed.contains("installed and enabled, not started"), "{installed}");
+    assert_eq!(mode_and_group("/usr/bin/pglb").0, 0o755);
+    let files = ok(&mut dpkg(&["-L", "pglb"]));
+    for file in [
+        "/usr/bin/pglb",
+        "/lib/systemd/system/pglb.service",
+        "/etc/pglb/lb.yaml",
+        "/usr/share/pglb/prometheus/pglb-rules.yml",
+        "/usr/share/pglb/grafana/pglb.json",
+        "/usr/share/doc/pglb/copyright",
+        "/usr/share/doc/pglb/changelog.Debian.gz",
+    ] {
+        assert!(files.lines().any(|l| l == file), "{file} not in the package:\n{files}");
+        assert!(Path::new(file).exists(), "{file} not installed");
+    }
+    println!("dpkg -L pglb:\n{files}");
+    // The user, and /etc/pglb readable by its group only.
+    let user = ok(Command::new("getent").args(["passwd", "pglb"]));
+    assert!(user.trim_end().ends_with(":/nonexistent:/usr/sbin/nologin"), "{user}");
+    let pglb_group = group_id("pglb");
+    assert_eq!(mode_and_group("/etc/pglb"), (0o750, pglb_group));
+    assert_eq!(mode_and_group("/etc/pglb/lb.yaml"), (0o640, pglb_group));
+    let conffiles = ok(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "pglb"]));
+    assert!(conffiles.contains("/etc/pglb/lb.yaml"), "{conffiles}");
+    // Enabled, not started: it waits for the check password.
+    assert!(Path::new("/etc/systemd/system/multi-user.target.wants/pglb.service").exists(), "not enabled");
+    // The unit is the kit's, with the binary in /usr/bin.
+    let packaged = std::fs::read_to_string("/lib/systemd/system/pglb.service").expect("unit");
+    let kit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/systemd/pglb.service"))
+        .expect("kit unit")
+        .replace("/usr/local/bin/pglb", "/usr/bin/pglb");
+    assert_eq!(directives(&packaged), directives(&kit), "the packaged unit differs from the kit's");
+    assert!(packaged.contains("ConditionPathExists=/etc/pglb/check-password"));
+    if let Some(analyze) = which("systemd-analyze") {
+        let (code, text) = run(Command::new(analyze).args(["verify", "--man=no", "/lib/systemd/system/pglb.service"]));
+        assert!(code == 0 && text.trim().is_empty(), "systemd-analyze verify: {text}");
+    }
+    // The shipped example is a valid config (but for the credential, which
+    // only systemd provides) and listens on loopback only.
+    let example = std::fs::read_to_string("/etc/pglb/lb.yaml").expect("example");
+    let probe = std::env::temp_dir().join(format!("pglb-deb-example-{}.yaml", std::process::id()));
+    let without_credential: String =
+        example.lines().filter(|l| !l.trim_start().starts_with("password_file:")).collect::<Vec<_>>().join("\n");
+    std::fs::write(&probe, without_credential).expect("write probe");
+    ok(Command::new("/usr/bin/pglb").args(["check", "--config"]).arg(&probe));
+    let _ = std::fs::remove_file(&probe);
+    for line in example.lines().filter(|l| l.trim_start().starts_with("listen:")) {
+        assert!(line.contains("127.0.0.1:"), "the example serves beyond loopback: {line}");
+    }
+
+    // A running pglb (from the package's binary and conffile) with an open
+    // session; the upgrade to the second build hands it over.
+    let cluster = shared_cluster();
+    let yaml = Yaml::for_cluster(&cluster).listener("rw", "role: primary").top("shutdown_timeout: 20s");
+    std::fs::write("/etc/pglb/lb.yaml", yaml.render()).expect("write /etc/pglb/lb.yaml");
+    let log = std::env::temp_dir().join(format!("pglb-deb-{}.log", std::process::id()));
+    let mut old = Command::new("/usr/bin/pglb")
+        .args(["--config", "/etc/pglb/lb.yaml"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start pglb");
+    let mut processes = Processes(vec![old.id()]);
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], yaml.admin));
+    let rw = yaml.listeners[0].1;
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("pglb serving rw", Duration::from_secs(20), || match pglb_tests::http::get(admin, "/status") {
+        Ok((200, body)) if body.contains("\"pg0\"") && body.contains("\"primary_visible\": true") => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    let mut session = wire::login(rw).expect("a session through the running pglb");
+    let before_pid = wire::scalar(&mut session, "SELECT pg_backend_pid()").expect("query");
+
+    let upgraded = ok(dpkg(&["-i", "--force-confold"]).arg(&second));
+    println!("dpkg -i (upgrade):\n{upgraded}");
+    assert!(upgraded.contains("handing the running pglb over"), "{upgraded}");
+    assert!(upgraded.contains("pglb: upgraded: pid"), "{upgraded}\n{}", log_text());
+    // No restart: the session goes on, on the same server process.
+    let after_pid = wire::scalar(&mut session, "SELECT pg_backend_pid()").expect("the session survived the upgrade");
+    assert_eq!(before_pid, after_pid);
+    let status: serde_json::Value =
+        serde_json::from_str(&pglb_tests::http::get(admin, "/status").expect("status").1).expect("json");
+    let new_pid = status["pid"].as_u64().expect("pid") as u32;
+    processes.0.push(new_pid);
+    assert_ne!(new_pid, old.id(), "the admin endpoint is the new process's");
+    assert_eq!(named(&status["backends"], "pg0")["role"], "primary");
+    let mut fresh = wire::login(rw).expect("a new client through the new process");
+    assert_eq!(wire::scalar(&mut fresh, "SELECT 1").as_deref(), Ok("1"));
+    wire::terminate(fresh);
+    wire::terminate(session);
+    let exited = wait_until("the old pglb to exit", Duration::from_secs(30), || match old.try_wait() {
+        Ok(Some(status)) => Ok(status.code()),
+        _ => Err("running".into()),
+    });
+    assert_eq!(exited, Some(0), "{}", log_text());
+    pglb_tests::proc::stop(new_pid, "TERM");
+    assert!(!pglb_tests::proc::running(new_pid), "the new pglb did not stop on SIGTERM");
+    let _ = std::fs::remove_file(&log);
+
+    ok(&mut dpkg(&["--purge", "pglb"]));
+    let after = snapshot();
+    let added: Vec<&String> = after.difference(&before).collect();
+    let removed: Vec<&String> = before.difference(&after).collect();
+    assert!(added.is_empty() && removed.is_empty(), "purge left {added:?} and removed {removed:?}");
+    assert!(run(Command::new("getent").args(["passwd", "pglb"])).0 == 0, "the pglb system user stays");
+}
