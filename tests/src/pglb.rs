@@ -33,6 +33,20 @@ pub fn pglb_bin() -> &'static Path {
     })
 }
 
+/// Runs `pglb upgrade` for the pglb serving `config` (the workspace's binary
+/// is the client; the running pglb starts its own binary): exit code,
+/// stdout, stderr.
+pub fn upgrade(config: &Path) -> (i32, String, String) {
+    let out = Command::new(pglb_bin()).args(["upgrade", "--config"]).arg(config).output().expect("run pglb upgrade");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// The new process's pid in `pglb upgrade`'s answer ("upgraded: pid N ...").
+pub fn upgraded_pid(out: &str) -> Option<u32> {
+    out.split("pid ").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
 /// `program` (cargo, or a script that runs it) in the workspace root,
 /// without the per-package variables `cargo test` sets: build scripts that
 /// track them (ring's does) would see a change and rebuild half the tree.

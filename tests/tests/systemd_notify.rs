@@ -241,19 +241,14 @@ fn an_upgrade_makes_the_new_process_main_before_the_old_one_exits() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let session = runtime.block_on(pglb_tests::pg::connect(old.port("rw")));
 
-    let out = std::process::Command::new(pglb_tests::pglb::pglb_bin())
-        .args(["upgrade", "--config"])
-        .arg(&old.config)
-        .output()
-        .expect("pglb upgrade");
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stderr), old.log());
+    let (code, out, err) = pglb_tests::pglb::upgrade(&old.config);
+    let new_pid = pglb_tests::pglb::upgraded_pid(&out);
+    let _stop_new = new_pid.map(Kill);
+    assert_eq!(code, 0, "{out}{err}{}", old.log());
+    let new_pid = new_pid.unwrap_or_else(|| panic!("no pid in `{out}`"));
     let handed = manager.wait_for_prefix("MAINPID=", ready + 1);
-    let new_pid: u32 = manager.messages()[handed]
-        .lines()
-        .find_map(|l| l.strip_prefix("MAINPID="))
-        .and_then(|p| p.parse().ok())
-        .expect("a pid in MAINPID=");
-    let _stop_new = Kill(new_pid);
+    let named = manager.messages()[handed].lines().find_map(|l| l.strip_prefix("MAINPID=")).map(str::to_owned);
+    assert_eq!(named, Some(new_pid.to_string()), "MAINPID= names the new process");
     let ready_new = manager.wait_for("READY=1", handed + 1);
     drop(session);
     assert_eq!(old.wait_exit(Duration::from_secs(20)), Some(0), "{}", old.log());

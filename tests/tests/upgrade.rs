@@ -3,11 +3,11 @@
 //! the in-memory safety state, and only then accepts; the old process
 //! finishes its sessions and exits 0. While clients open a connection every
 //! 10 ms and long sessions run through rw and ro, nothing is refused or
-//! reset. A failed upgrade (a bad config, a binary that exits at start)
-//! leaves the old process serving, just as quietly.
+//! reset; a client queued in the old process is served by it, not refused.
+//! A failed upgrade (a bad config, a binary that exits at start) leaves the
+//! old process serving, just as quietly.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pglb_cluster::{Cluster, Spec};
+use pglb_tests::pglb::{upgrade, upgraded_pid};
 use pglb_tests::{shared_cluster, wait_until, wire, Pglb, Yaml};
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -120,18 +121,6 @@ impl Binary {
         std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         std::fs::rename(&next, &self.path).expect("rename over the binary");
     }
-
-    /// `pglb upgrade` (the replaced binary's CLI talks to the running one).
-    fn upgrade(&self, config: &Path) -> (i32, String, String) {
-        // The control command must not be the replaced file (it may be a script).
-        let out = Command::new(pglb_tests::pglb::pglb_bin())
-            .args(["upgrade", "--config"])
-            .arg(config)
-            .output()
-            .expect("run pglb upgrade");
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-    }
 }
 
 impl Drop for Binary {
@@ -194,14 +183,9 @@ fn an_upgrade_under_load_refuses_nothing_and_carries_fences_and_drains_over() {
     // Half a second of load through the old process alone.
     std::thread::sleep(Duration::from_millis(500));
     binary.replace_with(pglb_tests::pglb::pglb_bin());
-    let (code, out, err) = binary.upgrade(&old.config);
+    let (code, out, err) = upgrade(&old.config);
     assert_eq!(code, 0, "pglb upgrade failed: {out}{err}\n{}", old.log());
-    let pid: u32 = out
-        .split("pid ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in `{out}`"));
+    let pid = upgraded_pid(&out).unwrap_or_else(|| panic!("no pid in `{out}`"));
     let new = Successor(pid);
     assert_ne!(pid, old.pid());
     // Load through the new process alone, too.
@@ -250,7 +234,7 @@ fn a_failed_upgrade_leaves_the_old_pglb_serving() {
     // A config the new process rejects: it exits at start.
     let good = std::fs::read_to_string(&old.config).expect("config");
     std::fs::write(&old.config, good.replace("interval: 500ms", "interval: 500xs")).expect("break the config");
-    let (code, out, err) = binary.upgrade(&old.config);
+    let (code, out, err) = upgrade(&old.config);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("upgrade failed") && err.contains("exited (exit status: 1)"), "{err}");
     assert!(err.contains("this pglb keeps serving"), "{err}");
@@ -258,7 +242,7 @@ fn a_failed_upgrade_leaves_the_old_pglb_serving() {
 
     // A binary that exits at once.
     binary.replace_with_script("#!/bin/sh\nexit 3\n");
-    let (code, _, err) = binary.upgrade(&old.config);
+    let (code, _, err) = upgrade(&old.config);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("exited (exit status: 3)"), "{err}");
 
@@ -274,4 +258,38 @@ fn a_failed_upgrade_leaves_the_old_pglb_serving() {
     let log = old.log();
     assert_eq!(log.matches("upgrade failed:").count(), 2, "{log}");
     assert!(log.contains("health.interval: invalid duration"), "the new process's own error is in the log: {log}");
+}
+
+#[test]
+fn the_old_process_serves_its_queued_client_after_the_hand_over() {
+    let cluster = shared_cluster();
+    let mut yaml = Yaml::for_cluster(&cluster).listener("rw", "role: primary\n    queue_timeout: 20s");
+    yaml.backends[0].1.push_str("\n    max_connections: 1");
+    let binary = Binary::copy("queued");
+    let mut old = Pglb::start_binary(&yaml, &[], &binary.path);
+    old.wait_eligible("rw", &["pg0"], SETTLE);
+    let first = wire::login(old.port("rw")).expect("the one place on pg0");
+    let mut queued = wire::start_up(old.port("rw")).expect("a second client, queued");
+    wait_until("the second client queued", SETTLE, || match old.listener("rw")["clients_queued"].as_u64() {
+        Some(1) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+
+    let (code, out, err) = upgrade(&old.config);
+    assert_eq!(code, 0, "{out}{err}");
+    let pid = upgraded_pid(&out).unwrap_or_else(|| panic!("no pid in `{out}`"));
+    let _new = Successor(pid);
+    // The place frees up in the old process: its queued client gets it,
+    // rather than 57P01 (a shutdown would refuse it).
+    wire::terminate(first);
+    loop {
+        let (tag, body) = wire::read_message(&mut queued).expect("an answer for the queued client");
+        assert_ne!(tag, b'E', "the queued client was refused: {}", String::from_utf8_lossy(&body));
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(wire::scalar(&mut queued, "SELECT 1").as_deref(), Ok("1"));
+    wire::terminate(queued);
+    assert_eq!(old.wait_exit(Duration::from_secs(20)), Some(0), "{}", old.log());
 }

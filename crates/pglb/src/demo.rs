@@ -27,7 +27,11 @@ pub fn run() -> anyhow::Result<()> {
     let config = pglb_config::load_str(&path, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     print_welcome(&cluster, &config, &path);
     let runtime = crate::run::runtime()?;
-    let result = runtime.block_on(crate::run::serve(path.clone(), config, crate::upgrade::Launch::current()));
+    // Started again, `pglb demo` would start a second cluster of its own.
+    let launch = crate::upgrade::Launch::refused(
+        "the demo cannot be upgraded: it owns its cluster, and started again it would start another; upgrades are for `pglb run --config FILE`",
+    );
+    let result = runtime.block_on(crate::run::serve(path.clone(), config, launch));
     println!("pglb demo: stopping the cluster and removing {}", cluster.root.display());
     drop(cluster);
     result

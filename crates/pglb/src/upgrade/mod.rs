@@ -60,6 +60,11 @@ impl Launch {
             args: std::env::args_os().skip(1).collect(),
         }
     }
+
+    /// A process that must not start itself again (`why` is the answer).
+    pub fn refused(why: &str) -> Self {
+        Self { exe: Err(why.to_owned()), args: Vec::new() }
+    }
 }
 
 /// Where the hand-over socket goes: systemd's `RuntimeDirectory=`, else the
