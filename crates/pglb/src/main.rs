@@ -10,6 +10,8 @@ mod enforce;
 mod limits;
 mod reload;
 mod run;
+mod signals;
+mod stop;
 mod systemd;
 mod telemetry;
 mod upgrade;

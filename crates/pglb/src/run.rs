@@ -6,7 +6,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,13 +17,13 @@ use pglb_config::{Config, ConfigError};
 use pglb_health::{Publisher, TopologyHandle};
 use pglb_proxy::{AddressGroup, Contexts, ListenerContext, Shared};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::checkers::Checkers;
+use crate::signals::{Sig, Signals};
 use crate::systemd::{Heartbeat, Notifier};
 use crate::upgrade::new::Incoming;
 use crate::upgrade::old::Outcome;
@@ -106,8 +106,8 @@ pub struct Server {
     /// The admin endpoint's address and socket (to hand over), its accept
     /// loop's stop and task.
     pub admin_socket: (std::net::SocketAddr, OwnedFd),
-    admin_stop: CancellationToken,
-    admin_task: JoinHandle<()>,
+    pub(crate) admin_stop: CancellationToken,
+    pub(crate) admin_task: JoinHandle<()>,
     /// Open while this process accepts clients (see `upgrade`).
     pub accepting: watch::Sender<bool>,
     /// How this process was started, to start it again for an upgrade.
@@ -154,7 +154,7 @@ pub async fn serve(path: PathBuf, config: Config, launch: Launch) -> anyhow::Res
     let notifier = Notifier::from_env();
     let mut signals = Signals::new()?;
     let mut incoming = Incoming::connect().await?;
-    let server = match Server::start(path, config, launch, incoming.as_mut()).await {
+    let mut server = match Server::start(path, config, launch, incoming.as_mut()).await {
         Ok(server) => server,
         Err(err) => {
             if let Some(incoming) = &incoming {
@@ -163,7 +163,6 @@ pub async fn serve(path: PathBuf, config: Config, launch: Launch) -> anyhow::Res
             return Err(err);
         }
     };
-    let mut server = server;
     server.supervise(notifier)?;
     server.first_checks().await;
     if let Some(incoming) = incoming {
@@ -184,19 +183,7 @@ pub async fn serve(path: PathBuf, config: Config, launch: Launch) -> anyhow::Res
             },
             Some(request) = server.upgrades.recv() => Some(request),
         };
-        let outcome = crate::upgrade::old::upgrade(&server, &mut signals, notifier).await;
-        let answer = match &outcome {
-            Outcome::Done { pid } => Ok(*pid),
-            Outcome::Failed(why) => {
-                tracing::error!("upgrade failed: {why}; this pglb keeps serving");
-                Err(why.clone())
-            }
-            Outcome::Stopped => Err("a stop signal came during the upgrade".to_owned()),
-        };
-        if let Some(request) = request {
-            let _ = request.send(answer);
-        }
-        match outcome {
+        match crate::upgrade::old::upgrade(&server, request, &mut signals, notifier).await {
             Outcome::Done { pid } => {
                 server.retire(&mut signals, pid).await;
                 return Ok(());
@@ -383,81 +370,6 @@ impl Server {
         });
         Ok(())
     }
-
-    /// SIGTERM/SIGINT: `/health` turns 503, new, held and queued clients get
-    /// 57P01, sessions may finish for `shutdown_timeout`, then are closed. A
-    /// second signal stops at once. systemd hears STOPPING=1, and its stop
-    /// timeout is extended while the drain runs.
-    async fn shutdown(self, signals: &mut Signals, notifier: Notifier) {
-        notifier.stopping();
-        let drained = CancellationToken::new();
-        tokio::spawn({
-            let drained = drained.clone();
-            async move {
-                loop {
-                    notifier.extend(Duration::from_secs(15));
-                    tokio::select! {
-                        _ = drained.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    }
-                }
-            }
-        });
-        let _drained = drained.drop_guard();
-        self.admin.draining.store(true, Ordering::Relaxed);
-        self.shared.draining.cancel();
-        let open = self.contexts.open_sessions();
-        let timeout = self.config.shutdown_timeout;
-        tracing::info!(sessions = open, timeout = ?timeout, "draining: new clients are refused; waiting for sessions to finish");
-        self.drain(signals).await;
-    }
-
-    /// After an upgrade handed the sockets to `pid`: accept nothing more,
-    /// keep serving open sessions and held or queued clients (no 57P01, no
-    /// STOPPING=1) for up to `shutdown_timeout`, then exit. A stop signal
-    /// meanwhile closes what is left at once.
-    async fn retire(mut self, signals: &mut Signals, pid: u32) {
-        for live in std::mem::take(&mut self.listeners) {
-            live.stop.cancel();
-        }
-        self.admin_stop.cancel();
-        let open = self.contexts.open_sessions();
-        let timeout = self.config.shutdown_timeout;
-        tracing::info!(
-            pid,
-            sessions = open,
-            timeout = ?timeout,
-            "upgrade done: pid {pid} accepts now; this process finishes its sessions and its held and queued clients, then exits"
-        );
-        self.drain(signals).await;
-    }
-
-    /// Lets sessions finish for `shutdown_timeout` (a stop signal ends the
-    /// wait), closes the rest, and stops everything.
-    async fn drain(self, signals: &mut Signals) {
-        self.sessions.close();
-        let timeout = self.config.shutdown_timeout;
-        tokio::select! {
-            _ = self.sessions.wait() => tracing::info!("all sessions finished"),
-            _ = tokio::time::sleep(timeout) => {
-                tracing::warn!(timeout = ?timeout, "shutdown timeout: closing the remaining sessions");
-                self.contexts.close_all(pglb_routing::CloseReason::ShutdownTimeout);
-                let _ = tokio::time::timeout(Duration::from_secs(2), self.sessions.wait()).await;
-            }
-            _ = signals.stop() => {
-                tracing::warn!("second stop signal: exiting now");
-            }
-        }
-        for live in &self.listeners {
-            live.stop.cancel();
-        }
-        self.shared.hard_stop.cancel();
-        self.checkers.stop_all().await;
-        self.background.cancel();
-        // The admin endpoint's last answers (an upgrade's outcome) go out.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.admin_task).await;
-        tracing::info!("pglb stopped");
-    }
 }
 
 /// Binds the addresses of `config`'s listeners that are not in `keep`, all
@@ -482,51 +394,6 @@ pub fn bind_listeners(
         sockets.push((l.listen, socket));
     }
     Ok(sockets)
-}
-
-/// What a signal asks for.
-pub enum Sig {
-    Hup,
-    Upgrade,
-    Stop,
-}
-
-/// The signals pglb acts on.
-pub struct Signals {
-    pub hup: Signal,
-    usr2: Signal,
-    term: Signal,
-    int: Signal,
-}
-
-impl Signals {
-    pub fn new() -> anyhow::Result<Self> {
-        let install = |kind| signal(kind).context("cannot install signal handlers");
-        Ok(Self {
-            hup: install(SignalKind::hangup())?,
-            usr2: install(SignalKind::user_defined2())?,
-            term: install(SignalKind::terminate())?,
-            int: install(SignalKind::interrupt())?,
-        })
-    }
-
-    /// The next signal.
-    pub async fn next(&mut self) -> Sig {
-        tokio::select! {
-            _ = self.hup.recv() => Sig::Hup,
-            _ = self.usr2.recv() => { tracing::info!("SIGUSR2 received: upgrading"); Sig::Upgrade }
-            _ = self.term.recv() => { tracing::info!("SIGTERM received"); Sig::Stop }
-            _ = self.int.recv() => { tracing::info!("SIGINT received"); Sig::Stop }
-        }
-    }
-
-    /// Resolves on the next SIGTERM or SIGINT.
-    pub async fn stop(&mut self) {
-        tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM received"),
-            _ = self.int.recv() => tracing::info!("SIGINT received"),
-        }
-    }
 }
 
 /// Histograms need periodic upkeep in the Prometheus exporter.

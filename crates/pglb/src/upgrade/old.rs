@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use pglb_admin::UpgradeRequest;
 use pglb_health::Command as Topology;
 use serde_json::json;
 use tokio::net::{UnixListener, UnixStream};
@@ -15,7 +16,8 @@ use tokio::sync::oneshot;
 
 use super::channel::Channel;
 use super::{socket_dir, CONNECT_WITHIN, SOCKET_ENV, STEP_WITHIN};
-use crate::run::{Server, Signals};
+use crate::run::Server;
+use crate::signals::Signals;
 use crate::systemd::Notifier;
 
 /// How an upgrade ended for the old process.
@@ -41,8 +43,30 @@ struct Undo {
     state_handed: bool,
 }
 
-/// Runs one upgrade.
-pub async fn upgrade(server: &Server, signals: &mut Signals, notifier: Notifier) -> Outcome {
+/// One upgrade (SIGUSR2, or `request` from `POST /upgrade`, which is
+/// answered with the outcome).
+pub async fn upgrade(
+    server: &Server,
+    request: Option<UpgradeRequest>,
+    signals: &mut Signals,
+    notifier: Notifier,
+) -> Outcome {
+    let outcome = attempt(server, signals, notifier).await;
+    let answer = match &outcome {
+        Outcome::Done { pid } => Ok(*pid),
+        Outcome::Failed(why) => {
+            tracing::error!("upgrade failed: {why}; this pglb keeps serving");
+            Err(why.clone())
+        }
+        Outcome::Stopped => Err("a stop signal came during the upgrade".to_owned()),
+    };
+    if let Some(request) = request {
+        let _ = request.send(answer);
+    }
+    outcome
+}
+
+async fn attempt(server: &Server, signals: &mut Signals, notifier: Notifier) -> Outcome {
     let exe = match &server.launch.exe {
         Ok(exe) => exe.clone(),
         Err(why) => return Outcome::Failed(why.clone()),
