@@ -90,6 +90,16 @@ pub fn tcp_memory_bytes() -> io::Result<u64> {
     Ok(pages * 4096)
 }
 
+/// The maximum (third field) of `/proc/sys/net/ipv4/{name}` (`tcp_rmem` or
+/// `tcp_wmem`): the most one socket's buffer autotunes to. 32 MiB if
+/// unreadable.
+pub fn tcp_buffer_max(name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+        .unwrap_or(32 << 20)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

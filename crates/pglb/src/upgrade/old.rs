@@ -97,22 +97,23 @@ async fn attempt(server: &Server, signals: &mut Signals, notifier: Notifier) -> 
     let pid = child.id().unwrap_or_default();
     tracing::info!(pid, binary = %exe.display(), "upgrade: started the new pglb; it checks its config and its backends before it takes over");
     let mut undo = Undo::default();
-    let outcome = steps(server, &listener, &mut child, pid, signals, notifier, &mut undo).await;
-    match outcome {
+    let abort = match steps(server, &listener, &mut child, pid, signals, notifier, &mut undo).await {
         Ok(()) => return Outcome::Done { pid },
-        Err(Abort::Failed(_)) | Err(Abort::Stopped) => {}
-    }
+        Err(abort) => abort,
+    };
+    // The child goes first: had it begun accepting, both processes would
+    // accept for a moment and its clients would be cut when it is killed.
+    let _ = child.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
     if undo.gate_closed {
         server.accepting.send_replace(true);
     }
     if undo.state_handed {
         let _ = server.topology.commands.send(Topology::KeepSaving).await;
     }
-    let _ = child.start_kill();
-    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-    match outcome {
-        Err(Abort::Failed(why)) => Outcome::Failed(why),
-        _ => Outcome::Stopped,
+    match abort {
+        Abort::Failed(why) => Outcome::Failed(why),
+        Abort::Stopped => Outcome::Stopped,
     }
 }
 
