@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pglb_tests::pglb::{named, workspace_command};
+use pglb_tests::proc::KillOnDrop;
 use pglb_tests::{shared_cluster, wait_until, which, wire, Yaml};
 
 fn run(cmd: &mut Command) -> (i32, String) {
@@ -110,17 +111,6 @@ struct Purge;
 impl Drop for Purge {
     fn drop(&mut self) {
         let _ = run(&mut dpkg(&["--purge", "pglb"]));
-    }
-}
-
-/// pglb processes to stop if the test fails half way.
-struct Processes(Vec<u32>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            pglb_tests::proc::stop(*pid, "KILL");
-        }
     }
 }
 
@@ -224,7 +214,7 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("start pglb");
-    let mut processes = Processes(vec![old.id()]);
+    let _old_guard = KillOnDrop(old.id());
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], yaml.admin));
     let rw = yaml.listeners[0].1;
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
@@ -245,7 +235,7 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
     let status: serde_json::Value =
         serde_json::from_str(&pglb_tests::http::get(admin, "/status").expect("status").1).expect("json");
     let new_pid = status["pid"].as_u64().expect("pid") as u32;
-    processes.0.push(new_pid);
+    let _new_guard = KillOnDrop(new_pid);
     assert_ne!(new_pid, old.id(), "the admin endpoint is the new process's");
     assert_eq!(named(&status["backends"], "pg0")["role"], "primary");
     let mut fresh = wire::login(rw).expect("a new client through the new process");

@@ -243,7 +243,7 @@ fn an_upgrade_makes_the_new_process_main_before_the_old_one_exits() {
 
     let (code, out, err) = pglb_tests::pglb::upgrade(&old.config);
     let new_pid = pglb_tests::pglb::upgraded_pid(&out);
-    let _stop_new = new_pid.map(Kill);
+    let _stop_new = new_pid.map(pglb_tests::proc::KillOnDrop);
     assert_eq!(code, 0, "{out}{err}{}", old.log());
     let new_pid = new_pid.unwrap_or_else(|| panic!("no pid in `{out}`"));
     let handed = manager.wait_for_prefix("MAINPID=", ready + 1);
@@ -279,13 +279,4 @@ fn an_upgrade_makes_the_new_process_main_before_the_old_one_exits() {
         from(old.pid()).all(|(i, n)| i <= handed || n.text.trim_end() == "BARRIER=1"),
         "the old process spoke after the hand-over: {notes:?}"
     );
-}
-
-/// Stops a pglb the test did not start itself (the upgrade's new process).
-struct Kill(u32);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        pglb_tests::proc::stop(self.0, "KILL");
-    }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use pglb_cluster::{Cluster, Spec};
 use pglb_tests::pglb::{upgrade, upgraded_pid};
+use pglb_tests::proc::KillOnDrop;
 use pglb_tests::{shared_cluster, wait_until, wire, Pglb, Yaml};
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -129,22 +130,6 @@ impl Drop for Binary {
     }
 }
 
-/// The new process: not the test's child (its parent is the old pglb), so
-/// it is stopped by pid.
-struct Successor(u32);
-
-impl Successor {
-    fn alive(&self) -> bool {
-        pglb_tests::proc::running(self.0)
-    }
-}
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        pglb_tests::proc::stop(self.0, "KILL");
-    }
-}
-
 fn ports(pglb: &Pglb) -> [u16; 2] {
     [pglb.port("rw"), pglb.port("ro")]
 }
@@ -186,7 +171,7 @@ fn an_upgrade_under_load_refuses_nothing_and_carries_fences_and_drains_over() {
     let (code, out, err) = upgrade(&old.config);
     assert_eq!(code, 0, "pglb upgrade failed: {out}{err}\n{}", old.log());
     let pid = upgraded_pid(&out).unwrap_or_else(|| panic!("no pid in `{out}`"));
-    let new = Successor(pid);
+    let new = KillOnDrop(pid);
     assert_ne!(pid, old.pid());
     // Load through the new process alone, too.
     std::thread::sleep(Duration::from_millis(500));
@@ -208,7 +193,7 @@ fn an_upgrade_under_load_refuses_nothing_and_carries_fences_and_drains_over() {
 
     // The old process exits 0 once its sessions are done; the new one serves.
     assert_eq!(old.wait_exit(Duration::from_secs(30)), Some(0), "{}", old.log());
-    assert!(new.alive(), "the new pglb is gone:\n{}", old.log());
+    assert!(pglb_tests::proc::running(new.0), "the new pglb is gone:\n{}", old.log());
     let status = old.status();
     assert_ne!(status["pid"], serde_json::json!(old.pid()));
     let stranger = pglb_tests::pglb::named(&status["backends"], "stranger");
@@ -278,7 +263,7 @@ fn the_old_process_serves_its_queued_client_after_the_hand_over() {
     let (code, out, err) = upgrade(&old.config);
     assert_eq!(code, 0, "{out}{err}");
     let pid = upgraded_pid(&out).unwrap_or_else(|| panic!("no pid in `{out}`"));
-    let _new = Successor(pid);
+    let _new = KillOnDrop(pid);
     // The place frees up in the old process: its queued client gets it,
     // rather than 57P01 (a shutdown would refuse it).
     wire::terminate(first);

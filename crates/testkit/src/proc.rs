@@ -117,9 +117,22 @@ pub fn running(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// A process the test did not start itself (an upgrade's new pglb, whose
+/// parent is the old one), killed when the guard drops, also on a panic.
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        stop(self.0, "KILL");
+    }
+}
+
 /// Sends `signal` (e.g. "KILL") to `pid`, a process the caller did not
 /// start (an upgrade's new pglb), and waits up to 10 s for it to end.
 pub fn stop(pid: u32, signal: &str) {
+    if !running(pid) {
+        return;
+    }
     let _ = std::process::Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
