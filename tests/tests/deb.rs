@@ -60,9 +60,23 @@ fn build(revision: u32) -> PathBuf {
 }
 
 /// Names of the files of the system, but for the places that change on
-/// their own (logs, caches, dpkg's and apt's databases, temp files) and
-/// the backups adduser writes (`/etc/passwd-`...).
+/// their own (logs, caches, dpkg's and apt's databases, temp files), the
+/// backups adduser writes (`/etc/passwd-`...), and this test's own build:
+/// the workspace (wherever it was cloned), its target directory, cargo's
+/// and the user's home.
 fn snapshot() -> BTreeSet<String> {
+    let workspace = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let mut own: Vec<PathBuf> = [workspace.to_path_buf(), workspace.join("target"), std::env::temp_dir()]
+        .into_iter()
+        .chain(
+            ["CARGO_HOME", "CARGO_TARGET_DIR", "HOME", "RUSTUP_HOME"]
+                .iter()
+                .filter_map(std::env::var_os)
+                .map(PathBuf::from),
+        )
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    own.retain(|p| p != Path::new("/"));
     let skip = [
         "/proc",
         "/sys",
@@ -93,7 +107,10 @@ fn snapshot() -> BTreeSet<String> {
         for entry in entries.flatten() {
             let path = entry.path();
             let text = path.to_string_lossy().into_owned();
-            if skip.iter().any(|s| text == *s) || (text.starts_with("/etc/") && text.ends_with('-')) {
+            if skip.iter().any(|s| text == *s)
+                || own.contains(&path)
+                || (text.starts_with("/etc/") && text.ends_with('-'))
+            {
                 continue;
             }
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -141,7 +158,6 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
     if run(&mut dpkg(&["-s", "pglb"])).0 == 0 {
         ok(&mut dpkg(&["--purge", "pglb"]));
     }
-    let before = snapshot();
     let first = build(1);
     let second = build(2);
 
@@ -150,6 +166,9 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
     println!("lintian {}:\n{report}", first.display());
     assert_eq!(code, 0, "lintian found errors:\n{report}");
 
+    // What the machine looks like before the install (after the builds,
+    // which write only to the workspace and cargo's home).
+    let before = snapshot();
     let _purge = Purge;
     let installed = ok(dpkg(&["-i"]).arg(&first));
     assert!(installed.contains("installed and enabled, not started"), "{installed}");
@@ -255,6 +274,9 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
     let after = snapshot();
     let added: Vec<&String> = after.difference(&before).collect();
     let removed: Vec<&String> = before.difference(&after).collect();
+    if !(added.is_empty() && removed.is_empty()) {
+        println!("purge left {added:#?}\nand removed {removed:#?}");
+    }
     assert!(added.is_empty() && removed.is_empty(), "purge left {added:?} and removed {removed:?}");
     assert!(run(Command::new("getent").args(["passwd", "pglb"])).0 == 0, "the pglb system user stays");
 }
