@@ -5,6 +5,8 @@ usage:
   pglb-bench throughput [--quick] [--duration SECS] [--rounds N] [--scale N] [--rate TPS]
                         [--copy-rows N] [--memory LOW,HIGH | --no-memory] [--no-build]
   pglb-bench failover   [--quick] [--promotions N] [--stalls N] [--stall-secs S] [--no-build]
+  pglb-bench sockmap-pressure [--sessions N] [--parallel N] [--row-mb N] [--pause-ms N] [--hog-gib G]
+                        [--churn-gib G] [--burners N] [--no-build]
   pglb-bench --help
 
 throughput  direct vs pglb (splice) vs pglb (sockmap) vs HAProxy on one primary:
@@ -17,6 +19,15 @@ failover    pglb vs HAProxy (external-check) through promotions of a replica:
             write-unavailability window and detection time; then stalls
             (SIGSTOP) of the primary: errors clients saw.
             default: --promotions 10 --stalls 5 --stall-secs 3; --quick: --promotions 2 --stalls 1
+sockmap-pressure
+            a reproduction, not a benchmark (issue 21): --sessions sessions through pglb with
+            forwarder: sockmap, --parallel at a time, each asking for a row of --row-mb MB
+            (up to 2 MB more) and then reading nothing for --pause-ms (a slow reader: a row
+            past 4 MiB plus the socket buffers takes the session off the kernel path), with
+            --hog-gib of memory held,
+            --churn-gib allocated and freed in a loop and --burners threads spinning; counts
+            sessions that were exact, wrong, reset or hung.
+            default: --sessions 1000 --parallel 8 --row-mb 20 --pause-ms 150, no hog, churn or burners
 
 --no-build  use the existing target/release/pglb (or $PGLB_BIN) instead of
             running `cargo build --release -p pglb` first.";
@@ -25,7 +36,23 @@ failover    pglb vs HAProxy (external-check) through promotions of a replica:
 pub enum Command {
     Throughput(Throughput, Common),
     Failover(Failover, Common),
+    Pressure(Pressure, Common),
     Help,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pressure {
+    pub sessions: usize,
+    pub parallel: usize,
+    /// Smallest row, MB (each session adds up to 2 MB).
+    pub row_mb: usize,
+    /// How long each reader reads nothing after its query.
+    pub pause: std::time::Duration,
+    /// GiB of memory to hold.
+    pub hog_gib: Option<f64>,
+    /// GiB allocated, touched and freed in a loop.
+    pub churn_gib: f64,
+    pub burners: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,12 +99,19 @@ struct Given {
     promotions: Option<usize>,
     stalls: Option<usize>,
     stall_secs: Option<u64>,
+    sessions: Option<usize>,
+    parallel: Option<usize>,
+    row_mb: Option<usize>,
+    pause_ms: Option<u64>,
+    hog_gib: Option<f64>,
+    churn_gib: Option<f64>,
+    burners: Option<usize>,
 }
 
 pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> {
     let suite = match args.next().as_deref() {
         Some("-h" | "--help") | None => return Ok(Command::Help),
-        Some(s @ ("throughput" | "failover")) => s.to_owned(),
+        Some(s @ ("throughput" | "failover" | "sockmap-pressure")) => s.to_owned(),
         Some(other) => return Err(format!("unknown suite `{other}`")),
     };
     let mut given = Given { build: true, ..Given::default() };
@@ -97,14 +131,38 @@ pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> 
             "--promotions" => given.promotions = Some(number(&arg, &value()?)?),
             "--stalls" => given.stalls = Some(number(&arg, &value()?)?),
             "--stall-secs" => given.stall_secs = Some(number(&arg, &value()?)?),
+            "--sessions" => given.sessions = Some(number(&arg, &value()?)?),
+            "--parallel" => given.parallel = Some(number(&arg, &value()?)?),
+            "--pause-ms" => given.pause_ms = Some(number(&arg, &value()?)?),
+            "--row-mb" => given.row_mb = Some(number(&arg, &value()?)?),
+            "--burners" => given.burners = Some(number(&arg, &value()?)?),
+            "--hog-gib" => given.hog_gib = Some(decimal(&arg, &value()?)?),
+            "--churn-gib" => given.churn_gib = Some(decimal(&arg, &value()?)?),
             _ => return Err(format!("unexpected argument `{arg}`")),
         }
     }
     let common = Common { build: given.build };
     Ok(match suite.as_str() {
         "throughput" => Command::Throughput(throughput(&given)?, common),
-        _ => Command::Failover(failover(&given)?, common),
+        "failover" => Command::Failover(failover(&given)?, common),
+        _ => Command::Pressure(pressure(&given)?, common),
     })
+}
+
+fn pressure(g: &Given) -> Result<Pressure, String> {
+    let p = Pressure {
+        sessions: g.sessions.unwrap_or(1000),
+        parallel: g.parallel.unwrap_or(8),
+        row_mb: g.row_mb.unwrap_or(20),
+        pause: std::time::Duration::from_millis(g.pause_ms.unwrap_or(150)),
+        hog_gib: g.hog_gib,
+        churn_gib: g.churn_gib.unwrap_or(0.0),
+        burners: g.burners.unwrap_or(0),
+    };
+    if p.sessions == 0 || p.parallel == 0 || p.row_mb == 0 {
+        return Err("--sessions, --parallel and --row-mb must be at least 1".into());
+    }
+    Ok(p)
 }
 
 fn throughput(g: &Given) -> Result<Throughput, String> {
@@ -148,6 +206,10 @@ fn failover(g: &Given) -> Result<Failover, String> {
         return Err("--stall-secs must be at least 1".into());
     }
     Ok(Failover { promotions, stalls, stall })
+}
+
+fn decimal(flag: &str, text: &str) -> Result<f64, String> {
+    text.parse().map_err(|_| format!("{flag}: `{text}` is not a number"))
 }
 
 fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {

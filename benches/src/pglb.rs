@@ -144,6 +144,15 @@ impl Pglb {
     pub fn log_tail(&self) -> String {
         self.guard.log_tail()
     }
+
+    /// The `/metrics` page.
+    pub fn metrics(&self) -> Result<String> {
+        let (code, body) = http::get(self.admin, "/metrics").map_err(anyhow::Error::msg)?;
+        if code != 200 {
+            bail!("GET /metrics from {} answered {code}", self.admin);
+        }
+        Ok(body)
+    }
 }
 
 fn status(admin: SocketAddr) -> Result<Value> {

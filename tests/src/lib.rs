@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 pub use cluster::{shared_cluster, SharedCluster};
 pub use pglb::{Pglb, Yaml};
-pub use pglb_testkit::{http, proc, sockets, which};
+pub use pglb_testkit::{http, proc, retransmit, sockets, which};
 
 /// Serialises tests of one binary that start their own cluster, so two
 /// clusters do not starve each other on a small machine.

@@ -48,7 +48,18 @@ pub fn cancel_request(pid: u32, key: &[u8]) -> Vec<u8> {
 
 /// Connects to 127.0.0.1:`port` as `postgres` (trust) and waits for ReadyForQuery.
 pub fn login(port: u16) -> io::Result<TcpStream> {
-    let mut s = start_up(port)?;
+    login_on(start_up(port)?)
+}
+
+/// Logs in on `s`, a fresh connection: StartupMessage, then the answer up
+/// to ReadyForQuery.
+pub fn start_up_on(mut s: TcpStream) -> io::Result<TcpStream> {
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(&startup_message(0, &[]))?;
+    login_on(s)
+}
+
+fn login_on(mut s: TcpStream) -> io::Result<TcpStream> {
     loop {
         let (tag, body) = read_message(&mut s)?;
         match tag {

@@ -1,10 +1,12 @@
 //! The kernel data path (`forwarder: sockmap`) beyond the forwarding suite,
 //! which runs against every forwarder (tests/tests/forwarding.rs): bytes a
 //! client pipelines after its first message, a backend's last message before
-//! it closes, byte counts read from the kernel, cancel, sessions pglb closes
-//! (disable, shutdown timeout), draining on SIGTERM, a reload that changes
-//! the forwarder, 2,000 concurrent sessions, and `auto` / `sockmap` without
-//! the privileges.
+//! it closes, sessions demoted mid-answer thousands of times, a duplicated
+//! segment (reset and counted on the kernel path, passed on once by splice),
+//! byte counts read from the kernel, cancel, sessions pglb closes (disable,
+//! shutdown timeout), draining on SIGTERM, a reload that changes the
+//! forwarder, 2,000 concurrent sessions, `auto` (splice) and `sockmap`
+//! without the privileges.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -101,6 +103,10 @@ fn bytes_pipelined_after_the_first_message_arrive_in_order() {
     assert!(kernel >= ATTEMPTS as f64 / 2.0, "{kernel} sessions on the kernel path");
 }
 
+/// The kernel takes only established sockets into its map: a backend whose
+/// FIN arrives between pglb's last read and the link leaves that session to
+/// splice (counted as a `closed` fallback). Every session, on either path,
+/// gets the last message whole.
 #[test]
 fn a_backends_last_message_before_it_closes_arrives_whole_a_thousand_times() {
     let cluster = shared_cluster();
@@ -122,7 +128,178 @@ fn a_backends_last_message_before_it_closes_arrives_whole_a_thousand_times() {
         assert_eq!(tag, b'E', "attempt {i}: the last message is the FATAL: {text}");
         assert!(text.contains("C57P01") && text.contains("terminating connection"), "attempt {i}: {text}");
     }
-    assert!(sockmap_sessions(&pglb) >= 1000.0, "{}", pglb.metrics());
+    let kernel = sockmap_sessions(&pglb);
+    let splice = pglb.metric("pglb_forwarded_sessions_total", &[("forwarder", "splice")]);
+    let fallback = |reason| pglb.metric("pglb_sockmap_fallbacks_total", &[("reason", reason)]);
+    eprintln!(
+        "{kernel} sessions on the kernel path, {splice} with splice ({} closed before the link)",
+        fallback("closed")
+    );
+    assert_eq!(kernel + splice, 1000.0, "every session forwarded once: {}", pglb.metrics());
+    assert_eq!(
+        splice,
+        fallback("closed"),
+        "every session left to splice is a counted `closed` fallback: {}",
+        pglb.metrics()
+    );
+    assert_eq!(fallback("error"), 0.0, "no fallback without a known reason: {}", pglb.log());
+    assert!(kernel >= 900.0, "most sessions take the kernel path: {kernel}");
+    assert!(pglb.log().contains("not recommended"), "forwarder: sockmap warns at start: {}", pglb.log());
+}
+
+/// With demotion forced once 1 MB has crossed (a test-only setting),
+/// every session leaves the kernel path mid-answer: held, settled, then
+/// copied in userspace. Byte-exact every time, never taken for an integrity
+/// error, and nothing left in the kernel's map. (The readers keep up: a
+/// reader that pauses makes the kernel duplicate bytes now and then, which
+/// pglb then resets — see the README's "The kernel path".)
+#[test]
+fn sessions_demoted_mid_answer_are_byte_exact_two_thousand_times() {
+    const SESSIONS: usize = 2000;
+    const THREADS: usize = 8;
+    let cluster = shared_cluster();
+    let pglb = Pglb::start_with(&yaml(&cluster, ""), &[("PGLB_TEST_SOCKMAP_DEMOTE_AFTER", "1000000")]);
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    let port = pglb.port("rw");
+    let admin = pglb.admin;
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            scope.spawn(move || {
+                for i in (t..SESSIONS).step_by(THREADS) {
+                    demoted_session(port, admin, i).unwrap_or_else(|e| panic!("session {i}: {e}"));
+                }
+            });
+        }
+    });
+    let demoted = pglb.metric("pglb_sockmap_demotions_total", &[]);
+    assert_eq!(sockmap_sessions(&pglb), SESSIONS as f64, "{}", pglb.metrics());
+    assert_eq!(demoted, SESSIONS as f64, "every session was demoted: {}", pglb.metrics());
+    assert_eq!(integrity_errors(&pglb), 0.0, "{}", pglb.log());
+    wait_map_empty(&pglb);
+}
+
+/// 251 bytes (a prime period), repeated: a piece of the stream duplicated
+/// or lost shifts what follows, which then shows as a wrong byte.
+fn pattern() -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    (0..251).map(|i| ALPHABET[i % ALPHABET.len()] as char).collect()
+}
+
+/// One session: a row of 5-7 MB whose first 1.5 MB the client reads, then
+/// waits for `/connections` to show the session demoted, then reads the
+/// rest (reading all the time, so no backlog builds up in the kernel).
+fn demoted_session(port: u16, admin: std::net::SocketAddr, i: usize) -> Result<(), String> {
+    let mut s = wire::login(port).map_err(|e| format!("login: {e}"))?;
+    let pattern = pattern();
+    let repeats = 20_000 + (i * 7919) % 8_000;
+    let size = repeats * pattern.len();
+    s.write_all(&wire::query_message(&format!("SELECT repeat('{pattern}', {repeats})"))).map_err(|e| e.to_string())?;
+    let (tag, _) = wire::read_message(&mut s).map_err(|e| format!("row description: {e}"))?;
+    let mut head = [0u8; 11];
+    s.read_exact(&mut head).map_err(|e| format!("data row: {e}"))?;
+    if tag != b'T' || head[0] != b'D' || u32::from_be_bytes([head[7], head[8], head[9], head[10]]) as usize != size {
+        return Err(format!("answer starts {tag} {head:?}"));
+    }
+    let mut value = vec![0u8; size];
+    let first = 1_500_000;
+    s.read_exact(&mut value[..first]).map_err(|e| format!("the first {first} bytes: {e}"))?;
+    let me = s.local_addr().map_err(|e| e.to_string())?.to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let path = http::get(admin, "/connections").ok().and_then(|(_, body)| {
+            let all: Value = serde_json::from_str(&body).ok()?;
+            let mine = all["connections"].as_array()?.iter().find(|c| c["client"] == me.as_str())?;
+            mine["forwarder"].as_str().map(str::to_owned)
+        });
+        match path.as_deref() {
+            Some("sockmap_demoted") => break,
+            _ if Instant::now() > deadline => return Err(format!("not demoted within 20s: {path:?}")),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    s.read_exact(&mut value[first..]).map_err(|e| format!("the rest: {e}"))?;
+    if let Some(at) = value.iter().enumerate().position(|(k, b)| *b != pattern.as_bytes()[k % pattern.len()]) {
+        return Err(format!("row of {size} bytes wrong from byte {at}"));
+    }
+    let tags: Vec<u8> =
+        (0..2).map(|_| wire::read_message(&mut s).map(|m| m.0)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    if tags != [b'C', b'Z'] {
+        return Err(format!("after the row: {:?}", String::from_utf8_lossy(&tags)));
+    }
+    terminate(s);
+    Ok(())
+}
+
+fn integrity_errors(pglb: &Pglb) -> f64 {
+    ["surplus", "stuck"]
+        .iter()
+        .flat_map(|kind| ["client_to_backend", "backend_to_client"].map(|d| (*kind, d)))
+        .map(|(kind, direction)| {
+            pglb.metric("pglb_forward_integrity_errors_total", &[("kind", kind), ("direction", direction)])
+        })
+        .sum()
+}
+
+/// A client whose socket retransmits a segment overlapping bytes pglb has
+/// already received (what a lossy moment makes TCP do). The kernel path
+/// sends the overlap on twice — the backend would run the query again — so
+/// pglb sees a backend given more than the client sent, resets both sides
+/// and counts it. (The splice path, below, passes such a segment on once.)
+#[test]
+fn a_duplicated_segment_on_the_kernel_path_resets_the_session_and_is_counted() {
+    let cluster = shared_cluster();
+    let pglb = start(&cluster, "");
+    let mut s = wire::login(pglb.port("rw")).expect("login");
+    assert_eq!(scalar(&mut s, "SELECT 1"), Ok("1".into()));
+    assert_eq!(sockmap_sessions(&pglb), 1.0);
+    let again = wire::query_message("SELECT 1");
+    let mut s = pglb_tests::retransmit::rewind(s, again.len() as u32).expect("rewind the client's socket");
+    s.write_all(&[again, wire::query_message("SELECT 2")].concat()).expect("retransmit");
+    wait_until("the surplus to be counted", Duration::from_secs(15), || {
+        let n = pglb
+            .metric("pglb_forward_integrity_errors_total", &[("kind", "surplus"), ("direction", "client_to_backend")]);
+        if n == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("{n}"))
+        }
+    });
+    wait_closed(&mut s, Duration::from_secs(10)).expect("the client's connection is closed");
+    let log = pglb.log();
+    assert!(log.contains("duplicated by the kernel") && log.contains("surplus="), "{log}");
+    assert!(log.contains("end=\"integrity_error\"") || log.contains("end=integrity_error"), "{log}");
+    wait_map_empty(&pglb);
+}
+
+/// The same retransmission through the default data path: TCP keeps only
+/// the new bytes, so the backend sees `SELECT 2` once and the session goes on.
+#[test]
+fn an_overlapping_retransmission_is_passed_on_once_with_splice() {
+    let cluster = shared_cluster();
+    let yaml =
+        Yaml::for_cluster(&cluster).top("forwarder: splice").listener("rw", "role: primary\n    hold_timeout: 0s");
+    let pglb = Pglb::start(&yaml);
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    let mut s = wire::login(pglb.port("rw")).expect("login");
+    assert_eq!(scalar(&mut s, "SELECT 1"), Ok("1".into()));
+    let again = wire::query_message("SELECT 1");
+    let mut s = pglb_tests::retransmit::rewind(s, again.len() as u32).expect("rewind the client's socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(&[again, wire::query_message("SELECT 2")].concat()).expect("retransmit");
+    let mut rows = Vec::new();
+    loop {
+        let (tag, body) = wire::read_message(&mut s).expect("answer");
+        if tag == b'D' {
+            rows.push(String::from_utf8_lossy(&body[6..]).into_owned());
+        }
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(rows, ["2"], "only the new query reached the backend");
+    assert_eq!(scalar(&mut s, "SELECT 3"), Ok("3".into()), "the session goes on");
+    terminate(s);
+    assert_eq!(integrity_errors(&pglb), 0.0);
 }
 
 /// The session's entry in `/connections`.
@@ -368,18 +545,22 @@ fn two_thousand_concurrent_sessions_leave_no_map_entry_or_fd_behind() {
 /// bounding set cut down, as a unit without the sockmap drop-in has).
 const UNPRIVILEGED: [&str; 3] = ["setpriv", "--bounding-set=-bpf,-net_admin,-sys_admin", "--"];
 
+/// `auto` uses splice even with every privilege (the kernel path is not
+/// trusted: README, "The kernel path"), and says why; `sockmap` without the
+/// privileges is a start-up error.
 #[test]
-fn without_the_privileges_auto_uses_splice_and_sockmap_refuses_to_start() {
+fn auto_uses_splice_and_sockmap_without_the_privileges_refuses_to_start() {
     let cluster = shared_cluster();
     let auto = Yaml::for_cluster(&cluster).top("forwarder: auto").listener("rw", "role: primary");
-    let pglb = Pglb::start_wrapped(&auto, &[], &UNPRIVILEGED);
+    let pglb = Pglb::start(&auto);
     pglb.wait_eligible("rw", &["pg0"], SETTLE);
     let mut s = wire::login(pglb.port("rw")).expect("login");
     assert_eq!(scalar(&mut s, "SELECT 1"), Ok("1".into()));
     terminate(s);
     assert_eq!(pglb.metric("pglb_forwarded_sessions_total", &[("forwarder", "splice")]), 1.0);
+    assert_eq!(sockmap_sessions(&pglb), 0.0);
     let log = pglb.log();
-    assert!(log.contains("forwarder: auto uses splice") && log.contains("CAP_BPF"), "{log}");
+    assert!(log.contains("forwarder: auto uses splice") && log.contains("tcp_read_skb"), "{log}");
     drop(pglb);
 
     // Asked for by name, sockmap without privileges is a start-up error.
@@ -396,7 +577,7 @@ fn without_the_privileges_auto_uses_splice_and_sockmap_refuses_to_start() {
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "pglb started without the privileges sockmap needs: {stderr}");
-    assert!(stderr.contains("forwarder: sockmap is not available") && stderr.contains("forwarder: auto"), "{stderr}");
+    assert!(stderr.contains("forwarder: sockmap is not available") && stderr.contains("CAP_BPF"), "{stderr}");
 }
 
 /// What deploy/systemd/pglb.service.d/sockmap.conf grants is enough: an

@@ -3,6 +3,7 @@
 
 mod failover;
 mod memory;
+mod pressure;
 mod results;
 mod throughput;
 
@@ -23,6 +24,7 @@ pub fn run(command: Command) -> Result<()> {
         }
         Command::Throughput(opts, common) => throughput::run(&opts, &prepare(common)?),
         Command::Failover(opts, common) => failover::run(&opts, &prepare(common)?),
+        Command::Pressure(opts, common) => pressure::run(&opts, &pglb::binary(common.build)?),
     }
 }
 

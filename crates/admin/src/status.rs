@@ -114,6 +114,7 @@ pub fn connections_json(sessions: &[SessionView]) -> String {
                 "duration_s": s.started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
                 "bytes_client_to_backend": s.bytes_client_to_backend,
                 "bytes_backend_to_client": s.bytes_backend_to_client,
+                "forwarder": s.forwarder,
             })
         })
         .collect();

@@ -27,30 +27,38 @@ pub struct Loaded {
     kernel: Option<Arc<pglb_sockmap::Kernel>>,
 }
 
+/// Why the kernel path is not chosen by `auto` and `sockmap` warns: what
+/// the kernel does with an overlapping retransmission (README, "The kernel
+/// path"; issue 21).
+pub const KERNEL_PATH_FINDING: &str = "the kernel's sockmap redirect sends a retransmitted TCP segment whole, including the bytes of it the socket had already received (tcp_read_skb ignores the overlap; seen on Linux 6.18), so a lossy moment duplicates bytes inside the stream; pglb resets such a session when its counts disagree (pglb_forward_integrity_errors_total) but cannot undo what the peer already read";
+
 /// The data path for `config`. `forwarder: sockmap` fails when the kernel
-/// path cannot be had (the error says why and what to do); `auto` then
-/// uses splice and logs why, once per call (start and reloads that change
-/// the forwarder). Must run on the data-path runtime.
+/// path cannot be had (the error says why and what to do) and warns when
+/// it can; `auto` uses splice and says why, once per call (start and
+/// reloads that change the forwarder). Must run on the data-path runtime.
 pub fn choose(config: &Config, loaded: &mut Loaded) -> anyhow::Result<DataPath> {
     let pipes = || cfg!(target_os = "linux").then(|| Arc::new(PipePool::new(PIPE_POOL, PIPE_SIZE)));
     match config.forwarder {
         Forwarder::Copy => Ok(DataPath::userspace(None)),
         Forwarder::Splice => Ok(DataPath::userspace(pipes())),
-        Forwarder::Sockmap | Forwarder::Auto => match kernel(loaded) {
+        Forwarder::Auto => {
+            tracing::info!(finding = KERNEL_PATH_FINDING, "forwarder: auto uses splice: the kernel path is not trusted");
+            Ok(DataPath::userspace(pipes()))
+        }
+        Forwarder::Sockmap => match kernel(loaded) {
             Ok(kernel) => {
-                tracing::info!("forwarder: sockmap (the kernel moves session bytes; splice for sessions it cannot take)");
+                tracing::warn!(
+                    finding = KERNEL_PATH_FINDING,
+                    "forwarder: sockmap (the kernel moves session bytes; splice for sessions it cannot take): not recommended; use splice"
+                );
                 Ok(DataPath {
                     pipes: pipes(),
                     #[cfg(target_os = "linux")]
                     sockmap: Some(kernel),
                 })
             }
-            Err(reason) if config.forwarder == Forwarder::Auto => {
-                tracing::info!(%reason, "forwarder: auto uses splice: the kernel path is not available");
-                Ok(DataPath::userspace(pipes()))
-            }
             Err(reason) => bail!(
-                "forwarder: sockmap is not available: {reason}. Grant the privileges (deploy/systemd/sockmap.conf) or set forwarder: auto to fall back to splice"
+                "forwarder: sockmap is not available: {reason}. Grant the privileges (deploy/systemd/sockmap.conf) or use forwarder: splice"
             ),
         },
     }

@@ -42,6 +42,9 @@ pub struct SessionView {
     pub server_name: Option<String>,
     pub bytes_client_to_backend: u64,
     pub bytes_backend_to_client: u64,
+    /// The data path forwarding it now (`splice`, `copy`, `sockmap`,
+    /// `sockmap_demoted`), or `starting` before its backend answered.
+    pub forwarder: &'static str,
 }
 
 /// Names of the backends and listeners that hold sessions now.
@@ -125,6 +128,7 @@ impl Contexts {
                 server_name: s.server_name.clone(),
                 bytes_client_to_backend: s.bytes_in.load(Ordering::Relaxed),
                 bytes_backend_to_client: s.bytes_out.load(Ordering::Relaxed),
+                forwarder: crate::forward::Path::of(s.path.load(Ordering::Relaxed)).as_str(),
             })
             .collect()
     }

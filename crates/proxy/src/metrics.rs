@@ -51,6 +51,16 @@ pub fn describe() {
         "pglb_sockmap_demotions_total",
         "Sessions moved off the kernel path because their reader fell behind (bytes would queue in kernel memory)."
     );
+    describe_counter!(
+        "pglb_forward_integrity_errors_total",
+        "Sessions on the kernel path reset because their byte counts disagreed, per kind (surplus: bytes duplicated; stuck: bytes lost) and direction."
+    );
+    for kind in ["surplus", "stuck"] {
+        for direction in ["client_to_backend", "backend_to_client"] {
+            metrics::counter!("pglb_forward_integrity_errors_total", "kind" => kind, "direction" => direction)
+                .increment(0);
+        }
+    }
     describe_gauge!(
         "pglb_sockmap_sockets",
         "Sockets in the kernel's sockmap now (two per session on the kernel path)."
@@ -74,6 +84,11 @@ pub fn sockmap_fallback(reason: &'static str) {
 /// Counts a session moved off the kernel path (slow reader).
 pub fn sockmap_demoted() {
     metrics::counter!("pglb_sockmap_demotions_total").increment(1);
+}
+
+/// Counts a session reset because its byte counts disagreed.
+pub fn integrity_error(kind: &'static str, direction: &'static str) {
+    metrics::counter!("pglb_forward_integrity_errors_total", "kind" => kind, "direction" => direction).increment(1);
 }
 
 /// Sockets put in (positive) or taken out of (negative) the kernel map.

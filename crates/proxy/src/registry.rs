@@ -31,6 +31,8 @@ pub struct SessionHandle {
     pub reason: OnceLock<CloseReason>,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// The data path forwarding it now (a [`crate::forward::Path`]).
+    pub path: std::sync::atomic::AtomicU8,
 }
 
 impl SessionHandle {

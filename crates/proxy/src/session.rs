@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::address::AddressGroup;
 use crate::connect::{connect, tune};
-use crate::forward::{discard_unsent, forward, Counters};
+use crate::forward::{discard_unsent, forward, Counters, Path};
 use crate::listener::ListenerContext;
 use crate::protocol::{read_first, FirstKind, FirstMessage, SSL_REQUEST_BYTES};
 use crate::reason::Reject;
@@ -478,6 +478,7 @@ async fn open<'a>(
         reason: OnceLock::new(),
         bytes_in: Default::default(),
         bytes_out: Default::default(),
+        path: Default::default(),
     });
     let open = OpenSession::new(ctx, candidate.name.clone(), handle.clone());
     // Race: routing may have changed between the pick and registration;
@@ -560,6 +561,7 @@ impl Session<'_> {
             backend_to_client: pair.backend_to_client.clone(),
             up: &self.handle.bytes_in,
             down: &self.handle.bytes_out,
+            path: &self.handle.path,
         };
         let outcome = forward_any(ctx, client, self.backend, &counters, &self.handle.stop).await;
         let end = match (outcome.end, self.handle.reason.get()) {
@@ -610,7 +612,9 @@ async fn forward_any(
         None => (client, backend),
     };
     let pipes = ctx.shared.pipes.as_deref();
-    crate::metrics::forwarded(if pipes.is_some() { "splice" } else { "copy" });
+    let path = if pipes.is_some() { Path::Splice } else { Path::Copy };
+    counters.set_path(path);
+    crate::metrics::forwarded(path.as_str());
     forward(client, backend, pipes, counters, stop).await
 }
 

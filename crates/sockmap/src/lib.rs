@@ -8,6 +8,7 @@
 //! Linux only, and it needs CAP_BPF + CAP_NET_ADMIN (or root) and `bpf(2)`
 //! allowed by the seccomp filter. [`Kernel::load`] says why when it cannot.
 
+pub mod integrity;
 pub mod program;
 mod sys;
 pub mod watch;
@@ -153,11 +154,17 @@ fn counts_and_queued(socket: BorrowedFd<'_>) -> io::Result<(TcpCounts, u64)> {
 }
 
 /// One direction of a link since it was made: what the source received and
-/// what the kernel has written into the destination.
+/// what has been written into the destination (by the kernel's redirect,
+/// and by pglb once the session has left the kernel path).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Flow {
     pub received: u64,
     pub delivered: u64,
+    /// Of `delivered`, bytes the destination's peer has not acknowledged yet.
+    pub unacked: u64,
+    /// The source or the destination has closed: the session is ending, and
+    /// its counts may be off by a FIN (see [`integrity`]).
+    pub closed: bool,
 }
 
 impl Flow {
@@ -168,42 +175,56 @@ impl Flow {
     }
 }
 
-/// FINs each way so far: the FIN takes a sequence number, and TCP counts it
-/// like a byte.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Fins {
-    /// The source of direction `i` (`a` for 0, `b` for 1) sent its FIN.
-    pub received: [bool; 2],
-    /// pglb passed direction `i`'s EOF on (shut its destination's writing).
-    pub sent: [bool; 2],
-}
-
 impl Link {
     /// The two directions (`a` to `b`, `b` to `a`) since the link was made.
-    pub fn flows(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, fins: Fins) -> io::Result<[Flow; 2]> {
-        Ok(self.directions([(sys::tcp_counts(a)?, 0), (sys::tcp_counts(b)?, 0)], fins))
+    /// Each destination is read before its source (`a`, `b`, then `a`
+    /// again), so a byte arriving meanwhile can make a destination look
+    /// behind but never ahead: `delivered > received` is never a sampling
+    /// artefact (see [`integrity`]).
+    pub fn flows(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<[Flow; 2]> {
+        let first_a = (sys::tcp_counts(a)?, 0);
+        let b = (sys::tcp_counts(b)?, 0);
+        let then_a = (sys::tcp_counts(a)?, 0);
+        Ok(self.directions(first_a, b, then_a))
+    }
+
+    /// Like [`Link::flows`], but `received` counts only what the source's
+    /// reader (the kernel, or pglb once the session left the kernel path)
+    /// has taken: bytes still queued unread in the source are not counted.
+    pub fn consumed(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<[Flow; 2]> {
+        let first_a = counts_and_queued(a)?;
+        let b = counts_and_queued(b)?;
+        let then_a = counts_and_queued(a)?;
+        Ok(self.directions(first_a, b, then_a))
     }
 
     /// After [`Kernel::hold`]: every byte the kernel redirected has reached
     /// its destination's send queue (the rest waits unread in its source),
     /// so pglb may now read and write both sockets itself.
-    pub fn settled(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, fins: Fins) -> io::Result<bool> {
-        let flows = self.directions([counts_and_queued(a)?, counts_and_queued(b)?], fins);
-        Ok(flows.iter().all(Flow::drained))
+    pub fn settled(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<bool> {
+        Ok(self.consumed(a, b)?.iter().all(Flow::drained))
     }
 
     /// Both directions from each socket's counts and the bytes it holds
-    /// unread (not counted as received: they have not been redirected).
-    fn directions(&self, [(ca, qa), (cb, qb)]: [(TcpCounts, u64); 2], fins: Fins) -> [Flow; 2] {
+    /// unread (not counted as received: nobody has taken them yet).
+    /// `first_a` and `then_a` are `a` read before and after `b`. FINs take
+    /// a sequence number, so TCP counts each like a byte: not counted here.
+    fn directions(
+        &self,
+        (first_a, _): (TcpCounts, u64),
+        (cb, qb): (TcpCounts, u64),
+        (then_a, qa): (TcpCounts, u64),
+    ) -> [Flow; 2] {
         let received = |c: TcpCounts, queued: u64, i: usize| {
-            c.received.saturating_sub(self.base[i].consumed + queued + u64::from(fins.received[i]))
+            c.received.saturating_sub(self.base[i].consumed + queued + u64::from(c.fin_received))
         };
         // Direction 0 is written into b (base 1), direction 1 into a (base 0).
         let delivered =
-            |c: TcpCounts, i: usize| c.written.saturating_sub(self.base[1 - i].written + u64::from(fins.sent[i]));
+            |c: TcpCounts, i: usize| c.written.saturating_sub(self.base[1 - i].written + u64::from(c.fin_sent));
+        let closed = then_a.closed || cb.closed;
         [
-            Flow { received: received(ca, qa, 0), delivered: delivered(cb, 0) },
-            Flow { received: received(cb, qb, 1), delivered: delivered(ca, 1) },
+            Flow { received: received(then_a, qa, 0), delivered: delivered(cb, 0), unacked: cb.unacked, closed },
+            Flow { received: received(cb, qb, 1), delivered: delivered(first_a, 1), unacked: first_a.unacked, closed },
         ]
     }
 }

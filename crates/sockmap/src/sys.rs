@@ -189,7 +189,26 @@ pub struct TcpCounts {
     /// `tcpi_bytes_acked` plus the send queue (`SIOCOUTQ`): every byte
     /// written into this socket by pglb or the kernel.
     pub written: u64,
+    /// The send queue alone: written, not yet acknowledged by the peer.
+    pub unacked: u64,
+    /// The peer's FIN has arrived (it takes a sequence number, so it is
+    /// counted in `received`).
+    pub fin_received: bool,
+    /// This socket has sent its FIN (counted in `written`).
+    pub fin_sent: bool,
+    /// Closed (reset, or both FINs exchanged and the connection moved to
+    /// TIME_WAIT): whether its FINs were counted can no longer be told.
+    pub closed: bool,
 }
+
+/// `tcp_info.tcpi_state` values (`enum tcp_state` in the kernel).
+const TCP_FIN_WAIT1: u8 = 4;
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
 
 /// Offsets in `struct tcp_info` (stable ABI, appended to only).
 const TCPI_BYTES_ACKED: usize = 120;
@@ -218,7 +237,13 @@ pub fn tcp_counts(socket: BorrowedFd<'_>) -> io::Result<TcpCounts> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(TcpCounts { received, written: acked + u64::try_from(queued).unwrap_or(0) })
+    let unacked = u64::try_from(queued).unwrap_or(0);
+    // Read with the counts: a FIN is never counted without its flag.
+    let state = info[0];
+    let fin_received = matches!(state, TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT);
+    let fin_sent = matches!(state, TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK | TCP_TIME_WAIT);
+    let closed = state == TCP_CLOSE;
+    Ok(TcpCounts { received, written: acked + unacked, unacked, fin_received, fin_sent, closed })
 }
 
 /// Bytes received and not read yet (`SIOCINQ`).

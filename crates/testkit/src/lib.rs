@@ -2,10 +2,11 @@
 //! (`benches/`), which both drive the built `pglb` binary from outside: a
 //! tiny HTTP client for the admin endpoint, what /proc says about a
 //! process, and finding a program on this machine.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod http;
 pub mod proc;
+pub mod retransmit;
 pub mod sockets;
 
 use std::path::PathBuf;

@@ -9,15 +9,26 @@
 //! receive queue, so pglb first reads each socket until it would block and
 //! passes that on itself; bytes arriving after that stay queued until the
 //! link is made, which runs the program over them (`SO_RCVLOWAT` kick)
-//! before anything newer. Nothing is lost, duplicated or reordered.
+//! before anything newer.
+//!
+//! Integrity: every sample of the byte counts is audited
+//! ([`pglb_sockmap::integrity`]). The kernel's redirect duplicates a
+//! retransmitted segment that overlaps bytes already received (README, "The
+//! kernel path"); a destination given more than its source received, or
+//! bytes that stopped short of their destination, end the session with a
+//! reset on both sides, a log line with the figures and
+//! `pglb_forward_integrity_errors_total`, rather than a corrupt stream or a
+//! session that waits forever.
 
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
+use pglb_sockmap::integrity::{Audit, Breach};
 use pglb_sockmap::watch::{CLOSED, ERROR, READ_CLOSED};
-use pglb_sockmap::{Fins, Kernel, Link};
+use pglb_sockmap::{Kernel, Link};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +42,25 @@ const SAMPLE_IDLE: Duration = Duration::from_secs(5);
 /// Bytes redirected but not yet sent on, per direction, past which the
 /// session leaves the kernel path (a slow reader: see [`demote`]).
 const MAX_QUEUED: u64 = 4 << 20;
+/// Test-only (not a setting, not in lb.yaml): demote every session once
+/// this many bytes have crossed the kernel path, whatever its backlog, and
+/// sample every millisecond meanwhile, so that a test runs the demotion's
+/// hand-over thousands of times, mid-stream, with readers that keep up (a
+/// paused reader invites the kernel's duplication: README).
+const DEMOTE_AFTER_ENV: &str = "PGLB_TEST_SOCKMAP_DEMOTE_AFTER";
+
+fn demote_after() -> Option<u64> {
+    static AFTER: OnceLock<Option<u64>> = OnceLock::new();
+    *AFTER.get_or_init(|| std::env::var(DEMOTE_AFTER_ENV).ok().and_then(|v| v.parse().ok()))
+}
+
+fn sample_busy() -> Duration {
+    if demote_after().is_some() {
+        Duration::from_millis(1)
+    } else {
+        SAMPLE_BUSY
+    }
+}
 /// How often a passed EOF waits to check that the bytes before it left.
 const DRAIN_POLL: Duration = Duration::from_millis(2);
 
@@ -38,7 +68,8 @@ const DRAIN_POLL: Duration = Duration::from_millis(2);
 pub struct Fallback {
     pub client: TcpStream,
     pub backend: TcpStream,
-    /// `map_full` or `error` (the `pglb_sockmap_fallbacks_total` label).
+    /// `map_full`, `closed` or `error` (the `pglb_sockmap_fallbacks_total`
+    /// label).
     pub reason: &'static str,
     pub error: io::Error,
 }
@@ -53,10 +84,14 @@ pub async fn forward(
     stop: &CancellationToken,
 ) -> Result<Outcome, Fallback> {
     let fallback = |client, backend, error: io::Error| {
-        let reason = if matches!(error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM | libc::ENOSPC)) {
-            "map_full"
-        } else {
-            "error"
+        let reason = match error.raw_os_error() {
+            Some(libc::E2BIG | libc::ENOMEM | libc::ENOSPC) => "map_full",
+            // The kernel takes only established sockets into a sockmap: a
+            // peer's FIN arriving after the last read before the link
+            // (CLOSE_WAIT) makes the insert fail with EOPNOTSUPP.
+            Some(libc::EOPNOTSUPP) => "closed",
+            _ if error.kind() == io::ErrorKind::UnexpectedEof => "closed",
+            _ => "error",
         };
         Fallback { client, backend, reason, error }
     };
@@ -85,11 +120,12 @@ pub async fn forward(
         }
     };
     crate::metrics::forwarded("sockmap");
+    counters.set_path(super::Path::Sockmap);
     crate::metrics::sockmap_sockets(2.0);
     let mut sampler = Sampler::new(counters);
     let end = match run(kernel, &link, &client, &backend, &mut sampler, stop).await {
         Ran::Ended(end) => end,
-        Ran::Backlog(fins) => demote(kernel, &link, client, backend, fins, &mut sampler, stop).await,
+        Ran::Backlog => demote(kernel, &link, client, backend, &mut sampler, stop).await,
     };
     kernel.unlink(link);
     crate::metrics::sockmap_sockets(-2.0);
@@ -107,28 +143,44 @@ async fn demote(
     link: &Link,
     client: std::net::TcpStream,
     backend: std::net::TcpStream,
-    fins: Fins,
     sampler: &mut Sampler<'_>,
     stop: &CancellationToken,
 ) -> End {
     crate::metrics::sockmap_demoted();
+    sampler.counters.set_path(super::Path::SockmapDemoted);
     if let Err(e) = kernel.hold(link) {
         tracing::warn!(error = %e, "cannot hold a linked session's bytes back; closing it");
         return stopped(&backend);
     }
+    // Until what was redirected has gone out. A side reset meanwhile ends
+    // the session; bytes that never arrive are the audit's `stuck`.
     let mut wait = DRAIN_POLL;
+    let mut audit = Audit::new(Instant::now());
     loop {
-        match link.settled(client.as_fd(), backend.as_fd(), fins) {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(_) => return End::ClientError,
+        let Ok(flows) = link.consumed(client.as_fd(), backend.as_fd()) else {
+            return End::ClientError;
+        };
+        if flows.iter().all(pglb_sockmap::Flow::drained) {
+            break;
+        }
+        if let Some(breach) = audit.check(&flows, Instant::now()) {
+            return breached(breach, &client, &backend);
+        }
+        // EPIPE is the kernel's note of a FIN that reached the redirect, not an error.
+        let reset =
+            |s: &std::net::TcpStream| matches!(s.take_error(), Ok(Some(e)) if e.raw_os_error() != Some(libc::EPIPE));
+        if reset(&client) {
+            return End::ClientError;
+        }
+        if reset(&backend) {
+            return End::BackendError;
         }
         tokio::select! {
             _ = stop.cancelled() => return stopped(&backend),
             _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_millis(50)),
         }
     }
-    if let Ok(flows) = link.flows(client.as_fd(), backend.as_fd(), fins) {
+    if let Ok(flows) = link.flows(client.as_fd(), backend.as_fd()) {
         sampler.update(&flows);
     }
     let (client, backend) = match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
@@ -136,9 +188,49 @@ async fn demote(
         _ => return End::ClientError,
     };
     // Copy, not splice: splice(2) reads the TCP queue and would skip the
-    // bytes held in the socket's own (sockmap) queue.
+    // bytes held in the socket's own (sockmap) queue. The sockets stay in
+    // the map, held, until the session ends: taken out after the kernel
+    // has queued bytes for them, they become unreadable (README).
+    // Still audited: a segment the kernel duplicates reaches pglb too.
+    let mut audit = Audit::new(Instant::now());
+    let mut check = || {
+        let flows = link.consumed(client.as_fd(), backend.as_fd()).ok()?;
+        audit.check(&flows, Instant::now()).map(|breach| breached(breach, &client, &backend))
+    };
     // Boxed: only a demoted session pays for the copy path's future.
-    Box::pin(super::forward(client, backend, None, sampler.counters, stop)).await.end
+    let end = Box::pin(super::pump_both(&client, &backend, None, sampler.counters, stop, Some(&mut check))).await;
+    if matches!(end, End::Stopped) {
+        super::discard_unsent(&backend);
+    }
+    end
+}
+
+/// Ends a session whose counts disagree: both sides are reset (the bytes
+/// either has not sent on are discarded), and the figures are logged.
+fn breached((direction, breach): (usize, Breach), client: &impl AsFd, backend: &impl AsFd) -> End {
+    let direction = ["client_to_backend", "backend_to_client"][direction];
+    crate::metrics::integrity_error(breach.kind(), direction);
+    match breach {
+        Breach::Surplus { received, delivered } => tracing::error!(
+            direction,
+            received,
+            delivered,
+            surplus = delivered - received,
+            "kernel path: the destination was given bytes its source never received (duplicated by the kernel); both sides reset"
+        ),
+        Breach::Stuck { received, delivered, stalled } => tracing::error!(
+            direction,
+            received,
+            delivered,
+            missing = received - delivered,
+            stalled_s = stalled.as_secs_f64(),
+            "kernel path: bytes received never reached their destination and nothing moves; both sides reset"
+        ),
+    }
+    for socket in [client.as_fd(), backend.as_fd()] {
+        let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+    }
+    End::IntegrityError
 }
 
 fn stopped(backend: &std::net::TcpStream) -> End {
@@ -150,7 +242,7 @@ fn stopped(backend: &std::net::TcpStream) -> End {
 enum Ran {
     Ended(End),
     /// A reader fell behind: bytes queue in the kernel.
-    Backlog(Fins),
+    Backlog,
 }
 
 /// Reads `src` until it would block and writes it all to `dst`. Reads with
@@ -189,10 +281,6 @@ struct Direction {
     passed: bool,
 }
 
-fn fins(dirs: &[Direction; 2]) -> Fins {
-    Fins { received: [dirs[0].eof, dirs[1].eof], sent: [dirs[0].passed, dirs[1].passed] }
-}
-
 async fn run(
     kernel: &Kernel,
     link: &Link,
@@ -213,6 +301,7 @@ async fn run(
     let mut dirs = [Direction::default(); 2];
     let mut first_eof = None;
     let mut drain_wait = DRAIN_POLL;
+    let mut audit = Audit::new(Instant::now());
     let end = loop {
         let (ce, be) = (watch_c.hangup().events(), watch_b.hangup().events());
         if ce & (READ_CLOSED | CLOSED) != 0 && !dirs[0].eof {
@@ -238,12 +327,16 @@ async fn run(
         if watch_b.hangup().take(ERROR) && failed(backend, dirs[0].eof) {
             break first_eof.unwrap_or(End::BackendError);
         }
-        let Ok(flows) = link.flows(c, b, fins(&dirs)) else {
+        let Ok(flows) = link.flows(c, b) else {
             break first_eof.unwrap_or(End::ClientError);
         };
+        if let Some(breach) = audit.check(&flows, Instant::now()) {
+            return Ran::Ended(breached(breach, client, backend));
+        }
         sampler.update(&flows);
-        if flows.iter().any(|f| f.received.saturating_sub(f.delivered) > MAX_QUEUED) {
-            return Ran::Backlog(fins(&dirs));
+        let forced = demote_after().is_some_and(|n| flows.iter().map(|f| f.delivered).sum::<u64>() >= n);
+        if forced || flows.iter().any(|f| f.received.saturating_sub(f.delivered) > MAX_QUEUED) {
+            return Ran::Backlog;
         }
         let mut failed = None;
         for (i, dst, side) in [(0, backend, End::BackendError), (1, client, End::ClientError)] {
@@ -275,7 +368,7 @@ async fn run(
             _ = tokio::time::sleep(drain_wait), if draining => drain_wait = (drain_wait * 2).min(Duration::from_millis(50)),
         }
     };
-    if let Ok(flows) = link.flows(c, b, fins(&dirs)) {
+    if let Ok(flows) = link.flows(c, b) {
         sampler.update(&flows);
     }
     Ran::Ended(end)
@@ -309,7 +402,7 @@ struct Sampler<'a> {
 impl<'a> Sampler<'a> {
     fn new(counters: &'a Counters<'a>) -> Self {
         let base = [counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed)];
-        Self { counters, base, seen: [0; 2], next: SAMPLE_BUSY }
+        Self { counters, base, seen: [0; 2], next: sample_busy() }
     }
 
     fn update(&mut self, flows: &[pglb_sockmap::Flow; 2]) {
@@ -323,7 +416,7 @@ impl<'a> Sampler<'a> {
                 counter.increment(now - self.seen[i]);
                 total.store(self.base[i] + now, Ordering::Relaxed);
                 self.seen[i] = now;
-                self.next = SAMPLE_BUSY;
+                self.next = sample_busy();
             }
         }
     }

@@ -14,7 +14,7 @@ mod pump;
 #[cfg(target_os = "linux")]
 pub mod splice;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use metrics::Counter;
 use tokio::net::TcpStream;
@@ -35,6 +35,47 @@ pub struct Counters<'a> {
     /// This session's totals so far (read by `/connections`).
     pub up: &'a AtomicU64,
     pub down: &'a AtomicU64,
+    /// The data path forwarding the session now (read by `/connections`).
+    pub path: &'a AtomicU8,
+}
+
+impl Counters<'_> {
+    pub fn set_path(&self, path: Path) {
+        self.path.store(path as u8, Ordering::Relaxed);
+    }
+}
+
+/// Which data path forwards a session, as `/connections` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Path {
+    /// Not forwarding yet (waiting for the backend's first answer).
+    Starting = 0,
+    Splice = 1,
+    Copy = 2,
+    /// The kernel moves the bytes.
+    Sockmap = 3,
+    /// Left the kernel path (a slow reader) for a userspace copy.
+    SockmapDemoted = 4,
+}
+
+impl Path {
+    pub const ALL: [Path; 5] = [Path::Starting, Path::Splice, Path::Copy, Path::Sockmap, Path::SockmapDemoted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Starting => "starting",
+            Path::Splice => "splice",
+            Path::Copy => "copy",
+            Path::Sockmap => "sockmap",
+            Path::SockmapDemoted => "sockmap_demoted",
+        }
+    }
+
+    /// The path stored as `value` (`Starting` for anything unknown).
+    pub fn of(value: u8) -> Self {
+        Self::ALL.into_iter().find(|p| *p as u8 == value).unwrap_or(Path::Starting)
+    }
 }
 
 /// Why a forwarded session ended.
@@ -50,6 +91,9 @@ pub enum End {
     BackendError,
     /// pglb closed the session (shutdown or a routing change).
     Stopped,
+    /// The kernel path's byte counts disagreed (bytes duplicated or lost):
+    /// pglb reset both sides rather than carry on with a corrupt stream.
+    IntegrityError,
 }
 
 impl End {
@@ -60,6 +104,7 @@ impl End {
             End::ClientError => "client_error",
             End::BackendError => "backend_error",
             End::Stopped => "stopped",
+            End::IntegrityError => "integrity_error",
         }
     }
 }
@@ -100,38 +145,64 @@ pub async fn forward(
     counters: &Counters<'_>,
     stop: &CancellationToken,
 ) -> Outcome {
-    let end = {
-        let c2b = pump(&client, &backend, pipes, &counters.client_to_backend, counters.up);
-        let b2c = pump(&backend, &client, pipes, &counters.backend_to_client, counters.down);
-        tokio::pin!(c2b, b2c);
-        let (mut c2b_done, mut b2c_done) = (false, false);
-        let mut first_eof = None;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break End::Stopped,
-                r = &mut c2b, if !c2b_done => match r {
-                    Ok(()) => {
-                        c2b_done = true;
-                        first_eof.get_or_insert(End::ClientClosed);
-                    }
-                    // A reset after the other side's EOF is how many clients close.
-                    Err(f) => break first_eof.unwrap_or_else(|| f.end(Side::Client, Side::Backend)),
-                },
-                r = &mut b2c, if !b2c_done => match r {
-                    Ok(()) => {
-                        b2c_done = true;
-                        first_eof.get_or_insert(End::BackendClosed);
-                    }
-                    Err(f) => break first_eof.unwrap_or_else(|| f.end(Side::Backend, Side::Client)),
-                },
-            }
-            if c2b_done && b2c_done {
-                break first_eof.unwrap_or(End::ClientClosed);
-            }
-        }
-    };
-    if end == End::Stopped {
+    let end = pump_both(&client, &backend, pipes, counters, stop, None).await;
+    if matches!(end, End::Stopped | End::IntegrityError) {
         discard_unsent(&backend);
     }
+    if end == End::IntegrityError {
+        discard_unsent(&client);
+    }
     Outcome::of(end, counters)
+}
+
+/// A check run every [`AUDIT_EVERY`] while a session is pumped, between
+/// the pumps' steps (never while one is mid-call); `Some` ends the session.
+pub(crate) type AuditFn<'a> = &'a mut (dyn FnMut() -> Option<End> + Send);
+
+/// How often an audited session is checked.
+const AUDIT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Moves bytes both ways until both directions end, an error occurs,
+/// `stop` fires or `audit` says so.
+pub(crate) async fn pump_both(
+    client: &TcpStream,
+    backend: &TcpStream,
+    pipes: Option<&PipePool>,
+    counters: &Counters<'_>,
+    stop: &CancellationToken,
+    mut audit: Option<AuditFn<'_>>,
+) -> End {
+    let c2b = pump(client, backend, pipes, &counters.client_to_backend, counters.up);
+    let b2c = pump(backend, client, pipes, &counters.backend_to_client, counters.down);
+    tokio::pin!(c2b, b2c);
+    let (mut c2b_done, mut b2c_done) = (false, false);
+    let mut first_eof = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break End::Stopped,
+            r = &mut c2b, if !c2b_done => match r {
+                Ok(()) => {
+                    c2b_done = true;
+                    first_eof.get_or_insert(End::ClientClosed);
+                }
+                // A reset after the other side's EOF is how many clients close.
+                Err(f) => break first_eof.unwrap_or_else(|| f.end(Side::Client, Side::Backend)),
+            },
+            r = &mut b2c, if !b2c_done => match r {
+                Ok(()) => {
+                    b2c_done = true;
+                    first_eof.get_or_insert(End::BackendClosed);
+                }
+                Err(f) => break first_eof.unwrap_or_else(|| f.end(Side::Backend, Side::Client)),
+            },
+            _ = tokio::time::sleep(AUDIT_EVERY), if audit.is_some() => {
+                if let Some(end) = audit.as_mut().and_then(|check| check()) {
+                    break end;
+                }
+            }
+        }
+        if c2b_done && b2c_done {
+            break first_eof.unwrap_or(End::ClientClosed);
+        }
+    }
 }
