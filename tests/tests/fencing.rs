@@ -54,7 +54,7 @@ fn timeline_fork_fences_the_old_primary_and_closes_its_sessions() {
     assert!(pglb.eligible("rw").is_empty(), "{}", pglb.status());
     assert!(fenced(&pglb, "pg0"));
     let err = pglb_tests::psql::psql(pglb.port("rw"), "SELECT 1", &[]).expect_err("no writes to a fenced node");
-    assert!(err.contains("no healthy primary"), "{err}");
+    assert!(err.contains("no healthy primary") && err.contains("primary \"pg0\" is fenced: "), "{err}");
 }
 
 #[test]
@@ -87,7 +87,7 @@ fn two_primaries_on_one_timeline_fence_rw_and_allow_balances_them() {
     assert!(pglb.log().contains("split brain"), "{}", pglb.log());
     assert!(pglb.metrics().contains("pglb_split_brain 1"));
     let err = pglb_tests::psql::psql(pglb.port("rw"), "SELECT 1", &[]).expect_err("rw fenced");
-    assert!(err.contains("no healthy primary"), "{err}");
+    assert!(err.contains("no healthy primary") && err.contains("two backends answer as primary (pg1, pg2)"), "{err}");
 
     allow.wait_eligible("rw", &["pg1", "pg2"], SETTLE);
     let ports: std::collections::HashSet<u16> =

@@ -29,7 +29,10 @@ fn held_clients_reach_the_new_primary_or_get_57p03_and_the_hold_is_bounded() {
     let t0 = Instant::now();
     let err = psql(pglb.port("rw_short"), "SELECT 1", &[]).expect_err("nothing to hold for");
     let waited = t0.elapsed();
-    assert!(err.contains("pglb: no healthy primary for listener \"rw_short\""), "{err}");
+    assert!(
+        err.contains("pglb: no healthy primary for listener \"rw_short\" (held 1s): primary \"pg0\" is down ("),
+        "{err}"
+    );
     assert!(waited >= Duration::from_millis(900), "refused after {waited:?}, before hold_timeout");
 
     // hold_max 1: a held client takes the only place; the next is refused at

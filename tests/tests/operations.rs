@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -388,6 +389,19 @@ fn invalid_reloads_are_rejected_whole_and_the_old_config_keeps_serving() {
     assert!(log.contains(&location), "the log must point at {location}<column>:\n{log}");
     assert_eq!(where_am_i(pglb.port("rw")), Ok(primary), "the old config keeps serving");
     assert_eq!(config_hash(&pglb), hash, "config.hash is still the old file's");
+    // /status and `pglb status` say so, with the error.
+    let last = &pglb.status()["config"]["last_reload"];
+    assert_eq!(last["result"], "failure", "{last}");
+    assert!(last["error"].as_str().is_some_and(|e| e.contains(&location)), "{last}");
+    // (pglb status reads the admin address from the file: put the good one back.)
+    std::fs::write(&pglb.config, &good).expect("write config");
+    let out = Command::new(pglb_tests::pglb::pglb_bin())
+        .args(["status", "--config"])
+        .arg(&pglb.config)
+        .output()
+        .expect("pglb status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("last reload") && text.contains("REJECTED") && text.contains(&location), "{text}");
 
     // 2. A port in use, in a file that also removes pg2 and adds a listener:
     //    nothing of it applies.
@@ -682,6 +696,25 @@ fn admin_actions_drain_disable_and_enable_backends_behind_a_token() {
         (0..4).map(|_| where_am_i(pglb.port("ro")).expect("query via ro").0).collect();
     assert!(seen.contains(&pg1), "an enabled pg1 gets sessions again: {seen:?}");
     terminate(on_pg2);
+}
+
+/// A refused client is told the cause an operator can act on: the primary
+/// is healthy but disabled, so "no healthy primary" alone would mislead.
+#[test]
+fn a_client_of_a_disabled_primary_is_told_it_is_disabled() {
+    let cluster = shared_cluster();
+    let yaml = Yaml::for_cluster(&cluster)
+        .admin("token_env: OPS_ADMIN_TOKEN")
+        .listener("rw", "role: primary\n    hold_timeout: 0s");
+    let pglb = Pglb::start_with(&yaml, &[("OPS_ADMIN_TOKEN", "secret")]);
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    let (code, body) = post(&pglb, "/backends/pg0/disable", &["Authorization: Bearer secret"]);
+    assert_eq!(code, 200, "{body}");
+    let err = psql(pglb.port("rw"), "SELECT 1", &[]).expect_err("nothing to route to");
+    let want = "primary \"pg0\" is disabled by an operator (pglb enable pg0)";
+    assert!(err.contains(want), "psql says: {err}");
+    let line = wait_connection_line(&pglb, &[("listener", "rw"), ("end", "no_backend")]);
+    assert!(line.get("detail").is_some_and(|d| d.contains(want)), "{line:?}");
 }
 
 // ---------------------------------------------------------------- connection log

@@ -20,9 +20,12 @@ static SHARED: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
 /// The package directory and the shared PostgreSQL 18 cluster, or `None`
 /// (after [`skip`]) when the package is not unpacked.
 fn setup() -> Option<(PathBuf, Arc<Cluster>)> {
-    let Some(dir) = pg18::dir() else {
-        skip("PostgreSQL 18 is not unpacked: run tests/tools/fetch-pg18");
-        return None;
+    let dir = match pg18::dir() {
+        Ok(dir) => dir,
+        Err(why) => {
+            skip(&why);
+            return None;
+        }
     };
     let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
     let cluster = match slot.upgrade() {

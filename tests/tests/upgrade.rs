@@ -221,7 +221,11 @@ fn a_failed_upgrade_leaves_the_old_pglb_serving() {
     std::fs::write(&old.config, good.replace("interval: 500ms", "interval: 500xs")).expect("break the config");
     let (code, out, err) = upgrade(&old.config);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("upgrade failed") && err.contains("exited (exit status: 1)"), "{err}");
+    assert!(
+        err.contains("upgrade failed") && err.contains("check --config") && err.contains("(exit status: 1)"),
+        "{err}"
+    );
+    assert!(err.contains("health.interval: invalid duration"), "pglb upgrade prints the new binary's error: {err}");
     assert!(err.contains("this pglb keeps serving"), "{err}");
     std::fs::write(&old.config, &good).expect("restore the config");
 
@@ -229,7 +233,7 @@ fn a_failed_upgrade_leaves_the_old_pglb_serving() {
     binary.replace_with_script("#!/bin/sh\nexit 3\n");
     let (code, _, err) = upgrade(&old.config);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("exited (exit status: 3)"), "{err}");
+    assert!(err.contains("check --config") && err.contains("(exit status: 3)"), "{err}");
 
     std::thread::sleep(Duration::from_millis(300));
     let (attempted, failures) = load.finish();
@@ -242,7 +246,7 @@ fn a_failed_upgrade_leaves_the_old_pglb_serving() {
     assert_eq!(old.status()["pid"], serde_json::json!(old.pid()));
     let log = old.log();
     assert_eq!(log.matches("upgrade failed:").count(), 2, "{log}");
-    assert!(log.contains("health.interval: invalid duration"), "the new process's own error is in the log: {log}");
+    assert!(log.contains("health.interval: invalid duration"), "the new binary's own error is in the log: {log}");
 }
 
 #[test]

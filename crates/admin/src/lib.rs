@@ -19,5 +19,5 @@ mod exposition;
 mod server;
 mod status;
 
-pub use server::{serve, AdminContext, LiveConfig, UpgradeRequest};
+pub use server::{serve, AdminContext, LiveConfig, Reload, UpgradeRequest};
 pub use status::{connections_json, status_json};

@@ -29,6 +29,16 @@ pub struct LiveConfig {
     /// SHA-256 of the file's bytes, hex.
     pub hash: String,
     pub loaded_at: SystemTime,
+    /// The last reload (SIGHUP): when, and why it was rejected if it was.
+    pub last_reload: Option<Reload>,
+}
+
+/// The outcome of one reload.
+#[derive(Debug, Clone)]
+pub struct Reload {
+    pub at: SystemTime,
+    /// `None`: applied; `Some`: rejected, the old config kept serving.
+    pub error: Option<String>,
 }
 
 /// What the admin endpoint reads and acts on.

@@ -89,6 +89,11 @@ pub fn status_json(
             "path": live.path,
             "hash": live.hash,
             "loaded_at": live.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "last_reload": live.last_reload.as_ref().map(|r| json!({
+                "at": r.at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                "result": if r.error.is_some() { "failure" } else { "success" },
+                "error": r.error,
+            })),
         },
         "restored": *topology.restored,
         "restored_from": topology.restored_from,

@@ -23,6 +23,9 @@ pub struct Config {
     pub health: HealthConfig,
     pub listeners: Vec<ListenerConfig>,
     pub backends: Vec<BackendConfig>,
+    /// What is allowed but probably not meant: `pglb check` prints these,
+    /// `pglb run` logs them.
+    pub warnings: Vec<crate::Problem>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,11 +18,12 @@ pub struct Validator<'a> {
     positions: &'a Positions,
     base: &'a Path,
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl<'a> Validator<'a> {
     pub fn new(positions: &'a Positions, base: &'a Path) -> Self {
-        Self { positions, base, problems: Vec::new() }
+        Self { positions, base, problems: Vec::new(), warnings: Vec::new() }
     }
 
     pub fn run(mut self, raw: RawConfig) -> Result<Config, Vec<Problem>> {
@@ -71,6 +72,7 @@ impl<'a> Validator<'a> {
                 health,
                 listeners,
                 backends,
+                warnings: self.warnings,
             })
         } else {
             Err(self.problems)
@@ -93,14 +95,25 @@ impl<'a> Validator<'a> {
     }
 
     fn problem(&mut self, item: &str, message: String, help: impl Into<String>) {
+        let problem = self.at(item, message, help);
+        self.problems.push(problem);
+    }
+
+    /// Allowed, but probably not what the operator meant.
+    fn warning(&mut self, item: &str, message: String, help: impl Into<String>) {
+        let warning = self.at(item, message, help);
+        self.warnings.push(warning);
+    }
+
+    fn at(&self, item: &str, message: String, help: impl Into<String>) -> Problem {
         let pos = self.positions.find(item);
-        self.problems.push(Problem {
+        Problem {
             item: item.to_owned(),
             line: pos.map(|p| p.0),
             column: pos.map(|p| p.1),
             message,
             help: Some(help.into()),
-        });
+        }
     }
 
     fn admin(&mut self, raw: Option<RawAdmin>) -> AdminConfig {
@@ -280,6 +293,16 @@ impl<'a> Validator<'a> {
         };
         let message = match source.read() {
             Ok(_) => return Some(source),
+            Err(crate::secret::SecretError::File { path, source: err })
+                if err.kind() == std::io::ErrorKind::NotFound && systemd_credential(&path) =>
+            {
+                self.warning(
+                    &item,
+                    format!("{} is a systemd credential: it exists only while the service runs", path.display()),
+                    "not checked here; the unit's ExecStartPre (`pglb check`) checks it inside the service",
+                );
+                return Some(source);
+            }
             Err(crate::secret::SecretError::EnvUnset(var)) => format!("environment variable `{var}` is not set"),
             Err(crate::secret::SecretError::File { path, source }) => {
                 format!("cannot read {what} file {}: {source}", path.display())
@@ -754,4 +777,12 @@ impl<'a> Validator<'a> {
         }
         parsed
     }
+}
+
+/// A file systemd puts in a service's credentials folder (`LoadCredential=`)
+/// while the service runs: outside it (no `$CREDENTIALS_DIRECTORY` naming
+/// its folder), it cannot be read and is not expected to be.
+fn systemd_credential(path: &Path) -> bool {
+    let inside = std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|dir| path.starts_with(dir));
+    path.starts_with("/run/credentials/") && !inside
 }

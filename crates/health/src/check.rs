@@ -26,7 +26,6 @@ const CHECK_QUERY: &str = "SELECT pg_is_in_recovery()::text,
   CASE WHEN pg_is_in_recovery() THEN NULL ELSE (pg_current_wal_lsn() - '0/0')::text END,
   CASE WHEN pg_is_in_recovery() THEN NULL ELSE (pg_current_wal_flush_lsn() - '0/0')::text END,
   CASE WHEN pg_is_in_recovery() THEN (pg_last_wal_replay_lsn() - '0/0')::text END,
-  CASE WHEN pg_is_in_recovery() THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::text END,
   CASE WHEN pg_is_in_recovery() THEN
     coalesce((SELECT coalesce(status, 'hidden') || ':' || coalesce(received_tli::text, '')
               FROM pg_stat_wal_receiver), 'none') END";
@@ -175,9 +174,8 @@ fn observe(row: &Row) -> Observation {
         current: number(3).map(|n| n as u64),
         flush: number(4).map(|n| n as u64),
         replay: number(5).map(|n| n as u64),
-        replay_age: number(6),
     };
-    let receiver = text(7).map(|r| receiver(&r));
+    let receiver = text(6).map(|r| receiver(&r));
     let facts = Facts { timeline, system_id: text(2).and_then(|t| t.parse().ok()), wal, receiver };
     Observation::Up { role, facts }
 }

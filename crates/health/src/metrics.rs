@@ -27,7 +27,7 @@ pub fn describe_metrics() {
     describe_gauge!(
         "pglb_backend_replication_lag_seconds",
         Unit::Seconds,
-        "Age of the last transaction a lagging replica replayed (0 when caught up)."
+        "How long the primary has had WAL the replica has not replayed (0 when caught up; an idle primary is not lag)."
     );
     describe_gauge!("pglb_backend_max_connections", "Connection limit pglb keeps towards the backend (0: none).");
     describe_gauge!(

@@ -43,9 +43,10 @@ pub enum Command {
 #[derive(Clone)]
 pub struct TopologyHandle {
     /// What was restored at start, one line each (for /status), and from
-    /// where: `state_file`, or `upgrade` (the process this one took over from).
+    /// where: `state_file`, or `upgrade` (the process this one took over
+    /// from); `None` when there was nowhere to restore from (no state file).
     pub restored: Arc<Vec<String>>,
-    pub restored_from: &'static str,
+    pub restored_from: Option<&'static str>,
     pub commands: mpsc::Sender<Command>,
     pub table: Arc<ArcSwap<RoutingTable>>,
     /// The routing generation; changes when choices or verdicts may change.
@@ -82,11 +83,11 @@ impl Publisher {
         // A process taking over writes the state file only once it serves
         // (Command::KeepSaving); until then the running one owns it.
         let (restored, handed_over, restored_from) = match origin {
-            Origin::HandedOver(saved) => (restore_handed(&mut topology, saved), true, "upgrade"),
-            Origin::StateFile => {
-                let restored = state_file.as_deref().map(|path| restore(&mut topology, path)).unwrap_or_default();
-                (restored, false, "state_file")
-            }
+            Origin::HandedOver(saved) => (restore_handed(&mut topology, saved), true, Some("upgrade")),
+            Origin::StateFile => match state_file.as_deref() {
+                Some(path) => (restore(&mut topology, path), false, Some("state_file")),
+                None => (Vec::new(), false, None),
+            },
         };
         let saver = state_file.map(|path| (crate::state_file::spawn_writer(path), topology.saved()));
         let (table, _) = topology.table();
@@ -290,6 +291,11 @@ fn log_health(backend: &str, from: Health, to: Health, error: Option<&CheckError
         Health::Unverified => tracing::error!(
             backend, from, state, class, reason,
             "backend is unverified: the health check itself fails, not necessarily the node; pglb keeps its last known state and sessions but cannot follow a promotion until the check works again"
+        ),
+        // The first check of a backend pglb never saw up: nothing to close.
+        Health::Down if from == state => tracing::warn!(
+            backend, state, class, reason,
+            "backend is down: its first check failed; it gets no clients until a check passes"
         ),
         Health::Down => {
             let what = match error.map(|e| e.class.kind()) {

@@ -71,6 +71,9 @@ fn print_welcome(cluster: &Cluster, config: &pglb_config::Config, path: &std::pa
     let bin = pglb_cluster::pg_bin();
     let primary = cluster.primary();
     let standby = &cluster.nodes[1];
+    // PostgreSQL runs as `postgres` when the demo runs as root.
+    let as_pg =
+        if pglb_cluster::PgUser::detect().is_ok_and(|u| u.ids.is_some()) { "runuser -u postgres -- " } else { "" };
     println!(
         "
 pglb demo is running with config {config}
@@ -82,9 +85,15 @@ pglb demo is running with config {config}
   metrics:                curl -s http://{admin}/metrics
 
   watch a failover — stop the primary, promote a replica, and rw follows it:
-    runuser -u postgres -- {bin}/pg_ctl -D {d0} stop -m fast
+    {as_pg}{bin}/pg_ctl -D {d0} stop -m fast
     psql -h 127.0.0.1 -p {p1} -U postgres -c 'SELECT pg_promote()'
     psql -h 127.0.0.1 -p {rw} -U postgres -c 'SELECT inet_server_port()'    # now {p1}
+
+  then bring the old primary back as a replica of the new one (pglb unfences it
+  once it streams on the new timeline):
+    {as_pg}{bin}/pg_rewind -D {d0} -R --source-server='host=127.0.0.1 port={p1} user=postgres dbname=postgres'
+    {as_pg}{bin}/pg_ctl -D {d0} -l {d0}/rejoined.log start
+    {exe} status --config {config}    # pg1: healthy replica
 
 Ctrl-C stops pglb and the cluster and removes its files.",
         config = path.display(),

@@ -17,7 +17,7 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pglb_admin::LiveConfig;
+use pglb_admin::{LiveConfig, Reload};
 use pglb_config::Config;
 use pglb_health::Command;
 use sha2::{Digest, Sha256};
@@ -45,54 +45,60 @@ fn record_failure() {
 }
 
 impl Server {
-    /// Applies the config file anew; on any error the old config keeps serving.
+    /// Applies the config file anew; on any error the old config keeps
+    /// serving. Either way `/status` (and `pglb status`) shows the outcome.
     pub async fn reload(&mut self) {
         tracing::info!(config = %self.path.display(), "SIGHUP: reloading config");
+        match self.try_reload().await {
+            Ok(()) => {
+                record_success(true);
+                self.admin.live.store(Arc::new(LiveConfig {
+                    path: self.path.display().to_string(),
+                    hash: file_hash(&self.path),
+                    loaded_at: SystemTime::now(),
+                    last_reload: Some(Reload { at: SystemTime::now(), error: None }),
+                }));
+                tracing::info!(
+                    listeners = self.config.listeners.len(),
+                    backends = self.config.backends.len(),
+                    "config reloaded"
+                );
+            }
+            Err(error) => {
+                tracing::error!(config = %self.path.display(), %error, "reload rejected: the old config keeps serving");
+                record_failure();
+                let live = self.admin.live.load();
+                self.admin.live.store(Arc::new(LiveConfig {
+                    path: live.path.clone(),
+                    hash: live.hash.clone(),
+                    loaded_at: live.loaded_at,
+                    last_reload: Some(Reload { at: SystemTime::now(), error: Some(error) }),
+                }));
+            }
+        }
+    }
+
+    /// Loads, checks and applies the file; `Err` says why it was rejected.
+    async fn try_reload(&mut self) -> Result<(), String> {
         let next = match pglb_config::load_file(&self.path) {
             Ok(c) => Arc::new(c),
             Err(err) => {
                 for problem in &err.problems {
                     tracing::error!(location = %err.location(problem), "{problem}");
                 }
-                tracing::error!(config = %self.path.display(), problems = err.problems.len(), "reload rejected: the old config keeps serving");
-                record_failure();
-                return;
+                let first = err.problems.first().map(|p| format!("{}: {p}", err.location(p))).unwrap_or_default();
+                return Err(format!("{} problem(s) in the file, first: {first}", err.problems.len()));
             }
         };
-        if let Err(why) = self.compatible(&next) {
-            tracing::error!(config = %self.path.display(), "reload rejected: {why}; the old config keeps serving");
-            record_failure();
-            return;
-        }
+        crate::run::log_warnings(&self.path, &next);
+        self.compatible(&next)?;
         let kept: Vec<_> = self.listeners.iter().map(|l| l.addr).collect();
         let prepared = bind_listeners(&next, &kept, None).and_then(|sockets| {
             let tls = pglb_health::make_tls(next.health.sslrootcert.as_deref()).context("health.sslrootcert")?;
             Ok((sockets, tls))
         });
-        let (sockets, tls) = match prepared {
-            Ok(p) => p,
-            Err(err) => {
-                tracing::error!(config = %self.path.display(), error = format!("{err:#}"), "reload rejected: the old config keeps serving");
-                record_failure();
-                return;
-            }
-        };
-        if let Err(err) = self.apply(next, sockets, tls).await {
-            tracing::error!(error = %err, "reload failed while applying");
-            record_failure();
-            return;
-        }
-        record_success(true);
-        self.admin.live.store(Arc::new(LiveConfig {
-            path: self.path.display().to_string(),
-            hash: file_hash(&self.path),
-            loaded_at: SystemTime::now(),
-        }));
-        tracing::info!(
-            listeners = self.config.listeners.len(),
-            backends = self.config.backends.len(),
-            "config reloaded"
-        );
+        let (sockets, tls) = prepared.map_err(|err| format!("{err:#}"))?;
+        self.apply(next, sockets, tls).await.map_err(|err| format!("failed while applying: {err}"))
     }
 
     /// Settings that cannot change in place.

@@ -33,11 +33,19 @@ use crate::upgrade::Launch;
 pub fn check(path: &Path) -> ExitCode {
     match pglb_config::load_file(path) {
         Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!("{}: warning: {warning}", location(path, warning));
+            }
             println!(
-                "{}: ok ({} listeners, {} backends)",
+                "{}: ok ({} listeners, {} backends{})",
                 path.display(),
                 config.listeners.len(),
-                config.backends.len()
+                config.backends.len(),
+                match config.warnings.len() {
+                    0 => String::new(),
+                    1 => ", 1 warning".into(),
+                    n => format!(", {n} warnings"),
+                }
             );
             ExitCode::SUCCESS
         }
@@ -45,6 +53,18 @@ pub fn check(path: &Path) -> ExitCode {
             print_config_error(&err);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `file:line:column` of a warning.
+fn location(path: &Path, warning: &pglb_config::Problem) -> String {
+    ConfigError { file: path.to_owned(), problems: Vec::new() }.location(warning)
+}
+
+/// Logs the config's warnings (at start and after a reload).
+pub fn log_warnings(path: &Path, config: &Config) {
+    for warning in &config.warnings {
+        tracing::warn!(at = %location(path, warning), "config: {warning}");
     }
 }
 
@@ -66,6 +86,7 @@ pub fn run_blocking(path: &Path) -> anyhow::Result<()> {
         }
     };
     crate::telemetry::init_logging(config.log_format);
+    log_warnings(path, &config);
     crate::limits::raise_fd_limit();
     let launch = Launch::current();
     runtime()?.block_on(serve(path.to_owned(), config, launch))
@@ -238,6 +259,7 @@ impl Server {
             path: path.display().to_string(),
             hash: crate::reload::file_hash(&path),
             loaded_at: SystemTime::now(),
+            last_reload: None,
         };
         crate::reload::record_success(false);
         let contexts = Arc::new(Contexts::default());

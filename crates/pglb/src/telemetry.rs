@@ -10,14 +10,52 @@ use tracing_subscriber::EnvFilter;
 /// Logs to stderr as text or JSON lines; `RUST_LOG` overrides the default
 /// `info` level. Colour only when stderr is a terminal (and `NO_COLOR` is
 /// unset): a log file or a pipe gets plain text.
+/// Every line carries the process id (`pid=` after the time; `"pid"` in
+/// JSON): during an upgrade the old and the new process write to one log.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colour);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.with_timer(TimeAndPid).with_writer(std::io::stderr).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_writer(|| JsonWithPid).try_init(),
     };
+}
+
+/// The default UTC time, then `pid=N`.
+struct TimeAndPid;
+
+impl tracing_subscriber::fmt::time::FormatTime for TimeAndPid {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        tracing_subscriber::fmt::time::SystemTime.format_time(w)?;
+        write!(w, " pid={}", std::process::id())
+    }
+}
+
+/// stderr, with `"pid":N` first in every JSON object (the formatter writes
+/// each event whole, in one call).
+struct JsonWithPid;
+
+impl std::io::Write for JsonWithPid {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let mut err = std::io::stderr().lock();
+        match buf.strip_prefix(b"{") {
+            Some(rest) => {
+                write!(err, "{{\"pid\":{},", std::process::id())?;
+                err.write_all(rest)
+            }
+            None => err.write_all(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// Installs the Prometheus recorder and describes every metric.

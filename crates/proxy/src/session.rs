@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use pglb_config::{ListenerConfig, OnIneligible, Role};
 use pglb_routing::BackendLoad;
@@ -248,16 +248,13 @@ async fn find_backend<'a>(
         let (deadline, capacity) = if candidates.is_empty() {
             if held.is_none() {
                 if config.hold_timeout.is_zero() {
-                    return Err(no_backend(config));
+                    return Err(no_backend(ctx, config, None));
                 }
                 held =
                     Some(Slot::take(&ctx.held, config.hold_max, &ctx.metrics.held).ok_or_else(|| Refusal::Refuse {
                         reason: Reject::HoldFull,
                         sqlstate: CANNOT_CONNECT_NOW,
-                        message: format!(
-                            "pglb: no healthy backend for listener \"{}\" and hold_max clients already wait",
-                            ctx.name
-                        ),
+                        message: format!("{} and hold_max clients already wait", no_backend_message(ctx, config, None)),
                     })?);
             }
             (started + config.hold_timeout, None)
@@ -307,7 +304,7 @@ async fn find_backend<'a>(
             }
             Wake::Timeout => {
                 record_wait(ctx, started, true, false);
-                return Err(no_backend(config));
+                return Err(no_backend(ctx, config, Some(config.hold_timeout)));
             }
         }
     }
@@ -340,17 +337,31 @@ fn record_wait(ctx: &ListenerContext, started: Instant, held: bool, queued: bool
     }
 }
 
-fn no_backend(config: &ListenerConfig) -> Refusal {
-    Refusal::Refuse { reason: Reject::NoBackend, sqlstate: CANNOT_CONNECT_NOW, message: no_backend_message(config) }
+/// The refusal of a client with nothing to route to; `held` is how long it
+/// was held first.
+fn no_backend(ctx: &ListenerContext, config: &ListenerConfig, held: Option<Duration>) -> Refusal {
+    Refusal::Refuse {
+        reason: Reject::NoBackend,
+        sqlstate: CANNOT_CONNECT_NOW,
+        message: no_backend_message(ctx, config, held),
+    }
 }
 
-fn no_backend_message(config: &ListenerConfig) -> String {
+/// "pglb: no healthy primary for listener "rw": <the cause, from the
+/// routing table of now>", and how long the client was held.
+fn no_backend_message(ctx: &ListenerContext, config: &ListenerConfig, held: Option<Duration>) -> String {
     let what = match (config.role, config.fallback) {
         (Role::Replica, Some(f)) => format!("replica (nor {} fallback)", f.as_str()),
         (Role::Any, _) => "backend".to_owned(),
         (r, _) => r.as_str().to_owned(),
     };
-    format!("pglb: no healthy {what} for listener \"{}\"", config.name)
+    let table = ctx.shared.table.load();
+    let cause = match ctx.route_in(&table) {
+        Some(i) => pglb_routing::unavailable(&table.listeners[i], &table),
+        None => "the listener is being removed".into(),
+    };
+    let held = held.map(|d| format!(" (held {})", pglb_config::format_duration(d))).unwrap_or_default();
+    format!("pglb: no healthy {what} for listener \"{}\"{held}: {cause}", config.name)
 }
 
 /// The current candidates, in the order to try them, and whether they come

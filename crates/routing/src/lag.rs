@@ -14,26 +14,63 @@ pub struct Lag {
     pub seconds: Option<f64>,
 }
 
-/// Lag of `replica` behind `primary`, from the latest sample of each.
+/// Lag of `replica` behind the primary whose flush positions `history`
+/// holds, from the latest sample of each.
 ///
 /// The samples are taken at different moments, so `bytes` can be off by the
-/// WAL written during one check interval (plus the check's own duration);
-/// `seconds` is 0 when the replica has replayed at least to the primary's
-/// flush position of its previous sample, else the age of the last replayed
-/// transaction — so an idle primary does not make an up-to-date replica look
-/// hours behind.
-pub fn lag(replica: &BackendState, primary: &BackendState) -> Lag {
+/// WAL written during one check interval (plus the check's own duration).
+/// `seconds` is how long the primary has had WAL the replica has not
+/// replayed: the time since the primary's first sample past the replica's
+/// replay position. A replica at most one sample behind counts as caught up
+/// (0). Time since the last transaction is not lag: an idle primary leaves
+/// an up-to-date replica at 0, however old its last commit.
+pub fn lag(replica: &BackendState, primary: &BackendState, history: &WalHistory, now: Instant) -> Lag {
     let replay = replica.facts.wal.replay;
     let bytes = match (primary.facts.wal.current, replay) {
         (Some(current), Some(replay)) => Some(current.saturating_sub(replay)),
         _ => None,
     };
-    let caught_up_to = primary.previous_flush.or(primary.facts.wal.flush);
-    let seconds = match (replay, caught_up_to) {
-        (Some(replay), Some(flush)) if replay >= flush => Some(0.0),
-        _ => replica.facts.wal.replay_age.map(|age| age.max(0.0)),
-    };
-    Lag { bytes, seconds }
+    Lag { bytes, seconds: replay.map(|replay| history.behind_for(replay, now)) }
+}
+
+/// A primary's recent flush positions with the time each was sampled, for
+/// lag in seconds. Bounded: [`WalHistory::KEEP`] samples.
+#[derive(Debug, Clone, Default)]
+pub struct WalHistory {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl WalHistory {
+    /// Samples kept: at a check interval of 1s, over an hour; a replica
+    /// further behind than the oldest is "at least" that far behind.
+    pub const KEEP: usize = 4096;
+
+    /// Records the primary's flush position at `at`.
+    pub fn record(&mut self, at: Instant, flush: u64) {
+        if self.samples.back().is_some_and(|&(_, last)| last == flush) {
+            // Idle: the first sample at this position says since when.
+            return;
+        }
+        if self.samples.len() == Self::KEEP {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((at, flush));
+    }
+
+    pub fn clear(&mut self) {
+        self.samples.clear();
+    }
+
+    /// Seconds since the primary first had WAL past `replay`; 0 when only
+    /// the latest sample is past it (one sample of tolerance) or none is.
+    fn behind_for(&self, replay: u64, now: Instant) -> f64 {
+        let Some(first) = self.samples.iter().position(|&(_, flush)| flush > replay) else { return 0.0 };
+        if first + 1 == self.samples.len() {
+            return 0.0;
+        }
+        // Positions only grow: every later sample is past it too.
+        now.saturating_duration_since(self.samples[first].0).as_secs_f64()
+    }
 }
 
 /// Whether a replica follows the current primary: its WAL receiver streams
@@ -143,24 +180,59 @@ mod tests {
     use super::*;
     use crate::state::{Facts, Wal};
 
-    fn with_wal(wal: Wal, previous_flush: Option<u64>) -> BackendState {
-        BackendState { facts: Facts { wal, ..Facts::default() }, previous_flush, ..BackendState::default() }
+    fn with_wal(wal: Wal) -> BackendState {
+        BackendState { facts: Facts { wal, ..Facts::default() }, ..BackendState::default() }
+    }
+
+    fn history(t0: Instant, samples: &[(u64, u64)]) -> WalHistory {
+        let mut h = WalHistory::default();
+        for &(secs, flush) in samples {
+            h.record(t0 + std::time::Duration::from_secs(secs), flush);
+        }
+        h
     }
 
     #[test]
-    fn idle_primary_does_not_make_replicas_lag() {
-        let primary = with_wal(Wal { current: Some(1000), flush: Some(1000), ..Wal::default() }, Some(1000));
-        let replica = with_wal(Wal { replay: Some(1000), replay_age: Some(7200.0), ..Wal::default() }, None);
-        assert_eq!(lag(&replica, &primary), Lag { bytes: Some(0), seconds: Some(0.0) });
+    fn an_idle_primary_does_not_make_a_caught_up_replica_lag() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        let primary = with_wal(Wal { current: Some(1000), flush: Some(1000), ..Wal::default() });
+        // However old the last commit, an idle primary is not lag.
+        let replica = with_wal(Wal { replay: Some(1000), ..Wal::default() });
+        let h = history(t0, &[(0, 1000), (1, 1000), (3600, 1000)]);
+        assert_eq!(lag(&replica, &primary, &h, at(3600)), Lag { bytes: Some(0), seconds: Some(0.0) });
     }
 
     #[test]
-    fn behind_replica_reports_bytes_and_age() {
-        let primary = with_wal(Wal { current: Some(5000), flush: Some(5000), ..Wal::default() }, Some(4000));
-        let replica = with_wal(Wal { replay: Some(1000), replay_age: Some(3.5), ..Wal::default() }, None);
-        assert_eq!(lag(&replica, &primary), Lag { bytes: Some(4000), seconds: Some(3.5) });
-        let clock_skew = with_wal(Wal { replay: Some(1000), replay_age: Some(-0.2), ..Wal::default() }, None);
-        assert_eq!(lag(&clock_skew, &primary).seconds, Some(0.0));
+    fn seconds_count_from_the_primary_first_having_wal_the_replica_lacks() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        let primary = with_wal(Wal { current: Some(5000), flush: Some(5000), ..Wal::default() });
+        let replica = with_wal(Wal { replay: Some(1000), ..Wal::default() });
+        // The primary passed 1000 at second 10 and went on writing.
+        let h = history(t0, &[(0, 900), (5, 1000), (10, 2000), (11, 3000), (12, 5000)]);
+        assert_eq!(lag(&replica, &primary, &h, at(13)), Lag { bytes: Some(4000), seconds: Some(3.0) });
+        // Only the latest sample is past it: one interval of tolerance.
+        let close = with_wal(Wal { replay: Some(3000), ..Wal::default() });
+        assert_eq!(lag(&close, &primary, &h, at(13)).seconds, Some(0.0));
+        // Behind the oldest sample kept: at least that old.
+        let far = with_wal(Wal { replay: Some(100), ..Wal::default() });
+        assert_eq!(lag(&far, &primary, &h, at(20)).seconds, Some(20.0));
+    }
+
+    #[test]
+    fn a_replica_not_repointed_after_a_promotion_lags_from_the_promotion() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        // Idle old primary at 7000 until it stops; the replica has all of it.
+        let replica = with_wal(Wal { replay: Some(7000), ..Wal::default() });
+        // The new primary's first sample (second 40) is past 7000: its
+        // promotion wrote WAL the replica will never get.
+        let new_primary = with_wal(Wal { current: Some(7100), flush: Some(7100), ..Wal::default() });
+        let h = history(t0, &[(40, 7100)]);
+        assert_eq!(lag(&replica, &new_primary, &h, at(40)).seconds, Some(0.0), "one sample of tolerance");
+        let h = history(t0, &[(40, 7100), (41, 7100), (42, 7200)]);
+        assert_eq!(lag(&replica, &new_primary, &h, at(50)).seconds, Some(10.0));
     }
 
     #[test]

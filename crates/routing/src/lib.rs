@@ -16,9 +16,10 @@ mod select;
 mod state;
 mod table;
 mod topology;
+mod why;
 
 pub use fence::{Fence, FenceChange, FenceKind, Fencing};
-pub use lag::{lag, Following, GateChange, Lag, LagGate};
+pub use lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
 pub use reason::CloseReason;
 pub use saved::{SavedAdmin, SavedFence, SavedState};
 pub use select::Cursor;
@@ -28,3 +29,4 @@ pub use state::{
 };
 pub use table::{AdminState, BackendEntry, BackendLoad, ListenerRoute, RoutingTable, Verdict};
 pub use topology::{ActionError, Event, Topology};
+pub use why::unavailable;

@@ -183,8 +183,6 @@ pub struct Wal {
     pub flush: Option<u64>,
     /// Replica: `pg_last_wal_replay_lsn()`.
     pub replay: Option<u64>,
-    /// Replica: `now() - pg_last_xact_replay_timestamp()`, in seconds.
-    pub replay_age: Option<f64>,
 }
 
 /// A replica's WAL receiver, from `pg_stat_wal_receiver`.
@@ -287,8 +285,6 @@ pub struct BackendState {
     pub last_error: Option<CheckError>,
     /// Facts of the last successful check.
     pub facts: Facts,
-    /// A primary's flush position one sample before `facts` (for lag seconds).
-    pub previous_flush: Option<u64>,
 }
 
 impl Default for BackendState {
@@ -303,7 +299,6 @@ impl Default for BackendState {
             failures: 0,
             last_error: None,
             facts: Facts::default(),
-            previous_flush: None,
         }
     }
 }
@@ -330,7 +325,6 @@ impl BackendState {
         let mut out = Vec::new();
         match obs {
             Observation::Up { role, facts } => {
-                self.previous_flush = self.facts.wal.flush;
                 self.facts = facts;
                 self.success(first, t.rise);
                 if role != self.role {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use pglb_config::{Config, MultiPrimary, Role};
 
 use crate::fence::{FenceChange, Fencing};
-use crate::lag::{lag, Following, GateChange, Lag, LagGate};
+use crate::lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
 use crate::saved::{SavedAdmin, SavedFence, SavedState};
 use crate::state::{BackendState, Observation, ObservedRole, Thresholds, Transition};
 use crate::table::{AdminState, BackendEntry, BackendLoad, ListenerRoute, RoutingTable};
@@ -51,6 +51,8 @@ pub struct Topology {
     loads: Vec<Arc<BackendLoad>>,
     admin: Vec<AdminState>,
     lags: Vec<Lag>,
+    /// Each backend's flush positions over time while it is primary.
+    wal: Vec<WalHistory>,
     /// Whether each replica follows the current primary, and since when not.
     following: Vec<Following>,
     /// `gates[listener][backend]`.
@@ -77,6 +79,7 @@ impl Topology {
             loads: (0..n).map(|_| Arc::new(BackendLoad::default())).collect(),
             admin: vec![AdminState::Enabled; n],
             lags: vec![Lag::default(); n],
+            wal: vec![WalHistory::default(); n],
             following: vec![Following::default(); n],
             gates: vec![vec![LagGate::default(); n]; config.listeners.len()],
             fencing: Fencing::default(),
@@ -103,6 +106,7 @@ impl Topology {
         self.loads = carried.iter().map(|i| i.map(|i| self.loads[i].clone()).unwrap_or_default()).collect();
         self.admin = carried.iter().map(|i| i.map(|i| self.admin[i]).unwrap_or_default()).collect();
         self.lags = carried.iter().map(|i| i.map(|i| self.lags[i]).unwrap_or_default()).collect();
+        self.wal = carried.iter().map(|i| i.map(|i| self.wal[i].clone()).unwrap_or_default()).collect();
         self.following = carried.iter().map(|i| i.map(|i| self.following[i]).unwrap_or_default()).collect();
         let fenced = std::mem::take(&mut self.fencing.fenced);
         for (new, old) in carried.iter().enumerate() {
@@ -131,6 +135,16 @@ impl Topology {
             return Vec::new();
         };
         let replica_sample = matches!(obs, Observation::Up { role: ObservedRole::Replica, .. });
+        match &obs {
+            Observation::Up { role: ObservedRole::Primary, facts } => {
+                if let Some(flush) = facts.wal.flush {
+                    self.wal[i].record(now, flush);
+                }
+            }
+            // A primary's history is of no use once it is not one.
+            Observation::Up { .. } => self.wal[i].clear(),
+            _ => {}
+        }
         let health = &self.config.health;
         let thresholds = Thresholds { rise: health.rise, fall: health.fall, down_after: health.down_after };
         let mut events: Vec<Event> = self.states[i]
@@ -169,13 +183,22 @@ impl Topology {
         let Some(p) = primary else { return };
         for (r, role) in roles.iter().enumerate() {
             if *role == ObservedRole::Replica && self.states[r].up {
-                self.lags[r] = self.following[r].widen(lag(&self.states[r], &self.states[p]), now);
+                self.lags[r] = self.following[r].widen(lag(&self.states[r], &self.states[p], &self.wal[p], now), now);
+            } else if *role == ObservedRole::Primary {
+                // A promoted replica's last lag is no primary's.
+                self.lags[r] = Lag::default();
             }
         }
         if !(replica_sample && self.states[i].up) {
             return;
         }
         for (l, listener) in self.config.listeners.iter().enumerate() {
+            // Only listeners that may route to a replica have a gate to move.
+            let reads_replicas =
+                |r: pglb_config::Role| matches!(r, pglb_config::Role::Replica | pglb_config::Role::Any);
+            if !reads_replicas(listener.role) && !listener.fallback.is_some_and(reads_replicas) {
+                continue;
+            }
             if let Some(change) = self.gates[l][i].step(self.lags[i], listener, self.config.health.rise) {
                 events.push(Event::Lag {
                     listener: listener.name.clone(),

@@ -143,3 +143,97 @@ fn round_robin_smooths_weights() {
     let order: String = (0..7).map(|_| t.backends[route.candidates(&t, &cursor)[0]].config.name.clone()).collect();
     assert_eq!(order, "aabacaa", "nginx's smooth order, not aaaaabc");
 }
+
+/// What a refused client is told: the cause an operator can act on.
+mod why_unavailable {
+    use super::*;
+    use pglb_routing::{unavailable, AdminState};
+
+    fn topology(seen: &[Seen]) -> Topology {
+        let c = config("round_robin", [1, 1, 1]);
+        let mut topology = Topology::new(Arc::new(c.clone()));
+        for (b, (healthy, role)) in c.backends.iter().zip(seen) {
+            let facts = Facts { timeline: Some(1), system_id: Some(7), ..Facts::default() };
+            let obs = if *healthy {
+                Observation::Up { role: *role, facts }
+            } else {
+                Observation::Failed { class: FailureClass::Refused, reason: "connection refused".into(), lost: false }
+            };
+            topology.observe(&b.name, obs, std::time::Instant::now());
+        }
+        topology
+    }
+
+    fn why(topology: &mut Topology, listener: &str) -> String {
+        let t = topology.table().0;
+        let route = t.listener(listener).expect("listener");
+        assert!(route.eligible.is_empty(), "{listener} still routes to {:?}", route.eligible);
+        unavailable(route, &t)
+    }
+
+    #[test]
+    fn a_disabled_or_drained_primary_is_named_as_such() {
+        let mut t = topology(&[
+            state(true, ObservedRole::Primary),
+            state(true, ObservedRole::Replica),
+            state(true, ObservedRole::Replica),
+        ]);
+        t.set_admin("a", AdminState::Disabled).expect("disable");
+        assert_eq!(why(&mut t, "rw"), "primary \"a\" is disabled by an operator (pglb enable a)");
+        t.set_admin("a", AdminState::Drained).expect("drain");
+        assert_eq!(why(&mut t, "rw"), "primary \"a\" is drained by an operator (pglb enable a)");
+    }
+
+    #[test]
+    fn a_down_primary_and_no_primary_at_all_differ() {
+        let mut t = topology(&[
+            state(false, ObservedRole::Primary),
+            state(true, ObservedRole::Replica),
+            state(true, ObservedRole::Replica),
+        ]);
+        // Never seen up: it has no role; nobody answers as primary.
+        assert_eq!(why(&mut t, "rw"), "no primary elected: a down, b replica, c replica");
+    }
+
+    #[test]
+    fn a_primary_that_went_down_is_named_with_its_error() {
+        let mut t = topology(&[
+            state(true, ObservedRole::Primary),
+            state(true, ObservedRole::Replica),
+            state(true, ObservedRole::Replica),
+        ]);
+        for _ in 0..3 {
+            let down =
+                Observation::Failed { class: FailureClass::Refused, reason: "connection refused".into(), lost: true };
+            t.observe("a", down, std::time::Instant::now());
+        }
+        assert_eq!(why(&mut t, "rw"), "primary \"a\" is down (connection refused)");
+    }
+
+    #[test]
+    fn a_replica_listener_names_every_replica_and_its_fallback() {
+        let mut t = topology(&[
+            state(true, ObservedRole::Primary),
+            state(true, ObservedRole::Replica),
+            state(true, ObservedRole::Replica),
+        ]);
+        for name in ["a", "b", "c"] {
+            t.set_admin(name, AdminState::Disabled).expect("disable");
+        }
+        assert_eq!(
+            why(&mut t, "ro"),
+            "primary \"a\" is disabled by an operator (pglb enable a); replica \"b\" is disabled by an operator (pglb enable b); replica \"c\" is disabled by an operator (pglb enable c)"
+        );
+    }
+
+    #[test]
+    fn two_primaries_are_a_split_brain() {
+        let mut t = topology(&[
+            state(true, ObservedRole::Primary),
+            state(true, ObservedRole::Primary),
+            state(true, ObservedRole::Replica),
+        ]);
+        let text = why(&mut t, "rw");
+        assert!(text.starts_with("two backends answer as primary (a, b)"), "{text}");
+    }
+}

@@ -15,6 +15,15 @@ pub fn status(status: &Value) -> String {
         text(&config["path"]),
         ago(config["loaded_at"].as_u64().unwrap_or(0))
     );
+    let reload = &config["last_reload"];
+    if let Some(at) = reload["at"].as_u64() {
+        match reload["error"].as_str() {
+            Some(error) => {
+                out += &format!("last reload {} ago: REJECTED, the config above keeps serving: {error}\n", ago(at))
+            }
+            None => out += &format!("last reload {} ago: applied\n", ago(at)),
+        }
+    }
     let from = match status["restored_from"].as_str() {
         Some("upgrade") => "the pglb this one took over from",
         _ => "the state file",

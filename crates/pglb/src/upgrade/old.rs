@@ -71,6 +71,9 @@ async fn attempt(server: &Server, signals: &mut Signals, notifier: Notifier) -> 
         Ok(exe) => exe.clone(),
         Err(why) => return Outcome::Failed(why.clone()),
     };
+    if let Err(why) = check_config(&exe, &server.path).await {
+        return Outcome::Failed(why);
+    }
     let path = socket_dir().join(format!("pglb-upgrade-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
@@ -188,6 +191,31 @@ impl Step<'_> {
             _ = self.signals.stop() => Err(Abort::Stopped),
         }
     }
+}
+
+/// The new binary's `pglb check` of the config file: the most common reason
+/// an upgrade fails (a config the new version rejects) is told in full, not
+/// left to the log.
+async fn check_config(exe: &std::path::Path, config: &std::path::Path) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("check").arg("--config").arg(config).stdin(Stdio::null()).kill_on_drop(true);
+    let out = match tokio::time::timeout(Duration::from_secs(30), cmd.output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return Err(format!("cannot run {} check: {e}", exe.display())),
+        Err(_) => {
+            return Err(format!("{} check --config {} did not finish within 30s", exe.display(), config.display()))
+        }
+    };
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "`{} check --config {}` failed ({}); nothing changed:\n{}",
+        exe.display(),
+        config.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    ))
 }
 
 /// The first connection from `pid` (connections from other processes are
