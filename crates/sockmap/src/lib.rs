@@ -170,8 +170,14 @@ pub struct Flow {
 impl Flow {
     /// Every byte received has been handed to the destination's TCP send
     /// queue: its EOF can follow without cutting anything off.
+    ///
+    /// A socket whose peer's FIN arrived after its own was sent (FIN_WAIT2,
+    /// then TIME_WAIT) is left in TCP_CLOSE, where its state no longer says
+    /// that a FIN came, and the FIN counts like a byte in `received`: once
+    /// closed, one byte short is that FIN (a byte lost to a reset there
+    /// would end the session anyway).
     pub fn drained(&self) -> bool {
-        self.delivered >= self.received
+        self.delivered >= self.received || (self.closed && self.delivered + 1 == self.received)
     }
 }
 

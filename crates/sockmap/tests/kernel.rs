@@ -372,3 +372,36 @@ async fn a_session_that_closes_normally_is_never_a_breach() {
         kernel.unlink(link);
     }
 }
+
+/// The order in which a session usually ends: the server closes, pglb
+/// passes that EOF on to the client, and the client closes after it. pglb's
+/// client socket then went FIN_WAIT2 -> TIME_WAIT, which leaves the socket
+/// itself in TCP_CLOSE, its state no longer saying that a FIN arrived (the
+/// FIN still counts like a byte): every byte was delivered, and the flow
+/// must say so, or the session waits forever to pass the client's EOF on.
+#[tokio::test]
+async fn a_fin_that_arrives_after_ours_leaves_the_flow_drained() {
+    let Some(kernel) = kernel() else { return };
+    let (mut client, a, b, mut server, link) = linked(&kernel);
+    client.write_all(b"query").expect("write");
+    let mut got = [0u8; 5];
+    server.read_exact(&mut got).expect("server reads");
+    // The server closes; pglb passes the EOF on to the client.
+    server.shutdown(Shutdown::Write).expect("server closes");
+    a.shutdown(Shutdown::Write).expect("pglb passes the EOF on");
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("client reads to EOF");
+    // The client closes in turn.
+    drop(client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let up = loop {
+        let [up, _] = link.flows(a.as_fd(), b.as_fd()).expect("flows");
+        if up.closed || std::time::Instant::now() > deadline {
+            break up;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(up.closed, "pglb's client socket reached TCP_CLOSE: {up:?}");
+    assert!(up.drained(), "every byte the client sent was delivered: {up:?}");
+    kernel.unlink(link);
+}

@@ -342,6 +342,7 @@ async fn run(
         for (i, dst, side) in [(0, backend, End::BackendError), (1, client, End::ClientError)] {
             if dirs[i].eof && !dirs[i].passed && flows[i].drained() {
                 dirs[i].passed = true;
+                sampler.freeze(i);
                 match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
                     Ok(()) => {}
                     // The peer is already gone: nothing left to tell it.
@@ -396,13 +397,16 @@ struct Sampler<'a> {
     base: [u64; 2],
     /// Bytes delivered since the link, as last counted.
     seen: [u64; 2],
+    /// Directions whose EOF was passed on: their counts are final. Later
+    /// samples would count the FINs (see [`Sampler::freeze`]).
+    frozen: [bool; 2],
     next: Duration,
 }
 
 impl<'a> Sampler<'a> {
     fn new(counters: &'a Counters<'a>) -> Self {
         let base = [counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed)];
-        Self { counters, base, seen: [0; 2], next: sample_busy() }
+        Self { counters, base, seen: [0; 2], frozen: [false; 2], next: sample_busy() }
     }
 
     fn update(&mut self, flows: &[pglb_sockmap::Flow; 2]) {
@@ -411,6 +415,9 @@ impl<'a> Sampler<'a> {
             (&self.counters.backend_to_client, self.counters.down),
         ];
         for (i, (counter, total)) in targets.into_iter().enumerate() {
+            if self.frozen[i] {
+                continue;
+            }
             let now = flows[i].delivered;
             if now > self.seen[i] {
                 counter.increment(now - self.seen[i]);
@@ -419,6 +426,14 @@ impl<'a> Sampler<'a> {
                 self.next = sample_busy();
             }
         }
+    }
+
+    /// Direction `i` has passed its EOF on, every byte before it counted:
+    /// no later sample changes its count. Once both FINs have crossed, a
+    /// socket is left in TCP_CLOSE, whose state no longer tells that a FIN
+    /// was sent or received, and TCP counts each FIN like a byte.
+    fn freeze(&mut self, i: usize) {
+        self.frozen[i] = true;
     }
 
     /// Called when a sample period passed: sample less often while idle.
