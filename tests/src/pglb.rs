@@ -71,12 +71,18 @@ pub fn workspace_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// The admin token of the configs [`Yaml`] writes (in `admin-token` beside
+/// the config, as `admin.token_file`), unless a test names another.
+pub const TEST_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
 /// A config under construction: the cluster's nodes as backends, free ports
-/// for the listeners and the admin endpoint.
+/// for the listeners and the admin endpoint, an admin token file.
 pub struct Yaml {
     /// Extra top-level YAML, e.g. `forwarder: copy`.
     pub top: String,
     pub admin: u16,
+    /// The admin endpoint's host (`127.0.0.1`, or `0.0.0.0` for a wildcard).
+    pub admin_host: String,
     /// Extra YAML inside `admin:`, e.g. `token_env: ADMIN_TOKEN`.
     pub admin_extra: String,
     pub health: String,
@@ -92,7 +98,8 @@ impl Yaml {
         Self {
             top: String::new(),
             admin: free_port().expect("free port"),
-            admin_extra: String::new(),
+            admin_host: "127.0.0.1".into(),
+            admin_extra: "  token_file: admin-token\n".into(),
             health: "interval: 500ms\n  timeout: 500ms\n  rise: 2\n  fall: 2\n  user: pglb_check\n  sslmode: disable"
                 .into(),
             listeners: Vec::new(),
@@ -102,7 +109,7 @@ impl Yaml {
                 .enumerate()
                 .map(|(i, n)| (format!("pg{i}"), format!("address: {}", n.address())))
                 .collect(),
-            files: Vec::new(),
+            files: vec![("admin-token".into(), format!("{TEST_TOKEN}\n"))],
         }
     }
 
@@ -126,9 +133,19 @@ impl Yaml {
         self
     }
 
-    /// Adds a line of YAML inside `admin:` (e.g. `token_env: ADMIN_TOKEN`).
+    /// Adds a line of YAML inside `admin:` (e.g. `token_env: ADMIN_TOKEN`,
+    /// which replaces the default token file).
     pub fn admin(mut self, yaml: &str) -> Self {
+        if yaml.trim_start().starts_with("token_") {
+            self.admin_extra = self.admin_extra.replace("  token_file: admin-token\n", "");
+        }
         self.admin_extra.push_str(&format!("  {yaml}\n"));
+        self
+    }
+
+    /// No admin token at all: a config from before tokens were needed.
+    pub fn without_token(mut self) -> Self {
+        self.admin_extra = self.admin_extra.replace("  token_file: admin-token\n", "");
         self
     }
 
@@ -137,10 +154,21 @@ impl Yaml {
         self
     }
 
+    /// Writes `lb.yaml` and the files beside it into `dir`; returns the
+    /// config's path.
+    pub fn write_into(&self, dir: &Path) -> PathBuf {
+        let config = dir.join("lb.yaml");
+        fs::write(&config, self.render()).expect("write config");
+        for (name, contents) in &self.files {
+            fs::write(dir.join(name), contents).expect("write a file beside the config");
+        }
+        config
+    }
+
     pub fn render(&self) -> String {
         let mut out = format!(
-            "{}admin:\n  listen: 127.0.0.1:{}\n{}health:\n  {}\nlisteners:\n",
-            self.top, self.admin, self.admin_extra, self.health
+            "{}admin:\n  listen: {}:{}\n{}health:\n  {}\nlisteners:\n",
+            self.top, self.admin_host, self.admin, self.admin_extra, self.health
         );
         for (name, port, extra) in &self.listeners {
             out += &format!("  - name: {name}\n    listen: 127.0.0.1:{port}\n    {extra}\n");
@@ -196,11 +224,7 @@ impl Pglb {
         remember_panics();
         let dir = std::env::temp_dir().join(format!("pglb-run-{}-{}", std::process::id(), free_port().expect("port")));
         fs::create_dir_all(&dir).expect("temp dir");
-        let config = dir.join("lb.yaml");
-        fs::write(&config, yaml.render()).expect("write config");
-        for (name, contents) in &yaml.files {
-            fs::write(dir.join(name), contents).expect("write a file beside the config");
-        }
+        let config = yaml.write_into(&dir);
         let log = dir.join("pglb.log");
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
@@ -238,6 +262,12 @@ impl Pglb {
             }
         });
         pglb
+    }
+
+    /// POSTs `path` (an action) with the config's admin token.
+    pub fn post(&self, path: &str) -> (u16, String) {
+        let auth = format!("Authorization: Bearer {TEST_TOKEN}");
+        http::request(self.admin, "POST", path, &[&auth]).expect("POST to the admin endpoint")
     }
 
     /// The port of listener `name`.

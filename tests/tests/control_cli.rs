@@ -69,7 +69,8 @@ fn status_and_connections_show_tables_and_json() {
     let (code, out, err) = cli(&dir, &["status"], &[("PGLB_CONFIG", cfg)]);
     assert_eq!(code, DONE, "{out}{err}");
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with(&format!("config {}", pglb.config.display())), "{out}");
+    assert!(lines[0].contains(&format!("(admin address from {cfg})")), "{out}");
+    assert!(lines[1].starts_with(&format!("config {}", pglb.config.display())), "{out}");
     let row = |first: &str| lines.iter().find(|l| l.split_whitespace().next() == Some(first)).copied().unwrap_or("");
     assert!(row("LISTENER").contains("ROUTES TO"), "{out}");
     assert!(row("rw").contains("primary") && row("rw").contains("pg0"), "{out}");
@@ -155,4 +156,69 @@ fn pglb_down_bad_usage_and_bad_config_have_their_own_exit_codes() {
     assert_eq!(code, USAGE, "{err}");
     assert!(err.contains("lb.yaml:2") && err.contains("invalid listen address"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What a fake admin endpoint at `listener` was sent by one CLI command run
+/// from `dir` with a token in the environment: the request's text.
+fn request_seen(dir: &Path, listener: &std::net::TcpListener, args: &[&str]) -> (i32, String) {
+    use std::io::{Read, Write};
+    let handle = {
+        let listener = listener.try_clone().expect("clone listener");
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("the CLI connects");
+            s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let _ = s.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+    };
+    let (code, _, _) = cli(dir, args, &[("PGLB_ADMIN_TOKEN", TOKEN)]);
+    (code, handle.join().expect("fake endpoint"))
+}
+
+/// A `lb.yaml` in the current folder that someone else owns (or may write)
+/// could point `admin.listen` anywhere: the CLI does not send it the token.
+/// Reads never send the token at all.
+#[test]
+fn the_token_goes_only_to_a_trusted_configs_admin_address_and_only_for_actions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("pglb-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").expect("a fake admin endpoint");
+    let config = dir.join("lb.yaml");
+    std::fs::write(&config, format!("admin:\n  listen: {}\n", fake.local_addr().expect("addr"))).expect("write");
+
+    // Someone else's file: no token.
+    let chowned = Command::new("chown").args(["nobody"]).arg(&config).status().is_ok_and(|s| s.success());
+    assert!(chowned, "chown nobody (the test runs as root)");
+    let (code, seen) = request_seen(&dir, &fake, &["drain", "pg0"]);
+    assert_eq!(code, UNAUTHORIZED);
+    assert!(seen.starts_with("POST /backends/pg0/drain"), "{seen}");
+    assert!(!seen.to_lowercase().contains("authorization"), "the token went to a hostile config's address: {seen}");
+
+    // Ours, but writable by others: no token either.
+    Command::new("chown").arg("root").arg(&config).status().expect("chown root");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let (_, seen) = request_seen(&dir, &fake, &["drain", "pg0"]);
+    assert!(!seen.to_lowercase().contains("authorization"), "a config others may write got the token: {seen}");
+
+    // Ours and not writable by others: the token goes with the action...
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (_, seen) = request_seen(&dir, &fake, &["drain", "pg0"]);
+    assert!(seen.contains(&format!("Bearer {TOKEN}")), "{seen}");
+    // ...but never with a read.
+    let (_, seen) = request_seen(&dir, &fake, &["status"]);
+    assert!(seen.starts_with("GET /status") && !seen.to_lowercase().contains("authorization"), "{seen}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `pglb status` says which config it took the admin address from.
+#[test]
+fn status_names_the_config_it_used() {
+    let (_cluster, pglb, config) = start();
+    let (code, out, _) = cli(&pglb.dir, &["status", "--config", config.to_str().expect("utf-8")], &[]);
+    assert_eq!(code, DONE);
+    let first = out.lines().next().unwrap_or_default();
+    assert!(first.contains(&format!("admin address from {}", config.display())), "{out}");
 }

@@ -200,6 +200,13 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
     let pglb_group = group_id("pglb");
     assert_eq!(mode_and_group("/etc/pglb"), (0o750, pglb_group));
     assert_eq!(mode_and_group("/etc/pglb/lb.yaml"), (0o640, pglb_group));
+    // The admin token: made by the package, readable by root and pglb only.
+    assert_eq!(mode_and_group("/etc/pglb/admin-token"), (0o640, pglb_group));
+    let token = std::fs::read_to_string("/etc/pglb/admin-token").expect("admin token");
+    assert!(token.trim().len() >= 32 && token.trim().bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+    // What the package installs carries no demo (nor its cluster machinery).
+    let (code, said) = run(Command::new("/usr/bin/pglb").arg("demo"));
+    assert!(code == 2 && said.contains("this build has no demo"), "{code}: {said}");
     let conffiles = ok(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "pglb"]));
     assert!(conffiles.contains("/etc/pglb/lb.yaml"), "{conffiles}");
     // Enabled, not started: it waits for the check password.
@@ -230,7 +237,13 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
     // A running pglb (from the package's binary and conffile) with an open
     // session; the upgrade to the second build hands it over.
     let cluster = shared_cluster();
-    let yaml = Yaml::for_cluster(&cluster).listener("rw", "role: primary").top("shutdown_timeout: 20s");
+    // No token in the config: pglb and its control commands take the
+    // package's /etc/pglb/admin-token.
+    let yaml = Yaml::for_cluster(&cluster)
+        .without_token()
+        .listener("rw", "role: primary")
+        .listener("ro", "role: replica")
+        .top("shutdown_timeout: 20s");
     std::fs::write("/etc/pglb/lb.yaml", yaml.render()).expect("write /etc/pglb/lb.yaml");
     let log = std::env::temp_dir().join(format!("pglb-deb-{}.log", std::process::id()));
     let mut old = Command::new("/usr/bin/pglb")
@@ -248,6 +261,14 @@ fn the_package_installs_upgrades_without_a_restart_and_purges_cleanly() {
         other => Err(format!("{other:?}")),
     });
     let mut session = wire::login(rw).expect("a session through the running pglb");
+    // The control commands work with the package's token, as root.
+    let config = ["--config", "/etc/pglb/lb.yaml"];
+    let drained = ok(Command::new("/usr/bin/pglb").arg("drain").arg("pg2").args(config));
+    assert!(drained.contains("drained"), "{drained}");
+    ok(Command::new("/usr/bin/pglb").arg("enable").arg("pg2").args(config));
+    let (code, said) =
+        run(Command::new("/usr/bin/pglb").arg("drain").arg("pg2").args(config).env("PGLB_ADMIN_TOKEN", "wrong"));
+    assert_eq!(code, 4, "a wrong token is refused: {said}");
     let before_pid = wire::scalar(&mut session, "SELECT pg_backend_pid()").expect("query");
 
     let upgraded = ok(dpkg(&["-i", "--force-confold"]).arg(&second));

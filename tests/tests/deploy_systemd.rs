@@ -372,7 +372,12 @@ fn the_example_config_passes_pglb_check() {
     let tmp = TempDir::new("unit-example");
     let password = tmp.0.join("check-password");
     fs::write(&password, "example-secret\n").expect("write password");
-    let example = read(&systemd_dir().join("lb.yaml")).replace(CREDENTIAL_PATH, password.to_str().expect("utf-8"));
+    let token = tmp.0.join("admin-token");
+    fs::write(&token, "0123456789abcdef0123456789abcdef\n").expect("write token");
+    let example = read(&systemd_dir().join("lb.yaml"))
+        .replace(CREDENTIAL_PATH, password.to_str().expect("utf-8"))
+        .replace("/etc/pglb/admin-token", token.to_str().expect("utf-8"));
+    assert!(example.contains("token_file:"), "the kit's config names the admin token: actions need one");
     let config = tmp.0.join("lb.yaml");
     fs::write(&config, example).expect("write config");
     let out = Command::new(pglb_bin())

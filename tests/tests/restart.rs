@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use pglb_tests::pglb::pglb_bin;
-use pglb_tests::{http, shared_cluster, wait_until, Pglb, Yaml};
+use pglb_tests::{shared_cluster, wait_until, Pglb, Yaml};
 
 fn yaml_with_state(cluster: &pglb_cluster::Cluster) -> Yaml {
     Yaml::for_cluster(cluster).top("state_file: state.json").listener("ro", "role: replica")
@@ -19,7 +19,7 @@ fn a_drain_survives_a_crash_and_a_restart() {
     let yaml = yaml_with_state(&cluster);
     let mut first = Pglb::start(&yaml);
     first.wait_eligible("ro", &["pg1", "pg2"], Duration::from_secs(20));
-    let (code, body) = http::request(first.admin, "POST", "/backends/pg1/drain", &[]).expect("POST drain");
+    let (code, body) = first.post("/backends/pg1/drain");
     assert_eq!(code, 200, "{body}");
     let state = first.dir.join("state.json");
     wait_until("the drain in the state file", Duration::from_secs(10), || {
@@ -64,7 +64,7 @@ fn a_corrupt_state_file_is_reported_and_ignored() {
     assert!(pglb.log().contains("the state file is unusable (not valid JSON"), "{}", pglb.log());
     assert_eq!(pglb.status()["restored"], serde_json::json!([]));
     // The next change replaces it with a good one.
-    let (code, _) = http::request(pglb.admin, "POST", "/backends/pg2/disable", &[]).expect("POST disable");
+    let (code, _) = pglb.post("/backends/pg2/disable");
     assert_eq!(code, 200);
     wait_until("a valid state file", Duration::from_secs(10), || {
         let text = std::fs::read_to_string(pglb.dir.join("state.json")).map_err(|e| e.to_string())?;

@@ -249,7 +249,9 @@ fn integrity_errors(pglb: &Pglb) -> f64 {
 fn a_duplicated_segment_on_the_kernel_path_resets_the_session_and_is_counted() {
     let cluster = shared_cluster();
     let pglb = start(&cluster, "");
-    let mut s = wire::login(pglb.port("rw")).expect("login");
+    // From a port of its own, which the rewind can take over again.
+    let s = pglb_tests::retransmit::connect(([127, 0, 0, 1], pglb.port("rw")).into()).expect("connect");
+    let mut s = wire::start_up_on(s).expect("login");
     assert_eq!(scalar(&mut s, "SELECT 1"), Ok("1".into()));
     assert_eq!(sockmap_sessions(&pglb), 1.0);
     let again = wire::query_message("SELECT 1");
@@ -280,7 +282,9 @@ fn an_overlapping_retransmission_is_passed_on_once_with_splice() {
         Yaml::for_cluster(&cluster).top("forwarder: splice").listener("rw", "role: primary\n    hold_timeout: 0s");
     let pglb = Pglb::start(&yaml);
     pglb.wait_eligible("rw", &["pg0"], SETTLE);
-    let mut s = wire::login(pglb.port("rw")).expect("login");
+    // From a port of its own, which the rewind can take over again.
+    let s = pglb_tests::retransmit::connect(([127, 0, 0, 1], pglb.port("rw")).into()).expect("connect");
+    let mut s = wire::start_up_on(s).expect("login");
     assert_eq!(scalar(&mut s, "SELECT 1"), Ok("1".into()));
     let again = wire::query_message("SELECT 1");
     let mut s = pglb_tests::retransmit::rewind(s, again.len() as u32).expect("rewind the client's socket");
@@ -434,7 +438,7 @@ fn sessions_pglb_must_close_are_closed_and_draining_ones_finish() {
     let pglb = start(&cluster, "");
     let mut s = wire::login(pglb.port("rw")).expect("login");
     assert_eq!(scalar(&mut s, "SELECT 1"), Ok("1".into()));
-    let (code, body) = http::request(pglb.admin, "POST", "/backends/pg0/disable", &[]).expect("POST");
+    let (code, body) = pglb.post("/backends/pg0/disable");
     assert_eq!(code, 200, "{body}");
     wait_closed(&mut s, Duration::from_secs(10)).expect("disabling pg0 closes its session on the kernel path");
     wait_map_empty(&pglb);
@@ -565,8 +569,7 @@ fn auto_uses_splice_and_sockmap_without_the_privileges_refuses_to_start() {
 
     // Asked for by name, sockmap without privileges is a start-up error.
     let dir = tempdir();
-    let config = dir.join("lb.yaml");
-    std::fs::write(&config, yaml(&cluster, "").render()).expect("write config");
+    let config = yaml(&cluster, "").write_into(&dir);
     let out = std::process::Command::new(UNPRIVILEGED[0])
         .args(&UNPRIVILEGED[1..])
         .arg(pglb_tests::pglb::pglb_bin())

@@ -156,7 +156,7 @@ fn an_upgrade_under_load_refuses_nothing_and_carries_fences_and_drains_over() {
     });
     drop(other);
     old.wait_state("stranger", "down", SETTLE);
-    let (code, body) = pglb_tests::http::request(old.admin, "POST", "/backends/pg2/drain", &[]).expect("drain");
+    let (code, body) = old.post("/backends/pg2/drain");
     assert_eq!(code, 200, "{body}");
     old.wait_eligible("ro", &["pg1"], SETTLE);
 

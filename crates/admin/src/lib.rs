@@ -9,15 +9,21 @@
 //! - `GET /status`: backends, listeners and the live config as JSON.
 //! - `GET /connections`: open client sessions.
 //! - `POST /backends/{name}/{drain|disable|enable|unfence}`: operator
-//!   actions, behind `Authorization: Bearer` when a token is configured.
+//!   actions, behind `Authorization: Bearer <token>`, always: refused when no
+//!   token is configured (`policy`).
 //! - `POST /upgrade`: start the binary anew and hand over (same token).
+//!
+//! It runs on a thread and runtime of its own, with bounded connections and
+//! timeouts (`server::Limits`); `/health` is answered even over the limit.
 #![forbid(unsafe_code)]
 
 mod actions;
 pub mod client;
 mod exposition;
+mod health_only;
+pub mod policy;
 mod server;
 mod status;
 
-pub use server::{serve, AdminContext, LiveConfig, Reload, UpgradeRequest};
+pub use server::{serve, spawn, AdminContext, Limits, LiveConfig, Reload, UpgradeRequest};
 pub use status::{connections_json, status_json};

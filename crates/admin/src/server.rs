@@ -9,16 +9,16 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::CONTENT_TYPE;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use pglb_config::Secret;
 use pglb_health::TopologyHandle;
 use pglb_proxy::{gate_open, AcceptGate, Contexts};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -50,8 +50,12 @@ pub struct AdminContext {
     /// The data path's listeners and sessions; admin only reads plain views.
     pub data_path: Arc<Contexts>,
     pub live: ArcSwap<LiveConfig>,
-    /// Bearer token for mutating endpoints, when configured.
+    /// Bearer token for mutating endpoints, when configured: without one,
+    /// they are refused (`policy`).
     pub token: ArcSwap<Option<Secret>>,
+    /// The admin endpoint listens on loopback only (who may read
+    /// `/connections` without the token: `policy`).
+    pub loopback: bool,
     /// `POST /upgrade`: asks the running pglb to start its binary anew and
     /// hand over; the reply says how it went.
     pub upgrade: mpsc::Sender<UpgradeRequest>,
@@ -61,13 +65,73 @@ pub struct AdminContext {
 /// process's pid, or why the upgrade failed (this pglb keeps serving).
 pub type UpgradeRequest = oneshot::Sender<Result<u32, String>>;
 
+/// How many admin connections are served at once (each may take a slot for
+/// at most [`HEADER_WITHIN`] before its request is read), and how many more
+/// are given a moment to ask for `/health` only: a flood of slow clients
+/// never starves keepalived's check. Beyond both, a connection is closed at
+/// once. Both bound the fds the admin endpoint can hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub connections: usize,
+    pub health_only: usize,
+}
+
+impl Limits {
+    /// For a process allowed `fds` open files: at most 1/16 of them for
+    /// served connections (64 at most) and 1/8 for `/health`-only ones (512).
+    pub fn for_fds(fds: u64) -> Self {
+        let part = |div: u64, max: usize, min: usize| usize::try_from(fds / div).unwrap_or(max).clamp(min, max);
+        Self { connections: part(16, 64, 4), health_only: part(8, 512, 8) }
+    }
+}
+
+/// Time a client has to send a request's headers.
+pub const HEADER_WITHIN: Duration = Duration::from_secs(5);
+/// Longest life of one admin connection (keep-alive included), but for one
+/// that waits for an upgrade's outcome.
+pub const CONNECTION_WITHIN: Duration = Duration::from_secs(30);
+/// Time a connection over the limit has to ask for `/health`.
+const HEALTH_ONLY_WITHIN: Duration = Duration::from_secs(1);
+
+/// Runs the admin endpoint on a thread and runtime of its own, off the data
+/// path's workers: whatever its clients do, they cost the forwarding nothing
+/// but this thread. Serves until `shutdown` fires, while `gate` is open (an
+/// upgrade hands the socket to the new process); the receiver completes once
+/// it has stopped.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    state: Arc<AdminContext>,
+    shutdown: CancellationToken,
+    gate: AcceptGate,
+    limits: Limits,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (done, stopped) = oneshot::channel();
+    std::thread::Builder::new().name("pglb-admin".into()).spawn(move || {
+        runtime.block_on(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => serve(listener, state, shutdown, gate, limits).await,
+                Err(err) => tracing::error!(error = %err, "the admin endpoint cannot serve its socket"),
+            }
+        });
+        let _ = done.send(());
+    })?;
+    Ok(stopped)
+}
+
 /// Serves admin requests on `listener` until `shutdown` fires, while `gate`
-/// is open (an upgrade hands the socket to the new process). At shutdown,
-/// requests in progress are answered (an upgrade's outcome among them) and
-/// idle keep-alive connections closed, waiting at most 2 s.
-pub async fn serve(listener: TcpListener, state: Arc<AdminContext>, shutdown: CancellationToken, gate: AcceptGate) {
+/// is open. At shutdown, requests in progress are answered (an upgrade's
+/// outcome among them) and idle keep-alive connections closed, waiting at
+/// most 2 s.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminContext>,
+    shutdown: CancellationToken,
+    gate: AcceptGate,
+    limits: Limits,
+) {
     let connections = TaskTracker::new();
-    accept(listener, state, &shutdown, gate, &connections).await;
+    accept(listener, state, &shutdown, gate, &connections, limits).await;
     connections.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
 }
@@ -78,7 +142,10 @@ async fn accept(
     shutdown: &CancellationToken,
     mut gate: AcceptGate,
     connections: &TaskTracker,
+    limits: Limits,
 ) {
+    let served = Arc::new(Semaphore::new(limits.connections));
+    let health_only = Arc::new(Semaphore::new(limits.health_only));
     loop {
         if !gate_open(&mut gate, shutdown).await {
             return;
@@ -96,45 +163,92 @@ async fn accept(
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(err) => {
+                // EMFILE and the like: wait a little rather than spin.
                 tracing::warn!(error = %err, "admin accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let (state, stop) = (state.clone(), shutdown.clone());
-        connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
+        if let Ok(slot) = served.clone().try_acquire_owned() {
+            let (state, stop) = (state.clone(), shutdown.clone());
+            connections.spawn(async move {
+                connection(stream, state, stop).await;
+                drop(slot);
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                ended = conn.as_mut() => ended,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(err) = ended {
-                tracing::debug!(error = %err, "admin connection ended with an error");
-            }
-        });
+        } else if let Ok(slot) = health_only.clone().try_acquire_owned() {
+            let state = state.clone();
+            connections.spawn(async move {
+                crate::health_only::answer(stream, &state, HEALTH_ONLY_WITHIN).await;
+                drop(slot);
+            });
+        } else {
+            crate::policy::record(crate::policy::Denied::OverCapacity, "");
+            drop(stream);
+        }
     }
 }
 
-async fn route(state: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics_text(state)),
-        (&Method::GET, ["health"]) => {
-            if state.draining.load(Ordering::Relaxed) {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".into())
-            } else {
-                reply(StatusCode::OK, "text/plain", "ok\n".into())
+/// One served connection: headers within [`HEADER_WITHIN`], the whole
+/// connection within [`CONNECTION_WITHIN`] (longer only while an upgrade's
+/// outcome is awaited).
+async fn connection(stream: tokio::net::TcpStream, state: Arc<AdminContext>, stop: CancellationToken) {
+    let upgrading = Arc::new(AtomicBool::new(false));
+    let service = {
+        let (state, upgrading) = (state.clone(), upgrading.clone());
+        service_fn(move |req| {
+            let (state, upgrading) = (state.clone(), upgrading.clone());
+            async move { Ok::<_, Infallible>(route(&state, req, &upgrading).await) }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_WITHIN)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut deadline = tokio::time::Instant::now() + CONNECTION_WITHIN;
+    let ended = loop {
+        tokio::select! {
+            ended = conn.as_mut() => break ended,
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                break tokio::time::timeout(Duration::from_secs(2), conn.as_mut()).await.unwrap_or(Ok(()));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if upgrading.load(Ordering::Relaxed) {
+                    deadline += CONNECTION_WITHIN;
+                    continue;
+                }
+                conn.as_mut().graceful_shutdown();
+                break tokio::time::timeout(Duration::from_secs(2), conn.as_mut()).await.unwrap_or(Ok(()));
             }
         }
+    };
+    if let Err(err) = ended {
+        tracing::debug!(error = %err, "admin connection ended with an error");
+    }
+}
+
+async fn route(state: &AdminContext, req: Request<Incoming>, upgrading: &AtomicBool) -> Response<Full<Bytes>> {
+    use crate::policy::Need;
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let need = match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["connections"]) => Need::Reader,
+        (&Method::POST, ["backends", _, _] | ["upgrade"]) => Need::Mutation,
+        _ => Need::Nothing,
+    };
+    if let Err(denied) = crate::policy::allowed(state.token.load().as_ref().as_ref(), state.loopback, &req, need) {
+        crate::policy::record(denied, &path);
+        let status = match denied {
+            crate::policy::Denied::NoTokenConfigured => StatusCode::FORBIDDEN,
+            crate::policy::Denied::BadToken => StatusCode::UNAUTHORIZED,
+            crate::policy::Denied::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        return json_error(status, denied.message());
+    }
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics_text(state)),
+        (&Method::GET, ["health"]) => health(state),
         (&Method::GET, ["status"]) => {
             let table = state.topology.table.load();
             let body = crate::status_json(&table, &state.live.load(), &state.data_path.listeners(), &state.topology);
@@ -144,29 +258,29 @@ async fn route(state: &AdminContext, req: Request<Incoming>) -> Response<Full<By
             reply(StatusCode::OK, "application/json", crate::connections_json(&state.data_path.session_views()))
         }
         (&Method::POST, ["backends", name, action]) => {
-            if !authorized(state, &req) {
-                return json_error(
-                    StatusCode::UNAUTHORIZED,
-                    "this endpoint needs `Authorization: Bearer <admin token>`",
-                );
-            }
             let outcome = crate::actions::run(&state.topology.commands, name, action).await;
             let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             reply(status, "application/json", outcome.body)
         }
         (&Method::POST, ["upgrade"]) => {
-            if !authorized(state, &req) {
-                return json_error(
-                    StatusCode::UNAUTHORIZED,
-                    "this endpoint needs `Authorization: Bearer <admin token>`",
-                );
-            }
-            upgrade(state).await
+            upgrading.store(true, Ordering::Relaxed);
+            let answer = upgrade(state).await;
+            upgrading.store(false, Ordering::Relaxed);
+            answer
         }
         (_, ["metrics" | "health" | "status" | "connections"]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (_, ["upgrade"]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (_, ["backends", _, _]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         _ => json_error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+    }
+}
+
+/// `/health`: 200 while pglb serves, 503 once it is shutting down.
+pub(crate) fn health(state: &AdminContext) -> Response<Full<Bytes>> {
+    if state.draining.load(Ordering::Relaxed) {
+        reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".into())
+    } else {
+        reply(StatusCode::OK, "text/plain", "ok\n".into())
     }
 }
 
@@ -194,7 +308,6 @@ fn reply_json(status: StatusCode, body: serde_json::Value) -> Response<Full<Byte
     reply(status, "application/json", body.to_string() + "\n")
 }
 
-/// Mutating endpoints need `Authorization: Bearer <token>` when a token is set.
 /// The recorder's text, without the series of backends and listeners that
 /// are neither configured nor holding a session.
 fn metrics_text(state: &AdminContext) -> String {
@@ -205,23 +318,6 @@ fn metrics_text(state: &AdminContext) -> String {
     backends.extend(in_use.backends.iter().map(String::as_str));
     listeners.extend(in_use.listeners.iter().map(String::as_str));
     crate::exposition::without_removed(&state.metrics.render(), &backends, &listeners)
-}
-
-fn authorized(state: &AdminContext, req: &Request<Incoming>) -> bool {
-    let token = state.token.load();
-    let Some(token) = token.as_ref() else { return true };
-    let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(given) if constant_time_eq(given.trim().as_bytes(), token.expose().as_bytes()) => true,
-        _ => {
-            tracing::warn!(path = %req.uri().path(), "admin action refused: missing or wrong bearer token");
-            false
-        }
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {

@@ -62,13 +62,11 @@ impl Cluster {
                 bin.display()
             )));
         }
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let root = std::env::temp_dir().join(format!("pglb-{}-{}-{n}", spec.tag, std::process::id()));
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| ClusterError::Io { path, source }
         };
-        std::fs::create_dir_all(&root).map_err(io(&root))?;
+        let root = private_dir(&spec.tag).map_err(io(&std::env::temp_dir()))?;
         std::fs::write(root.join("owner.pid"), std::process::id().to_string()).map_err(io(&root))?;
         user.own(&root).map_err(io(&root))?;
         let mut cluster = Cluster { root, nodes: Vec::new(), user };
@@ -230,29 +228,81 @@ impl Drop for Cluster {
     }
 }
 
-/// Removes clusters left by processes that died without cleaning up.
+/// A new folder `pglb-<tag>-<pid>-<n>-<random>` in the temp folder, mode
+/// 0700, made afresh: `create` fails on anything already there (a planted
+/// folder or symlink), so nothing below is ever someone else's.
+fn private_dir(tag: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut last = None;
+    for _ in 0..16 {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("pglb-{tag}-{}-{n}-{:08x}", std::process::id(), random());
+        let path = std::env::temp_dir().join(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
+}
+
+/// 32 random bits from the kernel.
+fn random() -> u32 {
+    let mut bytes = [0u8; 4];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    u32::from_ne_bytes(bytes)
+}
+
+/// Removes clusters left by processes that died without cleaning up: only
+/// folders of ours (owned by this user, not symlinks) whose owner is gone,
+/// and a server in one is killed only when `/proc` shows it is a `postgres`
+/// of the expected user working in that very data folder — never a pid a
+/// file merely names.
 fn sweep_stale() {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
+    let me = crate::env::euid();
+    let servers = PgUser::detect().ok().and_then(|u| u.uid());
     for entry in entries.flatten() {
         let path = entry.path();
-        let is_ours = entry.file_name().to_str().is_some_and(|n| n.starts_with("pglb-"));
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        // Ours: a real folder (not a symlink) owned by this user or the
+        // servers' (as root, cluster folders are given to `postgres`).
+        let uid = Some(std::os::unix::fs::MetadataExt::uid(&meta));
+        let is_ours = entry.file_name().to_str().is_some_and(|n| n.starts_with("pglb-"))
+            && meta.is_dir()
+            && (uid == me || uid == servers);
         let owner = std::fs::read_to_string(path.join("owner.pid")).ok();
-        let Some(owner) = owner.and_then(|o| o.trim().parse::<u32>().ok()) else {
+        let Some(owner) = owner.and_then(|o| o.trim().parse::<u32>().ok()).filter(|&p| p > 1) else {
             continue;
         };
         if !is_ours || Path::new(&format!("/proc/{owner}")).exists() {
             continue;
         }
         for dir in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-            if let Some(pid) = std::fs::read_to_string(dir.path().join("postmaster.pid"))
-                .ok()
-                .and_then(|t| t.lines().next().map(str::to_owned))
-            {
-                let _ = std::process::Command::new("kill").args(["-9", pid.trim()]).output();
+            if let Some(pid) = postmaster_of(&dir.path(), servers) {
+                let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).output();
             }
         }
         let _ = std::fs::remove_dir_all(&path);
     }
+}
+
+/// The pid in `data/postmaster.pid`, if `/proc` shows it is a `postgres`
+/// process of user `uid` whose working folder is `data`.
+fn postmaster_of(data: &Path, uid: Option<u32>) -> Option<u32> {
+    let meta = std::fs::symlink_metadata(data).ok()?;
+    if !meta.is_dir() {
+        return None;
+    }
+    let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    let pid: u32 = text.lines().next()?.trim().parse().ok().filter(|&p| p > 1)?;
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let exe = std::fs::read_link(proc.join("exe")).ok()?;
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&proc).ok()?);
+    let cwd = std::fs::read_link(proc.join("cwd")).ok()?;
+    let here = data.canonicalize().ok()?;
+    let is_postgres = exe.file_name().is_some_and(|n| n == "postgres");
+    (is_postgres && Some(owner) == uid && cwd == here).then_some(pid)
 }

@@ -67,12 +67,20 @@ impl PgUser {
 }
 
 fn is_root() -> bool {
+    euid() == Some(0)
+}
+
+/// This process's effective user id.
+pub(crate) fn euid() -> Option<u32> {
     // /proc/self/status "Uid:" line: real, effective, saved, fs.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_owned();
-            line.split_whitespace().nth(2).map(|euid| euid == "0")
-        })
-        .unwrap_or(false)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+impl PgUser {
+    /// The uid the servers run as.
+    pub fn uid(&self) -> Option<u32> {
+        self.ids.map(|(uid, _)| uid).or_else(euid)
+    }
 }

@@ -28,3 +28,4 @@ pub use model::{
 };
 pub use secret::{Secret, SecretError, SecretSource};
 pub use size::parse_bytes;
+pub use validate::DEFAULT_TOKEN_FILE;

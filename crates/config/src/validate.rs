@@ -118,7 +118,17 @@ impl<'a> Validator<'a> {
 
     fn admin(&mut self, raw: Option<RawAdmin>) -> AdminConfig {
         let (listen, token_env, token_file) = self.admin_fields(raw);
+        let named = token_env.is_some() || token_file.is_some();
         let token = self.secret("admin.token", None, token_env, token_file).and_then(|s| s.read().ok());
+        // The package's generated token, when the config names none.
+        let token = token.or_else(|| (!named).then(default_token).flatten().and_then(|s| s.read().ok()));
+        if token.is_none() && !listen.ip().is_loopback() {
+            self.warning(
+                "admin.listen",
+                format!("the admin endpoint listens on {listen} with no token: actions (drain, disable, enable, unfence, upgrade) are refused, and /status and /metrics are readable by anyone who reaches it"),
+                format!("set admin.token_file (e.g. {DEFAULT_TOKEN_FILE}, 0640 root:pglb, made by the package) and let only your monitoring reach the port"),
+            );
+        }
         if token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
             self.problem(
                 "admin.token_env",
@@ -145,7 +155,7 @@ impl<'a> Validator<'a> {
             }
             (Some(var), None) => Some(SecretSource::Env(var.0)),
             (None, Some(path)) => Some(SecretSource::File(self.base.join(path.0))),
-            (None, None) => None,
+            (None, None) => default_token(),
         };
         if self.problems.is_empty() {
             Ok(AdminAccess { listen, token })
@@ -785,4 +795,14 @@ impl<'a> Validator<'a> {
 fn systemd_credential(path: &Path) -> bool {
     let inside = std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|dir| path.starts_with(dir));
     path.starts_with("/run/credentials/") && !inside
+}
+
+/// The admin token the Debian package generates (0640 root:pglb). pglb and
+/// the control commands use it when the config names no token.
+pub const DEFAULT_TOKEN_FILE: &str = "/etc/pglb/admin-token";
+
+/// [`DEFAULT_TOKEN_FILE`], when it exists.
+fn default_token() -> Option<SecretSource> {
+    let path = Path::new(DEFAULT_TOKEN_FILE);
+    path.exists().then(|| SecretSource::File(path.to_owned()))
 }

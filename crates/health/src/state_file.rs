@@ -1,7 +1,9 @@
 //! The state file: pglb's safety state (`pglb_routing::SavedState`) as JSON,
-//! written atomically (a temp file beside it, fsync, rename, fsync of the
-//! folder) by a thread of its own whenever the state changes, and read once
-//! at start. A missing file is a first start; a corrupt one is reported and
+//! written atomically (a temp file of this process's own beside it, created
+//! new with mode 0600, fsync, rename, fsync of the folder) by a thread of its
+//! own whenever the state changes, under a lock on `.<name>.lock` so that two
+//! processes (the old and the new one of an upgrade) never write at once,
+//! and read once at start. A missing file is a first start; a corrupt one is reported and
 //! ignored (and replaced at the next change), never fatal.
 
 use std::io::Write;
@@ -70,11 +72,20 @@ pub fn render(state: &SavedState) -> String {
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
 }
 
-/// Writes `state` to `path` so that a crash leaves the old or the new file.
+/// Writes `state` to `path` so that a crash leaves the old or the new file,
+/// and another process writing it meanwhile waits for this write to end.
 pub fn write(path: &Path, state: &SavedState) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = folder.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("state")));
-    let mut file = std::fs::File::create(&tmp)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    // Mode 0600, and a file planted there as a symlink is not followed.
+    let private = |o: &mut std::fs::OpenOptions| o.write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).clone();
+    let lock = private(std::fs::OpenOptions::new().create(true)).open(folder.join(format!(".{name}.lock")))?;
+    lock.lock()?;
+    let tmp = folder.join(format!(".{name}.{}.tmp", std::process::id()));
+    // Left by an earlier process with this pid that died mid-write.
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = private(std::fs::OpenOptions::new().create_new(true)).open(&tmp)?;
     file.write_all(render(state).as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -136,6 +147,52 @@ mod tests {
         assert!(read(&path).expect_err("corrupt").contains("not valid JSON"));
         std::fs::write(&path, "{\"version\": 2}").expect("write");
         assert!(read(&path).expect_err("unknown").contains("version"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Two writers at once (the old and the new process of an upgrade):
+    /// whatever a reader finds is one whole state, never a mix; the file is
+    /// the owner's only.
+    #[test]
+    fn two_writers_at_once_never_tear_the_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("pglb-state-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("state.json");
+        let state = |fences: usize, timeline: u32| SavedState {
+            system_id: Some(7),
+            max_timeline: timeline,
+            fences: (0..fences)
+                .map(|i| SavedFence {
+                    backend: format!("pg{i}"),
+                    address: format!("10.0.0.{i}:5432"),
+                    fence: Fence { kind: FenceKind::Timeline, reason: "x".repeat(2000) },
+                })
+                .collect(),
+            admin: Vec::new(),
+        };
+        write(&path, &state(1, 1)).expect("first write");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for (fences, timeline) in [(1, 1), (40, 2)] {
+                let (path, stop) = (&path, &stop);
+                s.spawn(move || {
+                    for _ in 0..300 {
+                        write(path, &state(fences, timeline)).expect("write");
+                    }
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                });
+            }
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let got = read(&path).expect("a whole state").expect("a state");
+                assert!(matches!((got.fences.len(), got.max_timeline), (1, 1) | (40, 2)), "a mix: {got:?}");
+                reads += 1;
+            }
+            assert!(reads > 10, "{reads} reads");
+        });
+        let mode = std::fs::metadata(&path).expect("metadata").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the state file is the owner's only: {mode:o}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

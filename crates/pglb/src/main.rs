@@ -5,6 +5,7 @@ mod checkers;
 mod cli;
 mod ctl;
 mod data_path;
+#[cfg(feature = "demo")]
 mod demo;
 mod enforce;
 mod limits;
@@ -46,9 +47,15 @@ fn main() -> ExitCode {
         cli::Command::Control { control, config, token_file, json } => {
             ctl::run(control, config, token_file, json).into()
         }
+        #[cfg(feature = "demo")]
         cli::Command::Demo => {
             telemetry::init_logging(pglb_config::LogFormat::Text);
             report(demo::run())
+        }
+        #[cfg(not(feature = "demo"))]
+        cli::Command::Demo => {
+            eprintln!("pglb: this build has no demo (the packaged binary is built without it); from the source tree: cargo run --release -p pglb -- demo");
+            ExitCode::from(2)
         }
     }
 }

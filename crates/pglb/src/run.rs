@@ -18,7 +18,6 @@ use pglb_health::{Publisher, TopologyHandle};
 use pglb_proxy::{AddressGroup, Contexts, ListenerContext, Shared};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -128,7 +127,8 @@ pub struct Server {
     /// loop's stop and task.
     pub admin_socket: (std::net::SocketAddr, OwnedFd),
     pub(crate) admin_stop: CancellationToken,
-    pub(crate) admin_task: JoinHandle<()>,
+    /// Completes once the admin endpoint (on its own thread) has stopped.
+    pub(crate) admin_task: tokio::sync::oneshot::Receiver<()>,
     /// Open while this process accepts clients (see `upgrade`).
     pub accepting: watch::Sender<bool>,
     /// How this process was started, to start it again for an upgrade.
@@ -271,14 +271,23 @@ impl Server {
             data_path: contexts.clone(),
             live: ArcSwap::from_pointee(live),
             token: ArcSwap::from_pointee(config.admin.token.clone()),
+            loopback: config.admin.listen.ip().is_loopback(),
             upgrade,
         });
         let background = CancellationToken::new();
         // A process taking over accepts nothing until the old one steps aside.
         let (accepting, _) = watch::channel(incoming.is_none());
         let admin_stop = background.child_token();
-        let admin_task =
-            tokio::spawn(pglb_admin::serve(admin_socket, admin.clone(), admin_stop.clone(), accepting.subscribe()));
+        let fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
+        let admin_socket = admin_socket.into_std().context("cannot take the admin socket off the runtime")?;
+        let admin_task = pglb_admin::spawn(
+            admin_socket,
+            admin.clone(),
+            admin_stop.clone(),
+            accepting.subscribe(),
+            pglb_admin::Limits::for_fds(fds),
+        )
+        .context("cannot start the admin endpoint's thread")?;
         spawn_upkeep(metrics, background.clone());
         let mut server = Server {
             path,

@@ -68,6 +68,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("cannot install the metrics recorder")?;
     pglb_health::describe_metrics();
     pglb_proxy::describe_metrics();
+    pglb_admin::policy::describe();
     metrics::describe_counter!(
         "pglb_config_reloads_total",
         "Config reloads on SIGHUP, by result (success, failure); the start is not counted."

@@ -1,6 +1,9 @@
 //! Where the running pglb's admin endpoint is and which token to show it:
 //! from the config's `admin` section, overridden by `--token-file` or
-//! `$PGLB_ADMIN_TOKEN`.
+//! `$PGLB_ADMIN_TOKEN`. The token is shown only to a config file the
+//! invoking user (or root) owns and nobody else may write: a `lb.yaml`
+//! planted in the current folder must not learn it by pointing `admin.listen`
+//! elsewhere.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -20,6 +23,21 @@ pub struct Access {
     origin: String,
 }
 
+/// Whether the file at `path` may be trusted with the token: owned by the
+/// invoking user or root, and writable by no one else. `Err` says why not.
+pub fn trusted(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!("{} is owned by uid {}, not by you or root", path.display(), meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!("{} is writable by others (mode {:o})", path.display(), meta.mode() & 0o777));
+    }
+    Ok(())
+}
+
 impl Access {
     /// What to tell the operator when the endpoint refused the token.
     pub fn token_hint(&self) -> String {
@@ -33,8 +51,9 @@ impl Access {
     }
 }
 
-/// Reads the config's `admin` section and picks the token.
-pub fn resolve(config: Option<PathBuf>, token_file: Option<PathBuf>) -> Result<Access, String> {
+/// Reads the config's `admin` section and picks the token, if `wants_token`
+/// (a request that needs it) and the config may be trusted with it.
+pub fn resolve(config: Option<PathBuf>, token_file: Option<PathBuf>, wants_token: bool) -> Result<Access, String> {
     let config = crate::cli::config_path(config)?;
     let admin = pglb_config::load_admin(&config).map_err(|err| {
         let problems: Vec<String> = err.problems.iter().map(|p| format!("{}: error: {p}", err.location(p))).collect();
@@ -57,6 +76,13 @@ pub fn resolve(config: Option<PathBuf>, token_file: Option<PathBuf>) -> Result<A
             },
         }
     };
+    if !wants_token {
+        return Ok(Access { config, addr, token: None, origin: "none is needed for this request".into() });
+    }
+    if let Err(why) = trusted(&config) {
+        eprintln!("pglb: not sending the admin token to {addr}: {why}");
+        return Ok(Access { config, addr, token: None, origin: why });
+    }
     Ok(Access { config, addr, token, origin })
 }
 

@@ -35,7 +35,14 @@ impl From<Exit> for ExitCode {
 
 /// Runs one control command and says how it went.
 pub fn run(control: Control, config: Option<PathBuf>, token_file: Option<PathBuf>, json: bool) -> Exit {
-    let access = match access::resolve(config, token_file) {
+    // Only what changes something needs the token (and /connections, off a
+    // loopback admin address): reads never send it.
+    let wants_token = match control {
+        Control::Status => false,
+        Control::Connections => !loopback_admin(config.as_deref()),
+        Control::Act { .. } | Control::Upgrade => true,
+    };
+    let access = match access::resolve(config, token_file, wants_token) {
         Ok(a) => a,
         Err(message) => {
             eprintln!("pglb: {message}");
@@ -72,7 +79,7 @@ async fn execute(control: &Control, access: &access::Access, json: bool) -> Exit
         Err(err) => return not_reached(access, &err),
     };
     match (reply.status, control) {
-        (200, Control::Status | Control::Connections) => show(control, &reply, json),
+        (200, Control::Status | Control::Connections) => show(control, access, &reply, json),
         (200, Control::Act { backend, .. }) => {
             println!("{backend}: {}", done(&reply.body));
             Exit::Done
@@ -83,6 +90,10 @@ async fn execute(control: &Control, access: &access::Access, json: bool) -> Exit
         }
         (401, _) => {
             eprintln!("pglb: the admin endpoint at {} refused the token: {}", access.addr, access.token_hint());
+            Exit::Unauthorized
+        }
+        (403, _) => {
+            eprintln!("pglb: the admin endpoint at {} refused: {}", access.addr, summary(&reply.body));
             Exit::Unauthorized
         }
         (404, Control::Act { .. }) => {
@@ -100,11 +111,19 @@ async fn execute(control: &Control, access: &access::Access, json: bool) -> Exit
 /// checks, and the old one's wait for them, are bounded well below this.
 const UPGRADE_WITHIN: Duration = Duration::from_secs(180);
 
-fn show(control: &Control, reply: &Reply, json: bool) -> Exit {
+/// Whether the config's admin endpoint listens on loopback (unreadable
+/// config: assume not, so a token is looked for).
+fn loopback_admin(config: Option<&std::path::Path>) -> bool {
+    let path = crate::cli::config_path(config.map(std::path::Path::to_owned)).ok();
+    path.and_then(|p| pglb_config::load_admin(&p).ok()).is_some_and(|a| a.listen.ip().is_loopback())
+}
+
+fn show(control: &Control, access: &access::Access, reply: &Reply, json: bool) -> Exit {
     if json {
         println!("{}", reply.body.trim_end());
         return Exit::Done;
     }
+    println!("pglb at {} (admin address from {})", access.addr, access.config.display());
     let value: serde_json::Value = match serde_json::from_str(&reply.body) {
         Ok(v) => v,
         Err(e) => {

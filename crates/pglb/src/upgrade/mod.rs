@@ -62,20 +62,57 @@ impl Launch {
     }
 
     /// A process that must not start itself again (`why` is the answer).
+    #[cfg(feature = "demo")]
     pub fn refused(why: &str) -> Self {
         Self { exe: Err(why.to_owned()), args: Vec::new() }
     }
 }
 
-/// Where the hand-over socket goes: systemd's `RuntimeDirectory=`, else the
-/// temp folder.
-fn socket_dir() -> PathBuf {
-    std::env::var_os("RUNTIME_DIRECTORY")
-        .map(|dirs| {
-            // Several directories are separated by ':'; the first is ours.
-            let first = dirs.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
-            PathBuf::from(first)
-        })
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or_else(std::env::temp_dir)
+/// Where the hand-over socket goes: systemd's `RuntimeDirectory=`, else a
+/// new folder of its own in the temp folder (mode 0700, made afresh: never
+/// a name someone could have planted), removed with the socket.
+struct SocketDir {
+    path: PathBuf,
+    /// Made by us (not the unit's): remove it afterwards.
+    ours: bool,
+}
+
+impl SocketDir {
+    fn make() -> std::io::Result<Self> {
+        let runtime = std::env::var_os("RUNTIME_DIRECTORY")
+            .map(|dirs| {
+                // Several directories are separated by ':'; the first is ours.
+                let first = dirs.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
+                PathBuf::from(first)
+            })
+            .filter(|p| !p.as_os_str().is_empty());
+        if let Some(path) = runtime {
+            return Ok(Self { path, ours: false });
+        }
+        use std::os::unix::fs::DirBuilderExt;
+        let mut last = None;
+        for _ in 0..16 {
+            let name = format!("pglb-upgrade-{}-{:016x}", std::process::id(), fastrand::u64(..));
+            let path = std::env::temp_dir().join(name);
+            // `create` fails on anything already there, a symlink included.
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(Self { path, ours: true }),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.path.join(format!("pglb-upgrade-{}.sock", std::process::id()))
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        if self.ours {
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
 }

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use tokio::process::Child;
 use tokio::sync::oneshot;
 
 use super::channel::Channel;
-use super::{socket_dir, CONNECT_WITHIN, SOCKET_ENV, STEP_WITHIN};
+use super::{SocketDir, CONNECT_WITHIN, SOCKET_ENV, STEP_WITHIN};
 use crate::run::Server;
 use crate::signals::Signals;
 use crate::systemd::Notifier;
@@ -74,7 +73,11 @@ async fn attempt(server: &Server, signals: &mut Signals, notifier: Notifier) -> 
     if let Err(why) = check_config(&exe, &server.path).await {
         return Outcome::Failed(why);
     }
-    let path = socket_dir().join(format!("pglb-upgrade-{}.sock", std::process::id()));
+    let dir = match SocketDir::make() {
+        Ok(dir) => dir,
+        Err(e) => return Outcome::Failed(format!("cannot make a private folder for the hand-over socket: {e}")),
+    };
+    let path = dir.socket();
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
         Ok(l) => l,
@@ -85,7 +88,7 @@ async fn attempt(server: &Server, signals: &mut Signals, notifier: Notifier) -> 
             ))
         }
     };
-    let _remove = RemoveOnDrop(path.clone());
+
     let mut child = match tokio::process::Command::new(&exe)
         .args(&server.launch.args)
         .env(SOCKET_ENV, &path)
@@ -242,12 +245,4 @@ async fn saved(server: &Server, hand_over: bool) -> Result<pglb_routing::SavedSt
     let gone = || "the topology task has stopped".to_owned();
     server.topology.commands.send(Topology::Saved { hand_over, reply }).await.map_err(|_| gone())?;
     answer.await.map_err(|_| gone())
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(Path::new(&self.0));
-    }
 }
