@@ -1,6 +1,6 @@
 //! The hyper server and its routes.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use pglb_health::TopologyHandle;
 use pglb_proxy::{gate_open, AcceptGate, Contexts};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -68,8 +69,9 @@ pub type UpgradeRequest = oneshot::Sender<Result<u32, String>>;
 /// How many admin connections are served at once (each may take a slot for
 /// at most [`HEADER_WITHIN`] before its request is read), and how many more
 /// are given a moment to ask for `/health` only: a flood of slow clients
-/// never starves keepalived's check. Beyond both, a connection is closed at
-/// once. Both bound the fds the admin endpoint can hold.
+/// never starves keepalived's check. Beyond both, the oldest of those gives
+/// its place to the newest (`HealthOnly`). Both bound the fds the admin
+/// endpoint can hold.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub connections: usize,
@@ -145,7 +147,7 @@ async fn accept(
     limits: Limits,
 ) {
     let served = Arc::new(Semaphore::new(limits.connections));
-    let health_only = Arc::new(Semaphore::new(limits.health_only));
+    let mut health_only = HealthOnly::new(limits.health_only);
     loop {
         if !gate_open(&mut gate, shutdown).await {
             return;
@@ -175,16 +177,41 @@ async fn accept(
                 connection(stream, state, stop).await;
                 drop(slot);
             });
-        } else if let Ok(slot) = health_only.clone().try_acquire_owned() {
-            let state = state.clone();
-            connections.spawn(async move {
-                crate::health_only::answer(stream, &state, HEALTH_ONLY_WITHIN).await;
-                drop(slot);
-            });
         } else {
-            crate::policy::record(crate::policy::Denied::OverCapacity, "");
-            drop(stream);
+            let state = state.clone();
+            let task = connections.spawn(async move {
+                crate::health_only::answer(stream, &state, HEALTH_ONLY_WITHIN).await;
+            });
+            health_only.admit(task.abort_handle());
         }
+    }
+}
+
+/// The connections over the served limit, oldest first. When there are as
+/// many as the limit allows, the oldest gives its place to the newest: it had
+/// its moment to ask for `/health`, and a flood must never keep a new
+/// connection (keepalived's check) from being read. Dropping a connection
+/// ahead of the race between accepting and answering is what made `/health`
+/// fail under a flood on a busy machine.
+struct HealthOnly {
+    limit: usize,
+    open: VecDeque<AbortHandle>,
+}
+
+impl HealthOnly {
+    fn new(limit: usize) -> Self {
+        Self { limit: limit.max(1), open: VecDeque::new() }
+    }
+
+    fn admit(&mut self, task: AbortHandle) {
+        self.open.retain(|t| !t.is_finished());
+        while self.open.len() >= self.limit {
+            if let Some(oldest) = self.open.pop_front() {
+                oldest.abort();
+                crate::policy::record(crate::policy::Denied::OverCapacity, "");
+            }
+        }
+        self.open.push_back(task);
     }
 }
 
