@@ -77,6 +77,7 @@ pub const TEST_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// A config under construction: the cluster's nodes as backends, free ports
 /// for the listeners and the admin endpoint, an admin token file.
+#[derive(Clone)]
 pub struct Yaml {
     /// Extra top-level YAML, e.g. `forwarder: copy`.
     pub top: String,

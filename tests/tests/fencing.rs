@@ -117,3 +117,34 @@ fn a_backend_from_another_cluster_is_fenced() {
     assert_eq!(stranger["fence_kind"], "system_identifier", "{stranger}");
     pglb.wait_eligible("ro", &["pg0", "pg1"], SETTLE);
 }
+
+/// 53300 proves the server runs, not its role: a primary that was down and
+/// comes back answering the check's login with "too many connections" (here
+/// the check role's CONNECTION LIMIT 0, SQLSTATE 53300 like a full server)
+/// stays down until a check gets in. Before the fix it came back "up as
+/// primary" on its old role after `rise` such answers.
+#[test]
+fn a_restarted_primary_that_answers_the_check_with_53300_does_not_take_rw() {
+    let _one_at_a_time = pglb_tests::exclusive();
+    let cluster = Cluster::start(&Spec { tag: "full".into(), replicas: 0, ..Spec::default() }).expect("cluster");
+    pglb_tests::cluster::create_check_users_on(&cluster, 0);
+    let node = cluster.primary();
+    let yaml = Yaml::for_cluster(&cluster).listener("rw", "role: primary\n    hold_timeout: 0s");
+    let pglb = Pglb::start(&yaml);
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+    node.sql("ALTER ROLE pglb_check CONNECTION LIMIT 0").expect("limit the check role");
+    node.stop("fast");
+    pglb.wait_state("pg0", "down", SETTLE);
+    node.start().expect("restart pg0");
+    // rise is 2: give it several times that.
+    pglb.wait_checks(&["pg0"], 8.0, SETTLE);
+    let backend = pglb.backend("pg0");
+    assert_eq!(backend["state"], "down", "{backend}");
+    assert!(backend["last_error"].as_str().is_some_and(|e| e.contains("53300")), "{backend}");
+    assert!(pglb.eligible("rw").is_empty(), "{}", pglb.status());
+    let err = pglb_tests::psql::psql(pglb.port("rw"), "SELECT 1", &[]).expect_err("no rw while pg0's role is unknown");
+    assert!(err.contains("no healthy primary"), "{err}");
+    // A check gets in: its role is known again.
+    node.sql("ALTER ROLE pglb_check CONNECTION LIMIT -1").expect("lift the limit");
+    pglb.wait_eligible("rw", &["pg0"], SETTLE);
+}

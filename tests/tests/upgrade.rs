@@ -282,3 +282,76 @@ fn the_old_process_serves_its_queued_client_after_the_hand_over() {
     wire::terminate(queued);
     assert_eq!(old.wait_exit(Duration::from_secs(20)), Some(0), "{}", old.log());
 }
+
+/// `/usr/local/bin/pglb → /opt/pglb/1.2/pglb`: the operator installs 1.3
+/// beside it, re-points the link and runs `pglb upgrade`. The new process
+/// runs what the link names now, not the binary the old one resolved at
+/// start.
+#[test]
+fn a_symlinked_install_upgrades_to_the_links_new_target() {
+    let cluster = shared_cluster();
+    let yaml = Yaml::for_cluster(&cluster).listener("rw", "role: primary");
+    let (v1, v2) = (Binary::copy("link-v1"), Binary::copy("link-v2"));
+    let link = v1.dir.join("current");
+    std::os::unix::fs::symlink(&v1.path, &link).expect("link to v1");
+    let mut old = Pglb::start_binary(&yaml, &[], &link);
+    old.wait_eligible("rw", &["pg0"], SETTLE);
+    let next = v1.dir.join("current.next");
+    std::os::unix::fs::symlink(&v2.path, &next).expect("link to v2");
+    std::fs::rename(&next, &link).expect("re-point the link");
+    let (code, out, err) = upgrade(&old.config);
+    assert_eq!(code, 0, "pglb upgrade failed: {out}{err}\n{}", old.log());
+    let pid = upgraded_pid(&out).unwrap_or_else(|| panic!("no pid in `{out}`"));
+    let _new = KillOnDrop(pid);
+    let runs = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the new process's binary");
+    assert_eq!(runs, v2.path, "the new pglb runs {}, not the link's new target", runs.display());
+    assert_eq!(old.wait_exit(Duration::from_secs(30)), Some(0), "{}", old.log());
+    one_client(old.port("rw")).expect("rw through the new pglb");
+}
+
+/// The old process's final state replaces what it handed over first: an
+/// `enable` done in it while the new one makes its first checks is not
+/// lost. A backend that accepts and never answers keeps the new process's
+/// first checks (and so the hand-over) open for the health timeout, 3 s.
+#[test]
+fn an_enable_during_the_hand_over_is_not_lost() {
+    let cluster = shared_cluster();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the silent backend");
+    let silent_addr = silent.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    let mut yaml = Yaml::for_cluster(&cluster).listener("rw", "role: primary").listener("ro", "role: replica");
+    yaml.health = yaml.health.replace("interval: 500ms\n  timeout: 500ms", "interval: 3s\n  timeout: 3s");
+    yaml.backends.push(("silent".into(), format!("address: {silent_addr}")));
+    let binary = Binary::copy("enable");
+    let old = Pglb::start_binary(&yaml, &[], &binary.path);
+    old.wait_eligible("ro", &["pg1", "pg2"], SETTLE);
+    assert_eq!(old.post("/backends/pg2/drain").0, 200);
+    old.wait_eligible("ro", &["pg1"], SETTLE);
+
+    let config = old.config.clone();
+    let upgrading = std::thread::spawn(move || upgrade(&config));
+    wait_until("the new pglb took the sockets", SETTLE, || {
+        if old.log().contains("took the listening sockets from the running pglb") {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    // The old process still answers the admin endpoint until `ready`.
+    assert_eq!(old.status()["pid"], serde_json::json!(old.pid()), "the enable must reach the old process");
+    assert_eq!(old.post("/backends/pg2/enable").0, 200);
+    let (code, out, err) = upgrading.join().expect("pglb upgrade");
+    assert_eq!(code, 0, "pglb upgrade failed: {out}{err}\n{}", old.log());
+    let pid = upgraded_pid(&out).unwrap_or_else(|| panic!("no pid in `{out}`"));
+    let _new = KillOnDrop(pid);
+    assert_eq!(old.status()["pid"], serde_json::json!(pid));
+    let status = old.status();
+    let pg2 = pglb_tests::pglb::named(&status["backends"], "pg2");
+    assert_eq!(pg2["admin_state"], "enabled", "the enable done during the hand-over was lost: {pg2}\n{}", old.log());
+    old.wait_eligible("ro", &["pg1", "pg2"], SETTLE);
+}

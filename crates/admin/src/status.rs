@@ -85,6 +85,14 @@ pub fn status_json(
         "generation": table.generation,
         "split_brain": table.split_brain,
         "primary_visible": table.primary_visible,
+        "identity": {
+            // A string: system identifiers exceed what JSON numbers hold exactly.
+            "system_identifier": table.identity.system_id.map(|id| id.to_string()),
+            "source": table.identity.source.map(|s| s.as_str()),
+            "settled": !table.identity.pending,
+            "unsettled": !table.identity.in_doubt.is_empty(),
+            "in_doubt": table.identity.in_doubt.iter().map(|(b, id)| json!({"backend": b, "system_identifier": id.to_string()})).collect::<Vec<_>>(),
+        },
         "config": {
             "path": live.path,
             "hash": live.hash,

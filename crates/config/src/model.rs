@@ -19,6 +19,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// What to do when more than one backend claims to be primary.
     pub multi_primary: MultiPrimary,
+    /// The cluster's system identifier, pinned by the operator
+    /// (`pg_control_system()`): a backend reporting another is fenced, and
+    /// nothing the backends say or the state file holds overrides it.
+    pub system_identifier: Option<u64>,
     pub admin: AdminConfig,
     pub health: HealthConfig,
     pub listeners: Vec<ListenerConfig>,

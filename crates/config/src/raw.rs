@@ -49,6 +49,7 @@ pub struct RawConfig {
     pub state_file: Option<Text>,
     pub log_format: Option<Text>,
     pub multi_primary: Option<Text>,
+    pub system_identifier: Option<Text>,
     pub defaults: Option<RawDefaults>,
     pub admin: Option<RawAdmin>,
     pub health: Option<RawHealth>,
@@ -176,6 +177,7 @@ pub const TOP_KEYS: &[&str] = &[
     "state_file",
     "log_format",
     "multi_primary",
+    "system_identifier",
     "defaults",
     "admin",
     "health",
@@ -248,8 +250,8 @@ mod tests {
         assert!(d.other.is_empty(), "{:?}", d.other.keys());
         let a: RawAdmin = serde_yaml::from_str(&format!("{{{}}}", mapping(ADMIN_KEYS))).expect("admin");
         assert!(a.other.is_empty(), "{:?}", a.other.keys());
-        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, defaults: {}, admin: {}, health: {}, listeners: [], backends: []}";
+        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, system_identifier: x, defaults: {}, admin: {}, health: {}, listeners: [], backends: []}";
         let c: RawConfig = serde_yaml::from_str(top).expect("top");
-        assert!(c.other.is_empty() && TOP_KEYS.len() == 10, "{:?}", c.other.keys());
+        assert!(c.other.is_empty() && TOP_KEYS.len() == 11, "{:?}", c.other.keys());
     }
 }

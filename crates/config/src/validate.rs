@@ -56,6 +56,7 @@ impl<'a> Validator<'a> {
             &[("fence", MultiPrimary::Fence), ("allow", MultiPrimary::Allow)],
             MultiPrimary::Fence,
         );
+        let system_identifier = raw.system_identifier.and_then(|t| self.system_identifier(t));
         let admin = self.admin(raw.admin);
         let health = self.health(raw.health.unwrap_or_default());
         let defaults = raw.defaults.unwrap_or_default();
@@ -68,6 +69,7 @@ impl<'a> Validator<'a> {
                 state_file,
                 log_format,
                 multi_primary,
+                system_identifier,
                 admin,
                 health,
                 listeners,
@@ -92,6 +94,22 @@ impl<'a> Validator<'a> {
             return None;
         }
         Some(self.base.join(text.0.trim()))
+    }
+
+    /// `system_identifier`: a number, or the same digits quoted (YAML
+    /// readers that turn big numbers into floats lose digits).
+    fn system_identifier(&mut self, text: Text) -> Option<u64> {
+        match text.0.trim().parse::<u64>() {
+            Ok(id) if id > 0 => Some(id),
+            _ => {
+                self.problem(
+                    "system_identifier",
+                    format!("system_identifier `{}` is not a system identifier", text.0),
+                    "write the number `SELECT system_identifier FROM pg_control_system()` shows on the primary, e.g. system_identifier: \"7301234567890123456\"",
+                );
+                None
+            }
+        }
     }
 
     fn problem(&mut self, item: &str, message: String, help: impl Into<String>) {

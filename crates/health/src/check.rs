@@ -6,6 +6,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use pglb_config::{BackendConfig, HealthConfig, SslMode};
 use pglb_routing::{Facts, FailureClass, FailureKind, Observation, ObservedRole, Receiver, Wal};
@@ -30,16 +31,69 @@ const CHECK_QUERY: &str = "SELECT pg_is_in_recovery()::text,
     coalesce((SELECT coalesce(status, 'hidden') || ':' || coalesce(received_tli::text, '')
               FROM pg_stat_wal_receiver), 'none') END";
 
+/// How often the host name of a backend with a kept check connection is
+/// looked up again (in the background: a check never waits for it).
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+
 /// A logged-in check connection, kept between checks.
 pub struct CheckConn {
     pub client: Arc<Client>,
     /// Ends when the server closes the connection.
     pub driver: JoinHandle<()>,
+    /// The address it is connected to: what its answers are about, and
+    /// where sessions go.
+    pub addr: IpAddr,
+    /// A lookup of the backend's host name running in the background, and
+    /// when the last one started.
+    lookup: Option<JoinHandle<std::io::Result<Vec<IpAddr>>>>,
+    looked_up: Instant,
 }
 
 impl Drop for CheckConn {
     fn drop(&mut self) {
         self.driver.abort();
+        if let Some(lookup) = &self.lookup {
+            lookup.abort();
+        }
+    }
+}
+
+impl CheckConn {
+    /// Whether the backend's host name no longer resolves to the address
+    /// this connection went to (a re-pointed name): the server behind the
+    /// new address is another node, to be checked before any session goes
+    /// there. Looks names up in the background, every [`RESOLVE_EVERY`]; a
+    /// lookup that fails or hangs (a resolver outage) changes nothing.
+    async fn moved(&mut self, backend: &BackendConfig) -> bool {
+        if backend.host.parse::<IpAddr>().is_ok() {
+            return false;
+        }
+        if let Some(lookup) = self.lookup.take_if(|l| l.is_finished()) {
+            match lookup.await {
+                Ok(Ok(addrs)) if !addrs.is_empty() && !addrs.contains(&self.addr) => {
+                    tracing::warn!(
+                        backend = %backend.name,
+                        host = %backend.host,
+                        from = %self.addr,
+                        to = ?addrs,
+                        "the backend's host name resolves elsewhere now: checking the new address as a new node; no session goes there before it answers"
+                    );
+                    return true;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(backend = %backend.name, error = %e, "host name lookup failed; the checked address stays")
+                }
+                Err(_) => {}
+            }
+        }
+        if self.lookup.is_none() && self.looked_up.elapsed() >= RESOLVE_EVERY {
+            let target = (backend.host.clone(), backend.port);
+            self.looked_up = Instant::now();
+            self.lookup =
+                Some(tokio::spawn(async move { Ok(tokio::net::lookup_host(target).await?.map(|a| a.ip()).collect()) }));
+        }
+        false
     }
 }
 
@@ -62,6 +116,13 @@ pub async fn attempt(
     backend: BackendConfig,
     tls: MakeRustlsConnect,
 ) -> (Option<CheckConn>, Outcome) {
+    if let Some(c) = &mut conn {
+        if c.moved(&backend).await {
+            // As a lost connection: a new address that refuses is down at once.
+            conn = None;
+            dropped = true;
+        }
+    }
     for _ in 0..2 {
         let client = match &conn {
             Some(c) => c.client.clone(),
@@ -74,8 +135,9 @@ pub async fn attempt(
                 Err(failure) => return (None, failure.outcome(dropped)),
             },
         };
+        let addr = conn.as_ref().map(|c| c.addr);
         match client.query_one(CHECK_QUERY, &[]).await {
-            Ok(row) => return (conn, Outcome::Answer(observe(&row))),
+            Ok(row) => return (conn, Outcome::Answer(observe(&row, addr))),
             // The connection broke under us: one fresh login, then judge.
             Err(_) if client.is_closed() => {
                 conn = None;
@@ -109,9 +171,10 @@ async fn connect(
     backend: &BackendConfig,
     tls: &MakeRustlsConnect,
 ) -> Result<CheckConn, Classified> {
+    let addr = resolve(backend).await?;
     let mut pg = tokio_postgres::Config::new();
     pg.host(&backend.host)
-        .hostaddr(resolve(backend).await?)
+        .hostaddr(addr)
         .port(backend.port)
         .user(&health.user)
         .dbname(&health.database)
@@ -135,7 +198,7 @@ async fn connect(
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok(CheckConn { client: Arc::new(client), driver })
+    Ok(CheckConn { client: Arc::new(client), driver, addr, lookup: None, looked_up: Instant::now() })
 }
 
 /// The backend's address, resolved now (a name that stops resolving is a
@@ -155,7 +218,7 @@ async fn resolve(backend: &BackendConfig) -> Result<IpAddr, Classified> {
     addrs.next().map(|a| a.ip()).ok_or_else(|| failed("no address".into()))
 }
 
-fn observe(row: &Row) -> Observation {
+fn observe(row: &Row, address: Option<IpAddr>) -> Observation {
     let text = |i: usize| row.try_get::<_, Option<String>>(i).ok().flatten();
     let number = |i: usize| text(i).and_then(|t| t.parse::<f64>().ok());
     let role = match text(0).as_deref() {
@@ -176,7 +239,7 @@ fn observe(row: &Row) -> Observation {
         replay: number(5).map(|n| n as u64),
     };
     let receiver = text(6).map(|r| receiver(&r));
-    let facts = Facts { timeline, system_id: text(2).and_then(|t| t.parse().ok()), wal, receiver };
+    let facts = Facts { timeline, system_id: text(2).and_then(|t| t.parse().ok()), wal, receiver, address };
     Observation::Up { role, facts }
 }
 

@@ -34,6 +34,10 @@ pub fn describe_metrics() {
         "pglb_split_brain",
         "1 while more than one backend is primary on the same timeline and primary listeners route to none."
     );
+    describe_gauge!(
+        "pglb_backend_identity_in_doubt",
+        "1 while the backend's system identifier ties with another's and none is pinned or saved (identity unsettled: nothing is routed), else 0."
+    );
     describe_gauge!("pglb_listener_eligible_backends", "Backends the listener may use now.");
     describe_histogram!(
         "pglb_health_check_duration_seconds",
@@ -66,6 +70,8 @@ pub fn export_table(table: &RoutingTable) {
                 .set(value);
         }
         metrics::gauge!("pglb_backend_fenced", "backend" => name.clone()).set(f64::from(u8::from(b.fenced.is_some())));
+        let in_doubt = table.identity.in_doubt.iter().any(|(d, _)| *d == name);
+        metrics::gauge!("pglb_backend_identity_in_doubt", "backend" => name.clone()).set(f64::from(u8::from(in_doubt)));
         metrics::gauge!("pglb_backend_replication_lag_bytes", "backend" => name.clone())
             .set(b.lag.bytes.unwrap_or(0) as f64);
         metrics::gauge!("pglb_backend_replication_lag_seconds", "backend" => name.clone())

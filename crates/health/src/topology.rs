@@ -35,8 +35,9 @@ pub enum Command {
     /// This process owns the state file (again, if an upgrade failed; from
     /// now on, in a process that took over): it is written at once.
     KeepSaving,
-    /// The old process's final state, applied where it fits (as at start).
-    Restore { saved: SavedState, reply: oneshot::Sender<Vec<String>> },
+    /// The old process's final state, replacing `over` (the state it handed
+    /// over first), applied where it fits (as at start).
+    Restore { saved: SavedState, over: SavedState, reply: oneshot::Sender<Vec<String>> },
 }
 
 /// Handles the rest of pglb holds on the topology task.
@@ -83,7 +84,9 @@ impl Publisher {
         // A process taking over writes the state file only once it serves
         // (Command::KeepSaving); until then the running one owns it.
         let (restored, handed_over, restored_from) = match origin {
-            Origin::HandedOver(saved) => (restore_handed(&mut topology, saved), true, Some("upgrade")),
+            Origin::HandedOver(saved) => {
+                (restore_handed(&mut topology, &SavedState::default(), saved), true, Some("upgrade"))
+            }
             Origin::StateFile => match state_file.as_deref() {
                 Some(path) => (restore(&mut topology, path), false, Some("state_file")),
                 None => (Vec::new(), false, None),
@@ -162,8 +165,8 @@ impl Publisher {
                 }
                 return;
             }
-            Command::Restore { saved, reply } => {
-                let notes = restore_handed(&mut self.topology, saved);
+            Command::Restore { saved, over, reply } => {
+                let notes = restore_handed(&mut self.topology, &over, saved);
                 self.publish(Vec::new());
                 let _ = reply.send(notes);
                 return;
@@ -242,14 +245,30 @@ fn log_event(event: &Event) {
         Event::SavedTimelineIgnored { saved, now } => tracing::warn!(
             saved_system_identifier = saved,
             system_identifier = now,
-            "the state file's highest timeline is another cluster's (rebuilt?): not used"
+            "the saved system identifier is not the one the config pins: the pinned one is used, the saved highest timeline is not"
         ),
+        Event::AddressChanged { backend, from, to } => tracing::warn!(
+            backend,
+            %from,
+            %to,
+            "backend answered at a new address (its host name resolves elsewhere): checked anew as a new node; sessions go to the checked address only"
+        ),
+        Event::IdentitySettled { system_id, source } => {
+            tracing::info!(system_identifier = system_id, source, "the cluster's system identifier is settled")
+        }
+        Event::IdentityUnsettled { in_doubt } => {
+            let backends: Vec<String> = in_doubt.iter().map(|(b, id)| format!("{b}: {id}")).collect();
+            tracing::error!(
+                backends = backends.join(", "),
+                "identity unsettled: the backends report different system identifiers in equal numbers and none is pinned or saved; nothing is routed until system_identifier: is set in the config (SELECT system_identifier FROM pg_control_system() on the real primary)"
+            )
+        }
     }
 }
 
 /// Applies the state handed over by the running pglb; returns what was restored.
-fn restore_handed(topology: &mut pglb_routing::Topology, saved: SavedState) -> Vec<String> {
-    let notes = topology.restore(saved);
+fn restore_handed(topology: &mut pglb_routing::Topology, over: &SavedState, saved: SavedState) -> Vec<String> {
+    let notes = topology.restore_over(over, saved);
     for note in &notes {
         tracing::warn!("restored from the running pglb: {note}");
     }

@@ -17,7 +17,7 @@ use pglb_config::{Config, ConfigError};
 use pglb_health::{Publisher, TopologyHandle};
 use pglb_proxy::{AddressGroup, Contexts, ListenerContext, Shared};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -249,7 +249,7 @@ impl Server {
         let shared = Shared {
             table: topology.table.clone(),
             generation: topology.generation.clone(),
-            capacity: Arc::new(Notify::new()),
+            capacity: Arc::new(pglb_proxy::Capacity::default()),
             pipes: data_path.pipes,
             sockmap: data_path.sockmap,
             draining: CancellationToken::new(),

@@ -162,7 +162,10 @@ fn choose(
             answer: Answer::Alert(UNRECOGNIZED_NAME),
         });
     };
-    let mut first = FirstMessage::new(hello.bytes, FirstKind::DirectTls);
+    // Whatever the client sent after its ClientHello goes on after it.
+    let mut bytes = hello.bytes;
+    bytes.extend_from_slice(&hello.after);
+    let mut first = FirstMessage::new(bytes, FirstKind::DirectTls);
     first.via_ssl_request = via_ssl_request;
     first.server_name = hello.server_name;
     Ok((ctx.clone(), first))

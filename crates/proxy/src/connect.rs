@@ -1,6 +1,7 @@
 //! Connecting to a backend, and the socket options both sides get.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
@@ -14,21 +15,14 @@ pub fn tune(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
-/// Connects to `host:port` within `timeout`, trying each resolved address.
-/// `user_timeout` (TCP_USER_TIMEOUT) bounds how long sent data may stay
-/// unacknowledged: a session to a vanished host fails then, not after the
-/// kernel's ~15 minutes of retransmissions.
-pub async fn connect(host: &str, port: u16, timeout: Duration, user_timeout: Duration) -> io::Result<TcpStream> {
-    let attempt = async {
-        let mut last = None;
-        for addr in tokio::net::lookup_host((host, port)).await? {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")))
-    };
+/// Connects to `addr` within `timeout`: the address the backend's checks
+/// verified, so there is no name lookup on the data path (a resolver outage
+/// does not stall clients, and a re-pointed name cannot send a client to a
+/// server nobody checked). `user_timeout` (TCP_USER_TIMEOUT) bounds how long
+/// sent data may stay unacknowledged: a session to a vanished host fails
+/// then, not after the kernel's ~15 minutes of retransmissions.
+pub async fn connect(addr: SocketAddr, timeout: Duration, user_timeout: Duration) -> io::Result<TcpStream> {
+    let attempt = TcpStream::connect(addr);
     let stream = tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect timed out after {timeout:?}")))??;

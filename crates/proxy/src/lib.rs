@@ -22,9 +22,11 @@ pub mod sni;
 mod wait;
 
 pub use address::AddressGroup;
+pub use cancel::CANCELS_PER_SECOND;
 pub use contexts::{Contexts, InUse, ListenerView, SessionView};
 pub use forward::PipePool;
 pub use listener::{bind, gate_open, serve, AcceptGate, ListenerContext, Shared};
 pub use metrics::describe as describe_metrics;
 pub use reason::{Reject, Side};
 pub use registry::{Registry, SessionHandle};
+pub use wait::Capacity;

@@ -16,7 +16,7 @@ use pglb_config::ListenerConfig;
 use pglb_routing::{Cursor, RoutingTable};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -26,6 +26,7 @@ use crate::forward::PipePool;
 use crate::metrics::{ListenerMetrics, PairMetrics};
 use crate::reason::Reject;
 use crate::registry::Registry;
+use crate::wait::Capacity;
 
 /// What every listener shares.
 #[derive(Clone)]
@@ -33,8 +34,8 @@ pub struct Shared {
     pub table: Arc<ArcSwap<RoutingTable>>,
     /// The routing generation: changes when choices or verdicts may change.
     pub generation: watch::Receiver<u64>,
-    /// Notified whenever a session ends (a place under the limits is free).
-    pub capacity: Arc<Notify>,
+    /// Freed whenever a session ends (a place under the limits is free).
+    pub capacity: Arc<Capacity>,
     /// Splice pipes; `None` forwards by copying.
     pub pipes: Option<Arc<PipePool>>,
     /// The kernel path (`forwarder: sockmap`); sessions it cannot take

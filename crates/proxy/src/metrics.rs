@@ -135,11 +135,17 @@ impl PairMetrics {
     }
 }
 
+/// Why a cancel request was not passed on: its source sent too many this
+/// second, or pglb is shutting down.
+pub const CANCEL_REFUSALS: [&str; 2] = ["rate_limited", "draining"];
+
 /// Handles for one listener.
 pub struct ListenerMetrics {
     rejected: Vec<Counter>,
     closed: Vec<Counter>,
     pub cancels: Counter,
+    /// `pglb_cancel_requests_refused_total` by [`CANCEL_REFUSALS`].
+    pub cancels_refused: Vec<Counter>,
     pub accept_errors: Counter,
     pub held: Gauge,
     pub queued: Gauge,
@@ -180,6 +186,7 @@ impl ListenerMetrics {
             rejected: counters("pglb_clients_rejected_total", &Reject::ALL.map(Reject::as_str)),
             closed: counters("pglb_sessions_closed_total", &CloseReason::ALL.map(CloseReason::as_str)),
             cancels: counter("pglb_cancel_requests_total"),
+            cancels_refused: counters("pglb_cancel_requests_refused_total", &CANCEL_REFUSALS),
             accept_errors: counter("pglb_accept_errors_total"),
             held: gauge("pglb_clients_held"),
             queued: gauge("pglb_clients_queued"),

@@ -34,8 +34,8 @@ const ADMIN_SHUTDOWN: &str = "57P01";
 /// no snapshot is held across an await.
 struct Candidate {
     name: String,
-    host: String,
-    port: u16,
+    /// The address the backend's checks verified (never looked up here).
+    addr: Option<std::net::SocketAddr>,
     limit: Option<usize>,
     load: Arc<BackendLoad>,
 }
@@ -55,7 +55,7 @@ impl Drop for Places<'_> {
         if let Some(g) = self.ctx.backend_gauges.get(&self.candidate.name) {
             g.decrement(1.0);
         }
-        self.ctx.shared.capacity.notify_waiters();
+        self.ctx.shared.capacity.free();
     }
 }
 
@@ -145,7 +145,7 @@ async fn serve(
 ) {
     if let FirstKind::Cancel { pid } = setup.1.kind {
         tracing::debug!(pid, "cancel request");
-        Box::pin(crate::cancel::fan_out(&ctx, &setup.1.bytes)).await;
+        Box::pin(crate::cancel::fan_out(&ctx, &setup.1.bytes, peer)).await;
         return;
     }
     let refusal = match Box::pin(route(&ctx, &setup, &client, peer)).await {
@@ -244,8 +244,10 @@ async fn find_backend<'a>(
     let (mut held, mut queued): (Option<Slot<'_>>, Option<Slot<'_>>) = (None, None);
     loop {
         generation.borrow_and_update();
+        // Before looking for room: a place freed from here on wakes this client.
+        let freed = ctx.shared.capacity.watch();
         let (candidates, via_fallback) = pick(ctx);
-        let (deadline, capacity) = if candidates.is_empty() {
+        let (deadline, freed) = if candidates.is_empty() {
             if held.is_none() {
                 if config.hold_timeout.is_zero() {
                     return Err(no_backend(ctx, config, None));
@@ -277,11 +279,13 @@ async fn find_backend<'a>(
                     if queued.is_none() {
                         queued = Slot::take(&ctx.queued, usize::MAX, &ctx.metrics.queued);
                     }
-                    (started + config.queue_timeout, Some(&*ctx.shared.capacity))
+                    ctx.shared.capacity.no_room();
+                    (started + config.queue_timeout, Some(freed))
                 }
             }
         };
-        match wait(client, &mut generation, capacity, deadline, stop).await {
+        let queueing = freed.is_some();
+        match wait(client, &mut generation, freed, deadline, stop).await {
             Wake::Retry => {}
             Wake::ClientGone => return Err(Refusal::Gone),
             Wake::Shutdown => {
@@ -291,7 +295,7 @@ async fn find_backend<'a>(
                     message: "pglb: shutting down".into(),
                 })
             }
-            Wake::Timeout if capacity.is_some() => {
+            Wake::Timeout if queueing => {
                 record_wait(ctx, started, false, true);
                 return Err(Refusal::Refuse {
                     reason: Reject::QueueTimeout,
@@ -376,8 +380,7 @@ fn pick(ctx: &ListenerContext) -> (Vec<Candidate>, bool) {
             let b = &table.backends[i];
             Candidate {
                 name: b.config.name.clone(),
-                host: b.config.host.clone(),
-                port: b.config.port,
+                addr: b.checked_address(),
                 limit: b.config.max_connections,
                 load: b.load.clone(),
             }
@@ -420,7 +423,11 @@ async fn connect_reserved<'a>(
     loop {
         let c = &places.candidate;
         let user_timeout = ctx.shared.table.load().down_after;
-        match connect(&c.host, c.port, config.connect_timeout, user_timeout).await {
+        let connected = match c.addr {
+            Some(addr) => connect(addr, config.connect_timeout, user_timeout).await,
+            None => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no check has answered at any address yet")),
+        };
+        match connected {
             Ok(stream) => return Some((places, stream)),
             Err(err) => {
                 ctx.pair(&c.name).connect_failures.increment(1);

@@ -22,6 +22,9 @@ pub const MAX_CLIENT_HELLO: usize = 32 * 1024;
 pub struct ClientHello {
     /// The records, byte for byte as received.
     pub bytes: Vec<u8>,
+    /// Bytes the client sent after the ClientHello's last record that came
+    /// in the same reads: passed on after `bytes`, unchanged.
+    pub after: Vec<u8>,
     /// The host name of the server_name extension, in lower case.
     pub server_name: Option<String>,
 }
@@ -39,81 +42,99 @@ pub enum SniError {
     Io(#[from] io::Error),
 }
 
+/// Bytes asked of the client per read: a ClientHello of 1-byte records
+/// costs a read per `READ_CHUNK` bytes, not two per record.
+const READ_CHUNK: usize = 4096;
+
 /// Reads the rest of the ClientHello whose first record is `first` (read
-/// whole by `read_first`) and finds its server name.
+/// whole by `read_first`) and finds its server name. Each record is looked
+/// at once: the work grows with the bytes, whatever their records' sizes.
 pub async fn read_client_hello<R: AsyncRead + Unpin>(r: &mut R, first: Vec<u8>) -> Result<ClientHello, SniError> {
+    let mut hello = Reassembly::default();
     let mut bytes = first;
     loop {
-        match handshake_status(&bytes)? {
-            Status::Complete(message) => {
-                let server_name = server_name(&message)?;
-                return Ok(ClientHello { bytes, server_name });
-            }
-            Status::NeedRecord => {}
+        if let Some(message) = hello.take_records(&bytes)? {
+            let server_name = server_name(&message)?;
+            let after = bytes.split_off(hello.records_end);
+            return Ok(ClientHello { bytes, after, server_name });
         }
-        let mut head = [0u8; 5];
-        r.read_exact(&mut head).await.map_err(eof)?;
-        let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
-        if head[0] != 0x16 || head[1] != 3 || len == 0 || len > MAX_TLS_RECORD - 5 {
-            return Err(SniError::Malformed("a record after the first is not a TLS handshake record"));
-        }
-        if bytes.len() + 5 + len > MAX_CLIENT_HELLO {
+        let room = MAX_CLIENT_HELLO - bytes.len();
+        if room == 0 {
             return Err(SniError::TooLong);
         }
         let start = bytes.len();
-        bytes.extend_from_slice(&head);
-        bytes.resize(start + 5 + len, 0);
-        r.read_exact(&mut bytes[start + 5..]).await.map_err(eof)?;
+        bytes.resize(start + room.min(READ_CHUNK), 0);
+        let n = r.read(&mut bytes[start..]).await?;
+        bytes.truncate(start + n);
+        if n == 0 {
+            return Err(SniError::Closed);
+        }
     }
 }
 
 /// The server name in `records` (one or more whole TLS handshake records
 /// holding a whole ClientHello), as [`read_client_hello`] finds it.
 pub fn server_name_of(records: &[u8]) -> Result<Option<String>, SniError> {
-    match handshake_status(records)? {
-        Status::Complete(message) => server_name(&message),
-        Status::NeedRecord => Err(SniError::Closed),
-    }
-}
-
-enum Status {
-    /// The ClientHello handshake message (header included).
-    Complete(Vec<u8>),
-    NeedRecord,
-}
-
-/// Joins the payloads of the whole records in `bytes` and says whether they
-/// hold the ClientHello message yet.
-fn handshake_status(bytes: &[u8]) -> Result<Status, SniError> {
-    if bytes.len() > MAX_CLIENT_HELLO {
+    if records.len() > MAX_CLIENT_HELLO {
         return Err(SniError::TooLong);
     }
-    let mut payload = Vec::with_capacity(bytes.len());
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        if rest.len() < 5 || rest[0] != 0x16 || rest[1] != 3 {
-            return Err(SniError::Malformed("not a sequence of TLS handshake records"));
+    match Reassembly::default().take_records(records)? {
+        Some(message) => server_name(&message),
+        None => Err(SniError::Closed),
+    }
+}
+
+/// The handshake payload of the records seen so far.
+#[derive(Default)]
+struct Reassembly {
+    payload: Vec<u8>,
+    /// Where in the bytes read the next record begins.
+    records_end: usize,
+}
+
+impl Reassembly {
+    /// Takes the whole records of `bytes` past those already taken; the
+    /// ClientHello message (header included) once they hold all of it.
+    fn take_records(&mut self, bytes: &[u8]) -> Result<Option<Vec<u8>>, SniError> {
+        loop {
+            let rest = &bytes[self.records_end..];
+            if rest.len() >= 3 && (rest[0] != 0x16 || rest[1] != 3) {
+                return Err(SniError::Malformed("not a sequence of TLS handshake records"));
+            }
+            if rest.len() < 5 {
+                return Ok(None);
+            }
+            let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+            if len == 0 || len > MAX_TLS_RECORD - 5 {
+                return Err(SniError::Malformed("a TLS record of a length no ClientHello is sent in"));
+            }
+            if self.records_end + 5 + len > MAX_CLIENT_HELLO {
+                return Err(SniError::TooLong);
+            }
+            let Some(record) = rest.get(5..5 + len) else { return Ok(None) };
+            self.payload.extend_from_slice(record);
+            self.records_end += 5 + len;
+            if let Some(message) = self.message()? {
+                return Ok(Some(message));
+            }
         }
-        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
-        let record = rest.get(5..5 + len).ok_or(SniError::Malformed("a TLS record is cut short"))?;
-        payload.extend_from_slice(record);
-        rest = &rest[5 + len..];
     }
-    if payload.len() < 4 {
-        return Ok(Status::NeedRecord);
+
+    /// The ClientHello message, once the payload holds all of it.
+    fn message(&self) -> Result<Option<Vec<u8>>, SniError> {
+        let payload = &self.payload;
+        if payload.len() < 4 {
+            return Ok(None);
+        }
+        if payload[0] != 1 {
+            return Err(SniError::Malformed("the first handshake message is not a ClientHello"));
+        }
+        let len = (usize::from(payload[1]) << 16) | (usize::from(payload[2]) << 8) | usize::from(payload[3]);
+        if 4 + len > MAX_CLIENT_HELLO {
+            return Err(SniError::TooLong);
+        }
+        Ok(payload.get(..4 + len).map(<[u8]>::to_vec))
     }
-    if payload[0] != 1 {
-        return Err(SniError::Malformed("the first handshake message is not a ClientHello"));
-    }
-    let len = (usize::from(payload[1]) << 16) | (usize::from(payload[2]) << 8) | usize::from(payload[3]);
-    if 4 + len > MAX_CLIENT_HELLO {
-        return Err(SniError::TooLong);
-    }
-    if payload.len() < 4 + len {
-        return Ok(Status::NeedRecord);
-    }
-    payload.truncate(4 + len);
-    Ok(Status::Complete(payload))
 }
 
 /// The host name of the server_name extension of a ClientHello message.
@@ -130,13 +151,6 @@ fn server_name(message: &[u8]) -> Result<Option<String>, SniError> {
         }
     }
     Ok(None)
-}
-
-fn eof(e: io::Error) -> SniError {
-    match e.kind() {
-        io::ErrorKind::UnexpectedEof => SniError::Closed,
-        _ => SniError::Io(e),
-    }
 }
 
 #[cfg(test)]

@@ -2,11 +2,13 @@
 //! backend, and queued while connection limits are full, instead of being
 //! refused at once. A waiting client that hangs up frees its place at once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::futures::Notified;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -21,18 +23,56 @@ pub enum Wake {
     Shutdown,
 }
 
-/// Waits for a routing change (or freed capacity, when `capacity` is given)
-/// until `deadline`.
+/// Places under the limits, freed as sessions end: a queued client waits
+/// for one. A client watches *before* it looks for room, so a place freed
+/// between its look and its wait still wakes it (a wake-up is not stored
+/// for a watcher that comes later).
+#[derive(Default)]
+pub struct Capacity {
+    freed: Notify,
+    frees: AtomicU64,
+    /// Runs when a client found no room, before it waits: lets a test free
+    /// a place at exactly that moment. Never set by pglb.
+    #[doc(hidden)]
+    pub no_room_hook: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl Capacity {
+    /// Call before looking for room; await after finding none.
+    pub fn watch(&self) -> Notified<'_> {
+        self.freed.notified()
+    }
+
+    /// A session ended: its places are free.
+    pub fn free(&self) {
+        self.freed.notify_waiters();
+        self.frees.fetch_add(1, Ordering::Release);
+    }
+
+    /// Places freed so far (counted once the waiters were woken).
+    pub fn frees(&self) -> u64 {
+        self.frees.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn no_room(&self) {
+        if let Some(hook) = self.no_room_hook.get() {
+            hook();
+        }
+    }
+}
+
+/// Waits for a routing change (or a freed place, when `freed` is given: a
+/// [`Capacity::watch`] begun before looking for room) until `deadline`.
 pub async fn wait(
     client: &TcpStream,
     generation: &mut watch::Receiver<u64>,
-    capacity: Option<&Notify>,
+    freed: Option<Notified<'_>>,
     deadline: Instant,
     stop: &CancellationToken,
 ) -> Wake {
     let freed = async {
-        match capacity {
-            Some(n) => n.notified().await,
+        match freed {
+            Some(n) => n.await,
             None => std::future::pending().await,
         }
     };

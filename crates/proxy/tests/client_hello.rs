@@ -46,7 +46,8 @@ proptest! {
         prop_assume!(all.len() <= MAX_CLIENT_HELLO);
         let stream = [&all[..], &after[..]].concat();
         let hello = read(&stream).expect("a whole ClientHello");
-        prop_assert_eq!(&hello.bytes, &all, "exactly the records, nothing after");
+        prop_assert_eq!(&hello.bytes, &all, "exactly the records");
+        prop_assert!(after.starts_with(&hello.after), "what followed them, unchanged");
         prop_assert_eq!(hello.server_name.as_deref(), Some(name.as_str()));
     }
 
@@ -68,4 +69,61 @@ proptest! {
         message.extend(vec![0u8; 3 * MAX_CLIENT_HELLO]);
         prop_assert!(matches!(read(&records(&message, chunk)), Err(SniError::TooLong)));
     }
+}
+
+/// An in-memory client that counts the reads asked of it.
+struct Counting<'a> {
+    rest: &'a [u8],
+    reads: usize,
+}
+
+impl tokio::io::AsyncRead for Counting<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.reads += 1;
+        std::pin::Pin::new(&mut self.rest).poll_read(cx, buf)
+    }
+}
+
+/// A ClientHello sent in 1-byte records, `size` bytes in all (at most).
+fn one_byte_records(size: usize) -> Vec<u8> {
+    let bare = message("rw.db.example.com", 0).len();
+    let all = records(&message("rw.db.example.com", size / 6 - bare), 1);
+    assert!(all.len() <= size && all.len() > size - 12, "{} bytes for {size}", all.len());
+    all
+}
+
+/// Reads `all` as a session does; the reads it took and the fastest of
+/// `rounds` runs.
+fn read_counted(all: &[u8], rounds: usize) -> (usize, std::time::Duration) {
+    let rt = runtime();
+    let mut fastest = std::time::Duration::MAX;
+    let mut reads = 0;
+    for _ in 0..rounds {
+        let mut client = Counting { rest: &all[6..], reads: 0 };
+        let started = std::time::Instant::now();
+        let hello = rt.block_on(read_client_hello(&mut client, all[..6].to_vec())).expect("a whole ClientHello");
+        fastest = fastest.min(started.elapsed());
+        assert_eq!(hello.server_name.as_deref(), Some("rw.db.example.com"));
+        reads = client.reads;
+    }
+    (reads, fastest)
+}
+
+/// 1-byte records cost a read per few KiB and time in proportion to the
+/// bytes: a 32 KiB ClientHello takes about 4 times an 8 KiB one's, not 16
+/// (a ratio measured side by side, never an absolute time).
+#[test]
+fn a_hello_in_one_byte_records_costs_work_in_proportion_to_its_bytes() {
+    let (small, large) = (one_byte_records(8 * 1024), one_byte_records(MAX_CLIENT_HELLO));
+    let _ = read_counted(&small, 3); // warm up
+    let (small_reads, small_time) = read_counted(&small, 15);
+    let (large_reads, large_time) = read_counted(&large, 15);
+    println!("8 KiB: {small_reads} reads, {small_time:?}; 32 KiB: {large_reads} reads, {large_time:?}");
+    assert!(large_reads <= MAX_CLIENT_HELLO / 4096 + 2, "{large_reads} reads for {} bytes", large.len());
+    let ratio = large_time.as_secs_f64() / small_time.as_secs_f64();
+    assert!(ratio < 8.0, "32 KiB took {ratio:.1} times as long as 8 KiB ({large_time:?} vs {small_time:?})");
 }

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use pglb_proxy::protocol::{read_first, FirstKind};
-use pglb_proxy::{serve, AddressGroup, ListenerContext, Shared};
+use pglb_proxy::{serve, AddressGroup, Capacity, ListenerContext, Shared};
 use pglb_routing::{Facts, FailureClass, Observation, ObservedRole, RoutingTable, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -58,6 +58,9 @@ struct Harness {
     stop: CancellationToken,
     /// The accept loop's gate (open unless a test shuts it).
     accepting: watch::Sender<bool>,
+    capacity: Arc<Capacity>,
+    /// Shutdown's first step, as SIGTERM begins it.
+    draining: CancellationToken,
 }
 
 impl Harness {
@@ -73,13 +76,15 @@ impl Harness {
         let mut topology = Topology::new(config.clone());
         let table = Arc::new(ArcSwap::from_pointee(topology.table().0));
         let (generation, watched) = watch::channel(0);
+        let capacity = Arc::new(Capacity::default());
+        let draining = CancellationToken::new();
         let shared = Shared {
             table: table.clone(),
             generation: watched,
-            capacity: Arc::new(Notify::new()),
+            capacity: capacity.clone(),
             pipes: None,
             sockmap: None,
-            draining: CancellationToken::new(),
+            draining: draining.clone(),
             hard_stop: CancellationToken::new(),
         };
         let ctx = Arc::new(ListenerContext::new(0, shared, None));
@@ -88,7 +93,7 @@ impl Harness {
         let stop = CancellationToken::new();
         let (accepting, gate) = watch::channel(true);
         tokio::spawn(serve(socket, group, TaskTracker::new(), stop.clone(), gate));
-        Self { topology, table, generation, port, stop, accepting }
+        Self { topology, table, generation, port, stop, accepting, capacity, draining }
     }
 
     /// Applies a check result and publishes the table, as the topology task does.
@@ -101,7 +106,9 @@ impl Harness {
     }
 
     fn primary(&mut self) {
-        let facts = Facts { timeline: Some(1), system_id: Some(7), ..Facts::default() };
+        // Checked at 127.0.0.1: where sessions go.
+        let address = Some(std::net::Ipv4Addr::LOCALHOST.into());
+        let facts = Facts { timeline: Some(1), system_id: Some(7), address, ..Facts::default() };
         self.observe(Observation::Up { role: ObservedRole::Primary, facts });
     }
 
@@ -231,6 +238,41 @@ async fn a_client_over_the_backend_limit_queues_then_gets_53300() {
     assert_eq!(answer(&mut third).await.0, b'Z', "the queued client takes the freed place");
 }
 
+/// The race behind a queued client that missed a freed place: the place is
+/// freed after the client found no room and before it waits. A hook in
+/// pglb frees it at exactly that moment; the client must take it at once,
+/// not wait out `queue_timeout` and get 53300.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_freed_between_looking_for_room_and_waiting_is_taken() {
+    let backend = fake_backend(false).await;
+    let mut pglb = Harness::start(backend, ", queue_timeout: 5s", ", max_connections: 1").await;
+    pglb.primary();
+    let mut first = client(pglb.port).await;
+    assert_eq!(answer(&mut first).await.0, b'Z');
+    let first = std::sync::Mutex::new(Some(first.into_std().expect("std socket")));
+    let capacity = pglb.capacity.clone();
+    let freed_in_the_gap = move || {
+        let Some(first) = first.lock().ok().and_then(|mut f| f.take()) else { return };
+        let before = capacity.frees();
+        drop(first);
+        // Holds this client here (its worker handed to another thread)
+        // until the first session has ended and its place was freed.
+        tokio::task::block_in_place(|| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while capacity.frees() == before {
+                assert!(Instant::now() < deadline, "the first client's place was never freed");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+    };
+    assert!(pglb.capacity.no_room_hook.set(Box::new(freed_in_the_gap)).is_ok());
+    let started = Instant::now();
+    let mut second = client(pglb.port).await;
+    let (tag, body) = answer(&mut second).await;
+    assert_eq!(tag, b'Z', "the second client missed the place freed in the gap: {body}");
+    assert!(started.elapsed() < Duration::from_secs(4), "it waited {:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn a_backend_that_does_not_answer_gets_the_client_57p03_naming_it() {
     let backend = fake_backend(true).await;
@@ -352,4 +394,82 @@ async fn a_plaintext_client_without_a_default_listener_is_told_to_use_tls() {
         body.contains("08004") && body.contains("routes by TLS server name") && body.contains("sslmode=require"),
         "{body}"
     );
+}
+
+/// A backend that serves sessions like [`fake_backend`] and counts the
+/// CancelRequests it is sent.
+async fn counting_backend() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the fake backend");
+    let port = listener.local_addr().expect("addr").port();
+    let cancels = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = cancels.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                match read_first(&mut conn).await.map(|f| f.kind) {
+                    Ok(FirstKind::Cancel { .. }) => {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Ok(_) => {
+                        let _ = conn.write_all(b"Z\0\0\0\x05I").await;
+                        let _ = conn.read_to_end(&mut Vec::new()).await;
+                    }
+                    Err(_) => {}
+                }
+            });
+        }
+    });
+    (port, cancels)
+}
+
+/// Sends a CancelRequest from `source` and waits until pglb closes it
+/// (pglb closes it once it has passed it on, or refused it).
+async fn cancel_from(port: u16, source: [u8; 4]) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind((std::net::Ipv4Addr::from(source), 0).into()).expect("bind the source address");
+    let mut s = socket.connect(([127, 0, 0, 1], port).into()).await.expect("connect");
+    let mut request = 16u32.to_be_bytes().to_vec();
+    request.extend(80_877_102u32.to_be_bytes());
+    request.extend(4242u32.to_be_bytes());
+    request.extend(7u32.to_be_bytes());
+    s.write_all(&request).await.expect("send the cancel");
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut Vec::new())).await;
+    assert!(closed.is_ok(), "pglb did not close the cancel connection");
+}
+
+/// Each cancel forks a process on every backend it reaches: a flood from
+/// one source is passed on at most at its rate, another source is not
+/// held back by it, and nothing is passed on once shutdown has begun.
+#[tokio::test]
+async fn cancel_requests_are_passed_on_at_a_sources_rate_and_not_while_draining() {
+    const FLOOD: usize = 300;
+    let (backend, cancels) = counting_backend().await;
+    let mut pglb = Harness::start(backend, "", "").await;
+    pglb.primary();
+    let mut session = client(pglb.port).await;
+    assert_eq!(answer(&mut session).await.0, b'Z', "a session the cancels could be for");
+    let started = Instant::now();
+    for _ in 0..FLOOD {
+        cancel_from(pglb.port, [127, 0, 0, 1]).await;
+    }
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    let count = || cancels.load(std::sync::atomic::Ordering::SeqCst);
+    let flood = count();
+    println!("{flood} of {FLOOD} cancels from one source passed on in {:?}", started.elapsed());
+    let most = (seconds + 1) * pglb_proxy::CANCELS_PER_SECOND as usize;
+    assert!(flood >= 1 && flood <= most.min(FLOOD - 1), "{flood} of {FLOOD} passed on in {seconds} s");
+    // Another source, at once.
+    cancel_from(pglb.port, [127, 0, 0, 2]).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count() == flood {
+        assert!(Instant::now() < deadline, "the other source's cancel was not passed on");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Shutdown begins: passed on no more.
+    let before = count();
+    pglb.draining.cancel();
+    cancel_from(pglb.port, [127, 0, 0, 3]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(), before, "a cancel was passed on while draining");
 }

@@ -1,7 +1,14 @@
 //! Split-brain fencing: which backends claiming to be primary must not get
 //! writes. Heuristics, documented in the README:
 //!
-//! - a backend whose system identifier differs from the others' is another
+//! - the cluster's system identifier is, strongest first: pinned in the
+//!   config (`system_identifier:`), saved (the state file, or handed over
+//!   by the process an upgrade replaced), or agreed by the backends once
+//!   every one has been checked (one identifier, or a strict plurality). A
+//!   tie with nothing pinned or saved leaves it unsettled: nothing is
+//!   routed until an operator pins it. Once settled it never changes but by
+//!   the config (not by a plurality, not by `unfence`);
+//! - a backend whose system identifier differs from the cluster's is another
 //!   cluster behind a wrong address: fenced;
 //! - of several primaries, the one on the highest timeline wins; a primary on
 //!   a lower timeline is fenced, and stays fenced (sticky) until it is seen as
@@ -48,20 +55,58 @@ pub struct Fence {
     pub reason: String,
 }
 
+/// Where the cluster's system identifier comes from, strongest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// `system_identifier:` in the config.
+    Pinned,
+    /// The state file, or the process an upgrade took over from.
+    Saved,
+    /// The backends, once every one was checked: one identifier, or a
+    /// strict plurality.
+    Agreed,
+}
+
+impl IdentitySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pinned => "pinned",
+            Self::Saved => "saved",
+            Self::Agreed => "agreed",
+        }
+    }
+}
+
+/// The cluster's identity as a routing table shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Identity {
+    pub system_id: Option<u64>,
+    pub source: Option<IdentitySource>,
+    /// While a tie leaves it unsettled: each backend in doubt and the
+    /// identifier it reports.
+    pub in_doubt: Vec<(String, u64)>,
+    /// Routing waits for it: fencing is on and no identifier is settled
+    /// (the first checks are still running, or a tie).
+    pub pending: bool,
+}
+
 /// Sticky fencing memory, across checks.
 #[derive(Debug, Clone, Default)]
 pub struct Fencing {
-    /// Highest primary timeline ever seen.
+    /// Highest primary timeline ever seen (of the cluster's identifier).
     pub max_timeline: u32,
-    /// The cluster's system identifier, once known.
+    /// The cluster's system identifier, once settled.
     pub system_id: Option<u64>,
+    pub source: Option<IdentitySource>,
+    /// The config's `system_identifier:`.
+    pub pinned: Option<u64>,
+    /// While the identity is unsettled by a tie: each backend in doubt
+    /// (index) and the identifier it reports.
+    pub unsettled: Vec<(usize, u64)>,
     /// Backend index → why it is fenced.
     pub fenced: BTreeMap<usize, Fence>,
-    /// A highest timeline restored from the state file, for the cluster
-    /// with this system identifier: applied once the backends show that
-    /// cluster, dropped if they show another (the cluster was rebuilt).
-    pub restored_timeline: Option<(u64, u32)>,
-    /// Set when the restored timeline was dropped: (saved cluster, this one).
+    /// Set when a saved identifier (and its timeline) was not used because
+    /// the config pins another: (saved, pinned). Taken once, for a log line.
     pub foreign_state: Option<(u64, u64)>,
 }
 
@@ -76,15 +121,7 @@ impl Fencing {
     /// Re-evaluates fencing given every backend's state and effective role.
     pub fn update(&mut self, states: &[BackendState], roles: &[ObservedRole]) -> Vec<FenceChange> {
         let mut changes = Vec::new();
-        self.learn_system_id(states);
-        if let (Some((cluster, timeline)), Some(now)) = (self.restored_timeline, self.system_id) {
-            self.restored_timeline = None;
-            if cluster == now {
-                self.max_timeline = self.max_timeline.max(timeline);
-            } else {
-                self.foreign_state = Some((cluster, now));
-            }
-        }
+        self.settle(states);
         for (i, s) in states.iter().enumerate() {
             if roles[i] == ObservedRole::Replica
                 && s.up
@@ -109,10 +146,14 @@ impl Fencing {
                 self.clear(i, "system identifier matches the cluster again", &mut changes);
             }
         }
+        // Timelines are compared only within the cluster's identifier: not
+        // at all while it is unsettled.
+        let Some(cluster) = self.system_id else { return changes };
         // Last known primaries, answering or not (their timeline is from their
         // last answer).
         let primaries: Vec<(usize, u32)> = (0..states.len())
             .filter(|&i| states[i].checked && roles[i] == ObservedRole::Primary && !self.fenced.contains_key(&i))
+            .filter(|&i| states[i].facts.system_id == Some(cluster))
             .filter_map(|i| states[i].facts.timeline.map(|t| (i, t)))
             .collect();
         if let Some(top) = primaries.iter().map(|(_, t)| *t).max() {
@@ -128,35 +169,85 @@ impl Fencing {
         changes
     }
 
-    /// Clears an operator-requested fence; the backend's timeline becomes the
-    /// reference so it is not fenced again for the same reason.
+    /// Clears an operator-requested timeline fence; the backend's timeline
+    /// becomes the reference so it is not fenced again for the same reason.
+    /// The cluster's identifier never changes here (the caller refuses to
+    /// unfence another cluster's node).
     pub fn unfence(&mut self, backend: usize, state: &BackendState) -> bool {
         let was = self.fenced.remove(&backend).is_some();
         if let Some(t) = state.facts.timeline {
             self.max_timeline = t;
         }
-        if state.facts.system_id.is_some() && was {
-            self.system_id = state.facts.system_id;
-        }
         was
     }
 
-    /// The identifier most backends report (a strict plurality), else the
-    /// one known before.
-    fn learn_system_id(&mut self, states: &[BackendState]) {
-        let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
-        for s in states.iter().filter(|s| s.checked) {
-            if let Some(id) = s.facts.system_id {
-                *counts.entry(id).or_default() += 1;
+    /// Applies a saved identifier and highest timeline (state file or
+    /// upgrade): the cluster's identity unless the config pins another.
+    pub fn restore(&mut self, system_id: u64, max_timeline: u32) {
+        match self.pinned {
+            Some(pinned) if pinned != system_id => self.foreign_state = Some((system_id, pinned)),
+            _ => {
+                if self.source != Some(IdentitySource::Pinned) {
+                    self.system_id = Some(system_id);
+                    self.source = Some(IdentitySource::Saved);
+                }
+                self.max_timeline = self.max_timeline.max(max_timeline);
             }
+        }
+    }
+
+    /// Sets the config's pinned identifier (at start and on a reload).
+    pub fn pin(&mut self, pinned: Option<u64>) {
+        let before = self.system_id;
+        self.pinned = pinned;
+        match pinned {
+            Some(id) => {
+                self.system_id = Some(id);
+                self.source = Some(IdentitySource::Pinned);
+                self.unsettled.clear();
+            }
+            // Unpinned by a reload: what was pinned stays, as if saved.
+            None if self.source == Some(IdentitySource::Pinned) => self.source = Some(IdentitySource::Saved),
+            None => {}
+        }
+        if before.is_some() && before != self.system_id {
+            // Another cluster's timelines mean nothing here.
+            self.max_timeline = 0;
+        }
+    }
+
+    /// Settles the cluster's identifier if it is not yet: pinned, else
+    /// saved (both set before), else agreed by the backends once every one
+    /// has been checked, so that whichever answers first does not decide.
+    /// A tie stays unsettled, naming the backends in doubt.
+    fn settle(&mut self, states: &[BackendState]) {
+        if self.system_id.is_some() {
+            self.unsettled.clear();
+            return;
+        }
+        if !states.iter().all(|s| s.checked) {
+            return;
+        }
+        let reported: Vec<(usize, u64)> =
+            states.iter().enumerate().filter_map(|(i, s)| s.facts.system_id.map(|id| (i, id))).collect();
+        let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+        for (_, id) in &reported {
+            *counts.entry(*id).or_default() += 1;
         }
         let mut ranked: Vec<(usize, u64)> = counts.into_iter().map(|(id, n)| (n, id)).collect();
         ranked.sort_unstable_by(|a, b| b.cmp(a));
         match ranked.as_slice() {
-            [(n, id), (m, _), ..] if n > m => self.system_id = Some(*id),
-            [(_, id)] if self.system_id.is_none() => self.system_id = Some(*id),
-            _ => {}
+            [] => {}
+            [(_, id)] => self.agree(*id),
+            [(n, id), (m, _), ..] if n > m => self.agree(*id),
+            _ => self.unsettled = reported,
         }
+    }
+
+    fn agree(&mut self, id: u64) {
+        self.system_id = Some(id);
+        self.source = Some(IdentitySource::Agreed);
+        self.unsettled.clear();
     }
 
     fn fence(&mut self, i: usize, fence: Fence, changes: &mut Vec<FenceChange>) {

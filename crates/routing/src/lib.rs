@@ -18,7 +18,7 @@ mod table;
 mod topology;
 mod why;
 
-pub use fence::{Fence, FenceChange, FenceKind, Fencing};
+pub use fence::{Fence, FenceChange, FenceKind, Fencing, Identity, IdentitySource};
 pub use lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
 pub use reason::CloseReason;
 pub use saved::{SavedAdmin, SavedFence, SavedState};

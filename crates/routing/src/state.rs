@@ -206,6 +206,10 @@ pub struct Facts {
     pub wal: Wal,
     /// Replicas only.
     pub receiver: Option<Receiver>,
+    /// The address the check that learnt these facts was connected to:
+    /// where sessions go (the data path does no name lookups), so that a
+    /// client reaches the server the check looked at.
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// A failed check: its class (a label) and the reason (for people).
@@ -332,7 +336,18 @@ impl BackendState {
                     self.role = role;
                 }
             }
-            Observation::Full => self.success(first, t.rise),
+            // 53300 proves the server runs, not its role: it keeps an up
+            // backend up, and never brings a down (or never seen) one up
+            // (a restarted old primary that is full is no primary until it
+            // answers a check).
+            Observation::Full if self.up => self.success(false, t.rise),
+            Observation::Full => {
+                self.successes = 0;
+                self.last_error = Some(CheckError {
+                    class: FailureClass::ServerError,
+                    reason: "too many connections (53300): the server runs, but its role cannot be checked; reserve connections for the check user (reserved_connections, PostgreSQL 16+, or a superuser check role)".into(),
+                });
+            }
             Observation::Failed { class, reason, lost } => {
                 self.last_error = Some(CheckError { class, reason });
                 match class.kind() {
@@ -533,6 +548,30 @@ mod tests {
         }
         assert_eq!(s.health(), Health::Healthy);
         assert_eq!(s.role, ObservedRole::Primary);
+    }
+
+    #[test]
+    fn a_full_server_never_comes_up_on_53300_alone() {
+        // Never seen: a full server stays out.
+        let mut s = BackendState::default();
+        s.observe(Observation::Full, T);
+        assert_eq!((s.health(), s.role), (Health::Down, ObservedRole::Unknown));
+        // Down (an old primary, crashed and restarted full): stays down,
+        // however many checks it answers with 53300.
+        let mut s = BackendState::default();
+        s.observe(up(ObservedRole::Primary), T);
+        s.observe(failed(FailureClass::Refused), T);
+        s.observe(failed(FailureClass::Refused), T);
+        assert_eq!(s.health(), Health::Down);
+        for _ in 0..5 {
+            s.observe(Observation::Full, T);
+        }
+        assert_eq!(s.health(), Health::Down);
+        assert!(s.last_error.as_ref().is_some_and(|e| e.reason.contains("53300")));
+        // Its first real answer still counts toward `rise`.
+        s.observe(up(ObservedRole::Replica), T);
+        s.observe(up(ObservedRole::Replica), T);
+        assert_eq!((s.health(), s.role), (Health::Healthy, ObservedRole::Replica));
     }
 
     #[test]

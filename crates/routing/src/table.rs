@@ -83,6 +83,13 @@ pub struct BackendEntry {
 }
 
 impl BackendEntry {
+    /// Where sessions to this backend go: the address its last successful
+    /// check was connected to, at the configured port. `None` until a check
+    /// has answered.
+    pub fn checked_address(&self) -> Option<std::net::SocketAddr> {
+        self.state.facts.address.map(|ip| std::net::SocketAddr::new(ip, self.config.port))
+    }
+
     /// Up (healthy, degraded or unverified), unfenced, and not disabled: may
     /// keep its sessions.
     pub fn serving(&self) -> bool {
@@ -134,6 +141,9 @@ pub struct RoutingTable {
     pub primary_visible: bool,
     /// Every backend has been checked at least once.
     pub all_checked: bool,
+    /// The cluster's system identifier; nothing is routed while it is
+    /// pending.
+    pub identity: crate::fence::Identity,
 }
 
 impl RoutingTable {
@@ -185,6 +195,9 @@ pub(crate) fn candidates_for(role: Role, table: &RoutingTable, degraded: bool) -
         let b = &table.backends[*i];
         b.serving() && b.admin == AdminState::Enabled && b.state.degraded == degraded
     };
+    if table.identity.pending {
+        return Vec::new();
+    }
     let primaries_ok = table.all_checked && !table.split_brain;
     (0..table.backends.len())
         .filter(usable)

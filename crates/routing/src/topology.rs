@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use pglb_config::{Config, MultiPrimary, Role};
 
-use crate::fence::{FenceChange, Fencing};
+use crate::fence::{FenceChange, FenceKind, Fencing, Identity};
 use crate::lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
 use crate::saved::{SavedAdmin, SavedFence, SavedState};
 use crate::state::{BackendState, Observation, ObservedRole, Thresholds, Transition};
@@ -36,11 +36,28 @@ pub enum Event {
         primaries: Vec<String>,
     },
     SplitBrainOver,
-    /// The state file's highest timeline belongs to another cluster (system
-    /// identifier `saved`) than the one the backends show (`now`): not used.
+    /// The saved identifier (state file or upgrade) is not the one the
+    /// config pins (`now`): neither it nor its highest timeline is used.
     SavedTimelineIgnored {
         saved: u64,
         now: u64,
+    },
+    /// A backend answered from another address than before (its host
+    /// name resolves elsewhere now): checked anew, as a new node.
+    AddressChanged {
+        backend: String,
+        from: std::net::IpAddr,
+        to: std::net::IpAddr,
+    },
+    /// The cluster's identifier is settled (agreed by the backends).
+    IdentitySettled {
+        system_id: u64,
+        source: &'static str,
+    },
+    /// Every backend was checked and their identifiers tie, with none
+    /// pinned or saved: nothing is routed.
+    IdentityUnsettled {
+        in_doubt: Vec<(String, u64)>,
     },
 }
 
@@ -74,7 +91,7 @@ impl Topology {
     /// Every backend unchecked, enabled, unfenced.
     pub fn new(config: Arc<Config>) -> Self {
         let n = config.backends.len();
-        Self {
+        let mut topology = Self {
             states: vec![BackendState::default(); n],
             loads: (0..n).map(|_| Arc::new(BackendLoad::default())).collect(),
             admin: vec![AdminState::Enabled; n],
@@ -86,7 +103,9 @@ impl Topology {
             generation: 0,
             last: None,
             config,
-        }
+        };
+        topology.fencing.pin(topology.config.system_identifier);
+        topology
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -125,6 +144,7 @@ impl Topology {
                 .collect()
         };
         self.gates = config.listeners.iter().map(listener_gates).collect();
+        self.fencing.pin(config.system_identifier);
         self.config = config;
         self.last = None;
     }
@@ -134,6 +154,18 @@ impl Topology {
         let Some(i) = self.config.backends.iter().position(|b| b.name == name) else {
             return Vec::new();
         };
+        let mut events = Vec::new();
+        // An answer from another address than the last (a re-pointed host
+        // name) is from another node: it starts as a new, unchecked backend.
+        if let Observation::Up { facts, .. } = &obs {
+            let before = self.states[i].facts.address;
+            if let (Some(from), Some(to)) = (before, facts.address) {
+                if from != to {
+                    self.forget(i);
+                    events.push(Event::AddressChanged { backend: name.to_owned(), from, to });
+                }
+            }
+        }
         let replica_sample = matches!(obs, Observation::Up { role: ObservedRole::Replica, .. });
         match &obs {
             Observation::Up { role: ObservedRole::Primary, facts } => {
@@ -147,13 +179,15 @@ impl Topology {
         }
         let health = &self.config.health;
         let thresholds = Thresholds { rise: health.rise, fall: health.fall, down_after: health.down_after };
-        let mut events: Vec<Event> = self.states[i]
-            .observe(obs, thresholds)
-            .into_iter()
-            .map(|transition| Event::Backend { backend: name.to_owned(), transition })
-            .collect();
+        events.extend(
+            self.states[i]
+                .observe(obs, thresholds)
+                .into_iter()
+                .map(|transition| Event::Backend { backend: name.to_owned(), transition }),
+        );
         if self.config.multi_primary == MultiPrimary::Fence {
             let roles = self.roles();
+            let (settled, tied) = (self.fencing.system_id, self.fencing.unsettled.len());
             for change in self.fencing.update(&self.states, &roles) {
                 let backend = match &change {
                     FenceChange::Fenced { backend, .. } | FenceChange::Cleared { backend, .. } => *backend,
@@ -163,9 +197,32 @@ impl Topology {
             if let Some((saved, now)) = self.fencing.foreign_state.take() {
                 events.push(Event::SavedTimelineIgnored { saved, now });
             }
+            match (settled, self.fencing.system_id) {
+                (None, Some(system_id)) => {
+                    let source = self.fencing.source.map_or("agreed", |s| s.as_str());
+                    events.push(Event::IdentitySettled { system_id, source });
+                }
+                (None, None) if self.fencing.unsettled.len() != tied => {
+                    events.push(Event::IdentityUnsettled { in_doubt: self.identity().in_doubt });
+                }
+                _ => {}
+            }
         }
         self.update_lag(i, replica_sample, now, &mut events);
         events
+    }
+
+    /// Forgets what the checks learnt about backend `i` (not its admin
+    /// state or fence): it is checked anew, as at start.
+    fn forget(&mut self, i: usize) {
+        self.states[i] = BackendState::default();
+        self.lags[i] = Lag::default();
+        self.wal[i] = WalHistory::default();
+        self.following[i] = Following::default();
+        for gates in &mut self.gates {
+            gates[i] = LagGate::default();
+        }
+        self.last = None;
     }
 
     fn update_lag(&mut self, i: usize, replica_sample: bool, now: Instant, events: &mut Vec<Event>) {
@@ -244,12 +301,7 @@ impl Topology {
                 SavedAdmin { backend, address, state: self.admin[i] }
             })
             .collect();
-        // A timeline not yet confirmed against the backends is kept as saved.
-        let (system_id, max_timeline) = match (self.fencing.system_id, self.fencing.restored_timeline) {
-            (None, Some((id, t))) => (Some(id), t.max(self.fencing.max_timeline)),
-            (id, _) => (id, self.fencing.max_timeline),
-        };
-        SavedState { system_id, max_timeline, fences, admin }
+        SavedState { system_id: self.fencing.system_id, max_timeline: self.fencing.max_timeline, fences, admin }
     }
 
     /// Applies a saved state where it still fits the config; returns one
@@ -284,14 +336,48 @@ impl Topology {
             }
         }
         if let (Some(id), t) = (saved.system_id, saved.max_timeline) {
-            if t > 0 {
-                notes.push(format!(
-                    "highest primary timeline {t} (system identifier {id}), once the backends confirm that cluster"
-                ));
-                self.fencing.restored_timeline = Some((id, t));
+            match self.fencing.pinned {
+                Some(pinned) if pinned != id => notes.push(format!(
+                    "system identifier {id} and highest timeline {t} not restored: the config pins system_identifier {pinned}"
+                )),
+                _ => notes.push(format!("system identifier {id}, highest primary timeline {t}")),
             }
+            self.fencing.restore(id, t);
         }
         self.last = None;
+        notes
+    }
+
+    /// Applies the old process's final state over `earlier`, the state it
+    /// handed over first (an upgrade): the final state *replaces* it. A fence
+    /// or an admin state the old process dropped in between (an `unfence`,
+    /// an `enable` done during the hand-over) is dropped here too, unless
+    /// this process's own checks set it since; then the final state is
+    /// restored as at start.
+    pub fn restore_over(&mut self, earlier: &SavedState, saved: SavedState) -> Vec<String> {
+        let mut notes = Vec::new();
+        let find = |name: &str, address: &str| {
+            self.config.backends.iter().position(|b| b.name == name && b.address() == address)
+        };
+        for f in &earlier.fences {
+            let kept = saved.fences.iter().any(|g| g.backend == f.backend && g.address == f.address);
+            if let (false, Some(i)) = (kept, find(&f.backend, &f.address)) {
+                if self.fencing.fenced.get(&i) == Some(&f.fence) {
+                    self.fencing.fenced.remove(&i);
+                    notes.push(format!("{}: unfenced in the running pglb during the hand-over", f.backend));
+                }
+            }
+        }
+        for a in &earlier.admin {
+            let kept = saved.admin.iter().any(|b| b.backend == a.backend && b.address == a.address);
+            if let (false, Some(i)) = (kept, find(&a.backend, &a.address)) {
+                if self.admin[i] == a.state {
+                    self.admin[i] = AdminState::Enabled;
+                    notes.push(format!("{}: enabled in the running pglb during the hand-over", a.backend));
+                }
+            }
+        }
+        notes.extend(self.restore(saved));
         notes
     }
 
@@ -305,6 +391,16 @@ impl Topology {
     /// Clears a fence (operator action).
     pub fn unfence(&mut self, name: &str) -> Result<bool, ActionError> {
         let i = self.index(name)?;
+        if let (Some(fence), Some(cluster)) = (self.fencing.fenced.get(&i), self.fencing.system_id) {
+            if fence.kind == FenceKind::SystemId && self.states[i].facts.system_id != Some(cluster) {
+                let reports =
+                    self.states[i].facts.system_id.map_or_else(|| "an unknown identifier".into(), |id| id.to_string());
+                let source = self.fencing.source.map_or("agreed", |s| s.as_str());
+                return Err(ActionError::Conflict(format!(
+                    "`{name}` reports system identifier {reports}, the cluster's is {cluster} ({source}): unfencing cannot make it this cluster; if it is, pin system_identifier: \"{reports}\" in the config and reload"
+                )));
+            }
+        }
         let roles = self.roles();
         let other_primary = (0..self.states.len()).find(|&p| {
             p != i && self.states[p].up && roles[p] == ObservedRole::Primary && !self.fencing.fenced.contains_key(&p)
@@ -316,6 +412,19 @@ impl Topology {
             )));
         }
         Ok(self.fencing.unfence(i, &self.states[i]))
+    }
+
+    /// The cluster's identity for the table: pending (nothing routed)
+    /// while fencing is on and no identifier is settled.
+    fn identity(&self) -> Identity {
+        let fencing = &self.fencing;
+        let name = |i: usize| self.config.backends[i].name.clone();
+        Identity {
+            system_id: fencing.system_id,
+            source: fencing.source,
+            in_doubt: fencing.unsettled.iter().map(|&(i, id)| (name(i), id)).collect(),
+            pending: self.config.multi_primary == MultiPrimary::Fence && fencing.system_id.is_none(),
+        }
     }
 
     fn index(&self, name: &str) -> Result<usize, ActionError> {
@@ -352,6 +461,7 @@ impl Topology {
             split_brain: self.config.multi_primary == MultiPrimary::Fence && primaries.len() > 1,
             primary_visible: !primaries.is_empty(),
             all_checked: self.states.iter().all(|s| s.checked),
+            identity: self.identity(),
             backends,
             listeners: Vec::new(),
         };
@@ -385,6 +495,7 @@ impl Topology {
 fn routing_differs(a: &RoutingTable, b: &RoutingTable) -> bool {
     let backend_key = |e: &BackendEntry| (e.state.up, e.state.degraded, e.role, e.fenced.is_some(), e.admin);
     a.split_brain != b.split_brain
+        || a.identity.pending != b.identity.pending
         || a.all_checked != b.all_checked
         || a.backends.len() != b.backends.len()
         || a.backends.iter().zip(&b.backends).any(|(x, y)| backend_key(x) != backend_key(y))

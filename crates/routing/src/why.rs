@@ -27,6 +27,16 @@ pub fn unavailable(route: &ListenerRoute, table: &RoutingTable) -> String {
         .map(|b| b.config.name.as_str())
         .collect();
     let wants_primary = wants(ObservedRole::Primary);
+    if table.identity.pending {
+        if !table.identity.in_doubt.is_empty() {
+            let doubt: Vec<String> = table.identity.in_doubt.iter().map(|(b, id)| format!("\"{b}\" {id}")).collect();
+            return format!(
+                "identity unsettled: the backends report different system identifiers ({}) and none is pinned or saved; set system_identifier: in the config",
+                doubt.join(", ")
+            );
+        }
+        return "the first health checks of every backend have not completed yet (the cluster's system identifier is not settled)".into();
+    }
     if wants_primary && table.split_brain {
         return format!(
             "two backends answer as primary ({}): no writes until one is fenced, demoted or disabled",

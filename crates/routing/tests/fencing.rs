@@ -1,5 +1,8 @@
 //! Fencing, pinned roles and session verdicts, driven through `Topology`.
 
+mod common;
+use common::{primary, replica};
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,16 +25,6 @@ backends:
 "
     );
     Topology::new(Arc::new(pglb_config::load_str(Path::new("t.yaml"), &text).expect("config")))
-}
-
-fn primary(t: &mut Topology, name: &str, timeline: u32, sysid: u64) {
-    let facts = Facts { timeline: Some(timeline), system_id: Some(sysid), ..Facts::default() };
-    t.observe(name, Observation::Up { role: ObservedRole::Primary, facts }, Instant::now());
-}
-
-fn replica(t: &mut Topology, name: &str, sysid: u64) {
-    let facts = Facts { system_id: Some(sysid), ..Facts::default() };
-    t.observe(name, Observation::Up { role: ObservedRole::Replica, facts }, Instant::now());
 }
 
 /// a primary on timeline 1, b and c its replicas, all of cluster 7.
@@ -310,16 +303,26 @@ fn a_restart_with_the_saved_state_keeps_fences_timeline_and_drains() {
     primary(&mut timeline_only, "a", 1, 7);
     assert!(rw(&timeline_only.table().0).is_empty(), "timeline 1 < saved 2");
 
-    // A rebuilt cluster (another system identifier): the saved timeline is
-    // not applied, and says so.
+    // A rebuilt cluster (another system identifier): the saved identifier
+    // stands (every backend is another cluster's until an operator says
+    // otherwise) ...
     let mut rebuilt = topology("", "");
-    rebuilt.restore(pglb_routing::SavedState { fences: Vec::new(), admin: Vec::new(), ..saved });
-    let facts = Facts { timeline: Some(1), system_id: Some(99), ..Facts::default() };
-    let events = rebuilt.observe("a", Observation::Up { role: ObservedRole::Primary, facts }, Instant::now());
-    assert!(events.iter().any(|e| matches!(e, pglb_routing::Event::SavedTimelineIgnored { saved: 7, now: 99 })));
+    rebuilt.restore(pglb_routing::SavedState { fences: Vec::new(), admin: Vec::new(), ..saved.clone() });
+    primary(&mut rebuilt, "a", 1, 99);
     replica(&mut rebuilt, "b", 99);
     replica(&mut rebuilt, "c", 99);
-    assert_eq!(rw(&rebuilt.table().0), ["a"]);
+    assert!(rw(&rebuilt.table().0).is_empty(), "the saved cluster 7 stands");
+    assert!(ro(&rebuilt.table().0).is_empty());
+    // ... and pinning the new one in the config uses it, not the saved
+    // identifier or its timeline, and says so.
+    let mut pinned = topology("system_identifier: 99", "");
+    pinned.restore(pglb_routing::SavedState { fences: Vec::new(), admin: Vec::new(), ..saved });
+    let facts = Facts { timeline: Some(1), system_id: Some(99), ..Facts::default() };
+    let events = pinned.observe("a", Observation::Up { role: ObservedRole::Primary, facts }, Instant::now());
+    assert!(events.iter().any(|e| matches!(e, pglb_routing::Event::SavedTimelineIgnored { saved: 7, now: 99 })));
+    replica(&mut pinned, "b", 99);
+    replica(&mut pinned, "c", 99);
+    assert_eq!(rw(&pinned.table().0), ["a"]);
 }
 
 #[test]

@@ -31,6 +31,19 @@ pub fn status(status: &Value) -> String {
     for note in list(&status["restored"]) {
         out += &format!("restored at start from {from}: {}\n", text(&note));
     }
+    let identity = &status["identity"];
+    if identity["unsettled"].as_bool() == Some(true) {
+        let doubt: Vec<String> = list(&identity["in_doubt"])
+            .iter()
+            .map(|d| format!("{} {}", text(&d["backend"]), text(&d["system_identifier"])))
+            .collect();
+        out += &format!(
+            "IDENTITY UNSETTLED: the backends report different system identifiers ({}); nothing is routed until system_identifier: is set in the config\n",
+            doubt.join(", ")
+        );
+    } else if let Some(id) = identity["system_identifier"].as_str() {
+        out += &format!("cluster system identifier {id} ({})\n", text(&identity["source"]));
+    }
     if status["split_brain"].as_bool() == Some(true) {
         out += "SPLIT BRAIN: more than one unfenced primary answers; writes are refused until one is fenced\n";
     }

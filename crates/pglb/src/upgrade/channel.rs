@@ -15,6 +15,34 @@ use serde_json::Value;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
+/// The hand-over's version, in each side's first message (`hello`,
+/// `ready`). 0 is a pglb from before versions, whose messages carry none:
+/// the same messages, so it is accepted (the first package upgrade comes
+/// from such a binary).
+pub const VERSION: u64 = 1;
+/// The versions this binary hands over to and takes over from.
+const COMPATIBLE: std::ops::RangeInclusive<u64> = 0..=VERSION;
+
+/// The version `peer` speaks, from its first message (none: 0), or why this
+/// binary cannot hand over with it.
+pub fn peer_version(message: &Value, peer: &str) -> Result<u64, String> {
+    let version = match message.get("version") {
+        None => 0,
+        Some(v) => {
+            v.as_u64().ok_or_else(|| format!("the {peer} sent a hand-over version that is not a number: {v}"))?
+        }
+    };
+    if COMPATIBLE.contains(&version) {
+        Ok(version)
+    } else {
+        Err(format!(
+            "the {peer} speaks hand-over version {version}; this pglb speaks {} to {}: upgrade through a release that speaks both, or restart pglb instead",
+            COMPATIBLE.start(),
+            COMPATIBLE.end()
+        ))
+    }
+}
+
 /// The most sockets one message can carry (the kernel's SCM_MAX_FD is 253).
 pub const MAX_FDS: usize = 250;
 
@@ -108,5 +136,21 @@ impl Channel {
             let got = message["type"].as_str().unwrap_or("(none)").to_owned();
             Err(io::Error::new(io::ErrorKind::InvalidData, format!("expected a `{kind}` message, got `{got}`")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_peer_without_a_version_is_version_0_and_accepted_a_newer_one_is_refused() {
+        assert_eq!(peer_version(&json!({ "type": "hello" }), "running pglb"), Ok(0));
+        assert_eq!(peer_version(&json!({ "type": "hello", "version": VERSION }), "running pglb"), Ok(VERSION));
+        let newer = peer_version(&json!({ "type": "ready", "version": VERSION + 1 }), "new pglb");
+        let why = newer.expect_err("a newer, incompatible version");
+        assert!(why.contains("new pglb speaks hand-over version 2") && why.contains("restart pglb instead"), "{why}");
+        assert!(peer_version(&json!({ "type": "ready", "version": "1" }), "new pglb").is_err());
     }
 }

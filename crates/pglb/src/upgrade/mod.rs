@@ -1,8 +1,8 @@
 //! Binary upgrade without refusing a connection (`pglb upgrade`, SIGUSR2).
 //!
 //! The running pglb (the *old* process) starts its own binary again — the
-//! path it was started from, so a package that replaced the file starts the
-//! new version — with the same arguments, as its child: under systemd that
+//! path it was invoked as, so a package that replaced the file, or a
+//! symlink re-pointed, starts the new version — with the same arguments, as its child: under systemd that
 //! keeps the new process in the unit's cgroup, where the old one (the main
 //! process) may name it the new main process. Then, over a unix socket in
 //! `$RUNTIME_DIRECTORY` (or the temp folder), only from that child's pid:
@@ -48,17 +48,19 @@ const STEP_WITHIN: Duration = Duration::from_secs(10);
 /// How this process was started, to start it again.
 #[derive(Debug, Clone)]
 pub struct Launch {
-    /// The binary's path as it was at start (`/proc/self/exe` then).
+    /// The path pglb was invoked as, made absolute at start (see
+    /// [`invoked_as`]).
     pub exe: Result<PathBuf, String>,
     pub args: Vec<OsString>,
 }
 
 impl Launch {
     pub fn current() -> Self {
-        Self {
-            exe: std::env::current_exe().map_err(|e| format!("cannot tell which binary this pglb runs: {e}")),
-            args: std::env::args_os().skip(1).collect(),
-        }
+        let mut args = std::env::args_os();
+        let argv0 = args.next();
+        let cwd = std::env::current_dir().ok();
+        let path = std::env::var_os("PATH");
+        Self { exe: invoked_as(argv0.as_deref(), cwd.as_deref(), path.as_deref()), args: args.collect() }
     }
 
     /// A process that must not start itself again (`why` is the answer).
@@ -66,6 +68,39 @@ impl Launch {
     pub fn refused(why: &str) -> Self {
         Self { exe: Err(why.to_owned()), args: Vec::new() }
     }
+}
+
+/// The path pglb was invoked as (`argv[0]`; a bare name is looked up in
+/// `PATH`, as the shell did), made absolute against the folder it started
+/// in, symlinks left as they are: an install where `/usr/local/bin/pglb`
+/// links to `/opt/pglb/1.2/pglb` upgrades to whatever the link names when
+/// `pglb upgrade` runs. `/proc/self/exe` would name 1.2 for ever. Used only
+/// while it names the very binary that runs (same file at start); else, or
+/// when argv[0] says nothing useful, `/proc/self/exe`.
+fn invoked_as(
+    argv0: Option<&std::ffi::OsStr>,
+    cwd: Option<&std::path::Path>,
+    path: Option<&std::ffi::OsStr>,
+) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let running = std::env::current_exe().map_err(|e| format!("cannot tell which binary this pglb runs: {e}"))?;
+    let same_file = |candidate: &std::path::Path| match (std::fs::metadata(candidate), std::fs::metadata(&running)) {
+        (Ok(a), Ok(b)) => a.is_file() && a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    let invoked = argv0.map(PathBuf::from).filter(|p| !p.as_os_str().is_empty());
+    let candidates: Vec<PathBuf> = match invoked {
+        Some(p) if p.is_absolute() => vec![p],
+        Some(p) if p.components().count() > 1 || p.to_string_lossy().contains('/') => {
+            cwd.map(|cwd| cwd.join(&p)).into_iter().collect()
+        }
+        Some(name) => std::env::split_paths(path.unwrap_or_default())
+            .filter(|dir| dir.is_absolute())
+            .map(|dir| dir.join(&name))
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(candidates.into_iter().find(|c| same_file(c)).unwrap_or(running))
 }
 
 /// Where the hand-over socket goes: systemd's `RuntimeDirectory=`, else a
@@ -114,5 +149,29 @@ impl Drop for SocketDir {
         if self.ours {
             let _ = std::fs::remove_dir(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_invoked_path_is_kept_through_a_symlink_and_made_absolute() {
+        let dir = std::env::temp_dir().join(format!("pglb-invoked-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let running = std::env::current_exe().expect("exe");
+        let link = dir.join("pglb");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&running, &link).expect("symlink");
+        // Absolute, relative (with a slash), and a bare name on PATH: the link.
+        assert_eq!(invoked_as(Some(link.as_os_str()), None, None), Ok(link.clone()));
+        assert_eq!(invoked_as(Some("./pglb".as_ref()), Some(&dir), None), Ok(dir.join("./pglb")));
+        let path = std::env::join_paths(["/nonexistent".as_ref(), dir.as_path()]).expect("PATH");
+        assert_eq!(invoked_as(Some("pglb".as_ref()), None, Some(&path)), Ok(link.clone()));
+        // A name that is not this binary, or none: /proc/self/exe.
+        assert_eq!(invoked_as(Some("/bin/sh".as_ref()), None, None), Ok(running.clone()));
+        assert_eq!(invoked_as(None, None, None), Ok(running.clone()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -41,6 +41,10 @@ impl Incoming {
             .await
             .map_err(|_| anyhow!("upgrade: the running pglb sent nothing within {STEP_WITHIN:?}"))?
             .context("upgrade: no sockets from the running pglb")?;
+        if let Err(why) = super::channel::peer_version(&hello, "running pglb") {
+            let _ = channel.send(&json!({ "type": "failed", "why": why }), &[]).await;
+            anyhow::bail!("upgrade: {why}");
+        }
         let addr = |v: &serde_json::Value| {
             v.as_str().and_then(|s| s.parse::<SocketAddr>().ok()).ok_or_else(|| anyhow!("upgrade: bad address {v}"))
         };
@@ -92,13 +96,15 @@ impl Incoming {
         for (addr, _) in self.listeners.drain(..) {
             tracing::warn!(%addr, "upgrade: the running pglb listens on {addr}, which this config does not name; that port closes when the old process exits");
         }
-        self.channel.send(&json!({ "type": "ready" }), &[]).await.context("upgrade: cannot tell the running pglb")?;
+        let ready = json!({ "type": "ready", "version": super::channel::VERSION });
+        self.channel.send(&ready, &[]).await.context("upgrade: cannot tell the running pglb")?;
         let (go, _) = self.channel.expect("go").await.context("upgrade: the running pglb ended the hand-over")?;
         let state = pglb_health::state_file::parse(go["state"].as_str().unwrap_or_default())
             .map_err(|why| anyhow!("upgrade: the running pglb's final state is unreadable: {why}"))?;
         if state != self.state {
             let (reply, done) = oneshot::channel();
-            server.topology.commands.send(Topology::Restore { saved: state, reply }).await?;
+            let over = std::mem::take(&mut self.state);
+            server.topology.commands.send(Topology::Restore { saved: state, over, reply }).await?;
             done.await?;
         }
         server.topology.commands.send(Topology::KeepSaving).await?;

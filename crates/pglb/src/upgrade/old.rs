@@ -141,6 +141,7 @@ async fn steps(
     fds.extend(server.listeners.iter().map(|l| l.fd.as_fd()));
     let hello = json!({
         "type": "hello",
+        "version": super::channel::VERSION,
         "pid": std::process::id(),
         "admin": server.admin_socket.0.to_string(),
         "listeners": server.listeners.iter().map(|l| l.addr.to_string()).collect::<Vec<_>>(),
@@ -149,7 +150,8 @@ async fn steps(
     step.run("take the sockets", STEP_WITHIN, channel.send(&hello, &fds)).await?;
     let health = &server.config.health;
     let ready_within = ((health.interval + health.timeout) * 2).max(Duration::from_secs(5)) + Duration::from_secs(30);
-    step.run("complete its first checks", ready_within, channel.expect("ready")).await?;
+    let (ready, _) = step.run("complete its first checks", ready_within, channel.expect("ready")).await?;
+    super::channel::peer_version(&ready, "new pglb").map_err(Abort::Failed)?;
 
     // From here until `accepting`, clients wait in the backlog.
     server.accepting.send_replace(false);
