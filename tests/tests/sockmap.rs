@@ -149,10 +149,12 @@ fn a_backends_last_message_before_it_closes_arrives_whole_a_thousand_times() {
 
 /// With demotion forced once 1 MB has crossed (a test-only setting),
 /// every session leaves the kernel path mid-answer: held, settled, then
-/// copied in userspace. Byte-exact every time, never taken for an integrity
-/// error, and nothing left in the kernel's map. (The readers keep up: a
-/// reader that pauses makes the kernel duplicate bytes now and then, which
-/// pglb then resets — see the README's "The kernel path".)
+/// copied in userspace. Byte-exact every time, or — when the machine is so
+/// busy that loopback drops and retransmits a segment, which the kernel
+/// then duplicates (README, "The kernel path") — reset before the
+/// duplicate is written and counted as an integrity error: never a wrong
+/// byte to the client, and nothing left in the kernel's map. (Before every
+/// read was checked, 3 of 2,000 sessions got wrong bytes in a loaded run.)
 #[test]
 fn sessions_demoted_mid_answer_are_byte_exact_two_thousand_times() {
     const SESSIONS: usize = 2000;
@@ -162,20 +164,39 @@ fn sessions_demoted_mid_answer_are_byte_exact_two_thousand_times() {
     pglb.wait_eligible("rw", &["pg0"], SETTLE);
     let port = pglb.port("rw");
     let admin = pglb.admin;
+    let resets = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
         for t in 0..THREADS {
+            let resets = &resets;
             scope.spawn(move || {
                 for i in (t..SESSIONS).step_by(THREADS) {
-                    demoted_session(port, admin, i).unwrap_or_else(|e| panic!("session {i}: {e}"));
+                    match demoted_session(port, admin, i) {
+                        Ok(()) => {}
+                        Err(Demoted::Reset(e)) => {
+                            eprintln!("session {i} reset: {e}");
+                            resets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(Demoted::Wrong(e)) => panic!("session {i}: {e}"),
+                    }
                 }
             });
         }
     });
+    let resets = resets.into_inner();
     let demoted = pglb.metric("pglb_sockmap_demotions_total", &[]);
+    println!("{SESSIONS} sessions demoted mid-answer: {resets} reset for an integrity error, the rest byte-exact");
     assert_eq!(sockmap_sessions(&pglb), SESSIONS as f64, "{}", pglb.metrics());
-    assert_eq!(demoted, SESSIONS as f64, "every session was demoted: {}", pglb.metrics());
-    assert_eq!(integrity_errors(&pglb), 0.0, "{}", pglb.log());
+    assert!(demoted >= (SESSIONS - resets) as f64, "every session was demoted: {}", pglb.metrics());
+    assert_eq!(integrity_errors(&pglb), resets as f64, "each reset is a counted integrity error: {}", pglb.log());
+    assert!(resets <= SESSIONS / 100, "{resets} of {SESSIONS} sessions reset: {}", pglb.log());
     wait_map_empty(&pglb);
+}
+
+/// How a demoted session went wrong: reset by pglb (a connection error), or
+/// wrong bytes or messages (a corrupt stream: never acceptable).
+enum Demoted {
+    Reset(String),
+    Wrong(String),
 }
 
 /// 251 bytes (a prime period), repeated: a piece of the stream duplicated
@@ -188,22 +209,24 @@ fn pattern() -> String {
 /// One session: a row of 5-7 MB whose first 1.5 MB the client reads, then
 /// waits for `/connections` to show the session demoted, then reads the
 /// rest (reading all the time, so no backlog builds up in the kernel).
-fn demoted_session(port: u16, admin: std::net::SocketAddr, i: usize) -> Result<(), String> {
-    let mut s = wire::login(port).map_err(|e| format!("login: {e}"))?;
+fn demoted_session(port: u16, admin: std::net::SocketAddr, i: usize) -> Result<(), Demoted> {
+    use Demoted::{Reset, Wrong};
+    let mut s = wire::login(port).map_err(|e| Wrong(format!("login: {e}")))?;
     let pattern = pattern();
     let repeats = 20_000 + (i * 7919) % 8_000;
     let size = repeats * pattern.len();
-    s.write_all(&wire::query_message(&format!("SELECT repeat('{pattern}', {repeats})"))).map_err(|e| e.to_string())?;
-    let (tag, _) = wire::read_message(&mut s).map_err(|e| format!("row description: {e}"))?;
+    s.write_all(&wire::query_message(&format!("SELECT repeat('{pattern}', {repeats})")))
+        .map_err(|e| Wrong(e.to_string()))?;
+    let (tag, _) = wire::read_message(&mut s).map_err(|e| Wrong(format!("row description: {e}")))?;
     let mut head = [0u8; 11];
-    s.read_exact(&mut head).map_err(|e| format!("data row: {e}"))?;
+    s.read_exact(&mut head).map_err(|e| Wrong(format!("data row: {e}")))?;
     if tag != b'T' || head[0] != b'D' || u32::from_be_bytes([head[7], head[8], head[9], head[10]]) as usize != size {
-        return Err(format!("answer starts {tag} {head:?}"));
+        return Err(Wrong(format!("answer starts {tag} {head:?}")));
     }
     let mut value = vec![0u8; size];
     let first = 1_500_000;
-    s.read_exact(&mut value[..first]).map_err(|e| format!("the first {first} bytes: {e}"))?;
-    let me = s.local_addr().map_err(|e| e.to_string())?.to_string();
+    s.read_exact(&mut value[..first]).map_err(|e| Reset(format!("the first {first} bytes: {e}")))?;
+    let me = s.local_addr().map_err(|e| Wrong(e.to_string()))?.to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let path = http::get(admin, "/connections").ok().and_then(|(_, body)| {
@@ -213,21 +236,41 @@ fn demoted_session(port: u16, admin: std::net::SocketAddr, i: usize) -> Result<(
         });
         match path.as_deref() {
             Some("sockmap_demoted") => break,
-            _ if Instant::now() > deadline => return Err(format!("not demoted within 20s: {path:?}")),
+            _ if Instant::now() > deadline => return Err(Wrong(format!("not demoted within 20s: {path:?}"))),
             _ => std::thread::sleep(Duration::from_millis(2)),
         }
     }
-    s.read_exact(&mut value[first..]).map_err(|e| format!("the rest: {e}"))?;
-    if let Some(at) = value.iter().enumerate().position(|(k, b)| *b != pattern.as_bytes()[k % pattern.len()]) {
-        return Err(format!("row of {size} bytes wrong from byte {at}"));
+    // Read to the end or the reset, then compare what arrived.
+    let got = read_up_to(&mut s, &mut value[first..]);
+    if let Some(at) =
+        value[..first + got].iter().enumerate().position(|(k, b)| *b != pattern.as_bytes()[k % pattern.len()])
+    {
+        return Err(Wrong(format!("row of {size} bytes wrong from byte {at}")));
     }
-    let tags: Vec<u8> =
-        (0..2).map(|_| wire::read_message(&mut s).map(|m| m.0)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    if first + got < size {
+        return Err(Reset(format!("the rest: {} of {size} bytes, then the connection ended", first + got)));
+    }
+    let tags: Vec<u8> = (0..2)
+        .map(|_| wire::read_message(&mut s).map(|m| m.0))
+        .collect::<Result<_, _>>()
+        .map_err(|e| Wrong(e.to_string()))?;
     if tags != [b'C', b'Z'] {
-        return Err(format!("after the row: {:?}", String::from_utf8_lossy(&tags)));
+        return Err(Wrong(format!("after the row: {:?}", String::from_utf8_lossy(&tags))));
     }
     terminate(s);
     Ok(())
+}
+
+/// Reads into `buf` until it is full, EOF or an error; how much arrived.
+fn read_up_to(s: &mut impl Read, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    got
 }
 
 fn integrity_errors(pglb: &Pglb) -> f64 {

@@ -197,8 +197,27 @@ async fn demote(
         let flows = link.consumed(client.as_fd(), backend.as_fd()).ok()?;
         audit.check(&flows, Instant::now()).map(|breach| breached(breach, &client, &backend))
     };
+    // Every read is checked before it is written on, too: the kernel
+    // duplicates an overlapping retransmission into the socket's own queue
+    // just as it did into the redirect, and the periodic audit would see
+    // it only after the peer had read it (a client that then hangs up ends
+    // the session before any audit). Bytes taken from a source never
+    // exceed what it received; more is a duplicate, refused unwritten.
+    let gate = |direction: usize, n: usize| -> bool {
+        let Ok(flows) = link.consumed(client.as_fd(), backend.as_fd()) else { return true };
+        let flow = flows[direction];
+        let taken = flow.delivered + n as u64;
+        if taken <= flow.received {
+            return true;
+        }
+        let breach = Breach::Surplus { received: flow.received, delivered: taken };
+        breached((direction, breach), &client, &backend);
+        false
+    };
     // Boxed: only a demoted session pays for the copy path's future.
-    let end = Box::pin(super::pump_both(&client, &backend, None, sampler.counters, stop, Some(&mut check))).await;
+    let end =
+        Box::pin(super::pump_both(&client, &backend, None, sampler.counters, stop, Some(&mut check), Some(&gate)))
+            .await;
     if matches!(end, End::Stopped) {
         super::discard_unsent(&backend);
     }

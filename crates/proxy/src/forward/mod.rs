@@ -145,7 +145,7 @@ pub async fn forward(
     counters: &Counters<'_>,
     stop: &CancellationToken,
 ) -> Outcome {
-    let end = pump_both(&client, &backend, pipes, counters, stop, None).await;
+    let end = pump_both(&client, &backend, pipes, counters, stop, None, None).await;
     if matches!(end, End::Stopped | End::IntegrityError) {
         discard_unsent(&backend);
     }
@@ -162,8 +162,12 @@ pub(crate) type AuditFn<'a> = &'a mut (dyn FnMut() -> Option<End> + Send);
 /// How often an audited session is checked.
 const AUDIT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// Asked before bytes read are written on: the direction (0: client to
+/// backend, 1: backend to client) and their count (see [`pump::Gate`]).
+pub(crate) type GateFn<'a> = &'a (dyn Fn(usize, usize) -> bool + Sync);
+
 /// Moves bytes both ways until both directions end, an error occurs,
-/// `stop` fires or `audit` says so.
+/// `stop` fires, `audit` says so or `gate` refuses bytes.
 pub(crate) async fn pump_both(
     client: &TcpStream,
     backend: &TcpStream,
@@ -171,9 +175,13 @@ pub(crate) async fn pump_both(
     counters: &Counters<'_>,
     stop: &CancellationToken,
     mut audit: Option<AuditFn<'_>>,
+    gate: Option<GateFn<'_>>,
 ) -> End {
-    let c2b = pump(client, backend, pipes, &counters.client_to_backend, counters.up);
-    let b2c = pump(backend, client, pipes, &counters.backend_to_client, counters.down);
+    let up = gate.map(|g| move |n| g(0, n));
+    let down = gate.map(|g| move |n| g(1, n));
+    let (up, down) = (up.as_ref().map(|g| g as pump::Gate<'_>), down.as_ref().map(|g| g as pump::Gate<'_>));
+    let c2b = pump(client, backend, pipes, &counters.client_to_backend, counters.up, up);
+    let b2c = pump(backend, client, pipes, &counters.backend_to_client, counters.down, down);
     tokio::pin!(c2b, b2c);
     let (mut c2b_done, mut b2c_done) = (false, false);
     let mut first_eof = None;
@@ -185,6 +193,7 @@ pub(crate) async fn pump_both(
                     c2b_done = true;
                     first_eof.get_or_insert(End::ClientClosed);
                 }
+                Err(pump::Failure::Breach) => break End::IntegrityError,
                 // A reset after the other side's EOF is how many clients close.
                 Err(f) => break first_eof.unwrap_or_else(|| f.end(Side::Client, Side::Backend)),
             },
@@ -193,6 +202,7 @@ pub(crate) async fn pump_both(
                     b2c_done = true;
                     first_eof.get_or_insert(End::BackendClosed);
                 }
+                Err(pump::Failure::Breach) => break End::IntegrityError,
                 Err(f) => break first_eof.unwrap_or_else(|| f.end(Side::Backend, Side::Client)),
             },
             _ = tokio::time::sleep(AUDIT_EVERY), if audit.is_some() => {

@@ -34,7 +34,13 @@ const CHUNK: usize = 16 * 1024;
 pub enum Failure {
     Read(io::Error),
     Write(io::Error),
+    /// The gate refused bytes read (and has reset the session).
+    Breach,
 }
+
+/// Asked, with their count, before bytes read from the source are written
+/// on; `false` refuses them: they are never written, and the direction ends.
+pub type Gate<'a> = &'a (dyn Fn(usize) -> bool + Sync);
 
 impl Failure {
     /// The session end this failure means, for a direction `from` → `to`.
@@ -42,6 +48,7 @@ impl Failure {
         let (side, error) = match self {
             Failure::Read(e) => (from, e),
             Failure::Write(e) => (to, e),
+            Failure::Breach => return super::End::IntegrityError,
         };
         tracing::debug!(side = side.as_str(), %error, "forwarding failed");
         match side {
@@ -55,15 +62,19 @@ impl Failure {
 pub struct PipePool;
 
 /// Moves bytes from `src` to `dst` until `src` ends, then shuts down `dst`'s
-/// write side (half-close). Counts bytes as they are written.
+/// write side (half-close). Counts bytes as they are written. With a
+/// `gate`, every read is passed by it before it is written (and splice,
+/// which moves bytes without pglb seeing them, is not used).
 pub async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     pool: Option<&PipePool>,
     counter: &Counter,
     total: &AtomicU64,
+    gate: Option<Gate<'_>>,
 ) -> Result<(), Failure> {
     let mut bulk = false;
+    let pool = pool.filter(|_| gate.is_none());
     loop {
         #[cfg(target_os = "linux")]
         if let (true, Some(pool)) = (bulk, pool) {
@@ -88,7 +99,7 @@ pub async fn pump(
         #[cfg(not(target_os = "linux"))]
         let _ = pool;
         src.readable().await.map_err(Failure::Read)?;
-        let (n, rest) = match copy_step(src, dst) {
+        let (n, rest) = match copy_step(src, dst, gate) {
             Step::Idle => continue,
             Step::End => return shutdown_write(dst),
             Step::Moved { read, rest } => (read, rest),
@@ -124,11 +135,11 @@ thread_local! {
 
 /// One read and one write, synchronously, through this thread's buffer
 /// (never held across an await, so an idle session holds no buffer).
-fn copy_step(src: &TcpStream, dst: &TcpStream) -> Step {
+fn copy_step(src: &TcpStream, dst: &TcpStream, gate: Option<Gate<'_>>) -> Step {
     BUFFER.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => copy_through(src, dst, &mut buf),
+        Ok(mut buf) => copy_through(src, dst, &mut buf, gate),
         // Not reentrant in practice; a fresh buffer keeps it correct anyway.
-        Err(_) => copy_through(src, dst, &mut vec![0; CHUNK]),
+        Err(_) => copy_through(src, dst, &mut vec![0; CHUNK], gate),
     })
 }
 
@@ -153,13 +164,16 @@ fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-fn copy_through(src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> Step {
+fn copy_through(src: &TcpStream, dst: &TcpStream, buf: &mut [u8], gate: Option<Gate<'_>>) -> Step {
     let n = match read_once(src, buf) {
         Ok(0) => return Step::End,
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Idle,
         Err(e) => return Step::Failed(Failure::Read(e)),
     };
+    if gate.is_some_and(|pass| !pass(n)) {
+        return Step::Failed(Failure::Breach);
+    }
     let written = match dst.try_write(&buf[..n]) {
         Ok(w) => w,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
