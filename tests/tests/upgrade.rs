@@ -355,3 +355,36 @@ fn an_enable_during_the_hand_over_is_not_lost() {
     assert_eq!(pg2["admin_state"], "enabled", "the enable done during the hand-over was lost: {pg2}\n{}", old.log());
     old.wait_eligible("ro", &["pg1", "pg2"], SETTLE);
 }
+
+/// A replica held out of ro because it follows no primary stays out
+/// through an upgrade: the "not following since" clock and the lag gate go
+/// with the final state. (Before, the new process started the clock at
+/// zero and routed ro to it again for up to `max_lag_seconds`.) Own
+/// cluster: the replica is cut from its primary.
+#[test]
+fn a_replica_held_out_for_lag_stays_out_through_an_upgrade() {
+    let cluster = Cluster::start(&Spec { tag: "upgrade-lag".into(), replicas: 1, ..Spec::default() }).expect("cluster");
+    pglb_tests::cluster::create_check_users(&cluster);
+    let yaml = Yaml::for_cluster(&cluster).listener("ro", "role: replica\n    max_lag_seconds: 10s");
+    let binary = Binary::copy("lag");
+    let old = Pglb::start_binary(&yaml, &[], &binary.path);
+    old.wait_eligible("ro", &["pg1"], SETTLE);
+    // The replica stops following: no WAL receiver.
+    cluster.nodes[1].sql("ALTER SYSTEM SET primary_conninfo = ''").expect("cut the replica");
+    cluster.nodes[1].sql("SELECT pg_reload_conf()").expect("reload");
+    old.wait_eligible("ro", &[], Duration::from_secs(40));
+    let (code, out, err) = upgrade(&old.config);
+    assert_eq!(code, 0, "pglb upgrade failed: {out}{err}\n{}", old.log());
+    let pid = upgraded_pid(&out).unwrap_or_else(|| panic!("no pid in `{out}`"));
+    let _new = KillOnDrop(pid);
+    // The new process's first seconds: its own clock would still be under 10 s.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let status = old.status();
+        if status["pid"] == serde_json::json!(pid) {
+            assert!(old.eligible("ro").is_empty(), "the new pglb routes ro to the cut replica:\n{}", old.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(old.status()["pid"], serde_json::json!(pid));
+}

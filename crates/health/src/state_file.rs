@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use pglb_routing::{AdminState, Fence, FenceKind, SavedAdmin, SavedFence, SavedState};
+use pglb_routing::{AdminState, Fence, FenceKind, SavedAdmin, SavedFence, SavedLagging, SavedNotFollowing, SavedState};
 use serde_json::{json, Value};
 
 /// Reads the state file: `Ok(None)` if there is none yet.
@@ -47,6 +47,20 @@ pub fn parse(text: &str) -> Result<SavedState, String> {
         let state = AdminState::parse(&text_of(a, "state")?).ok_or("unknown admin `state`")?;
         saved.admin.push(SavedAdmin { backend: text_of(a, "backend")?, address: text_of(a, "address")?, state });
     }
+    // Lag evidence: absent in files of earlier releases.
+    for g in v["lagging"].as_array().into_iter().flatten() {
+        let (listener, backend, address) = (text_of(g, "listener")?, text_of(g, "backend")?, text_of(g, "address")?);
+        saved.lagging.push(SavedLagging { listener, backend, address });
+    }
+    for f in v["not_following"].as_array().into_iter().flatten() {
+        let ms = f["since_unix_ms"].as_u64().ok_or("bad `since_unix_ms`")?;
+        let since = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        saved.not_following.push(SavedNotFollowing {
+            backend: text_of(f, "backend")?,
+            address: text_of(f, "address")?,
+            since,
+        });
+    }
     Ok(saved)
 }
 
@@ -62,12 +76,30 @@ pub fn render(state: &SavedState) -> String {
         .iter()
         .map(|a| json!({"backend": a.backend, "address": a.address, "state": a.state.as_str()}))
         .collect();
+    let lagging: Vec<Value> = state
+        .lagging
+        .iter()
+        .map(|g| json!({"listener": g.listener, "backend": g.backend, "address": g.address}))
+        .collect();
+    let not_following: Vec<Value> = state
+        .not_following
+        .iter()
+        .map(|f| {
+            let ms =
+                f.since.duration_since(std::time::SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default();
+            json!({"backend": f.backend, "address": f.address, "since_unix_ms": u64::try_from(ms).unwrap_or(u64::MAX)})
+        })
+        .collect();
+    // Still version 1: the lag fields are additions an earlier release
+    // ignores, so a downgrade keeps reading the file.
     let doc = json!({
         "version": 1,
         "system_identifier": state.system_id.map(|id| id.to_string()),
         "max_timeline": state.max_timeline,
         "fences": fences,
         "admin": admin,
+        "lagging": lagging,
+        "not_following": not_following,
     });
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
 }
@@ -136,7 +168,21 @@ mod tests {
                 address: "10.0.0.2:5432".into(),
                 state: AdminState::Drained,
             }],
+            lagging: vec![SavedLagging {
+                listener: "ro".into(),
+                backend: "pg2".into(),
+                address: "10.0.0.3:5432".into(),
+            }],
+            not_following: vec![SavedNotFollowing {
+                backend: "pg2".into(),
+                address: "10.0.0.3:5432".into(),
+                since: std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_796_000_000_123),
+            }],
         };
+        // A file of an earlier release (no lag fields) still reads.
+        let earlier = r#"{"version": 1, "system_identifier": "7", "max_timeline": 2, "fences": [], "admin": []}"#;
+        let read_earlier = parse(earlier).expect("an earlier release's file");
+        assert!(read_earlier.lagging.is_empty() && read_earlier.not_following.is_empty());
         let dir = std::env::temp_dir().join(format!("pglb-state-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("state.json");
@@ -169,7 +215,7 @@ mod tests {
                     fence: Fence { kind: FenceKind::Timeline, reason: "x".repeat(2000) },
                 })
                 .collect(),
-            admin: Vec::new(),
+            ..SavedState::default()
         };
         write(&path, &state(1, 1)).expect("first write");
         let stop = std::sync::atomic::AtomicBool::new(false);

@@ -1,7 +1,7 @@
 //! Replication lag and the per-listener gate that keeps lagging replicas out
 //! of a listener's pool, with hysteresis so a replica at the edge does not flap.
 
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use pglb_config::ListenerConfig;
 
@@ -84,6 +84,9 @@ pub struct Following {
     pub now: bool,
     /// When it was last seen following; its first sample if never.
     pub since: Option<Instant>,
+    /// `since` on the wall clock, to be saved (an `Instant` dies with the
+    /// process).
+    pub since_wall: Option<SystemTime>,
 }
 
 impl Following {
@@ -100,6 +103,35 @@ impl Following {
         };
         if self.now || self.since.is_none() {
             self.since = Some(now);
+            self.since_wall = Some(wall_clock_ms());
+        }
+    }
+
+    /// A clock saved by an earlier process (state file, upgrade): not
+    /// following since `since` on the wall clock, `now` being `wall_now`.
+    pub fn restored(since: SystemTime, now: Instant, wall_now: SystemTime) -> Self {
+        let ago = wall_now.duration_since(since).unwrap_or_default();
+        // Longer ago than the monotonic clock reaches: as long as it does.
+        let mut at = now;
+        let mut step = ago;
+        while step > Duration::ZERO {
+            match at.checked_sub(step) {
+                Some(earlier) => {
+                    at = earlier;
+                    break;
+                }
+                None => step /= 2,
+            }
+        }
+        Self { now: false, since: Some(at), since_wall: Some(since) }
+    }
+
+    /// Not following, since when (wall clock), for the state file.
+    pub fn saved(&self) -> Option<SystemTime> {
+        if self.now {
+            None
+        } else {
+            self.since_wall
         }
     }
 
@@ -112,6 +144,12 @@ impl Following {
         }
         lag
     }
+}
+
+/// The wall clock to the millisecond (what the state file keeps).
+fn wall_clock_ms() -> SystemTime {
+    let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default();
+    SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
 /// Whether one replica is admitted to one listener's pool.
@@ -136,6 +174,12 @@ pub enum GateChange {
 }
 
 impl LagGate {
+    /// A gate an earlier process held shut (state file, upgrade): out until
+    /// `rise` good samples, as if this process had shut it.
+    pub fn held_out() -> Self {
+        Self { admitted: false, good: 0 }
+    }
+
     /// Steps the gate with one sample. Out when over a limit; back in after
     /// `rise` consecutive samples below half of every limit.
     pub fn step(&mut self, lag: Lag, listener: &ListenerConfig, rise: u32) -> Option<GateChange> {

@@ -21,7 +21,7 @@ mod why;
 pub use fence::{Fence, FenceChange, FenceKind, Fencing, Identity, IdentitySource};
 pub use lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
 pub use reason::CloseReason;
-pub use saved::{SavedAdmin, SavedFence, SavedState};
+pub use saved::{SavedAdmin, SavedFence, SavedLagging, SavedNotFollowing, SavedState};
 pub use select::Cursor;
 pub use state::{
     BackendState, CheckError, Facts, FailureClass, FailureKind, Health, Observation, ObservedRole, Receiver,

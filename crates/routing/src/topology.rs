@@ -11,7 +11,7 @@ use pglb_config::{Config, MultiPrimary, Role};
 
 use crate::fence::{FenceChange, FenceKind, Fencing, Identity};
 use crate::lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
-use crate::saved::{SavedAdmin, SavedFence, SavedState};
+use crate::saved::{SavedAdmin, SavedFence, SavedLagging, SavedNotFollowing, SavedState};
 use crate::state::{BackendState, Observation, ObservedRole, Thresholds, Transition};
 use crate::table::{AdminState, BackendEntry, BackendLoad, ListenerRoute, RoutingTable};
 
@@ -301,7 +301,30 @@ impl Topology {
                 SavedAdmin { backend, address, state: self.admin[i] }
             })
             .collect();
-        SavedState { system_id: self.fencing.system_id, max_timeline: self.fencing.max_timeline, fences, admin }
+        let mut lagging = Vec::new();
+        for (l, listener) in self.config.listeners.iter().enumerate() {
+            for (i, gate) in self.gates[l].iter().enumerate() {
+                if !gate.admitted {
+                    let (backend, address) = backend(i);
+                    lagging.push(SavedLagging { listener: listener.name.clone(), backend, address });
+                }
+            }
+        }
+        let not_following = (0..self.following.len())
+            .filter_map(|i| {
+                let since = self.following[i].saved()?;
+                let (backend, address) = backend(i);
+                Some(SavedNotFollowing { backend, address, since })
+            })
+            .collect();
+        SavedState {
+            system_id: self.fencing.system_id,
+            max_timeline: self.fencing.max_timeline,
+            fences,
+            admin,
+            lagging,
+            not_following,
+        }
     }
 
     /// Applies a saved state where it still fits the config; returns one
@@ -333,6 +356,27 @@ impl Topology {
                     a.address,
                     a.state.as_str()
                 )),
+            }
+        }
+        for lagging in saved.lagging {
+            let l = self.config.listeners.iter().position(|l| l.name == lagging.listener);
+            match (l, find(&lagging.backend, &lagging.address)) {
+                (Some(l), Some(i)) => {
+                    notes.push(format!("{}: out of {}'s pool for lag", lagging.backend, lagging.listener));
+                    self.gates[l][i] = LagGate::held_out();
+                }
+                _ => notes.push(format!(
+                    "{} ({}): lag exclusion from {} not restored: no such backend or listener in the config",
+                    lagging.backend, lagging.address, lagging.listener
+                )),
+            }
+        }
+        let (now, wall_now) = (Instant::now(), std::time::SystemTime::now());
+        for off in saved.not_following {
+            if let Some(i) = find(&off.backend, &off.address) {
+                let ago = wall_now.duration_since(off.since).unwrap_or_default();
+                notes.push(format!("{}: not following its primary for {}s", off.backend, ago.as_secs()));
+                self.following[i] = Following::restored(off.since, now, wall_now);
             }
         }
         if let (Some(id), t) = (saved.system_id, saved.max_timeline) {
@@ -375,6 +419,13 @@ impl Topology {
                     self.admin[i] = AdminState::Enabled;
                     notes.push(format!("{}: enabled in the running pglb during the hand-over", a.backend));
                 }
+            }
+        }
+        for lagging in &earlier.lagging {
+            let kept = saved.lagging.contains(lagging);
+            let l = self.config.listeners.iter().position(|l| l.name == lagging.listener);
+            if let (false, Some(l), Some(i)) = (kept, l, find(&lagging.backend, &lagging.address)) {
+                self.gates[l][i] = LagGate::default();
             }
         }
         notes.extend(self.restore(saved));

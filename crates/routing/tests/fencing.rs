@@ -366,10 +366,48 @@ fn a_saved_state_for_other_backends_is_applied_only_where_it_fits() {
             address: "127.0.0.1:9".into(),
             state: pglb_routing::AdminState::Disabled,
         }],
+        ..pglb_routing::SavedState::default()
     };
     let notes = t.restore(saved);
     assert_eq!(notes.len(), 2, "{notes:?}");
     assert!(notes.iter().all(|n| n.contains("no such backend in the config")), "{notes:?}");
     steady(&mut t);
     assert_eq!(rw(&t.table().0), ["a"], "a moved address: another node, not fenced");
+}
+
+/// The lag evidence survives a restart (state file) or an upgrade: a
+/// replica left following nothing for a minute, held out of ro, is out
+/// from the new process's first samples — not admitted again for
+/// `max_lag_seconds` because the new process's clock starts at zero.
+#[test]
+fn a_replica_held_out_for_lag_stays_out_after_a_restart() {
+    let sample = |receiver| Facts { system_id: Some(7), receiver: Some(receiver), ..Facts::default() };
+    let up = |role, facts| Observation::Up { role, facts };
+    let primary_tl = |tl| Facts { timeline: Some(tl), system_id: Some(7), ..Facts::default() };
+    // What the earlier process saw: c not following, held out of ro.
+    let mut before = topology("", "");
+    let t0 = Instant::now();
+    before.observe("a", up(ObservedRole::Primary, primary_tl(1)), t0);
+    before.observe("b", up(ObservedRole::Replica, sample(Receiver::Streaming { timeline: Some(1) })), t0);
+    before.observe("c", up(ObservedRole::Replica, sample(Receiver::NotStreaming)), t0);
+    before.observe("c", up(ObservedRole::Replica, sample(Receiver::NotStreaming)), t0 + Duration::from_secs(31));
+    assert_eq!(ro(&before.table().0), ["b"]);
+    let mut saved = before.saved();
+    assert_eq!(saved.lagging.len(), 1, "{saved:?}");
+    assert_eq!((saved.lagging[0].listener.as_str(), saved.lagging[0].backend.as_str()), ("ro", "c"));
+    assert_eq!(saved.not_following.len(), 1, "{saved:?}");
+    // A minute ago on the wall clock.
+    saved.not_following[0].since = std::time::SystemTime::now() - Duration::from_secs(60);
+
+    let mut after = topology("", "");
+    let notes = after.restore(saved);
+    assert!(notes.iter().any(|n| n.contains("c: out of ro's pool for lag")), "{notes:?}");
+    assert!(notes.iter().any(|n| n.contains("c: not following its primary for 60s")), "{notes:?}");
+    let now = Instant::now();
+    after.observe("a", up(ObservedRole::Primary, primary_tl(1)), now);
+    after.observe("b", up(ObservedRole::Replica, sample(Receiver::Streaming { timeline: Some(1) })), now);
+    for s in 0..4 {
+        after.observe("c", up(ObservedRole::Replica, sample(Receiver::NotStreaming)), now + Duration::from_secs(s));
+        assert_eq!(ro(&after.table().0), ["b"], "c is back in ro after {s} s of the new process");
+    }
 }
