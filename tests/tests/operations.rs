@@ -830,8 +830,10 @@ fn process_state(pid: u32) -> Option<char> {
 #[test]
 fn accept_storm_at_the_fd_limit_backs_off_and_recovers() {
     let cluster = shared_cluster();
+    // The pending budget would refuse these silent clients long before the
+    // fd limit: made larger than the limit, so that accept itself fails.
     let yaml = Yaml::for_cluster(&cluster)
-        .top("forwarder: copy")
+        .top("forwarder: copy\nlimits:\n  max_pending: 100000\n  max_pending_per_source: 100000")
         .listener("rw", "role: primary\n    startup_timeout: 2s\n    hold_timeout: 0s");
     let pglb = Pglb::start_wrapped(&yaml, &[], &["prlimit", "--nofile=64:64"]);
     pglb.wait_eligible("rw", &["pg0"], SETTLE);

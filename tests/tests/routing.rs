@@ -243,3 +243,47 @@ async fn large_copy_in_and_out_is_byte_exact() {
     }
     via.batch_execute("DROP TABLE copy_e2e").await.expect("drop table");
 }
+
+/// A cancel request goes only to the backends holding sessions opened on
+/// the address it arrived on (a client cancels through the address it
+/// connected to): one sent to ro's port reaches the replica with ro's
+/// session, not the primary, which holds only rw's session. Each cancel
+/// forks a process on every server it reaches.
+#[test]
+fn a_cancel_goes_only_to_the_backends_of_the_address_it_arrived_on() {
+    use std::io::{Read, Write};
+    let cluster = shared_cluster();
+    let yaml = Yaml::for_cluster(&cluster).listener("rw", "role: primary").listener("ro", "role: replica");
+    let pglb = Pglb::start(&yaml);
+    pglb.wait_eligible("ro", &["pg1", "pg2"], SETTLE);
+    let _on_primary = pglb_tests::wire::login(pglb.port("rw")).expect("a session through rw");
+    let _on_replica = pglb_tests::wire::login(pglb.port("ro")).expect("a session through ro");
+    let (_, body) = pglb_tests::http::get(pglb.admin, "/connections").expect("GET /connections");
+    let connections: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let replica = connections["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["listener"] == "ro")
+        .and_then(|c| c["backend"].as_str())
+        .unwrap_or_else(|| panic!("no ro session in {body}"))
+        .to_owned();
+    let mut cancel = std::net::TcpStream::connect(("127.0.0.1", pglb.port("ro"))).expect("connect");
+    cancel.write_all(&pglb_tests::wire::cancel_request(4242, &[1, 2, 3, 4])).expect("send the cancel");
+    let _ = cancel.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = cancel.read_to_end(&mut Vec::new());
+    let forwarded = wait_until("the cancel to be passed on", SETTLE, || {
+        let log = pglb.log();
+        let to: Vec<String> = log
+            .lines()
+            .filter_map(|l| l.split("cancel request forwarded backend=").nth(1))
+            .map(|b| b.trim().to_owned())
+            .collect();
+        if to.is_empty() {
+            Err("not yet".to_owned())
+        } else {
+            Ok(to)
+        }
+    });
+    assert_eq!(forwarded, vec![replica], "the cancel reached other servers than ro's");
+}

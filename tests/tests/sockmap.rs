@@ -4,7 +4,8 @@
 //! it closes, sessions demoted mid-answer thousands of times, a duplicated
 //! segment (reset and counted on the kernel path, passed on once by splice),
 //! byte counts read from the kernel, cancel, sessions pglb closes (disable,
-//! shutdown timeout), draining on SIGTERM, a reload that changes the
+//! shutdown timeout; the bytes moved since the last sample are counted, and
+//! a client that reads nothing is closed too), draining on SIGTERM, a reload that changes the
 //! forwarder, 2,000 concurrent sessions, `auto` (splice) and `sockmap`
 //! without the privileges.
 
@@ -472,6 +473,73 @@ fn cancel_reaches_a_query_on_the_kernel_path() {
         assert!(started.elapsed() < Duration::from_secs(10), "cancelled after {:?}", started.elapsed());
     });
     assert!(sockmap_sessions(&pglb) >= 1.0);
+}
+
+/// Logs in as `application_name` `app`; returns the session and the bytes
+/// the client read so far.
+fn login_as(port: u16, app: &str) -> (TcpStream, u64) {
+    let mut s = wire::start_up_with(port, 0, &[("application_name", app)]).expect("connect");
+    let mut read = 0;
+    loop {
+        let (tag, body) = wire::read_message(&mut s).expect("login answer");
+        read += 5 + body.len() as u64;
+        match tag {
+            b'Z' => return (s, read),
+            b'E' => panic!("login refused: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+}
+
+/// A session pglb stops (here: its backend disabled) on the kernel path:
+/// the connection log counts the bytes the kernel moved since its last
+/// sample (taken every 5 s on an idle session), and a client that reads
+/// nothing at all is closed too, its backend process gone.
+#[test]
+fn a_stopped_session_counts_its_last_bytes_and_a_client_that_reads_nothing_is_closed() {
+    let cluster = shared_cluster();
+    let pglb = start(&cluster, "");
+    let port = pglb.port("rw");
+    let (mut reader, mut read) = login_as(port, "last-bytes");
+    let (mut deaf, _) = login_as(port, "reads-nothing");
+    wire::query(&mut deaf, "COPY (SELECT repeat('d', 999) FROM generate_series(1, 200000)) TO STDOUT")
+        .expect("a query whose answer is never read");
+    // Idle long enough for the samples to slow to one each 5 s.
+    std::thread::sleep(Duration::from_secs(7));
+    wire::query(&mut reader, "SELECT repeat('x', 300000)").expect("query");
+    loop {
+        let (tag, body) = wire::read_message(&mut reader).expect("answer");
+        read += 5 + body.len() as u64;
+        if tag == b'Z' {
+            break;
+        }
+    }
+    let (code, body) = pglb.post("/backends/pg0/disable");
+    assert_eq!(code, 200, "{body}");
+    let client = reader.local_addr().expect("addr").to_string();
+    wait_closed(&mut reader, Duration::from_secs(10)).expect("disabling pg0 closes the session");
+    let logged = wait_until("the session's connection log line", SETTLE, || {
+        let log = pglb.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("connection closed") && l.contains(&format!("client={client} ")))
+            .ok_or("not yet")?;
+        let field = line.split("bytes_backend_to_client=").nth(1).ok_or("no byte count")?;
+        field.split(' ').next().and_then(|n| n.parse::<u64>().ok()).ok_or_else(|| line.to_owned())
+    });
+    assert_eq!(logged, read, "the log counts every byte the client read");
+    let sessions = || {
+        cluster
+            .primary()
+            .sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'reads-nothing'")
+            .expect("count")
+    };
+    wait_until("the non-reading client's backend session to end", SETTLE, || match sessions().as_str() {
+        "0" => Ok(()),
+        n => Err(n.to_owned()),
+    });
+    assert_eq!(pglb.post("/backends/pg0/enable").0, 200);
+    drop(deaf);
 }
 
 #[test]

@@ -271,6 +271,11 @@ fn an_upgrade_makes_the_new_process_main_before_the_old_one_exits() {
     assert!(barrier.is_some(), "the old process waits for systemd to take MAINPID= (BARRIER=1): {notes:?}");
     assert!(from(new_pid).all(|(i, _)| i > handed), "the new process spoke before it was main: {notes:?}");
     assert_eq!(notes[ready_new].pid, new_pid, "READY=1 from the new main process: {notes:?}");
+    // No gap in the watchdog: the old process feeds it with MAINPID= and
+    // the new one with its READY=1, so no ping period spans the hand-over.
+    let fed = |i: usize| notes[i].text.lines().any(|l| l == "WATCHDOG=1");
+    assert!(fed(handed), "MAINPID= comes with WATCHDOG=1: {notes:?}");
+    assert!(fed(ready_new), "the new process's READY=1 comes with WATCHDOG=1: {notes:?}");
     assert!(
         from(old.pid()).all(|(_, n)| !n.text.lines().any(|l| l == "STOPPING=1")),
         "the old process must not say STOPPING=1 (systemd would stop the service): {notes:?}"

@@ -388,3 +388,34 @@ fn a_replica_held_out_for_lag_stays_out_through_an_upgrade() {
     }
     assert_eq!(old.status()["pid"], serde_json::json!(pid));
 }
+
+/// During the overlap the old process still serves the sessions it had; a
+/// `disable` (answered by the new process) closes the old process's
+/// sessions on that backend too, as it would in one process, and leaves
+/// its sessions on other backends alone. (Before, they lived on until
+/// `shutdown_timeout`.)
+#[test]
+fn a_disable_during_the_overlap_closes_the_old_processs_sessions_on_that_backend() {
+    let cluster = shared_cluster();
+    let yaml = Yaml::for_cluster(&cluster)
+        .top("shutdown_timeout: 60s")
+        .listener("rw", "role: primary")
+        .listener("ro", "role: replica");
+    let binary = Binary::copy("overlap");
+    let mut old = Pglb::start_binary(&yaml, &[], &binary.path);
+    old.wait_eligible("ro", &["pg1", "pg2"], SETTLE);
+    let mut on_primary = wire::login(old.port("rw")).expect("a session on pg0");
+    let mut on_replica = wire::login(old.port("ro")).expect("a session on a replica");
+    let (code, out, err) = upgrade(&old.config);
+    assert_eq!(code, 0, "pglb upgrade failed: {out}{err}\n{}", old.log());
+    let pid = upgraded_pid(&out).unwrap_or_else(|| panic!("no pid in `{out}`"));
+    let _new = KillOnDrop(pid);
+    assert_eq!(old.status()["pid"], serde_json::json!(pid), "the new process answers the admin endpoint");
+    assert_eq!(old.post("/backends/pg0/disable").0, 200);
+    wire::wait_closed(&mut on_primary, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the old process's session on pg0: {e}\n{}", old.log()));
+    assert_eq!(wire::scalar(&mut on_replica, "SELECT 1").as_deref(), Ok("1"), "a session on another backend");
+    assert!(old.log().contains("applied to this process's sessions too"), "{}", old.log());
+    wire::terminate(on_replica);
+    assert_eq!(old.wait_exit(Duration::from_secs(20)), Some(0), "{}", old.log());
+}

@@ -23,6 +23,7 @@ pub struct Config {
     /// (`pg_control_system()`): a backend reporting another is fenced, and
     /// nothing the backends say or the state file holds overrides it.
     pub system_identifier: Option<u64>,
+    pub limits: Limits,
     pub admin: AdminConfig,
     pub health: HealthConfig,
     pub listeners: Vec<ListenerConfig>,
@@ -30,6 +31,27 @@ pub struct Config {
     /// What is allowed but probably not meant: `pglb check` prints these,
     /// `pglb run` logs them.
     pub warnings: Vec<crate::Problem>,
+}
+
+/// Process-wide bounds on connections that hold no backend session yet:
+/// before their first message, held, queued, and cancel requests. `None`:
+/// the default, which follows the file descriptor limit pglb runs with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_pending: Option<usize>,
+    pub max_pending_per_source: Option<usize>,
+}
+
+impl Limits {
+    /// `(max_pending, max_pending_per_source)` for a process allowed `fds`
+    /// file descriptors: by default a quarter of them may wait, and one
+    /// source address (an IPv6 /64) a quarter of those.
+    pub fn resolve(&self, fds: u64) -> (usize, usize) {
+        let fds = usize::try_from(fds).unwrap_or(usize::MAX);
+        let max = self.max_pending.unwrap_or((fds / 4).max(64));
+        let per_source = self.max_pending_per_source.unwrap_or((max / 4).max(16)).min(max);
+        (max, per_source)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,6 +200,10 @@ pub struct ListenerConfig {
     pub max_clients: Option<usize>,
     /// How long a client waits for a free place under a connection limit.
     pub queue_timeout: Duration,
+    /// TCP_USER_TIMEOUT on client sockets: how long data sent to a client
+    /// may stay unacknowledged (or its receive window stay shut) before its
+    /// session is closed; zero leaves the kernel's (~15 minutes).
+    pub client_tcp_user_timeout: Duration,
     /// Clients allowed to connect; empty allows everyone.
     pub allow: Vec<Cidr>,
     /// Bind even if the address is not (yet) local (IP_FREEBIND), for a VIP.

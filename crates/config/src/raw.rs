@@ -51,6 +51,7 @@ pub struct RawConfig {
     pub multi_primary: Option<Text>,
     pub system_identifier: Option<Text>,
     pub defaults: Option<RawDefaults>,
+    pub limits: Option<RawLimits>,
     pub admin: Option<RawAdmin>,
     pub health: Option<RawHealth>,
     #[serde(default)]
@@ -80,6 +81,16 @@ pub struct RawAdmin {
     pub other: BTreeMap<String, serde_yaml::Value>,
 }
 
+/// Process-wide bounds on what clients can open.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawLimits {
+    pub max_pending: Option<Text>,
+    pub max_pending_per_source: Option<Text>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
 /// Listener settings that every listener inherits unless it sets its own.
 #[derive(Debug, Default, Clone, Deserialize)]
 pub struct RawDefaults {
@@ -91,6 +102,7 @@ pub struct RawDefaults {
     pub max_lag_seconds: Option<Text>,
     pub max_clients: Option<Text>,
     pub queue_timeout: Option<Text>,
+    pub client_tcp_user_timeout: Option<Text>,
     /// Keys this section does not know.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
@@ -133,6 +145,7 @@ pub struct RawListener {
     pub max_lag_seconds: Option<Text>,
     pub max_clients: Option<Text>,
     pub queue_timeout: Option<Text>,
+    pub client_tcp_user_timeout: Option<Text>,
     pub allow: Option<OneOrMany>,
     pub freebind: Option<Text>,
     pub sni: Option<OneOrMany>,
@@ -179,11 +192,13 @@ pub const TOP_KEYS: &[&str] = &[
     "multi_primary",
     "system_identifier",
     "defaults",
+    "limits",
     "admin",
     "health",
     "listeners",
     "backends",
 ];
+pub const LIMITS_KEYS: &[&str] = &["max_pending", "max_pending_per_source"];
 pub const ADMIN_KEYS: &[&str] = &["listen", "token_env", "token_file"];
 pub const DEFAULTS_KEYS: &[&str] = &[
     "on_ineligible",
@@ -194,6 +209,7 @@ pub const DEFAULTS_KEYS: &[&str] = &[
     "max_lag_seconds",
     "max_clients",
     "queue_timeout",
+    "client_tcp_user_timeout",
 ];
 pub const HEALTH_KEYS: &[&str] = &[
     "interval",
@@ -226,6 +242,7 @@ pub const LISTENER_KEYS: &[&str] = &[
     "max_lag_seconds",
     "max_clients",
     "queue_timeout",
+    "client_tcp_user_timeout",
     "allow",
     "freebind",
     "sni",
@@ -250,8 +267,10 @@ mod tests {
         assert!(d.other.is_empty(), "{:?}", d.other.keys());
         let a: RawAdmin = serde_yaml::from_str(&format!("{{{}}}", mapping(ADMIN_KEYS))).expect("admin");
         assert!(a.other.is_empty(), "{:?}", a.other.keys());
-        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, system_identifier: x, defaults: {}, admin: {}, health: {}, listeners: [], backends: []}";
+        let limits: RawLimits = serde_yaml::from_str(&format!("{{{}}}", mapping(LIMITS_KEYS))).expect("limits");
+        assert!(limits.other.is_empty(), "{:?}", limits.other.keys());
+        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, system_identifier: x, defaults: {}, limits: {}, admin: {}, health: {}, listeners: [], backends: []}";
         let c: RawConfig = serde_yaml::from_str(top).expect("top");
-        assert!(c.other.is_empty() && TOP_KEYS.len() == 11, "{:?}", c.other.keys());
+        assert!(c.other.is_empty() && TOP_KEYS.len() == 12, "{:?}", c.other.keys());
     }
 }

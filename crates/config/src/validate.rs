@@ -13,6 +13,10 @@ use crate::{parse_bytes, parse_duration, Cidr, Secret, SecretSource};
 
 /// `max_lag_seconds` when a listener sets none.
 pub const DEFAULT_MAX_LAG_SECONDS: Duration = Duration::from_secs(30);
+/// A vanished client holds its session this long at most, not the
+/// kernel's ~15 minutes of retransmissions; a live client that reads nothing
+/// for this long while its data waits is closed too.
+pub const DEFAULT_CLIENT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct Validator<'a> {
     positions: &'a Positions,
@@ -31,6 +35,7 @@ impl<'a> Validator<'a> {
         if let Some(d) = &raw.defaults {
             self.unknown_keys("defaults", &d.other, DEFAULTS_KEYS);
         }
+        let limits = self.limits(raw.limits.unwrap_or_default());
         let forwarder = self.choice(
             "forwarder",
             raw.forwarder,
@@ -70,6 +75,7 @@ impl<'a> Validator<'a> {
                 log_format,
                 multi_primary,
                 system_identifier,
+                limits,
                 admin,
                 health,
                 listeners,
@@ -79,6 +85,25 @@ impl<'a> Validator<'a> {
         } else {
             Err(self.problems)
         }
+    }
+
+    /// `limits:`: counts, each absent for the fd-limit default.
+    fn limits(&mut self, raw: RawLimits) -> Limits {
+        self.unknown_keys("limits", &raw.other, LIMITS_KEYS);
+        let limits = Limits {
+            max_pending: self.limit("limits.max_pending", raw.max_pending),
+            max_pending_per_source: self.limit("limits.max_pending_per_source", raw.max_pending_per_source),
+        };
+        if let (Some(max), Some(per)) = (limits.max_pending, limits.max_pending_per_source) {
+            if per > max {
+                self.warning(
+                    "limits.max_pending_per_source",
+                    format!("max_pending_per_source ({per}) is above max_pending ({max}): one source may take the whole budget"),
+                    "lower it, e.g. to a quarter of max_pending",
+                );
+            }
+        }
+        limits
     }
 
     /// `state_file`: relative to the config's folder. Whether its folder is
@@ -410,6 +435,8 @@ impl<'a> Validator<'a> {
         let max_clients = self.limit(&item, v);
         let (item, v) = inherit("queue_timeout", l.queue_timeout, &d.queue_timeout);
         let queue_timeout = self.duration_or_zero(&item, v, Duration::from_secs(5));
+        let (item, v) = inherit("client_tcp_user_timeout", l.client_tcp_user_timeout, &d.client_tcp_user_timeout);
+        let client_tcp_user_timeout = self.duration_or_zero(&item, v, DEFAULT_CLIENT_TCP_USER_TIMEOUT);
         let allow = self.allowlist(&at("allow"), l.allow.map(OneOrMany::into_vec).unwrap_or_default());
         let freebind = self.flag(&at("freebind"), l.freebind);
         let sni = self.server_names(&at("sni"), l.sni.map(OneOrMany::into_vec).unwrap_or_default());
@@ -430,6 +457,7 @@ impl<'a> Validator<'a> {
             max_lag_seconds,
             max_clients,
             queue_timeout,
+            client_tcp_user_timeout,
             allow,
             freebind,
             sni,

@@ -163,6 +163,12 @@ impl Server {
         }
         self.open_listeners(sockets)?;
         self.admin.token.store(Arc::new(next.admin.token.clone()));
+        if next.limits != self.config.limits {
+            let fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
+            let (max_pending, per_source) = next.limits.resolve(fds);
+            self.shared.budget.set(max_pending, per_source);
+            tracing::info!(max_pending, max_pending_per_source = per_source, "pending budget changed (limits:)");
+        }
         self.checkers.start_missing(next.clone(), tls, &self.topology);
         self.config = next;
         // Sessions of removed listeners and backends are judged now.

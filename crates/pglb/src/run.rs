@@ -186,10 +186,13 @@ pub async fn serve(path: PathBuf, config: Config, launch: Launch) -> anyhow::Res
     };
     server.supervise(notifier)?;
     server.first_checks().await;
-    if let Some(incoming) = incoming {
-        incoming.take_over(&server).await?;
+    match incoming {
+        Some(incoming) => {
+            incoming.take_over(&server).await?;
+            notifier.took_over(&server.summary());
+        }
+        None => notifier.ready(&server.summary()),
     }
-    notifier.ready(&server.summary());
     loop {
         let request = tokio::select! {
             sig = signals.next() => match sig {
@@ -205,8 +208,8 @@ pub async fn serve(path: PathBuf, config: Config, launch: Launch) -> anyhow::Res
             Some(request) = server.upgrades.recv() => Some(request),
         };
         match crate::upgrade::old::upgrade(&server, request, &mut signals, notifier).await {
-            Outcome::Done { pid } => {
-                server.retire(&mut signals, pid).await;
+            Outcome::Done { pid, channel } => {
+                server.retire(&mut signals, pid, channel).await;
                 return Ok(());
             }
             Outcome::Failed(_) => notifier.status(&server.summary()),
@@ -246,6 +249,10 @@ impl Server {
         let checkers = Checkers::start(control.handle.clone(), config.clone(), tls, &topology);
         let mut loaded = crate::data_path::Loaded::default();
         let data_path = crate::data_path::choose(&config, &mut loaded)?;
+        let fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
+        let (max_pending, per_source) = config.limits.resolve(fds);
+        tracing::info!(max_pending, max_pending_per_source = per_source, "pending budget (limits:)");
+        let contexts = Arc::new(Contexts::default());
         let shared = Shared {
             table: topology.table.clone(),
             generation: topology.generation.clone(),
@@ -254,6 +261,8 @@ impl Server {
             sockmap: data_path.sockmap,
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
+            budget: pglb_proxy::Budget::new(max_pending, per_source),
+            contexts: Arc::downgrade(&contexts),
         };
         let live = LiveConfig {
             path: path.display().to_string(),
@@ -262,7 +271,6 @@ impl Server {
             last_reload: None,
         };
         crate::reload::record_success(false);
-        let contexts = Arc::new(Contexts::default());
         let (upgrade, upgrades) = mpsc::channel(1);
         let admin = Arc::new(AdminContext {
             topology: topology.clone(),
@@ -278,7 +286,6 @@ impl Server {
         // A process taking over accepts nothing until the old one steps aside.
         let (accepting, _) = watch::channel(incoming.is_none());
         let admin_stop = background.child_token();
-        let fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
         let admin_socket = admin_socket.into_std().context("cannot take the admin socket off the runtime")?;
         let admin_task = pglb_admin::spawn(
             admin_socket,

@@ -42,9 +42,11 @@ impl Server {
 
     /// After an upgrade handed the sockets to `pid`: accept nothing more,
     /// keep serving open sessions and held or queued clients (no 57P01, no
-    /// STOPPING=1) for up to `shutdown_timeout`, then exit. A stop signal
+    /// STOPPING=1) for up to `shutdown_timeout`, then exit. Admin states
+    /// the new process sends on `channel` meanwhile apply here too. A stop signal
     /// meanwhile closes what is left at once.
-    pub(crate) async fn retire(mut self, signals: &mut Signals, pid: u32) {
+    pub(crate) async fn retire(mut self, signals: &mut Signals, pid: u32, channel: crate::upgrade::Channel) {
+        tokio::spawn(crate::upgrade::overlap_apply(channel, self.topology.commands.clone()));
         for live in std::mem::take(&mut self.listeners) {
             live.stop.cancel();
         }

@@ -51,6 +51,16 @@ impl Notifier {
         self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
     }
 
+    /// This process took over in an upgrade and is the main one now: ready,
+    /// and the watchdog fed at once (its own pings follow their period).
+    pub fn took_over(&self, status: &str) {
+        let mut states = vec![NotifyState::Ready, NotifyState::Status(status)];
+        if watchdog_period().is_some() {
+            states.push(NotifyState::Watchdog);
+        }
+        self.send(&states);
+    }
+
     /// A reload begins (with the monotonic time systemd 253+ requires).
     pub fn reloading(&self) {
         match NotifyState::monotonic_usec_now() {
@@ -79,7 +89,14 @@ impl Notifier {
             return;
         }
         let status = format!("upgraded: pid {pid} serves; pid {} finishes its sessions", std::process::id());
-        self.send(&[NotifyState::MainPid(pid), NotifyState::Status(&status)]);
+        // The watchdog is fed in the same message: systemd's clock starts
+        // afresh at the hand-over, and the new process feeds it at once too
+        // (`took_over`), so no ping interval spans the change of process.
+        let mut states = vec![NotifyState::MainPid(pid), NotifyState::Status(&status)];
+        if watchdog_period().is_some() {
+            states.push(NotifyState::Watchdog);
+        }
+        self.send(&states);
         match tokio::task::spawn_blocking(barrier).await {
             Ok(Ok(true)) => tracing::info!(pid, "systemd took the new main process"),
             Ok(Ok(false)) => tracing::warn!(pid, "systemd did not confirm the new main process (BARRIER=1) within 5s"),

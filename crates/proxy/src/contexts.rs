@@ -133,6 +133,16 @@ impl Contexts {
             .collect()
     }
 
+    /// The backends holding sessions that clients opened on `listen` (any
+    /// listener there, current or replaced by a reload).
+    pub fn backends_at(&self, listen: SocketAddr) -> HashSet<String> {
+        let mut backends = HashSet::new();
+        for ctx in self.all.load().iter().filter(|c| c.listen == listen) {
+            ctx.registry.backends_into(&mut backends);
+        }
+        backends
+    }
+
     /// The backends and listeners that hold sessions now (no per-session copy).
     pub fn in_use(&self) -> InUse {
         let mut used = InUse::default();

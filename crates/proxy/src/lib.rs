@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 mod address;
+mod budget;
 mod by_name;
 mod cancel;
 mod connect;
@@ -14,6 +15,7 @@ pub mod forward;
 mod listener;
 mod metrics;
 pub mod protocol;
+mod rate;
 mod reason;
 mod refuse;
 mod registry;
@@ -22,6 +24,7 @@ pub mod sni;
 mod wait;
 
 pub use address::AddressGroup;
+pub use budget::{Budget, Over, Pending};
 pub use cancel::CANCELS_PER_SECOND;
 pub use contexts::{Contexts, InUse, ListenerView, SessionView};
 pub use forward::PipePool;

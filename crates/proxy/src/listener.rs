@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::address::AddressGroup;
+use crate::budget::Budget;
 use crate::forward::PipePool;
 use crate::metrics::{ListenerMetrics, PairMetrics};
 use crate::reason::Reject;
@@ -46,6 +47,11 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Cancelled when sessions in progress must end (shutdown timeout).
     pub hard_stop: CancellationToken,
+    /// Connections not forwarding yet, process-wide and per source.
+    pub budget: Arc<Budget>,
+    /// Every listener context in use, to find the sessions of an address
+    /// (a cancel request's fan-out). Weak: the contexts hold this.
+    pub contexts: std::sync::Weak<crate::contexts::Contexts>,
 }
 
 /// Everything one listener's sessions share. A reload builds new contexts;
@@ -233,8 +239,15 @@ pub async fn serve(
                     drop(stream);
                     continue;
                 }
+                let pending = match current.shared.budget.take(peer.ip()) {
+                    Ok(pending) => pending,
+                    Err(over) => {
+                        crate::session::over_budget(current, &stream, peer, over);
+                        continue;
+                    }
+                };
                 let span = tracing::debug_span!("session", listen = %group_now.listen, client = %peer);
-                let session = crate::session::run(group_now, stream, peer);
+                let session = crate::session::run(group_now, stream, peer, pending);
                 tracker.spawn(session.instrument(span));
             }
             Err(err) if is_resource_exhaustion(&err) => {

@@ -20,6 +20,14 @@ pub fn describe() {
         "Clients turned away before reaching a backend, per listener and reason."
     );
     describe_counter!("pglb_cancel_requests_total", "Query cancel requests received, per listener.");
+    describe_gauge!(
+        "pglb_pending_connections",
+        "Client connections not forwarding yet (before their first message, held, queued, cancel requests), all listeners."
+    );
+    describe_gauge!(
+        "pglb_pending_connections_limit",
+        "limits.max_pending: beyond it new connections are refused at accept (53300)."
+    );
     describe_gauge!("pglb_clients_held", "Clients waiting for an eligible backend (hold_timeout), per listener.");
     describe_gauge!("pglb_clients_queued", "Clients waiting under a connection limit (queue_timeout), per listener.");
     describe_histogram!(

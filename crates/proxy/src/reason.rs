@@ -38,10 +38,15 @@ pub enum Reject {
     TlsRequired,
     /// The backend answered `N` to pglb's SSLRequest (TLS off on it).
     BackendNoTls,
+    /// `limits.max_pending` connections already wait (refused at accept).
+    PendingFull,
+    /// `limits.max_pending_per_source` connections from the client's
+    /// address already wait (refused at accept).
+    SourcePendingFull,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 15] = [
+    pub const ALL: [Reject; 17] = [
         Self::NoBackend,
         Self::BackendSilent,
         Self::HoldFull,
@@ -57,6 +62,8 @@ impl Reject {
         Self::UnknownServerName,
         Self::TlsRequired,
         Self::BackendNoTls,
+        Self::PendingFull,
+        Self::SourcePendingFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +83,8 @@ impl Reject {
             Self::UnknownServerName => "unknown_server_name",
             Self::TlsRequired => "tls_required",
             Self::BackendNoTls => "backend_no_tls",
+            Self::PendingFull => "pending_full",
+            Self::SourcePendingFull => "source_pending_full",
         }
     }
 

@@ -71,6 +71,15 @@ impl Registry {
     }
 
     /// A snapshot of the open sessions.
+    /// Adds the names of the backends these sessions are on to `into`.
+    pub fn backends_into(&self, into: &mut std::collections::HashSet<String>) {
+        for session in self.lock().values() {
+            if !into.contains(&session.backend) {
+                into.insert(session.backend.clone());
+            }
+        }
+    }
+
     pub fn list(&self) -> Vec<Arc<SessionHandle>> {
         self.lock().values().cloned().collect()
     }

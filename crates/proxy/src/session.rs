@@ -14,10 +14,12 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::address::AddressGroup;
+use crate::budget::{Over, Pending};
 use crate::connect::{connect, tune};
 use crate::forward::{discard_unsent, forward, Counters, Path};
 use crate::listener::ListenerContext;
 use crate::protocol::{read_first, FirstKind, FirstMessage, SSL_REQUEST_BYTES};
+use crate::rate::OncePerSecond;
 use crate::reason::Reject;
 use crate::refuse::refuse;
 use crate::registry::SessionHandle;
@@ -73,15 +75,57 @@ enum Refusal {
 /// Serves one client of an address until its session ends: reads its first
 /// message, picks its listener (by TLS server name where listeners share
 /// the address), then serves it there.
-pub async fn run(group: Arc<AddressGroup>, mut client: TcpStream, peer: SocketAddr) {
+/// `pending` is the client's place in the pending budget, given back when
+/// it starts forwarding or leaves.
+pub async fn run(group: Arc<AddressGroup>, mut client: TcpStream, peer: SocketAddr, pending: Pending) {
     let accepted = Instant::now();
     tune(&client);
     // The stages before forwarding run boxed (here and in `serve`): an idle
     // session's memory is mostly its future, which then holds only what
     // forwarding needs.
     if let Some((ctx, setup)) = Box::pin(identify(group, &mut client, peer, accepted)).await {
-        serve(ctx, setup, client, peer, accepted).await;
+        serve(ctx, setup, client, peer, accepted, pending).await;
     }
+}
+
+/// Turns away a client the pending budget has no place for, as it is
+/// accepted: a FATAL 53300 written at once (nothing is read: a PostgreSQL
+/// client reads it as the answer to its first message, as it does when a
+/// server cannot start a backend), then the socket is closed. Counted; the
+/// log line is at most one a second, not one per connection of a flood.
+pub(crate) fn over_budget(ctx: &ListenerContext, client: &TcpStream, peer: SocketAddr, over: Over) {
+    static LOGGED: OncePerSecond = OncePerSecond::new();
+    let budget = &ctx.shared.budget;
+    let (reason, message) = match over {
+        Over::Total => (
+            Reject::PendingFull,
+            format!(
+                "pglb: too many connections waiting to start (limits.max_pending, {}); try again later",
+                budget.max()
+            ),
+        ),
+        Over::Source => (
+            Reject::SourcePendingFull,
+            format!(
+                "pglb: too many connections from {} waiting to start (limits.max_pending_per_source, {}); try again later",
+                peer.ip(),
+                budget.per_source()
+            ),
+        ),
+    };
+    ctx.metrics.reject(reason);
+    if LOGGED.allow() {
+        tracing::warn!(
+            listener = %ctx.name,
+            client = %peer,
+            reason = reason.as_str(),
+            pending = budget.used(),
+            max_pending = budget.max(),
+            max_pending_per_source = budget.per_source(),
+            "connection refused at accept: the pending budget is full (logged at most once a second; pglb_clients_rejected_total counts them all)"
+        );
+    }
+    let _ = client.try_write(&crate::protocol::fatal_error(TOO_MANY_CONNECTIONS, &message));
 }
 
 /// What serving a client starts from: its listener, that listener's config
@@ -142,16 +186,20 @@ async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
     accepted: Instant,
+    pending: Pending,
 ) {
     if let FirstKind::Cancel { pid } = setup.1.kind {
         tracing::debug!(pid, "cancel request");
         Box::pin(crate::cancel::fan_out(&ctx, &setup.1.bytes, peer)).await;
         return;
     }
+    set_user_timeout(&client, setup.0.client_tcp_user_timeout);
     let refusal = match Box::pin(route(&ctx, &setup, &client, peer)).await {
         Ok(session) => {
-            // A forwarding session holds no config and no startup bytes.
+            // A forwarding session holds no config, no startup bytes and no
+            // place in the pending budget.
             drop(setup);
+            drop(pending);
             return session.forward(&ctx, client).await;
         }
         Err(refusal) => refusal,
@@ -172,6 +220,18 @@ async fn serve(
             Box::pin(refuse(&mut client, first, sqlstate, &message, config.startup_timeout)).await;
         }
     }
+}
+
+/// TCP_USER_TIMEOUT on a client socket (zero: the kernel's default).
+fn set_user_timeout(client: &TcpStream, timeout: Duration) {
+    #[cfg(target_os = "linux")]
+    if !timeout.is_zero() {
+        if let Err(err) = socket2::SockRef::from(client).set_tcp_user_timeout(Some(timeout)) {
+            tracing::debug!(error = %err, "cannot set TCP_USER_TIMEOUT on a client socket");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (client, timeout);
 }
 
 /// Finds a backend that answers: a backend that becomes ineligible before

@@ -86,6 +86,11 @@ impl Harness {
             sockmap: None,
             draining: draining.clone(),
             hard_stop: CancellationToken::new(),
+            budget: {
+                let (max, per_source) = config.limits.resolve(1024);
+                pglb_proxy::Budget::new(max, per_source)
+            },
+            contexts: std::sync::Weak::new(),
         };
         let ctx = Arc::new(ListenerContext::new(0, shared, None));
         let names = config.listeners[0].sni.clone();

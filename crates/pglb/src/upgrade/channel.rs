@@ -18,8 +18,9 @@ use tokio::net::UnixStream;
 /// The hand-over's version, in each side's first message (`hello`,
 /// `ready`). 0 is a pglb from before versions, whose messages carry none:
 /// the same messages, so it is accepted (the first package upgrade comes
-/// from such a binary).
-pub const VERSION: u64 = 1;
+/// from such a binary). 2: after `main`, the channel stays open for the
+/// overlap and carries admin states (`overlap`).
+pub const VERSION: u64 = 2;
 /// The versions this binary hands over to and takes over from.
 const COMPATIBLE: std::ops::RangeInclusive<u64> = 0..=VERSION;
 
@@ -150,7 +151,8 @@ mod tests {
         assert_eq!(peer_version(&json!({ "type": "hello", "version": VERSION }), "running pglb"), Ok(VERSION));
         let newer = peer_version(&json!({ "type": "ready", "version": VERSION + 1 }), "new pglb");
         let why = newer.expect_err("a newer, incompatible version");
-        assert!(why.contains("new pglb speaks hand-over version 2") && why.contains("restart pglb instead"), "{why}");
+        let said = format!("new pglb speaks hand-over version {}", VERSION + 1);
+        assert!(why.contains(&said) && why.contains("restart pglb instead"), "{why}");
         assert!(peer_version(&json!({ "type": "ready", "version": "1" }), "new pglb").is_err());
     }
 }

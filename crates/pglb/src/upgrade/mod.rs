@@ -24,6 +24,8 @@
 //!    From then on the old process sends systemd nothing (no STOPPING=1):
 //!    it closes its copies of the sockets, serves its sessions and its held
 //!    and queued clients for up to `shutdown_timeout`, and exits 0.
+//!    Meanwhile the channel stays open: admin states set in the new process
+//!    apply to the old one's sessions too ([`overlap`]).
 //!
 //! Any failure before step 4 completes — the binary cannot start, exits,
 //! misbehaves or is too slow, a stop signal arrives — kills the child and
@@ -32,6 +34,10 @@
 mod channel;
 pub mod new;
 pub mod old;
+mod overlap;
+
+pub use channel::Channel;
+pub use overlap::apply as overlap_apply;
 
 use std::ffi::OsString;
 use std::path::PathBuf;

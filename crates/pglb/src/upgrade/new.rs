@@ -25,6 +25,8 @@ pub struct Incoming {
     listeners: Vec<(SocketAddr, OwnedFd)>,
     /// The old process's safety state when it handed the sockets over.
     pub state: SavedState,
+    /// The hand-over version the old process speaks.
+    version: u64,
 }
 
 impl Incoming {
@@ -41,10 +43,13 @@ impl Incoming {
             .await
             .map_err(|_| anyhow!("upgrade: the running pglb sent nothing within {STEP_WITHIN:?}"))?
             .context("upgrade: no sockets from the running pglb")?;
-        if let Err(why) = super::channel::peer_version(&hello, "running pglb") {
-            let _ = channel.send(&json!({ "type": "failed", "why": why }), &[]).await;
-            anyhow::bail!("upgrade: {why}");
-        }
+        let version = match super::channel::peer_version(&hello, "running pglb") {
+            Ok(version) => version,
+            Err(why) => {
+                let _ = channel.send(&json!({ "type": "failed", "why": why }), &[]).await;
+                anyhow::bail!("upgrade: {why}");
+            }
+        };
         let addr = |v: &serde_json::Value| {
             v.as_str().and_then(|s| s.parse::<SocketAddr>().ok()).ok_or_else(|| anyhow!("upgrade: bad address {v}"))
         };
@@ -63,7 +68,7 @@ impl Incoming {
             from,
             "upgrade: took the listening sockets from the running pglb; not accepting until it is ready"
         );
-        Ok(Some(Self { channel, from, admin: Some((admin, admin_fd)), listeners, state }))
+        Ok(Some(Self { channel, from, admin: Some((admin, admin_fd)), listeners, state, version }))
     }
 
     /// The running pglb's listening socket for `addr`, if it had one.
@@ -120,6 +125,10 @@ impl Incoming {
             Err(_) => tracing::warn!("upgrade: the old process did not confirm the hand-over within 10s"),
         }
         crate::systemd::speak();
+        if self.version >= super::overlap::SINCE_VERSION {
+            let topology = &server.topology;
+            tokio::spawn(super::overlap::relay(self.channel, topology.table.clone(), topology.generation.clone()));
+        }
         Ok(())
     }
 }

@@ -21,8 +21,9 @@ use crate::systemd::Notifier;
 
 /// How an upgrade ended for the old process.
 pub enum Outcome {
-    /// The new process (this pid) accepts now; this one retires.
-    Done { pid: u32 },
+    /// The new process (this pid) accepts now; this one retires, hearing
+    /// admin states on `channel` meanwhile.
+    Done { pid: u32, channel: Channel },
     /// This process keeps serving; why the upgrade failed.
     Failed(String),
     /// A stop signal came during the upgrade (the child was stopped).
@@ -52,7 +53,7 @@ pub async fn upgrade(
 ) -> Outcome {
     let outcome = attempt(server, signals, notifier).await;
     let answer = match &outcome {
-        Outcome::Done { pid } => Ok(*pid),
+        Outcome::Done { pid, .. } => Ok(*pid),
         Outcome::Failed(why) => {
             tracing::error!("upgrade failed: {why}; this pglb keeps serving");
             Err(why.clone())
@@ -104,7 +105,7 @@ async fn attempt(server: &Server, signals: &mut Signals, notifier: Notifier) -> 
     tracing::info!(pid, binary = %exe.display(), "upgrade: started the new pglb; it checks its config and its backends before it takes over");
     let mut undo = Undo::default();
     let abort = match steps(server, &listener, &mut child, pid, signals, notifier, &mut undo).await {
-        Ok(()) => return Outcome::Done { pid },
+        Ok(channel) => return Outcome::Done { pid, channel },
         Err(abort) => abort,
     };
     // The child goes first: had it begun accepting, both processes would
@@ -131,7 +132,7 @@ async fn steps(
     signals: &mut Signals,
     notifier: Notifier,
     undo: &mut Undo,
-) -> Result<(), Abort> {
+) -> Result<Channel, Abort> {
     let mut step = Step { child, pid, signals };
     let stream = step.run("connect to the hand-over socket", CONNECT_WITHIN, accept_from(listener, pid)).await?;
     let mut channel = Channel::new(stream);
@@ -166,7 +167,7 @@ async fn steps(
     if let Err(e) = channel.send(&json!({ "type": "main" }), &[]).await {
         tracing::warn!(pid, error = %e, "upgrade: the new pglb accepts, but did not take the last message");
     }
-    Ok(())
+    Ok(channel)
 }
 
 /// One step, raced against the child's exit, a deadline and a stop signal.

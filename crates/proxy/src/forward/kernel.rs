@@ -96,11 +96,20 @@ pub async fn forward(
         Fallback { client, backend, reason, error }
     };
     // Pass on what is queued, so no segment is left half read.
-    if let Err(error) = pass_queued(&client, &backend, &counters.client_to_backend, counters.up).await {
-        return Err(fallback(client, backend, error));
-    }
-    if let Err(error) = pass_queued(&backend, &client, &counters.backend_to_client, counters.down).await {
-        return Err(fallback(client, backend, error));
+    for up in [true, false] {
+        let passed = if up {
+            pass_queued(&client, &backend, &counters.client_to_backend, counters.up, stop).await
+        } else {
+            pass_queued(&backend, &client, &counters.backend_to_client, counters.down, stop).await
+        };
+        match passed {
+            Ok(Queued::Passed) => {}
+            Ok(Queued::Stopped) => {
+                super::discard_unsent(&backend);
+                return Ok(Outcome::of(End::Stopped, counters));
+            }
+            Err(error) => return Err(fallback(client, backend, error)),
+        }
     }
     // Out of tokio's epoll: the bytes the kernel moves must wake nobody.
     let (client, backend) = match (client.into_std(), backend.into_std()) {
@@ -176,7 +185,12 @@ async fn demote(
             return End::BackendError;
         }
         tokio::select! {
-            _ = stop.cancelled() => return stopped(&backend),
+            _ = stop.cancelled() => {
+                if let Ok(flows) = link.flows(client.as_fd(), backend.as_fd()) {
+                    sampler.update(&flows);
+                }
+                return stopped(&backend);
+            }
             _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_millis(50)),
         }
     }
@@ -264,15 +278,25 @@ enum Ran {
     Backlog,
 }
 
+/// How passing on the queued bytes ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Queued {
+    Passed,
+    /// `stop` fired while `dst` took nothing (a peer that does not read).
+    Stopped,
+}
+
 /// Reads `src` until it would block and writes it all to `dst`. Reads with
 /// recv(2) itself, not through tokio's readiness (which may be stale): the
-/// socket's queue must really be empty, no segment left half read.
+/// socket's queue must really be empty, no segment left half read. A write
+/// waits for room only until `stop`.
 async fn pass_queued(
     src: &TcpStream,
     dst: &TcpStream,
     counter: &metrics::Counter,
     total: &std::sync::atomic::AtomicU64,
-) -> io::Result<()> {
+    stop: &CancellationToken,
+) -> io::Result<Queued> {
     use std::io::Read;
     // On the heap and only for this call: an array here would sit in every
     // session's future, idle or not.
@@ -283,11 +307,14 @@ async fn pass_queued(
             // EOF (or an error) already: the userspace forwarder reads it again.
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the link")),
             Ok(n) => {
-                super::pump::write_all(dst, &buf[..n]).await?;
+                tokio::select! {
+                    written = super::pump::write_all(dst, &buf[..n]) => written?,
+                    _ = stop.cancelled() => return Ok(Queued::Stopped),
+                }
                 counter.increment(n as u64);
                 total.fetch_add(n as u64, Ordering::Relaxed);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Queued::Passed),
             Err(e) => return Err(e),
         }
     }
@@ -381,7 +408,13 @@ async fn run(
             drain_wait = DRAIN_POLL;
         }
         tokio::select! {
-            _ = stop.cancelled() => return Ran::Ended(stopped(backend)),
+            _ = stop.cancelled() => {
+                // The bytes moved since the last sample count too.
+                if let Ok(flows) = link.flows(c, b) {
+                    sampler.update(&flows);
+                }
+                return Ran::Ended(stopped(backend));
+            }
             _ = watch_c.hangup().changed() => {}
             _ = watch_b.hangup().changed() => {}
             _ = tokio::time::sleep(sampler.next), if !draining => sampler.slower(),
@@ -458,5 +491,36 @@ impl<'a> Sampler<'a> {
     /// Called when a sample period passed: sample less often while idle.
     fn slower(&mut self) {
         self.next = (self.next * 2).min(SAMPLE_IDLE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Bytes are queued before the link and the peer they go to reads
+    /// nothing: the write cannot finish, and `stop` (a disable, a shutdown)
+    /// must still end it rather than leave the session open for good.
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_cannot_hold_the_pre_link_write_past_stop() {
+        let (mut src_peer, src) = super::super::testing::pair(None, None);
+        let (_dst_peer, dst) = super::super::testing::pair(Some(4096), Some(4096));
+        std::thread::spawn(move || {
+            let _ = src_peer.write_all(&vec![7u8; 8 << 20]);
+        });
+        src.readable().await.expect("bytes queued");
+        let stop = CancellationToken::new();
+        let total = std::sync::atomic::AtomicU64::new(0);
+        let counter = metrics::Counter::noop();
+        let cancel = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            cancel.cancel();
+        });
+        let passed = tokio::time::timeout(Duration::from_secs(10), pass_queued(&src, &dst, &counter, &total, &stop))
+            .await
+            .expect("the write was still waiting 10 s after stop");
+        assert_eq!(passed.expect("no error"), Queued::Stopped);
     }
 }

@@ -216,3 +216,24 @@ pub(crate) async fn pump_both(
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A connected loopback pair: (the std end, the tokio end). `rcvbuf`
+    /// caps the std end's receive buffer and `sndbuf` fixes the tokio end's
+    /// send buffer, so that a std end that reads nothing stops a writer soon.
+    pub(crate) fn pair(rcvbuf: Option<usize>, sndbuf: Option<usize>) -> (std::net::TcpStream, tokio::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        if let Some(size) = rcvbuf {
+            socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+        }
+        socket.connect(&listener.local_addr().expect("addr").into()).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        if let Some(size) = sndbuf {
+            socket2::SockRef::from(&accepted).set_send_buffer_size(size).expect("SO_SNDBUF");
+        }
+        accepted.set_nonblocking(true).expect("nonblocking");
+        (socket.into(), tokio::net::TcpStream::from_std(accepted).expect("tokio"))
+    }
+}

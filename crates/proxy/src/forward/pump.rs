@@ -80,14 +80,16 @@ pub async fn pump(
         if let (true, Some(pool)) = (bulk, pool) {
             // Bulk: wait without a pipe, then splice the whole burst.
             src.readable().await.map_err(Failure::Read)?;
-            let Some(pipe) = pool.take() else {
+            // Given back when dropped, also if this future is dropped mid-burst.
+            let Some(mut lease) = pool.lend() else {
                 bulk = false;
                 continue;
             };
             // Boxed, like `write_all` below: only a burst in progress pays for
             // its state, not every idle session's future.
-            let burst = Box::pin(splice_burst(src, dst, &pipe, pool.pipe_size(), counter, total)).await;
-            pool.give_back(pipe, burst.empty);
+            let burst = Box::pin(splice_burst(src, dst, lease.pipe(), pool.pipe_size(), counter, total)).await;
+            lease.set_empty(burst.empty);
+            drop(lease);
             burst.result?;
             if burst.ended {
                 return shutdown_write(dst);
@@ -263,4 +265,31 @@ async fn splice_burst(
         }
     }
     done(false, true, largest, Ok(()))
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    /// A session dropped in the middle of a splice burst (its reader stopped
+    /// reading, then pglb closed it) gives its pipe back: the pool's count
+    /// of pipes in use, and so `pglb_splice_pipes{state="in_use"}`, returns
+    /// to zero instead of drifting up one per such session.
+    #[tokio::test]
+    async fn a_session_dropped_mid_burst_gives_its_pipe_back() {
+        let (mut src_peer, src) = super::super::testing::pair(None, None);
+        let (_dst_peer, dst) = super::super::testing::pair(Some(4096), Some(256 << 10));
+        std::thread::spawn(move || {
+            let _ = src_peer.write_all(&vec![1u8; 64 << 20]);
+        });
+        let pool = PipePool::new(4, 1 << 16);
+        let (counter, total) = (Counter::noop(), AtomicU64::new(0));
+        let pumped =
+            tokio::time::timeout(Duration::from_millis(500), pump(&src, &dst, Some(&pool), &counter, &total, None));
+        assert!(pumped.await.is_err(), "the pump cannot finish: its reader reads nothing");
+        assert!(total.load(Ordering::Relaxed) >= CHUNK as u64, "a bulk transfer began");
+        assert_eq!(pool.in_use(), 0, "the pipe of the dropped burst is still counted in use");
+    }
 }

@@ -71,6 +71,36 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
     }
 }
 
+/// A pipe lent by a [`PipePool`]: given back when dropped, however the
+/// holder ends (a burst that completes, or a session dropped mid-burst), so
+/// the pool's counts and gauges never drift. Back in the pool only if it
+/// was marked empty; otherwise closed (it may hold bytes).
+pub struct Lease<'a> {
+    pool: &'a PipePool,
+    pipe: Option<Pipe>,
+    empty: bool,
+}
+
+impl Lease<'_> {
+    pub fn pipe(&self) -> &Pipe {
+        // Some until dropped.
+        self.pipe.as_ref().expect("a lease holds its pipe until dropped")
+    }
+
+    /// Whether the pipe holds no bytes now (may go back to the pool).
+    pub fn set_empty(&mut self, empty: bool) {
+        self.empty = empty;
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            self.pool.give_back(pipe, self.empty);
+        }
+    }
+}
+
 /// A bounded pool of empty pipes, shared by all sessions.
 pub struct PipePool {
     idle: Mutex<Vec<Pipe>>,
@@ -102,6 +132,13 @@ impl PipePool {
     /// The size each pipe is given.
     pub fn pipe_size(&self) -> usize {
         self.pipe_size
+    }
+
+    /// An empty pipe from the pool, or a new one, lent until the lease is
+    /// dropped; `None` (counted) when the kernel will not give one, and the
+    /// caller copies instead.
+    pub fn lend(&self) -> Option<Lease<'_>> {
+        self.take().map(|pipe| Lease { pool: self, pipe: Some(pipe), empty: false })
     }
 
     /// An empty pipe from the pool, or a new one; `None` (counted) when the
