@@ -1,6 +1,6 @@
 //! Operator actions on backends.
 
-use pglb_health::Command;
+use pglb_control::Command;
 use pglb_routing::{ActionError, AdminState};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};

@@ -15,7 +15,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use pglb_config::Secret;
-use pglb_health::TopologyHandle;
+use pglb_control::TopologyHandle;
 use pglb_proxy::{gate_open, AcceptGate, Contexts};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};

@@ -14,7 +14,7 @@ pub fn status_json(
     table: &RoutingTable,
     live: &LiveConfig,
     listeners: &[ListenerView],
-    topology: &pglb_health::TopologyHandle,
+    topology: &pglb_control::TopologyHandle,
 ) -> String {
     let backends: Vec<Value> = table
         .backends

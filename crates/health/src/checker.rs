@@ -27,7 +27,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use crate::check::{attempt, CheckConn, Outcome};
-use crate::topology::Command;
+use pglb_control::Command;
 
 /// Least time between two fresh logins that replace a stuck connection.
 const REPLACE_EVERY: Duration = Duration::from_secs(60);

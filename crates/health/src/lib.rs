@@ -2,8 +2,8 @@
 //! connection (trust, md5, SCRAM-SHA-256; TLS per `health.sslmode`), asks
 //! role, timeline, system identifier, WAL positions and the WAL receiver's
 //! state, classifies failures as evidence, silence or monitoring failures,
-//! and reports to the topology task, the single writer that applies the
-//! state machine, fencing and lag and publishes routing tables.
+//! and reports to the control plane's topology task (`pglb-control`), which
+//! applies the state machine, fencing and lag and publishes routing tables.
 #![forbid(unsafe_code)]
 
 mod check;
@@ -11,11 +11,7 @@ mod checker;
 mod classify;
 mod metrics;
 mod tls;
-mod topology;
-
-pub mod state_file;
 
 pub use checker::spawn_checker;
-pub use metrics::{describe_metrics, export_table};
+pub use metrics::describe_metrics;
 pub use tls::{make_tls, TlsError};
-pub use topology::{Command, Origin, Publisher, TopologyHandle};

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use pglb_config::{BackendConfig, Config};
-use pglb_health::TopologyHandle;
+use pglb_control::TopologyHandle;
 use tokio::task::JoinHandle;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use pglb_health::TopologyHandle;
+use pglb_control::TopologyHandle;
 use pglb_proxy::Contexts;
 use tokio_util::sync::CancellationToken;
 

@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use pglb_admin::{LiveConfig, Reload};
 use pglb_config::Config;
-use pglb_health::Command;
+use pglb_control::Command;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tokio_postgres_rustls::MakeRustlsConnect;

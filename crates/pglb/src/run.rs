@@ -14,7 +14,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use pglb_admin::{AdminContext, LiveConfig, UpgradeRequest};
 use pglb_config::{Config, ConfigError};
-use pglb_health::{Publisher, TopologyHandle};
+use pglb_control::{Publisher, TopologyHandle};
 use pglb_proxy::{AddressGroup, Contexts, ListenerContext, Shared};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -240,8 +240,8 @@ impl Server {
         let metrics = crate::telemetry::init_metrics()?;
 
         let origin = match &incoming {
-            Some(incoming) => pglb_health::Origin::HandedOver(incoming.state.clone()),
-            None => pglb_health::Origin::StateFile,
+            Some(incoming) => pglb_control::Origin::HandedOver(incoming.state.clone()),
+            None => pglb_control::Origin::StateFile,
         };
         let (publisher, topology, inbox) = Publisher::new(config.clone(), origin);
         let control = Control::start()?;

@@ -66,6 +66,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("cannot configure histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
+    pglb_control::describe_metrics();
     pglb_health::describe_metrics();
     pglb_proxy::describe_metrics();
     pglb_admin::policy::describe();

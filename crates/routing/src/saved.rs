@@ -3,7 +3,8 @@
 //! to), operators' admin states, and the lag evidence that keeps a replica
 //! out of a pool (lag gates held shut, "not following since" clocks). Without it, a restarted pglb could let
 //! a stale old primary that answers first win rw again, or put a drained
-//! node back in rotation. No I/O here: the health crate writes and reads it.
+//! node back in rotation. No I/O here: the control crate (`pglb-control`)
+//! writes and reads it.
 
 use std::time::SystemTime;
 

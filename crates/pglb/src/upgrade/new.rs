@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use pglb_health::Command as Topology;
+use pglb_control::Command as Topology;
 use pglb_routing::SavedState;
 use serde_json::json;
 use tokio::net::{TcpListener, UnixStream};
@@ -61,7 +61,7 @@ impl Incoming {
         }
         let listeners = addrs.into_iter().zip(fds.split_off(1)).collect();
         let admin_fd = fds.pop().ok_or_else(|| anyhow!("upgrade: no admin socket"))?;
-        let state = pglb_health::state_file::parse(hello["state"].as_str().unwrap_or_default())
+        let state = pglb_control::state_file::parse(hello["state"].as_str().unwrap_or_default())
             .map_err(|why| anyhow!("upgrade: the running pglb's state is unreadable: {why}"))?;
         let from = hello["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or_default();
         tracing::info!(
@@ -104,7 +104,7 @@ impl Incoming {
         let ready = json!({ "type": "ready", "version": super::channel::VERSION });
         self.channel.send(&ready, &[]).await.context("upgrade: cannot tell the running pglb")?;
         let (go, _) = self.channel.expect("go").await.context("upgrade: the running pglb ended the hand-over")?;
-        let state = pglb_health::state_file::parse(go["state"].as_str().unwrap_or_default())
+        let state = pglb_control::state_file::parse(go["state"].as_str().unwrap_or_default())
             .map_err(|why| anyhow!("upgrade: the running pglb's final state is unreadable: {why}"))?;
         if state != self.state {
             let (reply, done) = oneshot::channel();

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use pglb_admin::UpgradeRequest;
-use pglb_health::Command as Topology;
+use pglb_control::Command as Topology;
 use serde_json::json;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Child;
@@ -146,7 +146,7 @@ async fn steps(
         "pid": std::process::id(),
         "admin": server.admin_socket.0.to_string(),
         "listeners": server.listeners.iter().map(|l| l.addr.to_string()).collect::<Vec<_>>(),
-        "state": pglb_health::state_file::render(&state),
+        "state": pglb_control::state_file::render(&state),
     });
     step.run("take the sockets", STEP_WITHIN, channel.send(&hello, &fds)).await?;
     let health = &server.config.health;
@@ -159,7 +159,7 @@ async fn steps(
     undo.gate_closed = true;
     let state = saved(server, true).await.map_err(Abort::Failed)?;
     undo.state_handed = true;
-    let go = json!({ "type": "go", "state": pglb_health::state_file::render(&state) });
+    let go = json!({ "type": "go", "state": pglb_control::state_file::render(&state) });
     step.run("take the final state", STEP_WITHIN, channel.send(&go, &[])).await?;
     step.run("start accepting", STEP_WITHIN, channel.expect("accepting")).await?;
 

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pglb_health::Command as Topology;
+use pglb_control::Command as Topology;
 use pglb_routing::{AdminState, RoutingTable};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};

@@ -16,7 +16,7 @@ use pglb_routing::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::metrics::export_table;
+use crate::table_metrics::export_table;
 
 /// Work for the topology task.
 pub enum Command {

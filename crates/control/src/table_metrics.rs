@@ -1,0 +1,83 @@
+//! Cluster metrics, set from each published table.
+
+use pglb_routing::{AdminState, FailureClass, Health, ObservedRole, RoutingTable};
+
+/// Registers help text for the metrics set from the routing table.
+pub fn describe_metrics() {
+    use metrics::{describe_gauge, Unit};
+    describe_gauge!(
+        "pglb_backend_up",
+        "1 while the backend is in service (healthy, degraded or unverified), 0 when it is down."
+    );
+    describe_gauge!("pglb_backend_state", "1 for the backend's state (healthy, degraded, unverified, down), else 0.");
+    describe_gauge!("pglb_backend_role", "1 for the backend's current role (primary, replica, unknown), else 0.");
+    describe_gauge!(
+        "pglb_backend_fenced",
+        "1 if the backend is fenced (split brain, timeline fork, other cluster), else 0."
+    );
+    describe_gauge!(
+        "pglb_backend_admin_state",
+        "1 for the backend's admin state (enabled, drained, disabled), else 0."
+    );
+    describe_gauge!(
+        "pglb_backend_replication_lag_bytes",
+        Unit::Bytes,
+        "Replica's replay position behind the primary's current WAL position."
+    );
+    describe_gauge!(
+        "pglb_backend_replication_lag_seconds",
+        Unit::Seconds,
+        "How long the primary has had WAL the replica has not replayed (0 when caught up; an idle primary is not lag)."
+    );
+    describe_gauge!("pglb_backend_max_connections", "Connection limit pglb keeps towards the backend (0: none).");
+    describe_gauge!(
+        "pglb_split_brain",
+        "1 while more than one backend is primary on the same timeline and primary listeners route to none."
+    );
+    describe_gauge!(
+        "pglb_backend_identity_in_doubt",
+        "1 while the backend's system identifier ties with another's and none is pinned or saved (identity unsettled: nothing is routed), else 0."
+    );
+    describe_gauge!("pglb_listener_eligible_backends", "Backends the listener may use now.");
+}
+
+/// Sets every per-backend and per-listener gauge from `table`.
+pub fn export_table(table: &RoutingTable) {
+    for b in &table.backends {
+        let name = b.config.name.clone();
+        metrics::gauge!("pglb_backend_up", "backend" => name.clone()).set(f64::from(u8::from(b.state.up)));
+        let health = b.state.health();
+        for state in Health::ALL {
+            let value = f64::from(u8::from(health == state));
+            metrics::gauge!("pglb_backend_state", "backend" => name.clone(), "state" => state.as_str()).set(value);
+        }
+        for role in ObservedRole::ALL {
+            let value = f64::from(u8::from(b.role == role));
+            metrics::gauge!("pglb_backend_role", "backend" => name.clone(), "role" => role.as_str()).set(value);
+        }
+        for state in AdminState::ALL {
+            let value = f64::from(u8::from(b.admin == state));
+            metrics::gauge!("pglb_backend_admin_state", "backend" => name.clone(), "state" => state.as_str())
+                .set(value);
+        }
+        metrics::gauge!("pglb_backend_fenced", "backend" => name.clone()).set(f64::from(u8::from(b.fenced.is_some())));
+        let in_doubt = table.identity.in_doubt.iter().any(|(d, _)| *d == name);
+        metrics::gauge!("pglb_backend_identity_in_doubt", "backend" => name.clone()).set(f64::from(u8::from(in_doubt)));
+        metrics::gauge!("pglb_backend_replication_lag_bytes", "backend" => name.clone())
+            .set(b.lag.bytes.unwrap_or(0) as f64);
+        metrics::gauge!("pglb_backend_replication_lag_seconds", "backend" => name.clone())
+            .set(b.lag.seconds.unwrap_or(0.0));
+        let limit = b.config.max_connections.unwrap_or(0) as f64;
+        metrics::gauge!("pglb_backend_max_connections", "backend" => name.clone()).set(limit);
+        for class in FailureClass::ALL {
+            metrics::counter!("pglb_health_check_failures_total", "backend" => name.clone(), "class" => class.as_str())
+                .increment(0);
+        }
+        let _ = metrics::histogram!("pglb_health_check_duration_seconds", "backend" => name);
+    }
+    metrics::gauge!("pglb_split_brain").set(f64::from(u8::from(table.split_brain)));
+    for l in &table.listeners {
+        let labels = [("listener", l.config.name.clone()), ("role", l.config.role.as_str().to_owned())];
+        metrics::gauge!("pglb_listener_eligible_backends", &labels).set(l.eligible.len() as f64);
+    }
+}
