@@ -113,6 +113,9 @@ impl Incoming {
             done.await?;
         }
         server.topology.commands.send(Topology::KeepSaving).await?;
+        // What the old process knows now: an admin action from here on is
+        // passed to it during the overlap.
+        let handed_admin = super::overlap::admin_states(&server.topology.table.load());
         server.accepting.send_replace(true);
         self.channel
             .send(&json!({ "type": "accepting" }), &[])
@@ -127,7 +130,8 @@ impl Incoming {
         crate::systemd::speak();
         if self.version >= super::overlap::SINCE_VERSION {
             let topology = &server.topology;
-            tokio::spawn(super::overlap::relay(self.channel, topology.table.clone(), topology.generation.clone()));
+            let (table, generation) = (topology.table.clone(), topology.generation.clone());
+            tokio::spawn(super::overlap::relay(self.channel, table, generation, handed_admin));
         }
         Ok(())
     }

@@ -20,19 +20,30 @@ use super::channel::Channel;
 /// The hand-over version from which the old process hears admin states.
 pub const SINCE_VERSION: u64 = 2;
 
-fn admin_states(table: &RoutingTable) -> Vec<(String, AdminState)> {
+/// Each backend's admin state in `table`.
+pub fn admin_states(table: &RoutingTable) -> Vec<(String, AdminState)> {
     table.backends.iter().map(|b| (b.config.name.clone(), b.admin)).collect()
 }
 
-/// New process: sends the backends whose admin state changed, until the
-/// old process closes the channel (it exited).
-pub async fn relay(mut channel: Channel, table: Arc<ArcSwap<RoutingTable>>, mut generation: watch::Receiver<u64>) {
-    let mut sent = admin_states(&table.load());
+/// New process: sends the backends whose admin state differs from `sent`
+/// (the states when the old process's final state was applied, before
+/// this process accepted anything: an action between then and now is sent
+/// at once), then each change, until the old process closes the channel
+/// (it exited).
+pub async fn relay(
+    mut channel: Channel,
+    table: Arc<ArcSwap<RoutingTable>>,
+    mut generation: watch::Receiver<u64>,
+    mut sent: Vec<(String, AdminState)>,
+) {
+    let mut first = true;
     loop {
-        tokio::select! {
-            changed = generation.changed() => if changed.is_err() { return },
-            // The old process sends nothing more: this is its exit.
-            _ = channel.recv() => return,
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                changed = generation.changed() => if changed.is_err() { return },
+                // The old process sends nothing more: this is its exit.
+                _ = channel.recv() => return,
+            }
         }
         let now = admin_states(&table.load());
         let changed: Vec<_> = now
