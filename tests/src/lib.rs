@@ -15,7 +15,7 @@ pub mod wire;
 use std::time::{Duration, Instant};
 
 pub use cluster::{shared_cluster, SharedCluster};
-pub use pglb::{Pglb, Yaml};
+pub use pglb::{ClusterYaml, Pglb, Yaml};
 pub use pglb_testkit::{http, proc, retransmit, sockets, which};
 
 /// Serialises tests of one binary that start their own cluster, so two

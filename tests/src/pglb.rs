@@ -91,11 +91,46 @@ pub struct Yaml {
     pub backends: Vec<(String, String)>,
     /// Files written beside the config (name, contents), e.g. a password file.
     pub files: Vec<(String, String)>,
+    /// `clusters:` entries; with any, `listeners` and `backends` are not written.
+    pub clusters: Vec<ClusterYaml>,
+}
+
+/// One entry of `clusters:`.
+#[derive(Clone)]
+pub struct ClusterYaml {
+    pub name: String,
+    /// More YAML for the entry (e.g. `system_identifier: "..."`, a `health:` block).
+    pub extra: String,
+    pub listeners: Vec<(String, u16, String)>,
+    pub backends: Vec<(String, String)>,
+}
+
+impl ClusterYaml {
+    /// Backends `pg0..` for `nodes`.
+    pub fn new(name: &str, cluster: &Cluster) -> Self {
+        let backends = cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("pg{i}"), format!("address: {}", n.address())))
+            .collect();
+        Self { name: name.into(), extra: String::new(), listeners: Vec::new(), backends }
+    }
+
+    /// Adds a listener on a free port (`Pglb::port("cluster/name")`).
+    pub fn listener(mut self, name: &str, extra: &str) -> Self {
+        self.listeners.push((name.into(), free_port().expect("free port"), extra.into()));
+        self
+    }
 }
 
 impl Yaml {
     /// Backends `pg0..` for the cluster's nodes; quick checks with trust auth.
     pub fn for_cluster(cluster: &Cluster) -> Self {
+        Self::for_nodes(&cluster.nodes)
+    }
+
+    fn for_nodes(nodes: &[pglb_cluster::Node]) -> Self {
         Self {
             top: String::new(),
             admin: free_port().expect("free port"),
@@ -104,14 +139,31 @@ impl Yaml {
             health: "interval: 500ms\n  timeout: 500ms\n  rise: 2\n  fall: 2\n  user: pglb_check\n  sslmode: disable"
                 .into(),
             listeners: Vec::new(),
-            backends: cluster
-                .nodes
+            backends: nodes
                 .iter()
                 .enumerate()
                 .map(|(i, n)| (format!("pg{i}"), format!("address: {}", n.address())))
                 .collect(),
             files: vec![("admin-token".into(), format!("{TEST_TOKEN}\n"))],
+            clusters: Vec::new(),
         }
+    }
+
+    /// A config of `clusters` only (no top-level listeners or backends).
+    pub fn for_clusters(clusters: Vec<ClusterYaml>) -> Self {
+        let mut yaml = Self::for_nodes(&[]);
+        yaml.clusters = clusters;
+        yaml
+    }
+
+    /// Every listener's port: `name` for top-level ones, `cluster/name` for
+    /// those of `clusters:`.
+    pub fn ports(&self) -> Vec<(String, u16)> {
+        let mut ports: Vec<(String, u16)> = self.listeners.iter().map(|(n, p, _)| (n.clone(), *p)).collect();
+        for c in &self.clusters {
+            ports.extend(c.listeners.iter().map(|(n, p, _)| (format!("{}/{n}", c.name), *p)));
+        }
+        ports
     }
 
     /// Adds a file beside the config (relative paths in the config start there).
@@ -168,9 +220,31 @@ impl Yaml {
 
     pub fn render(&self) -> String {
         let mut out = format!(
-            "{}admin:\n  listen: {}:{}\n{}health:\n  {}\nlisteners:\n",
+            "{}admin:\n  listen: {}:{}\n{}health:\n  {}\n",
             self.top, self.admin_host, self.admin, self.admin_extra, self.health
         );
+        if !self.clusters.is_empty() {
+            out += "clusters:\n";
+            for c in &self.clusters {
+                out += &format!("  - name: {}\n", c.name);
+                for line in c.extra.lines() {
+                    out += &format!("    {line}\n");
+                }
+                out += "    listeners:\n";
+                for (name, port, extra) in &c.listeners {
+                    out += &format!(
+                        "      - name: {name}\n        listen: 127.0.0.1:{port}\n        {}\n",
+                        extra.replace("\n    ", "\n        ")
+                    );
+                }
+                out += "    backends:\n";
+                for (name, extra) in &c.backends {
+                    out += &format!("      - name: {name}\n        {extra}\n");
+                }
+            }
+            return out;
+        }
+        out += "listeners:\n";
         for (name, port, extra) in &self.listeners {
             out += &format!("  - name: {name}\n    listen: 127.0.0.1:{port}\n    {extra}\n");
         }
@@ -250,7 +324,7 @@ impl Pglb {
             dir,
             config,
             admin: SocketAddr::from(([127, 0, 0, 1], yaml.admin)),
-            ports: yaml.listeners.iter().map(|(n, p, _)| (n.clone(), *p)).collect(),
+            ports: yaml.ports(),
             log,
         };
         wait_until("pglb /health", Duration::from_secs(20), || {
@@ -414,5 +488,42 @@ impl Drop for Pglb {
             eprintln!("--- end of pglb log; the test failed with: {why} ---");
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A copy of the pglb binary in its own folder, which the test replaces the
+/// way a package upgrade does (a new file renamed over the old one).
+pub struct Binary {
+    pub dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl Binary {
+    pub fn copy(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("pglb-upgrade-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("binary dir");
+        let path = dir.join("pglb");
+        let me = Self { dir, path };
+        me.replace_with(pglb_bin());
+        me
+    }
+
+    pub fn replace_with(&self, source: &Path) {
+        let next = self.dir.join("pglb.next");
+        std::fs::copy(source, &next).expect("copy the binary");
+        std::fs::rename(&next, &self.path).expect("rename over the binary");
+    }
+
+    pub fn replace_with_script(&self, script: &str) {
+        let next = self.dir.join("pglb.next");
+        std::fs::write(&next, script).expect("write script");
+        std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&next, &self.path).expect("rename over the binary");
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

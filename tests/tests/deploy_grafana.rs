@@ -76,6 +76,11 @@ fn dashboard_is_importable_and_laid_out() {
     assert_eq!(instance["type"], "query");
     assert_eq!(instance["multi"], true, "several pglb instances at once");
     assert_eq!(instance["includeAll"], true);
+    let cluster = variable(&dash, "cluster");
+    assert_eq!(
+        (&cluster["type"], &cluster["multi"], &cluster["includeAll"]),
+        (&"query".into(), &true.into(), &true.into())
+    );
 
     let mut ids = BTreeSet::new();
     let mut boxes: Vec<(String, [u64; 4])> = Vec::new();
@@ -114,6 +119,11 @@ fn every_query_is_filtered_by_instance_and_the_topics_are_covered() {
         for s in selectors {
             let filtered = s.matchers.iter().any(|(l, op, v)| l == "instance" && op == "=~" && v == "$instance");
             assert!(filtered, "{title}: `{}` lacks instance=~\"$instance\" in `{expr}`", s.metric);
+            // Per-cluster series follow the cluster selector (the config's
+            // reload series are the process's, not a cluster's).
+            let per_process = s.metric.starts_with("pglb_config_");
+            let by_cluster = s.matchers.iter().any(|(l, op, v)| l == "cluster" && op == "=~" && v == "$cluster");
+            assert!(per_process || by_cluster, "{title}: `{}` lacks cluster=~\"$cluster\" in `{expr}`", s.metric);
             used.insert(s.metric);
         }
     }
@@ -142,7 +152,8 @@ fn expand(expr: &str) -> String {
         .replace("$__rate_interval", "1m")
         .replace("$__interval", "1m")
         .replace("$__range", "1h")
-        .replace("$instance", ".+");
+        .replace("$instance", ".+")
+        .replace("$cluster", ".+");
     assert!(!out.contains('$'), "unexpected variable in `{expr}`");
     out
 }

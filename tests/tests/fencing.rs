@@ -44,7 +44,7 @@ fn timeline_fork_fences_the_old_primary_and_closes_its_sessions() {
     assert_eq!(where_am_i(pglb.port("rw")).expect("rw"), (cluster.nodes[1].port, false));
     let log = pglb.log();
     assert!(log.contains("backend fenced") && log.contains("timeline 1"), "{log}");
-    assert!(pglb.metrics().contains("pglb_backend_fenced{backend=\"pg0\"} 1"));
+    assert!(pglb.metrics().contains("pglb_backend_fenced{cluster=\"default\",backend=\"pg0\"} 1"));
 
     // The new primary dies: the stale one must still get no writes.
     cluster.nodes[1].stop("immediate");
@@ -85,7 +85,7 @@ fn two_primaries_on_one_timeline_fence_rw_and_allow_balances_them() {
     });
     assert!(pglb.eligible("rw").is_empty());
     assert!(pglb.log().contains("split brain"), "{}", pglb.log());
-    assert!(pglb.metrics().contains("pglb_split_brain 1"));
+    assert!(pglb.metrics().contains("pglb_split_brain{cluster=\"default\"} 1"));
     let err = pglb_tests::psql::psql(pglb.port("rw"), "SELECT 1", &[]).expect_err("rw fenced");
     assert!(err.contains("no healthy primary") && err.contains("two backends answer as primary (pg1, pg2)"), "{err}");
 

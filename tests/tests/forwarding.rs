@@ -92,7 +92,7 @@ fn backend_close_reaches_the_client(forwarder: &str) {
     drop(s);
     wait_until("the session to be closed", Duration::from_secs(10), || {
         let m = pglb.metrics();
-        if m.contains("pglb_connections_active{listener=\"rw\",backend=\"pg0\"} 0") {
+        if m.contains("pglb_connections_active{cluster=\"default\",listener=\"rw\",backend=\"pg0\"} 0") {
             Ok(())
         } else {
             Err(m)
@@ -251,7 +251,7 @@ fn thousands_of_connections_leak_no_fds_or_pipes(forwarder: &str) {
         }
     });
     let m = pglb.metrics();
-    assert!(m.contains("pglb_connections_total{listener=\"rw\",backend=\"pg0\"} 2000"), "{m}");
+    assert!(m.contains("pglb_connections_total{cluster=\"default\",listener=\"rw\",backend=\"pg0\"} 2000"), "{m}");
     if forwarder == "splice" {
         assert!(m.contains("pglb_splice_pipes{state=\"in_use\"} 0"), "{m}");
     }

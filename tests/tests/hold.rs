@@ -10,7 +10,10 @@ use pglb_tests::{wait_until, wire, Pglb, Yaml};
 
 fn held(pglb: &Pglb) -> String {
     let m = pglb.metrics();
-    m.lines().find(|l| l.starts_with("pglb_clients_held{listener=\"rw\"}")).unwrap_or_default().to_owned()
+    m.lines()
+        .find(|l| l.starts_with("pglb_clients_held{cluster=\"default\",listener=\"rw\"}"))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 #[test]
@@ -59,7 +62,9 @@ fn held_clients_reach_the_new_primary_or_get_57p03_and_the_hold_is_bounded() {
             Err(h)
         }
     });
-    assert!(pglb.metrics().contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"client_gave_up\"} 1"));
+    assert!(pglb
+        .metrics()
+        .contains("pglb_clients_rejected_total{cluster=\"default\",listener=\"rw\",reason=\"client_gave_up\"} 1"));
 
     // A client held during the failover lands on the new primary: a delay,
     // not an error.

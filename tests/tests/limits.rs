@@ -24,12 +24,14 @@ fn backend_max_connections_queues_then_refuses_with_53300() {
     let err = psql(pglb.port("rw"), "SELECT 1", &[]).expect_err("third is over the limit");
     assert!(t0.elapsed() >= Duration::from_millis(900), "refused before queue_timeout");
     assert!(err.contains("too many connections"), "{err}");
-    assert!(pglb.metrics().contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"queue_timeout\"} 1"));
+    assert!(pglb
+        .metrics()
+        .contains("pglb_clients_rejected_total{cluster=\"default\",listener=\"rw\",reason=\"queue_timeout\"} 1"));
     // A queued client goes through as soon as a place frees.
     let port = pglb.port("rw");
     let queued = std::thread::spawn(move || psql(port, "SELECT 'through'", &[]));
     wait_until("a queued client", Duration::from_secs(5), || {
-        let g = gauge(&pglb, "pglb_clients_queued{listener=\"rw\"}");
+        let g = gauge(&pglb, "pglb_clients_queued{cluster=\"default\",listener=\"rw\"}");
         if g.ends_with(" 1") {
             Ok(())
         } else {
@@ -50,7 +52,7 @@ fn listener_max_clients_queues_then_refuses_and_frees_on_disconnect() {
     // A queued client that hangs up frees its place at once.
     let quitter = wire::start_up(pglb.port("rw")).expect("a client that will queue");
     wait_until("one queued client", Duration::from_secs(5), || {
-        let g = gauge(&pglb, "pglb_clients_queued{listener=\"rw\"}");
+        let g = gauge(&pglb, "pglb_clients_queued{cluster=\"default\",listener=\"rw\"}");
         if g.ends_with(" 1") {
             Ok(())
         } else {
@@ -59,7 +61,7 @@ fn listener_max_clients_queues_then_refuses_and_frees_on_disconnect() {
     });
     drop(quitter);
     wait_until("the queue to empty", Duration::from_secs(5), || {
-        let g = gauge(&pglb, "pglb_clients_queued{listener=\"rw\"}");
+        let g = gauge(&pglb, "pglb_clients_queued{cluster=\"default\",listener=\"rw\"}");
         if g.ends_with(" 0") {
             Ok(())
         } else {

@@ -243,7 +243,7 @@ fn watch_health(
             }
             if let Ok((200, text)) = http::get(admin, "/metrics") {
                 for b in &backends {
-                    let up = metric(&text, &format!("pglb_backend_up{{backend=\"{b}\"}}"));
+                    let up = metric(&text, &format!("pglb_backend_up{{cluster=\"default\",backend=\"{b}\"}}"));
                     if up != Some(1.0) {
                         problems.push(format!("pglb_backend_up of {b} is {up:?}"));
                     }
@@ -343,7 +343,9 @@ fn sighup_reload_applies_the_diff_while_sessions_run_and_health_does_not_flap() 
             seen => Err(format!("pg2, gone still exported: {seen:?}")),
         }
     });
-    assert!(pglb.metrics().contains("pglb_connections_active{listener=\"kept\",backend=\"pg0\"} 1"));
+    assert!(pglb
+        .metrics()
+        .contains("pglb_connections_active{cluster=\"default\",listener=\"kept\",backend=\"pg0\"} 1"));
 
     let (result, took) = long.join().expect("psql thread");
     assert_eq!(result, Ok(String::new()), "the long query through rw must complete");
@@ -509,9 +511,10 @@ fn status_clients_active(pglb: &Pglb, name: &str) -> Value {
 /// What the listener's accounting says, against what it should say.
 fn check_accounting(pglb: &Pglb, active: f64, when: &str, problems: &mut Vec<String>) {
     let m = pglb.metrics();
-    for series in
-        ["pglb_clients_active{listener=\"capped\"}", "pglb_connections_active{listener=\"capped\",backend=\"pg0\"}"]
-    {
+    for series in [
+        "pglb_clients_active{cluster=\"default\",listener=\"capped\"}",
+        "pglb_connections_active{cluster=\"default\",listener=\"capped\",backend=\"pg0\"}",
+    ] {
         let got = metric(&m, series);
         if got != Some(active) {
             problems.push(format!("{when}: {series} is {got:?}, want {active}"));
@@ -639,7 +642,7 @@ fn assert_admin_state(pglb: &Pglb, backend: &str, state: &str) {
     assert_eq!(backend_status(&status, backend)["admin_state"], state, "{status}");
     let m = pglb.metrics();
     for s in ["enabled", "drained", "disabled"] {
-        let series = format!("pglb_backend_admin_state{{backend=\"{backend}\",state=\"{s}\"}}");
+        let series = format!("pglb_backend_admin_state{{cluster=\"default\",backend=\"{backend}\",state=\"{s}\"}}");
         assert_eq!(metric(&m, &series), Some(if s == state { 1.0 } else { 0.0 }), "{series}\n{m}");
     }
 }
@@ -798,7 +801,7 @@ fn allow_list_refuses_other_clients_at_accept() {
         .listener("ok", "role: primary\n    allow: [127.0.0.1/32]");
     let pglb = Pglb::start(&yaml);
     pglb.wait_eligible("ok", &["pg0"], SETTLE);
-    let rejected = "pglb_clients_rejected_total{listener=\"deny\",reason=\"not_allowed\"}";
+    let rejected = "pglb_clients_rejected_total{cluster=\"default\",listener=\"deny\",reason=\"not_allowed\"}";
 
     let mut raw = TcpStream::connect(("127.0.0.1", pglb.port("deny"))).expect("the kernel accepts the TCP connection");
     let raw_addr = raw.local_addr().expect("local addr").to_string();
@@ -810,8 +813,16 @@ fn allow_list_refuses_other_clients_at_accept() {
 
     assert_eq!(where_am_i(pglb.port("ok")), Ok((cluster.primary().port, false)));
     let m = pglb.metrics();
-    assert_eq!(metric(&m, "pglb_clients_rejected_total{listener=\"ok\",reason=\"not_allowed\"}"), Some(0.0), "{m}");
-    assert_eq!(metric(&m, "pglb_connections_total{listener=\"deny\",backend=\"pg0\"}"), Some(0.0), "{m}");
+    assert_eq!(
+        metric(&m, "pglb_clients_rejected_total{cluster=\"default\",listener=\"ok\",reason=\"not_allowed\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "pglb_connections_total{cluster=\"default\",listener=\"deny\",backend=\"pg0\"}"),
+        Some(0.0),
+        "{m}"
+    );
 
     let line = wait_connection_line(&pglb, &[("client", raw_addr.as_str())]);
     assert_eq!(line["listener"], "deny", "{line:?}");
@@ -878,6 +889,6 @@ fn accept_storm_at_the_fd_limit_backs_off_and_recovers() {
     eprintln!("served again {:?} after the flood ended", t.elapsed());
     assert!(matches!(process_state(pid), Some(s) if s != 'Z'), "pglb died:\n{}", pglb.log());
     let m = pglb.metrics();
-    let errors = metric(&m, "pglb_accept_errors_total{listener=\"rw\"}");
+    let errors = metric(&m, "pglb_accept_errors_total{cluster=\"default\",listener=\"rw\"}");
     assert!(errors.is_some_and(|n| n > 0.0), "accept errors must be counted: {errors:?}\n{m}");
 }

@@ -34,8 +34,11 @@ fn rw_goes_to_the_primary_and_ro_spreads_over_replicas() {
     assert_eq!(seen, replicas, "ro spreads over both replicas");
 
     let metrics = pglb.metrics();
-    assert!(metrics.contains("pglb_connections_total{listener=\"rw\",backend=\"pg0\"} 3"), "{metrics}");
-    assert!(metrics.contains("pglb_backend_role{backend=\"pg0\",role=\"primary\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("pglb_connections_total{cluster=\"default\",listener=\"rw\",backend=\"pg0\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pglb_backend_role{cluster=\"default\",backend=\"pg0\",role=\"primary\"} 1"), "{metrics}");
 }
 
 fn start_auth(cluster: &pglb_cluster::Cluster, user: &str, password: &str, sslmode: &str) -> Pglb {
@@ -133,7 +136,9 @@ fn no_eligible_backend_answers_with_a_postgres_error() {
     // The documented limit: with sslmode=require libpq stops at our 'N'.
     let err = psql(pglb.port("ro"), "SELECT 1", &[("PGSSLMODE", "require")]).expect_err("must be refused");
     assert!(err.contains("server does not support SSL"), "{err}");
-    assert!(pglb.metrics().contains("pglb_clients_rejected_total{listener=\"ro\",reason=\"no_backend\"} 4"));
+    assert!(pglb
+        .metrics()
+        .contains("pglb_clients_rejected_total{cluster=\"default\",listener=\"ro\",reason=\"no_backend\"} 4"));
 }
 
 #[test]
@@ -160,9 +165,12 @@ fn garbage_and_silent_clients_are_dropped_and_counted() {
     drop(reset);
     wait_until("rejections to be counted", SETTLE, || {
         let m = pglb.metrics();
-        let bad = m.contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"bad_startup\"} 1");
-        let slow = m.contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"startup_timeout\"} 1");
-        let reset = m.contains("pglb_clients_rejected_total{listener=\"rw\",reason=\"client_error\"} 1");
+        let bad =
+            m.contains("pglb_clients_rejected_total{cluster=\"default\",listener=\"rw\",reason=\"bad_startup\"} 1");
+        let slow =
+            m.contains("pglb_clients_rejected_total{cluster=\"default\",listener=\"rw\",reason=\"startup_timeout\"} 1");
+        let reset =
+            m.contains("pglb_clients_rejected_total{cluster=\"default\",listener=\"rw\",reason=\"client_error\"} 1");
         if bad && slow && reset {
             Ok(())
         } else {

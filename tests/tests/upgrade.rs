@@ -7,7 +7,6 @@
 //! A failed upgrade (a bad config, a binary that exits at start) leaves the
 //! old process serving, just as quietly.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pglb_cluster::{Cluster, Spec};
-use pglb_tests::pglb::{upgrade, upgraded_pid};
+use pglb_tests::pglb::{upgrade, upgraded_pid, Binary};
 use pglb_tests::proc::KillOnDrop;
 use pglb_tests::{shared_cluster, wait_until, wire, Pglb, Yaml};
 
@@ -91,43 +90,6 @@ fn long_session(port: u16, secs: u64) -> JoinHandle<Result<usize, String>> {
         wire::terminate(s);
         Ok(done)
     })
-}
-
-/// A copy of the pglb binary in its own folder, which the test replaces the
-/// way a package upgrade does (a new file renamed over the old one).
-struct Binary {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl Binary {
-    fn copy(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("pglb-upgrade-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("binary dir");
-        let path = dir.join("pglb");
-        let me = Self { dir, path };
-        me.replace_with(pglb_tests::pglb::pglb_bin());
-        me
-    }
-
-    fn replace_with(&self, source: &Path) {
-        let next = self.dir.join("pglb.next");
-        std::fs::copy(source, &next).expect("copy the binary");
-        std::fs::rename(&next, &self.path).expect("rename over the binary");
-    }
-
-    fn replace_with_script(&self, script: &str) {
-        let next = self.dir.join("pglb.next");
-        std::fs::write(&next, script).expect("write script");
-        std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-        std::fs::rename(&next, &self.path).expect("rename over the binary");
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn ports(pglb: &Pglb) -> [u16; 2] {

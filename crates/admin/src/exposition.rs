@@ -10,14 +10,26 @@
 
 use std::collections::HashSet;
 
-/// `text` (Prometheus exposition) without the samples of backends and
-/// listeners outside `backends` / `listeners`. Comment lines stay.
-pub fn without_removed(text: &str, backends: &HashSet<&str>, listeners: &HashSet<&str>) -> String {
+/// What may still show in `/metrics`: the configured clusters, and per
+/// cluster the backends and listeners configured or holding a session.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub clusters: HashSet<String>,
+    pub backends: HashSet<(String, String)>,
+    pub listeners: HashSet<(String, String)>,
+}
+
+/// `text` (Prometheus exposition) without the samples of clusters,
+/// backends and listeners outside `live`. Comment lines stay.
+pub fn without_removed(text: &str, live: &Live) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
         let gone = !line.starts_with('#')
-            && (label(line, "backend").is_some_and(|b| !backends.contains(b.as_str()))
-                || label(line, "listener").is_some_and(|l| !listeners.contains(l.as_str())));
+            && label(line, "cluster").is_some_and(|cluster| {
+                !live.clusters.contains(&cluster)
+                    || label(line, "backend").is_some_and(|b| !live.backends.contains(&(cluster.clone(), b)))
+                    || label(line, "listener").is_some_and(|l| !live.listeners.contains(&(cluster.clone(), l)))
+            });
         if !gone {
             out.push_str(line);
             out.push('\n');
@@ -60,25 +72,35 @@ mod tests {
 
     const TEXT: &str = "# HELP pglb_backend_up 1 while the backend is in service.
 # TYPE pglb_backend_up gauge
-pglb_backend_up{backend=\"pg1\"} 1
-pglb_backend_up{backend=\"pg9\"} 0
-pglb_connections_total{listener=\"rw\",backend=\"pg1\"} 4
-pglb_connections_total{listener=\"old\",backend=\"pg1\"} 2
-pglb_split_brain 0
-pglb_backend_up{backend=\"a\\\"b\"} 1
+pglb_backend_up{cluster=\"a\",backend=\"pg1\"} 1
+pglb_backend_up{cluster=\"a\",backend=\"pg9\"} 0
+pglb_backend_up{cluster=\"b\",backend=\"pg9\"} 1
+pglb_backend_up{cluster=\"gone\",backend=\"pg1\"} 1
+pglb_connections_total{cluster=\"a\",listener=\"rw\",backend=\"pg1\"} 4
+pglb_connections_total{cluster=\"a\",listener=\"old\",backend=\"pg1\"} 2
+pglb_split_brain{cluster=\"a\"} 0
+pglb_split_brain{cluster=\"gone\"} 0
+pglb_pending_connections 0
+pglb_backend_up{cluster=\"a\",backend=\"a\\\"b\"} 1
 ";
 
     #[test]
     fn drops_only_samples_of_names_that_are_gone() {
-        let backends = HashSet::from(["pg1", "a\"b"]);
-        let listeners = HashSet::from(["rw"]);
-        let out = without_removed(TEXT, &backends, &listeners);
+        let pair = |c: &str, n: &str| (c.to_owned(), n.to_owned());
+        let live = Live {
+            clusters: HashSet::from(["a".to_owned(), "b".to_owned()]),
+            backends: HashSet::from([pair("a", "pg1"), pair("a", "a\"b"), pair("b", "pg9")]),
+            listeners: HashSet::from([pair("a", "rw")]),
+        };
+        let out = without_removed(TEXT, &live);
         assert!(out.contains("# TYPE pglb_backend_up gauge"));
-        assert!(out.contains("pglb_backend_up{backend=\"pg1\"} 1"));
-        assert!(!out.contains("pg9"), "{out}");
+        assert!(out.contains("pglb_backend_up{cluster=\"a\",backend=\"pg1\"} 1"));
+        assert!(!out.contains("cluster=\"a\",backend=\"pg9\""), "{out}");
+        assert!(out.contains("cluster=\"b\",backend=\"pg9\""), "a name is gone per cluster: {out}");
+        assert!(!out.contains("gone"), "a removed cluster's series: {out}");
         assert!(out.contains("listener=\"rw\""));
         assert!(!out.contains("listener=\"old\""), "{out}");
-        assert!(out.contains("pglb_split_brain 0"));
+        assert!(out.contains("pglb_split_brain{cluster=\"a\"} 0") && out.contains("pglb_pending_connections 0"));
         assert!(out.contains("backend=\"a\\\"b\""), "an escaped quote in a name: {out}");
     }
 

@@ -1,6 +1,6 @@
 //! The hyper server and its routes.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,7 +44,8 @@ pub struct Reload {
 
 /// What the admin endpoint reads and acts on.
 pub struct AdminContext {
-    pub topology: TopologyHandle,
+    /// Each cluster's topology task, in config order (a reload replaces the list).
+    pub clusters: ArcSwap<Vec<TopologyHandle>>,
     pub metrics: PrometheusHandle,
     /// Set once shutdown begins: `/health` turns 503.
     pub draining: AtomicBool,
@@ -261,7 +262,7 @@ async fn route(state: &AdminContext, req: Request<Incoming>, upgrading: &AtomicB
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let need = match (req.method(), segments.as_slice()) {
         (&Method::GET, ["connections"]) => Need::Reader,
-        (&Method::POST, ["backends", _, _] | ["upgrade"]) => Need::Mutation,
+        (&Method::POST, ["backends", _, _] | ["clusters", _, "backends", _, _] | ["upgrade"]) => Need::Mutation,
         _ => Need::Nothing,
     };
     if let Err(denied) = crate::policy::allowed(state.token.load().as_ref().as_ref(), state.loopback, &req, need) {
@@ -277,15 +278,19 @@ async fn route(state: &AdminContext, req: Request<Incoming>, upgrading: &AtomicB
         (&Method::GET, ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics_text(state)),
         (&Method::GET, ["health"]) => health(state),
         (&Method::GET, ["status"]) => {
-            let table = state.topology.table.load();
-            let body = crate::status_json(&table, &state.live.load(), &state.data_path.listeners(), &state.topology);
+            let body = crate::status_json(&state.clusters.load(), &state.live.load(), &state.data_path.listeners());
             reply(StatusCode::OK, "application/json", body)
         }
         (&Method::GET, ["connections"]) => {
             reply(StatusCode::OK, "application/json", crate::connections_json(&state.data_path.session_views()))
         }
         (&Method::POST, ["backends", name, action]) => {
-            let outcome = crate::actions::run(&state.topology.commands, name, action).await;
+            let outcome = crate::actions::run(&state.clusters.load(), None, name, action).await;
+            let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            reply(status, "application/json", outcome.body)
+        }
+        (&Method::POST, ["clusters", cluster, "backends", name, action]) => {
+            let outcome = crate::actions::run(&state.clusters.load(), Some(cluster), name, action).await;
             let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             reply(status, "application/json", outcome.body)
         }
@@ -297,7 +302,9 @@ async fn route(state: &AdminContext, req: Request<Incoming>, upgrading: &AtomicB
         }
         (_, ["metrics" | "health" | "status" | "connections"]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (_, ["upgrade"]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
-        (_, ["backends", _, _]) => json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+        (_, ["backends", _, _] | ["clusters", _, "backends", _, _]) => {
+            json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST")
+        }
         _ => json_error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }
 }
@@ -335,16 +342,27 @@ fn reply_json(status: StatusCode, body: serde_json::Value) -> Response<Full<Byte
     reply(status, "application/json", body.to_string() + "\n")
 }
 
-/// The recorder's text, without the series of backends and listeners that
-/// are neither configured nor holding a session.
+/// The recorder's text, without the series of clusters, backends and
+/// listeners that are neither configured nor holding a session.
 fn metrics_text(state: &AdminContext) -> String {
-    let table = state.topology.table.load();
+    let mut live = crate::exposition::Live::default();
+    for topology in state.clusters.load().iter() {
+        let table = topology.table.load();
+        let cluster = topology.cluster.to_string();
+        live.backends.extend(table.backends.iter().map(|b| (cluster.clone(), b.config.name.clone())));
+        live.listeners.extend(table.listeners.iter().map(|l| (cluster.clone(), l.config.name.clone())));
+        live.clusters.insert(cluster);
+    }
     let in_use = state.data_path.in_use();
-    let mut backends: HashSet<&str> = table.backends.iter().map(|b| b.config.name.as_str()).collect();
-    let mut listeners: HashSet<&str> = table.listeners.iter().map(|l| l.config.name.as_str()).collect();
-    backends.extend(in_use.backends.iter().map(String::as_str));
-    listeners.extend(in_use.listeners.iter().map(String::as_str));
-    crate::exposition::without_removed(&state.metrics.render(), &backends, &listeners)
+    for (cluster, name) in in_use.backends {
+        live.clusters.insert(cluster.to_string());
+        live.backends.insert((cluster.to_string(), name));
+    }
+    for (cluster, name) in in_use.listeners {
+        live.clusters.insert(cluster.to_string());
+        live.listeners.insert((cluster.to_string(), name));
+    }
+    crate::exposition::without_removed(&state.metrics.render(), &live)
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {

@@ -9,18 +9,84 @@ use serde_json::{json, Value};
 
 use crate::server::LiveConfig;
 
-/// Renders the `/status` document.
-pub fn status_json(
-    table: &RoutingTable,
-    live: &LiveConfig,
-    listeners: &[ListenerView],
-    topology: &pglb_control::TopologyHandle,
-) -> String {
-    let backends: Vec<Value> = table
+/// Renders the `/status` document: per cluster a summary (`clusters`),
+/// every backend and listener with its `cluster`; a single-cluster pglb
+/// also keeps its cluster's summary at the top level, as before clusters.
+pub fn status_json(clusters: &[pglb_control::TopologyHandle], live: &LiveConfig, listeners: &[ListenerView]) -> String {
+    let mut summaries = Vec::new();
+    let (mut backends, mut routes) = (Vec::new(), Vec::new());
+    for topology in clusters {
+        let table = topology.table.load();
+        backends.extend(backends_json(&topology.cluster, &table));
+        routes.extend(listeners_json(&topology.cluster, &table, listeners));
+        summaries.push(cluster_json(topology, &table));
+    }
+    let mut status = json!({
+        "pid": std::process::id(),
+        "config": {
+            "path": live.path,
+            "hash": live.hash,
+            "loaded_at": live.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "last_reload": live.last_reload.as_ref().map(|r| json!({
+                "at": r.at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                "result": if r.error.is_some() { "failure" } else { "success" },
+                "error": r.error,
+            })),
+        },
+        "clusters": summaries,
+        "backends": backends,
+        "listeners": routes,
+    });
+    let single = if clusters.len() == 1 { status["clusters"][0].as_object().cloned() } else { None };
+    if let Some(fields) = single {
+        for (key, value) in fields.into_iter().filter(|(k, _)| k != "name" && k != "summary") {
+            status[key] = value;
+        }
+    }
+    serde_json::to_string_pretty(&status).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// One cluster's routing state in a line or two.
+fn cluster_json(topology: &pglb_control::TopologyHandle, table: &RoutingTable) -> Value {
+    let primaries: Vec<&str> = table
+        .backends
+        .iter()
+        .filter(|b| b.role == pglb_routing::ObservedRole::Primary && b.state.up && b.fenced.is_none())
+        .map(|b| b.config.name.as_str())
+        .collect();
+    let healthy = table.backends.iter().filter(|b| b.state.health() == Health::Healthy).count();
+    let fenced = table.backends.iter().filter(|b| b.fenced.is_some()).count();
+    json!({
+        "name": &*topology.cluster,
+        "generation": table.generation,
+        "split_brain": table.split_brain,
+        "primary_visible": table.primary_visible,
+        "identity": {
+            // A string: system identifiers exceed what JSON numbers hold exactly.
+            "system_identifier": table.identity.system_id.map(|id| id.to_string()),
+            "source": table.identity.source.map(|s| s.as_str()),
+            "settled": !table.identity.pending,
+            "unsettled": !table.identity.in_doubt.is_empty(),
+            "in_doubt": table.identity.in_doubt.iter().map(|(b, id)| json!({"backend": b, "system_identifier": id.to_string()})).collect::<Vec<_>>(),
+        },
+        "restored": *topology.restored,
+        "restored_from": topology.restored_from,
+        "summary": {
+            "primary": primaries,
+            "backends": table.backends.len(),
+            "healthy": healthy,
+            "fenced": fenced,
+        },
+    })
+}
+
+fn backends_json(cluster: &str, table: &RoutingTable) -> Vec<Value> {
+    table
         .backends
         .iter()
         .map(|b| {
             json!({
+                "cluster": cluster,
                 "name": b.config.name,
                 "address": b.config.address(),
                 "weight": b.config.weight,
@@ -54,15 +120,19 @@ pub fn status_json(
                 "last_error_class": b.state.last_error.as_ref().map(|e| e.class.as_str()),
             })
         })
-        .collect();
-    let routes: Vec<Value> = table
+        .collect()
+}
+
+fn listeners_json(cluster: &str, table: &RoutingTable, listeners: &[ListenerView]) -> Vec<Value> {
+    table
         .listeners
         .iter()
         .enumerate()
         .map(|(i, l)| {
             let names = |set: &[usize]| set.iter().map(|&b| table.backends[b].config.name.clone()).collect::<Vec<_>>();
-            let ctx = listeners.iter().find(|c| c.name == l.config.name);
+            let ctx = listeners.iter().find(|c| c.name == l.config.name && &*c.cluster == cluster);
             json!({
+                "cluster": cluster,
                 "name": l.config.name,
                 "listen": l.config.listen.to_string(),
                 "sni": l.config.sni,
@@ -79,36 +149,7 @@ pub fn status_json(
                 "index": i,
             })
         })
-        .collect();
-    let status = json!({
-        "pid": std::process::id(),
-        "generation": table.generation,
-        "split_brain": table.split_brain,
-        "primary_visible": table.primary_visible,
-        "identity": {
-            // A string: system identifiers exceed what JSON numbers hold exactly.
-            "system_identifier": table.identity.system_id.map(|id| id.to_string()),
-            "source": table.identity.source.map(|s| s.as_str()),
-            "settled": !table.identity.pending,
-            "unsettled": !table.identity.in_doubt.is_empty(),
-            "in_doubt": table.identity.in_doubt.iter().map(|(b, id)| json!({"backend": b, "system_identifier": id.to_string()})).collect::<Vec<_>>(),
-        },
-        "config": {
-            "path": live.path,
-            "hash": live.hash,
-            "loaded_at": live.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-            "last_reload": live.last_reload.as_ref().map(|r| json!({
-                "at": r.at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                "result": if r.error.is_some() { "failure" } else { "success" },
-                "error": r.error,
-            })),
-        },
-        "restored": *topology.restored,
-        "restored_from": topology.restored_from,
-        "backends": backends,
-        "listeners": routes,
-    });
-    serde_json::to_string_pretty(&status).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        .collect()
 }
 
 /// Renders `/connections`: every open session of every listener.
@@ -117,6 +158,7 @@ pub fn connections_json(sessions: &[SessionView]) -> String {
         .iter()
         .map(|s| {
             json!({
+                "cluster": &*s.cluster,
                 "listener": s.listener,
                 "client": s.client.to_string(),
                 "backend": s.backend,

@@ -23,8 +23,8 @@ pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, Problem};
 pub use load::{load_admin, load_file, load_str};
 pub use model::{
-    sni_matches, AdminAccess, AdminConfig, BackendConfig, Balance, Config, Forwarder, HealthConfig, Limits,
-    ListenerConfig, LogFormat, MultiPrimary, OnIneligible, OnLag, Role, SslMode,
+    sni_matches, AdminAccess, AdminConfig, BackendConfig, Balance, Cluster, Config, Forwarder, HealthConfig, Limits,
+    ListenerConfig, LogFormat, MultiPrimary, OnIneligible, OnLag, Role, SslMode, DEFAULT_CLUSTER,
 };
 pub use secret::{Secret, SecretError, SecretSource};
 pub use size::parse_bytes;

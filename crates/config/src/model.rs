@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{Cidr, Secret, SecretSource};
@@ -17,20 +18,59 @@ pub struct Config {
     /// restarts; `None`: they live in memory only.
     pub state_file: Option<PathBuf>,
     pub log_format: LogFormat,
+    pub limits: Limits,
+    pub admin: AdminConfig,
+    /// The database clusters pglb fronts, in config order: a config without
+    /// `clusters:` is one implicit cluster named `default`.
+    pub clusters: Vec<Arc<Cluster>>,
+    /// What is allowed but probably not meant: `pglb check` prints these,
+    /// `pglb run` logs them.
+    pub warnings: Vec<crate::Problem>,
+}
+
+impl Config {
+    /// The cluster named `name`.
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// Every listener of every cluster, with its cluster.
+    pub fn listeners(&self) -> impl Iterator<Item = (&Arc<Cluster>, &ListenerConfig)> {
+        self.clusters.iter().flat_map(|c| c.listeners.iter().map(move |l| (c, l)))
+    }
+
+    /// Backends over all clusters.
+    pub fn backend_count(&self) -> usize {
+        self.clusters.iter().map(|c| c.backends.len()).sum()
+    }
+
+    /// Whether this is the single-cluster form (no `clusters:` list).
+    pub fn implicit(&self) -> bool {
+        matches!(self.clusters.as_slice(), [only] if only.implicit)
+    }
+}
+
+/// The name of the cluster a config without `clusters:` describes.
+pub const DEFAULT_CLUSTER: &str = "default";
+
+/// One database cluster: its backends, the listeners that route to them,
+/// how they are checked, and what identifies the cluster. Everything that
+/// decides routing lives here, so that clusters never share a decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// Letters, digits, `-` and `_`; `default` for the implicit cluster.
+    pub name: String,
+    /// Written as the top-level `listeners`/`backends` (no `clusters:`).
+    pub implicit: bool,
     /// What to do when more than one backend claims to be primary.
     pub multi_primary: MultiPrimary,
     /// The cluster's system identifier, pinned by the operator
     /// (`pg_control_system()`): a backend reporting another is fenced, and
     /// nothing the backends say or the state file holds overrides it.
     pub system_identifier: Option<u64>,
-    pub limits: Limits,
-    pub admin: AdminConfig,
     pub health: HealthConfig,
     pub listeners: Vec<ListenerConfig>,
     pub backends: Vec<BackendConfig>,
-    /// What is allowed but probably not meant: `pglb check` prints these,
-    /// `pglb run` logs them.
-    pub warnings: Vec<crate::Problem>,
 }
 
 /// Process-wide bounds on connections that hold no backend session yet:

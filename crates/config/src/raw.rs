@@ -58,6 +58,25 @@ pub struct RawConfig {
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+    pub clusters: Option<Vec<RawCluster>>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// One entry of `clusters:`; what it leaves out it inherits from the top
+/// level (`health` and `defaults` key by key).
+#[derive(Debug, Deserialize)]
+pub struct RawCluster {
+    pub name: Option<Text>,
+    pub multi_primary: Option<Text>,
+    pub system_identifier: Option<Text>,
+    pub defaults: Option<RawDefaults>,
+    pub health: Option<RawHealth>,
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    #[serde(default)]
+    pub backends: Vec<RawBackend>,
     /// Keys this section does not know.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
@@ -108,7 +127,7 @@ pub struct RawDefaults {
     pub other: BTreeMap<String, serde_yaml::Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 pub struct RawHealth {
     pub interval: Option<Text>,
     pub fast_interval: Option<Text>,
@@ -197,7 +216,10 @@ pub const TOP_KEYS: &[&str] = &[
     "health",
     "listeners",
     "backends",
+    "clusters",
 ];
+pub const CLUSTER_KEYS: &[&str] =
+    &["name", "multi_primary", "system_identifier", "defaults", "health", "listeners", "backends"];
 pub const LIMITS_KEYS: &[&str] = &["max_pending", "max_pending_per_source"];
 pub const ADMIN_KEYS: &[&str] = &["listen", "token_env", "token_file"];
 pub const DEFAULTS_KEYS: &[&str] = &[
@@ -267,10 +289,20 @@ mod tests {
         assert!(d.other.is_empty(), "{:?}", d.other.keys());
         let a: RawAdmin = serde_yaml::from_str(&format!("{{{}}}", mapping(ADMIN_KEYS))).expect("admin");
         assert!(a.other.is_empty(), "{:?}", a.other.keys());
+        let cluster: RawCluster = serde_yaml::from_str(&format!(
+            "{{{}}}",
+            mapping(CLUSTER_KEYS)
+                .replace("defaults: x", "defaults: {}")
+                .replace("health: x", "health: {}")
+                .replace("listeners: x", "listeners: []")
+                .replace("backends: x", "backends: []")
+        ))
+        .expect("cluster");
+        assert!(cluster.other.is_empty(), "{:?}", cluster.other.keys());
         let limits: RawLimits = serde_yaml::from_str(&format!("{{{}}}", mapping(LIMITS_KEYS))).expect("limits");
         assert!(limits.other.is_empty(), "{:?}", limits.other.keys());
-        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, system_identifier: x, defaults: {}, limits: {}, admin: {}, health: {}, listeners: [], backends: []}";
+        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, system_identifier: x, defaults: {}, limits: {}, admin: {}, health: {}, listeners: [], backends: [], clusters: []}";
         let c: RawConfig = serde_yaml::from_str(top).expect("top");
-        assert!(c.other.is_empty() && TOP_KEYS.len() == 12, "{:?}", c.other.keys());
+        assert!(c.other.is_empty() && TOP_KEYS.len() == 13, "{:?}", c.other.keys());
     }
 }

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::Problem;
@@ -17,6 +18,14 @@ pub const DEFAULT_MAX_LAG_SECONDS: Duration = Duration::from_secs(30);
 /// kernel's ~15 minutes of retransmissions; a live client that reads nothing
 /// for this long while its data waits is closed too.
 pub const DEFAULT_CLIENT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One level of inherited settings: the top level, or a cluster's own.
+struct Layer {
+    /// Item prefix: empty, or `clusters[i].`.
+    prefix: String,
+    health: RawHealth,
+    defaults: RawDefaults,
+}
 
 pub struct Validator<'a> {
     positions: &'a Positions,
@@ -55,35 +64,175 @@ impl<'a> Validator<'a> {
             &[("text", LogFormat::Text), ("json", LogFormat::Json)],
             LogFormat::Text,
         );
-        let multi_primary = self.choice(
-            "multi_primary",
-            raw.multi_primary,
-            &[("fence", MultiPrimary::Fence), ("allow", MultiPrimary::Allow)],
-            MultiPrimary::Fence,
-        );
-        let system_identifier = raw.system_identifier.and_then(|t| self.system_identifier(t));
         let admin = self.admin(raw.admin);
-        let health = self.health(raw.health.unwrap_or_default());
-        let defaults = raw.defaults.unwrap_or_default();
-        let listeners = self.listeners(raw.listeners, &defaults);
-        let backends = self.backends(raw.backends);
+        let top = Layer {
+            prefix: String::new(),
+            health: raw.health.unwrap_or_default(),
+            defaults: raw.defaults.unwrap_or_default(),
+        };
+        let clusters = match raw.clusters {
+            None => vec![self.cluster(
+                &top,
+                None,
+                RawCluster {
+                    name: None,
+                    multi_primary: raw.multi_primary,
+                    system_identifier: raw.system_identifier,
+                    defaults: None,
+                    health: None,
+                    listeners: raw.listeners,
+                    backends: raw.backends,
+                    other: BTreeMap::new(),
+                },
+            )],
+            Some(list) => {
+                self.clusters(&top, list, raw.listeners, raw.backends, raw.system_identifier, raw.multi_primary)
+            }
+        };
+        self.across_clusters(&clusters);
+        // One problem reported once: a value every cluster inherits is
+        // judged in each, under the same (top-level) item.
+        let mut seen = std::collections::HashSet::new();
+        self.problems.retain(|p| seen.insert((p.item.clone(), p.message.clone())));
+        let mut seen = std::collections::HashSet::new();
+        self.warnings.retain(|p| seen.insert((p.item.clone(), p.message.clone())));
         if self.problems.is_empty() {
             Ok(Config {
                 forwarder,
                 shutdown_timeout,
                 state_file,
                 log_format,
-                multi_primary,
-                system_identifier,
                 limits,
                 admin,
-                health,
-                listeners,
-                backends,
+                clusters: clusters.into_iter().map(Arc::new).collect(),
                 warnings: self.warnings,
             })
         } else {
             Err(self.problems)
+        }
+    }
+
+    /// `clusters:`: every entry, each inheriting the top level.
+    fn clusters(
+        &mut self,
+        top: &Layer,
+        list: Vec<RawCluster>,
+        listeners: Vec<RawListener>,
+        backends: Vec<RawBackend>,
+        system_identifier: Option<Text>,
+        multi_primary: Option<Text>,
+    ) -> Vec<Cluster> {
+        for (key, given) in [("listeners", !listeners.is_empty()), ("backends", !backends.is_empty())] {
+            if given {
+                self.problem(
+                    key,
+                    format!("top-level `{key}` next to `clusters:`: whose {key} are they?"),
+                    format!("move them into the cluster they belong to (clusters[i].{key})"),
+                );
+            }
+        }
+        if list.is_empty() {
+            self.problem("clusters", "`clusters:` is empty".into(), "list at least one cluster, or remove the key and write listeners and backends at the top level (one cluster named `default`)");
+        }
+        if system_identifier.is_some() && list.len() > 1 {
+            self.problem(
+                "system_identifier",
+                "a top-level system_identifier would pin every cluster to one identity: only one of them can have it"
+                    .into(),
+                "move it into its cluster (clusters[i].system_identifier)",
+            );
+        }
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, mut c) in list.into_iter().enumerate() {
+            c.system_identifier = c.system_identifier.or_else(|| system_identifier.clone());
+            c.multi_primary = c.multi_primary.or_else(|| multi_primary.clone());
+            let cluster = self.cluster(top, Some(i), c);
+            if let Some(prev) = names.insert(cluster.name.clone(), i) {
+                self.problem(
+                    &format!("clusters[{i}].name"),
+                    format!("duplicate cluster name `{}` (also clusters[{prev}])", cluster.name),
+                    "give every cluster a distinct name",
+                );
+            }
+            out.push(cluster);
+        }
+        out
+    }
+
+    /// One cluster: `index` is its place in `clusters:`, `None` for the
+    /// implicit one (whose items are top-level).
+    fn cluster(&mut self, top: &Layer, index: Option<usize>, raw: RawCluster) -> Cluster {
+        let prefix = index.map(|i| format!("clusters[{i}].")).unwrap_or_default();
+        let name = match index {
+            None => DEFAULT_CLUSTER.to_owned(),
+            Some(_) => {
+                self.unknown_keys(prefix.trim_end_matches('.'), &raw.other, CLUSTER_KEYS);
+                let name = self.required(&format!("{prefix}name"), raw.name, "a short name such as `orders`");
+                let valid = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                if !name.is_empty() && (!valid || name.len() > 63) {
+                    self.problem(
+                        &format!("{prefix}name"),
+                        format!("cluster name `{name}` may hold only letters, digits, `-` and `_` (at most 63)"),
+                        "it names the cluster in metrics, admin paths (`pglb drain orders/pg2`) and the state file: write e.g. `orders` or `billing-eu`",
+                    );
+                }
+                name
+            }
+        };
+        if let Some(d) = &raw.defaults {
+            self.unknown_keys(&format!("{prefix}defaults"), &d.other, DEFAULTS_KEYS);
+        }
+        let own = Layer {
+            prefix: prefix.clone(),
+            health: raw.health.unwrap_or_default(),
+            defaults: raw.defaults.unwrap_or_default(),
+        };
+        let layers: Vec<&Layer> = if index.is_some() { vec![&own, top] } else { vec![top] };
+        let multi_primary = self.choice(
+            &format!("{prefix}multi_primary"),
+            raw.multi_primary,
+            &[("fence", MultiPrimary::Fence), ("allow", MultiPrimary::Allow)],
+            MultiPrimary::Fence,
+        );
+        let system_identifier =
+            raw.system_identifier.and_then(|t| self.system_identifier(&format!("{prefix}system_identifier"), t));
+        let health = self.health(&layers);
+        let listeners = self.listeners(&prefix, raw.listeners, &layers);
+        let backends = self.backends(&prefix, raw.backends);
+        Cluster { name, implicit: index.is_none(), multi_primary, system_identifier, health, listeners, backends }
+    }
+
+    /// What clusters must agree on: listeners sharing an address, and a
+    /// server listed in two clusters (allowed, likely a mistake).
+    fn across_clusters(&mut self, clusters: &[Cluster]) {
+        let prefix = |c: usize| if clusters[c].implicit { String::new() } else { format!("clusters[{c}].") };
+        let listeners: Vec<(String, &ListenerConfig)> = clusters
+            .iter()
+            .enumerate()
+            .flat_map(|(c, cluster)| {
+                let prefix = prefix(c);
+                cluster.listeners.iter().enumerate().map(move |(i, l)| (format!("{prefix}listeners[{i}]"), l))
+            })
+            .collect();
+        self.shared_addresses(&listeners);
+        let mut seen: HashMap<(String, u16), String> = HashMap::new();
+        for (c, cluster) in clusters.iter().enumerate() {
+            for (i, b) in cluster.backends.iter().enumerate() {
+                if b.host.is_empty() {
+                    continue;
+                }
+                match seen.get(&(b.host.clone(), b.port)) {
+                    Some(other) if other != &cluster.name => self.warning(
+                        &format!("{}backends[{i}].address", prefix(c)),
+                        format!("{} is also a backend of cluster `{other}`", b.address()),
+                        "a server belongs to one cluster: if this is a mistake, its system identifier will not match and it is fenced in this cluster (it keeps serving its own)",
+                    ),
+                    _ => {
+                        seen.insert((b.host.clone(), b.port), cluster.name.clone());
+                    }
+                }
+            }
         }
     }
 
@@ -123,12 +272,12 @@ impl<'a> Validator<'a> {
 
     /// `system_identifier`: a number, or the same digits quoted (YAML
     /// readers that turn big numbers into floats lose digits).
-    fn system_identifier(&mut self, text: Text) -> Option<u64> {
+    fn system_identifier(&mut self, item: &str, text: Text) -> Option<u64> {
         match text.0.trim().parse::<u64>() {
             Ok(id) if id > 0 => Some(id),
             _ => {
                 self.problem(
-                    "system_identifier",
+                    item,
                     format!("system_identifier `{}` is not a system identifier", text.0),
                     "write the number `SELECT system_identifier FROM pg_control_system()` shows on the primary, e.g. system_identifier: \"7301234567890123456\"",
                 );
@@ -229,16 +378,26 @@ impl<'a> Validator<'a> {
         default
     }
 
-    fn health(&mut self, raw: RawHealth) -> HealthConfig {
-        self.unknown_keys("health", &raw.other, HEALTH_KEYS);
-        let interval = self.duration("health.interval", raw.interval, Duration::from_secs(1));
+    /// `health:` of the first layer that sets each key (a cluster's own, then
+    /// the top level); a problem names the item where the value was written.
+    fn health(&mut self, layers: &[&Layer]) -> HealthConfig {
+        for layer in layers {
+            self.unknown_keys(&format!("{}health", layer.prefix), &layer.health.other, HEALTH_KEYS);
+        }
+        let pick = |key: &str, get: fn(&RawHealth) -> &Option<Text>| -> (String, Option<Text>) {
+            let layer = layers.iter().find(|l| get(&l.health).is_some()).unwrap_or(&layers[layers.len() - 1]);
+            (format!("{}health.{key}", layer.prefix), get(&layer.health).clone())
+        };
+        let (item, v) = pick("interval", |h| &h.interval);
+        let interval = self.duration(&item, v, Duration::from_secs(1));
         // The default timeout fits inside the interval, so a config that sets only
         // `interval` stays valid.
         let default_timeout = interval.min(Duration::from_secs(2));
-        let timeout = self.duration("health.timeout", raw.timeout, default_timeout);
+        let (item, v) = pick("timeout", |h| &h.timeout);
+        let timeout = self.duration(&item, v, default_timeout);
         if timeout > interval {
             self.problem(
-                "health.timeout",
+                &item,
                 format!(
                     "timeout ({}) is longer than interval ({})",
                     crate::format_duration(timeout),
@@ -247,21 +406,24 @@ impl<'a> Validator<'a> {
                 "a check must finish before the next one starts: make health.timeout at most health.interval",
             );
         }
-        let fast_interval =
-            self.duration("health.fast_interval", raw.fast_interval, interval.min(Duration::from_millis(250)));
+        let (item, v) = pick("fast_interval", |h| &h.fast_interval);
+        let fast_interval = self.duration(&item, v, interval.min(Duration::from_millis(250)));
         if fast_interval > interval {
             self.problem(
-                "health.fast_interval",
+                &item,
                 "fast_interval is longer than interval".into(),
                 "fast_interval is the quicker pace used while the topology settles: make it at most health.interval",
             );
         }
-        let rise = self.count("health.rise", raw.rise, 2);
-        let fall = self.count("health.fall", raw.fall, 2);
-        let down_after = self.duration("health.down_after", raw.down_after, Duration::from_secs(30));
+        let (item, v) = pick("rise", |h| &h.rise);
+        let rise = self.count(&item, v, 2);
+        let (item, v) = pick("fall", |h| &h.fall);
+        let fall = self.count(&item, v, 2);
+        let (item, v) = pick("down_after", |h| &h.down_after);
+        let down_after = self.duration(&item, v, Duration::from_secs(30));
         if down_after < interval * fall {
             self.problem(
-                "health.down_after",
+                &item,
                 format!(
                     "down_after ({}) is shorter than fall × interval ({})",
                     crate::format_duration(down_after),
@@ -270,30 +432,46 @@ impl<'a> Validator<'a> {
                 "a silent backend is first degraded after `fall` checks, then down after down_after: make it at least fall × interval (default 30s)",
             );
         }
-        let password = self.secret("health.password", raw.password, raw.password_env, raw.password_file);
-        let sslmode = match raw.sslmode.map(|t| t.0).as_deref() {
+        // The password comes whole from one layer: a cluster that names any
+        // source replaces the top level's.
+        let secret_layer = layers
+            .iter()
+            .find(|l| {
+                l.health.password.is_some() || l.health.password_env.is_some() || l.health.password_file.is_some()
+            })
+            .copied();
+        let password = match secret_layer {
+            Some(l) => self.secret(
+                &format!("{}health.password", l.prefix),
+                l.health.password.clone(),
+                l.health.password_env.clone(),
+                l.health.password_file.clone(),
+            ),
+            None => None,
+        };
+        let (item, v) = pick("sslmode", |h| &h.sslmode);
+        let sslmode = match v.map(|t| t.0).as_deref() {
             None | Some("prefer") => SslMode::Prefer,
             Some("disable") => SslMode::Disable,
             Some("require") => SslMode::Require,
             Some(other) => {
-                self.problem(
-                    "health.sslmode",
-                    format!("unknown sslmode `{other}`"),
-                    "write one of: disable, prefer, require",
-                );
+                self.problem(&item, format!("unknown sslmode `{other}`"), "write one of: disable, prefer, require");
                 SslMode::Prefer
             }
         };
-        let sslrootcert = raw.sslrootcert.map(|t| self.base.join(t.0));
+        let (item, v) = pick("sslrootcert", |h| &h.sslrootcert);
+        let sslrootcert = v.map(|t| self.base.join(t.0));
         if let Some(path) = &sslrootcert {
             if let Err(err) = std::fs::metadata(path) {
                 self.problem(
-                    "health.sslrootcert",
+                    &item,
                     format!("cannot read {}: {err}", path.display()),
                     "point sslrootcert at a PEM file of CA certificates (relative paths start at the config file's folder)",
                 );
             }
         }
+        let (user_item, user) = pick("user", |h| &h.user);
+        let (database_item, database) = pick("database", |h| &h.database);
         HealthConfig {
             interval,
             fast_interval,
@@ -301,9 +479,9 @@ impl<'a> Validator<'a> {
             rise,
             fall,
             down_after,
-            user: self.nonempty("health.user", raw.user, "pglb_check"),
+            user: self.nonempty(&user_item, user, "pglb_check"),
             password,
-            database: self.nonempty("health.database", raw.database, "postgres"),
+            database: self.nonempty(&database_item, database, "postgres"),
             sslmode,
             sslrootcert,
         }
@@ -365,10 +543,10 @@ impl<'a> Validator<'a> {
         None
     }
 
-    fn listeners(&mut self, raw: Vec<RawListener>, defaults: &RawDefaults) -> Vec<ListenerConfig> {
+    fn listeners(&mut self, prefix: &str, raw: Vec<RawListener>, layers: &[&Layer]) -> Vec<ListenerConfig> {
         if raw.is_empty() {
             self.problem(
-                "listeners",
+                &format!("{prefix}listeners"),
                 "no listeners are configured".into(),
                 "add at least one listener, e.g. `- {name: rw, listen: 127.0.0.1:5432, role: primary}`",
             );
@@ -376,33 +554,36 @@ impl<'a> Validator<'a> {
         let mut names = HashMap::new();
         let mut out = Vec::new();
         for (i, l) in raw.into_iter().enumerate() {
-            let listener = self.listener(i, l, defaults);
+            let listener = self.listener(prefix, i, l, layers);
             if let Some(prev) = names.insert(listener.name.clone(), i) {
                 self.problem(
-                    &format!("listeners[{i}].name"),
-                    format!("duplicate listener name `{}` (also listeners[{prev}])", listener.name),
+                    &format!("{prefix}listeners[{i}].name"),
+                    format!("duplicate listener name `{}` (also {prefix}listeners[{prev}])", listener.name),
                     "give every listener a distinct name",
                 );
             }
             if listener.listen.port() == 0 {
                 self.problem(
-                    &format!("listeners[{i}].listen"),
+                    &format!("{prefix}listeners[{i}].listen"),
                     format!("port 0 in {} would make the kernel pick a port nobody is told", listener.listen),
                     "write the port clients connect to, e.g. 127.0.0.1:6432",
                 );
             }
             out.push(listener);
         }
-        self.shared_addresses(&out);
         out
     }
 
-    fn listener(&mut self, i: usize, l: RawListener, d: &RawDefaults) -> ListenerConfig {
-        let at = |key: &str| format!("listeners[{i}].{key}");
-        // A listener's own value wins; else the `defaults:` one (errors name it there).
-        let inherit = |key: &str, own: Option<Text>, default: &Option<Text>| match own {
-            Some(v) => (format!("listeners[{i}].{key}"), Some(v)),
-            None => (format!("defaults.{key}"), default.clone()),
+    fn listener(&mut self, prefix: &str, i: usize, l: RawListener, layers: &[&Layer]) -> ListenerConfig {
+        let at = |key: &str| format!("{prefix}listeners[{i}].{key}");
+        // A listener's own value wins; else the first `defaults:` that sets
+        // it, its cluster's then the top level's (errors name it there).
+        let inherit = |key: &str, own: Option<Text>, get: fn(&RawDefaults) -> &Option<Text>| match own {
+            Some(v) => (at(key), Some(v)),
+            None => match layers.iter().find(|d| get(&d.defaults).is_some()) {
+                Some(d) => (format!("{}defaults.{key}", d.prefix), get(&d.defaults).clone()),
+                None => (format!("defaults.{key}"), None),
+            },
         };
         let name = self.required(&at("name"), l.name, "a short name such as `rw`");
         let listen = self.required(&at("listen"), l.listen, "an address such as 127.0.0.1:5432");
@@ -411,18 +592,18 @@ impl<'a> Validator<'a> {
         let fallback = self.fallback(&at("fallback"), l.fallback, role);
         let role = role.unwrap_or(Role::Primary);
         let balance = self.balance(&at("balance"), l.balance);
-        let (item, v) = inherit("on_ineligible", l.on_ineligible, &d.on_ineligible);
+        let (item, v) = inherit("on_ineligible", l.on_ineligible, |d| &d.on_ineligible);
         let on_ineligible =
             self.choice(&item, v, &[("close", OnIneligible::Close), ("keep", OnIneligible::Keep)], OnIneligible::Close);
-        let (item, v) = inherit("on_lag", l.on_lag, &d.on_lag);
+        let (item, v) = inherit("on_lag", l.on_lag, |d| &d.on_lag);
         let on_lag = self.choice(&item, v, &[("keep", OnLag::Keep), ("close", OnLag::Close)], OnLag::Keep);
-        let (item, v) = inherit("hold_timeout", l.hold_timeout, &d.hold_timeout);
+        let (item, v) = inherit("hold_timeout", l.hold_timeout, |d| &d.hold_timeout);
         let hold_timeout = self.duration_or_zero(&item, v, Duration::from_secs(5));
-        let (item, v) = inherit("hold_max", l.hold_max, &d.hold_max);
+        let (item, v) = inherit("hold_max", l.hold_max, |d| &d.hold_max);
         let hold_max = self.limit(&item, v).unwrap_or(1000);
-        let (item, v) = inherit("max_lag_bytes", l.max_lag_bytes, &d.max_lag_bytes);
+        let (item, v) = inherit("max_lag_bytes", l.max_lag_bytes, |d| &d.max_lag_bytes);
         let max_lag_bytes = v.filter(|t| t.0 != "off").and_then(|t| self.bytes(&item, &t.0));
-        let (item, v) = inherit("max_lag_seconds", l.max_lag_seconds, &d.max_lag_seconds);
+        let (item, v) = inherit("max_lag_seconds", l.max_lag_seconds, |d| &d.max_lag_seconds);
         let max_lag_seconds = match v {
             Some(t) if t.0 == "off" => None,
             // The default keeps a replica that stopped following the
@@ -431,16 +612,16 @@ impl<'a> Validator<'a> {
             None => Some(DEFAULT_MAX_LAG_SECONDS),
             other => Some(self.duration(&item, other, DEFAULT_MAX_LAG_SECONDS)),
         };
-        let (item, v) = inherit("max_clients", l.max_clients, &d.max_clients);
+        let (item, v) = inherit("max_clients", l.max_clients, |d| &d.max_clients);
         let max_clients = self.limit(&item, v);
-        let (item, v) = inherit("queue_timeout", l.queue_timeout, &d.queue_timeout);
+        let (item, v) = inherit("queue_timeout", l.queue_timeout, |d| &d.queue_timeout);
         let queue_timeout = self.duration_or_zero(&item, v, Duration::from_secs(5));
-        let (item, v) = inherit("client_tcp_user_timeout", l.client_tcp_user_timeout, &d.client_tcp_user_timeout);
+        let (item, v) = inherit("client_tcp_user_timeout", l.client_tcp_user_timeout, |d| &d.client_tcp_user_timeout);
         let client_tcp_user_timeout = self.duration_or_zero(&item, v, DEFAULT_CLIENT_TCP_USER_TIMEOUT);
         let allow = self.allowlist(&at("allow"), l.allow.map(OneOrMany::into_vec).unwrap_or_default());
         let freebind = self.flag(&at("freebind"), l.freebind);
         let sni = self.server_names(&at("sni"), l.sni.map(OneOrMany::into_vec).unwrap_or_default());
-        self.unknown_keys(&format!("listeners[{i}]"), &l.other, LISTENER_KEYS);
+        self.unknown_keys(&format!("{prefix}listeners[{i}]"), &l.other, LISTENER_KEYS);
         ListenerConfig {
             name,
             listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -492,32 +673,33 @@ impl<'a> Validator<'a> {
         out
     }
 
-    /// Listeners that share an address are told apart by TLS server name:
-    /// each names its own (`sni`), at most one is the default, no name is
-    /// claimed twice, and what acts before the name is known agrees.
-    fn shared_addresses(&mut self, listeners: &[ListenerConfig]) {
+    /// Listeners that share an address (of one cluster or several) are told
+    /// apart by TLS server name: each names its own (`sni`), at most one is
+    /// the default, no name is claimed twice, and what acts before the name
+    /// is known agrees. `listeners`: each with its item path.
+    fn shared_addresses(&mut self, listeners: &[(String, &ListenerConfig)]) {
         let mut by_addr: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
-        for (i, l) in listeners.iter().enumerate() {
+        for (i, (_, l)) in listeners.iter().enumerate() {
             match by_addr.iter_mut().find(|(a, _)| *a == l.listen) {
                 Some((_, group)) => group.push(i),
                 None => by_addr.push((l.listen, vec![i])),
             }
         }
         for (addr, group) in by_addr.into_iter().filter(|(_, g)| g.len() > 1) {
-            let defaults: Vec<usize> = group.iter().copied().filter(|&i| listeners[i].sni.is_empty()).collect();
+            let defaults: Vec<usize> = group.iter().copied().filter(|&i| listeners[i].1.sni.is_empty()).collect();
             if defaults.len() > 1 {
                 self.problem(
-                    &format!("listeners[{}].listen", defaults[1]),
+                    &format!("{}.listen", listeners[defaults[1]].0),
                     format!(
-                        "address {addr} is already used by listeners[{}], and neither names server names (`sni`)",
-                        defaults[0]
+                        "address {addr} is already used by {}, and neither names server names (`sni`)",
+                        listeners[defaults[0]].0
                     ),
                     "give every listener its own address or port, or give all but one of those sharing it `sni: [name, ...]` (the one without is the default)",
                 );
             }
-            let first = &listeners[group[0]];
+            let (first_item, first) = &listeners[group[0]];
             for &i in &group[1..] {
-                let l = &listeners[i];
+                let (item, l) = &listeners[i];
                 let differs = [
                     ("allow", l.allow != first.allow),
                     ("freebind", l.freebind != first.freebind),
@@ -525,20 +707,20 @@ impl<'a> Validator<'a> {
                 ];
                 for (key, _) in differs.iter().filter(|(_, d)| *d) {
                     self.problem(
-                        &format!("listeners[{i}].{key}"),
+                        &format!("{item}.{key}"),
                         format!(
-                            "listeners[{i}] shares {addr} with listeners[{}] but sets another {key}: it acts before the server name is known",
-                            group[0]
+                            "{item} shares {addr} with {first_item} but sets another {key}: it acts before the server name is known"
                         ),
                         format!("give every listener on {addr} the same {key}"),
                     );
                 }
                 for name in &l.sni {
-                    if let Some(&j) = group.iter().take_while(|&&j| j != i).find(|&&j| listeners[j].sni.contains(name))
+                    if let Some(&j) =
+                        group.iter().take_while(|&&j| j != i).find(|&&j| listeners[j].1.sni.contains(name))
                     {
                         self.problem(
-                            &format!("listeners[{i}].sni"),
-                            format!("server name `{name}` on {addr} is already claimed by listeners[{j}]"),
+                            &format!("{item}.sni"),
+                            format!("server name `{name}` on {addr} is already claimed by {}", listeners[j].0),
                             "each server name goes to one listener of an address",
                         );
                     }
@@ -656,10 +838,10 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn backends(&mut self, raw: Vec<RawBackend>) -> Vec<BackendConfig> {
+    fn backends(&mut self, prefix: &str, raw: Vec<RawBackend>) -> Vec<BackendConfig> {
         if raw.is_empty() {
             self.problem(
-                "backends",
+                &format!("{prefix}backends"),
                 "no backends are configured".into(),
                 "add at least one backend, e.g. `- {name: pg1, address: 10.0.0.11:5432}`",
             );
@@ -668,13 +850,13 @@ impl<'a> Validator<'a> {
         let mut addrs = HashMap::new();
         let mut out = Vec::new();
         for (i, b) in raw.into_iter().enumerate() {
-            let at = |key: &str| format!("backends[{i}].{key}");
-            self.unknown_keys(&format!("backends[{i}]"), &b.other, BACKEND_KEYS);
+            let at = |key: &str| format!("{prefix}backends[{i}].{key}");
+            self.unknown_keys(&format!("{prefix}backends[{i}]"), &b.other, BACKEND_KEYS);
             let name = self.required(&at("name"), b.name, "a short name such as `pg1`");
             if let Some(prev) = names.insert(name.clone(), i) {
                 self.problem(
                     &at("name"),
-                    format!("duplicate backend name `{name}` (also backends[{prev}])"),
+                    format!("duplicate backend name `{name}` (also {prefix}backends[{prev}])"),
                     "give every backend a distinct name",
                 );
             }
@@ -684,7 +866,7 @@ impl<'a> Validator<'a> {
                 if let Some(prev) = addrs.insert((host.clone(), port), i) {
                     self.problem(
                         &at("address"),
-                        format!("address {address} is already used by backends[{prev}]"),
+                        format!("address {address} is already used by {prefix}backends[{prev}]"),
                         "list every server once",
                     );
                 }

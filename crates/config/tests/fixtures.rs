@@ -58,7 +58,7 @@ fn secrets_do_not_print() {
     let text = "health:\n  password: hunter2\nlisteners:\n  - {name: rw, listen: 127.0.0.1:1, role: primary}\nbackends:\n  - {name: a, address: 127.0.0.1:2}\n";
     let config = pglb_config::load_str(Path::new("x.yaml"), text).expect("valid");
     assert!(!format!("{config:?}").contains("hunter2"));
-    let password = config.health.password.as_ref().and_then(|s| s.read().ok());
+    let password = config.clusters[0].health.password.as_ref().and_then(|s| s.read().ok());
     assert_eq!(password.as_ref().map(|s| s.expose()), Some("hunter2"));
 }
 
@@ -78,4 +78,26 @@ fn all_problems_at_once_with_suggestions() {
     for rust in ["u32", "invalid type", "expected struct", "unknown field"] {
         assert!(!text.contains(rust), "`{rust}` in:\n{text}");
     }
+}
+
+/// Clusters inherit the top level key by key, their own values win, and
+/// the single-cluster form is one cluster named `default`.
+#[test]
+fn clusters_inherit_the_top_level() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid");
+    let config = pglb_config::load_file(&dir.join("clusters.yaml")).expect("valid");
+    let names: Vec<&str> = config.clusters.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["orders", "billing_eu"]);
+    let (orders, billing) = (&config.clusters[0], &config.clusters[1]);
+    assert_eq!(orders.health.interval, std::time::Duration::from_secs(1));
+    assert_eq!(billing.health.interval, std::time::Duration::from_secs(2), "a cluster's own health wins");
+    assert_eq!((orders.health.user.as_str(), billing.health.user.as_str()), ("pglb_check", "billing_check"));
+    assert_eq!(orders.listeners[0].hold_timeout, std::time::Duration::from_secs(5), "top-level defaults");
+    assert_eq!(billing.listeners[0].hold_timeout, std::time::Duration::from_secs(10), "the cluster's defaults");
+    assert_eq!(orders.system_identifier, Some(7_301_234_567_890_123_456));
+    assert_eq!(billing.system_identifier, None);
+    assert!(!config.implicit() && !orders.implicit);
+    let single = pglb_config::load_file(&dir.join("minimal.yaml")).expect("valid");
+    assert!(single.implicit());
+    assert_eq!(single.clusters[0].name, pglb_config::DEFAULT_CLUSTER);
 }

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use pglb_config::{Config, Role};
+use pglb_config::{Cluster, Role};
 use pglb_routing::{
     ActionError, AdminState, CheckError, Event, FailureKind, FenceChange, GateChange, Health, Observation,
     RoutingTable, SavedState, Transition,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::state_file::Update;
 use crate::table_metrics::export_table;
 
 /// Work for the topology task.
@@ -26,8 +27,8 @@ pub enum Command {
     Admin { backend: String, state: AdminState, reply: oneshot::Sender<Result<(), ActionError>> },
     /// An operator clears a fence.
     Unfence { backend: String, reply: oneshot::Sender<Result<bool, ActionError>> },
-    /// A reload: the next config (already validated).
-    Reconfigure { config: Arc<Config>, reply: oneshot::Sender<()> },
+    /// A reload changed this cluster: its next config (already validated).
+    Reconfigure { config: Arc<Cluster>, reply: oneshot::Sender<()> },
     /// The safety state now, for a new process taking over. With
     /// `hand_over`, this process stops writing the state file (the new one
     /// owns it from here) until [`Command::KeepSaving`].
@@ -43,6 +44,8 @@ pub enum Command {
 /// Handles the rest of pglb holds on the topology task.
 #[derive(Clone)]
 pub struct TopologyHandle {
+    /// The cluster's name (fixed for the task's life).
+    pub cluster: Arc<str>,
     /// What was restored at start, one line each (for /status), and from
     /// where: `state_file`, or `upgrade` (the process this one took over
     /// from); `None` when there was nowhere to restore from (no state file).
@@ -56,50 +59,57 @@ pub struct TopologyHandle {
     pub fast_until: watch::Receiver<Instant>,
 }
 
-/// The task's state.
+/// The task's state: one cluster's.
 pub struct Publisher {
+    cluster: Arc<str>,
     topology: pglb_routing::Topology,
     table: Arc<ArcSwap<RoutingTable>>,
     generation: watch::Sender<u64>,
     fast_until: watch::Sender<Instant>,
     /// The state file's writer and what it was last sent.
-    saver: Option<(std::sync::mpsc::Sender<SavedState>, SavedState)>,
+    saver: Option<(std::sync::mpsc::Sender<Update>, SavedState)>,
     /// Set once the state was handed to a new process: no more writes.
     handed_over: bool,
 }
 
 /// Where the state restored at start comes from.
 pub enum Origin {
-    /// The state file, if the config names one.
-    StateFile,
+    /// Nowhere: the config names no state file.
+    Nothing,
+    /// The state file's entry for this cluster (`None`: it has none).
+    StateFile(Option<SavedState>),
     /// The running pglb this process takes over from (its in-memory state).
     HandedOver(SavedState),
 }
 
 impl Publisher {
-    /// A publisher for `config` and the handle to reach it.
-    pub fn new(config: Arc<Config>, origin: Origin) -> (Self, TopologyHandle, mpsc::Receiver<Command>) {
-        let state_file = config.state_file.clone();
-        let mut topology = pglb_routing::Topology::new(config);
+    /// A publisher for `cluster` and the handle to reach it; `saver`: the
+    /// state file's writer, if there is a state file.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        origin: Origin,
+        saver: Option<std::sync::mpsc::Sender<Update>>,
+    ) -> (Self, TopologyHandle, mpsc::Receiver<Command>) {
+        let name: Arc<str> = cluster.name.as_str().into();
+        let mut topology = pglb_routing::Topology::new(cluster);
         // A process taking over writes the state file only once it serves
         // (Command::KeepSaving); until then the running one owns it.
         let (restored, handed_over, restored_from) = match origin {
             Origin::HandedOver(saved) => {
-                (restore_handed(&mut topology, &SavedState::default(), saved), true, Some("upgrade"))
+                (restore_handed(&name, &mut topology, &SavedState::default(), saved), true, Some("upgrade"))
             }
-            Origin::StateFile => match state_file.as_deref() {
-                Some(path) => (restore(&mut topology, path), false, Some("state_file")),
-                None => (Vec::new(), false, None),
-            },
+            Origin::StateFile(saved) => (restore(&name, &mut topology, saved), false, Some("state_file")),
+            Origin::Nothing => (Vec::new(), false, None),
         };
-        let saver = state_file.map(|path| (crate::state_file::spawn_writer(path), topology.saved()));
+        let saver = saver.map(|writer| (writer, topology.saved()));
         let (table, _) = topology.table();
-        export_table(&table);
+        export_table(&name, &table);
         let (generation_tx, generation_rx) = watch::channel(table.generation);
         let (fast_tx, fast_rx) = watch::channel(Instant::now());
         let (tx, rx) = mpsc::channel(1024);
         let table = Arc::new(ArcSwap::from_pointee(table));
         let handle = TopologyHandle {
+            cluster: name.clone(),
             restored: Arc::new(restored),
             restored_from,
             commands: tx,
@@ -107,7 +117,8 @@ impl Publisher {
             generation: generation_rx,
             fast_until: fast_rx,
         };
-        let publisher = Self { topology, table, generation: generation_tx, fast_until: fast_tx, saver, handed_over };
+        let publisher =
+            Self { cluster: name, topology, table, generation: generation_tx, fast_until: fast_tx, saver, handed_over };
         (publisher, handle, rx)
     }
 
@@ -122,7 +133,11 @@ impl Publisher {
         let events = match command {
             Command::Report { backend, observation, at } => {
                 if let Some(class) = observation.failure() {
-                    let labels = [("backend", backend.clone()), ("class", class.as_str().to_owned())];
+                    let labels = [
+                        ("cluster", self.cluster.to_string()),
+                        ("backend", backend.clone()),
+                        ("class", class.as_str().to_owned()),
+                    ];
                     metrics::counter!("pglb_health_check_failures_total", &labels).increment(1);
                 }
                 self.topology.observe(&backend, observation, at)
@@ -161,12 +176,12 @@ impl Publisher {
                 self.handed_over = false;
                 if let Some((writer, last)) = &mut self.saver {
                     *last = self.topology.saved();
-                    let _ = writer.send(last.clone());
+                    let _ = writer.send(Update::Cluster(self.cluster.to_string(), last.clone()));
                 }
                 return;
             }
             Command::Restore { saved, over, reply } => {
-                let notes = restore_handed(&mut self.topology, &over, saved);
+                let notes = restore_handed(&self.cluster, &mut self.topology, &over, saved);
                 self.publish(Vec::new());
                 let _ = reply.send(notes);
                 return;
@@ -178,10 +193,12 @@ impl Publisher {
     fn publish(&mut self, mut events: Vec<Event>) {
         let (table, more) = self.topology.table();
         events.extend(more);
+        let span = tracing::info_span!("cluster", cluster = %self.cluster);
+        let _in = span.enter();
         for event in &events {
             log_event(event);
         }
-        export_table(&table);
+        export_table(&self.cluster, &table);
         let changed = table.generation != *self.generation.borrow();
         let unsettled = table.listeners.iter().any(|l| l.config.role == Role::Primary && l.eligible.is_empty());
         if changed || unsettled || !events.is_empty() {
@@ -202,7 +219,7 @@ impl Publisher {
         if let Some((writer, last)) = self.saver.as_mut().filter(|_| !self.handed_over) {
             let now = self.topology.saved();
             if now != *last {
-                let _ = writer.send(now.clone());
+                let _ = writer.send(Update::Cluster(self.cluster.to_string(), now.clone()));
                 *last = now;
             }
         }
@@ -267,33 +284,27 @@ fn log_event(event: &Event) {
 }
 
 /// Applies the state handed over by the running pglb; returns what was restored.
-fn restore_handed(topology: &mut pglb_routing::Topology, over: &SavedState, saved: SavedState) -> Vec<String> {
+fn restore_handed(
+    cluster: &str,
+    topology: &mut pglb_routing::Topology,
+    over: &SavedState,
+    saved: SavedState,
+) -> Vec<String> {
     let notes = topology.restore_over(over, saved);
     for note in &notes {
-        tracing::warn!("restored from the running pglb: {note}");
+        tracing::warn!(cluster, "restored from the running pglb: {note}");
     }
     notes
 }
 
-/// Reads the state file and applies it; returns what was restored.
-fn restore(topology: &mut pglb_routing::Topology, path: &std::path::Path) -> Vec<String> {
-    match crate::state_file::read(path) {
-        Ok(None) => {
-            tracing::info!(path = %path.display(), "no state file yet: nothing to restore");
-            Vec::new()
-        }
-        Ok(Some(saved)) => {
-            let notes = topology.restore(saved);
-            for note in &notes {
-                tracing::warn!(path = %path.display(), "restored from the state file: {note}");
-            }
-            notes
-        }
-        Err(why) => {
-            tracing::error!(path = %path.display(), "the state file is unusable ({why}): ignored; it is rewritten at the next change");
-            Vec::new()
-        }
+/// Applies the state file's entry for the cluster; returns what was restored.
+fn restore(cluster: &str, topology: &mut pglb_routing::Topology, saved: Option<SavedState>) -> Vec<String> {
+    let Some(saved) = saved else { return Vec::new() };
+    let notes = topology.restore(saved);
+    for note in &notes {
+        tracing::warn!(cluster, "restored from the state file: {note}");
     }
+    notes
 }
 
 /// One line per state change, saying what pglb now does about it.

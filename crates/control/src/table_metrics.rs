@@ -39,45 +39,60 @@ pub fn describe_metrics() {
         "1 while the backend's system identifier ties with another's and none is pinned or saved (identity unsettled: nothing is routed), else 0."
     );
     describe_gauge!("pglb_listener_eligible_backends", "Backends the listener may use now.");
+    describe_gauge!(
+        "pglb_routing_generation",
+        "The cluster's routing generation: moves each time its routing table changes what clients may be routed to (a failover, fence, admin action or reload of that cluster), and only then."
+    );
 }
 
 /// Sets every per-backend and per-listener gauge from `table`.
-pub fn export_table(table: &RoutingTable) {
+pub fn export_table(cluster: &str, table: &RoutingTable) {
+    let cluster = cluster.to_owned();
     for b in &table.backends {
         let name = b.config.name.clone();
-        metrics::gauge!("pglb_backend_up", "backend" => name.clone()).set(f64::from(u8::from(b.state.up)));
+        metrics::gauge!("pglb_backend_up", "cluster" => cluster.clone(), "backend" => name.clone())
+            .set(f64::from(u8::from(b.state.up)));
         let health = b.state.health();
         for state in Health::ALL {
             let value = f64::from(u8::from(health == state));
-            metrics::gauge!("pglb_backend_state", "backend" => name.clone(), "state" => state.as_str()).set(value);
+            metrics::gauge!("pglb_backend_state", "cluster" => cluster.clone(), "backend" => name.clone(), "state" => state.as_str()).set(value);
         }
         for role in ObservedRole::ALL {
             let value = f64::from(u8::from(b.role == role));
-            metrics::gauge!("pglb_backend_role", "backend" => name.clone(), "role" => role.as_str()).set(value);
+            metrics::gauge!("pglb_backend_role", "cluster" => cluster.clone(), "backend" => name.clone(), "role" => role.as_str()).set(value);
         }
         for state in AdminState::ALL {
             let value = f64::from(u8::from(b.admin == state));
-            metrics::gauge!("pglb_backend_admin_state", "backend" => name.clone(), "state" => state.as_str())
+            metrics::gauge!("pglb_backend_admin_state", "cluster" => cluster.clone(), "backend" => name.clone(), "state" => state.as_str())
                 .set(value);
         }
-        metrics::gauge!("pglb_backend_fenced", "backend" => name.clone()).set(f64::from(u8::from(b.fenced.is_some())));
+        metrics::gauge!("pglb_backend_fenced", "cluster" => cluster.clone(), "backend" => name.clone())
+            .set(f64::from(u8::from(b.fenced.is_some())));
         let in_doubt = table.identity.in_doubt.iter().any(|(d, _)| *d == name);
-        metrics::gauge!("pglb_backend_identity_in_doubt", "backend" => name.clone()).set(f64::from(u8::from(in_doubt)));
-        metrics::gauge!("pglb_backend_replication_lag_bytes", "backend" => name.clone())
+        metrics::gauge!("pglb_backend_identity_in_doubt", "cluster" => cluster.clone(), "backend" => name.clone())
+            .set(f64::from(u8::from(in_doubt)));
+        metrics::gauge!("pglb_backend_replication_lag_bytes", "cluster" => cluster.clone(), "backend" => name.clone())
             .set(b.lag.bytes.unwrap_or(0) as f64);
-        metrics::gauge!("pglb_backend_replication_lag_seconds", "backend" => name.clone())
+        metrics::gauge!("pglb_backend_replication_lag_seconds", "cluster" => cluster.clone(), "backend" => name.clone())
             .set(b.lag.seconds.unwrap_or(0.0));
         let limit = b.config.max_connections.unwrap_or(0) as f64;
-        metrics::gauge!("pglb_backend_max_connections", "backend" => name.clone()).set(limit);
+        metrics::gauge!("pglb_backend_max_connections", "cluster" => cluster.clone(), "backend" => name.clone())
+            .set(limit);
         for class in FailureClass::ALL {
-            metrics::counter!("pglb_health_check_failures_total", "backend" => name.clone(), "class" => class.as_str())
+            metrics::counter!("pglb_health_check_failures_total", "cluster" => cluster.clone(), "backend" => name.clone(), "class" => class.as_str())
                 .increment(0);
         }
-        let _ = metrics::histogram!("pglb_health_check_duration_seconds", "backend" => name);
+        let _ =
+            metrics::histogram!("pglb_health_check_duration_seconds", "cluster" => cluster.clone(), "backend" => name);
     }
-    metrics::gauge!("pglb_split_brain").set(f64::from(u8::from(table.split_brain)));
+    metrics::gauge!("pglb_split_brain", "cluster" => cluster.clone()).set(f64::from(u8::from(table.split_brain)));
+    metrics::gauge!("pglb_routing_generation", "cluster" => cluster.clone()).set(table.generation as f64);
     for l in &table.listeners {
-        let labels = [("listener", l.config.name.clone()), ("role", l.config.role.as_str().to_owned())];
+        let labels = [
+            ("cluster", cluster.clone()),
+            ("listener", l.config.name.clone()),
+            ("role", l.config.role.as_str().to_owned()),
+        ];
         metrics::gauge!("pglb_listener_eligible_backends", &labels).set(l.eligible.len() as f64);
     }
 }

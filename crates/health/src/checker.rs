@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pglb_config::{BackendConfig, Config};
+use pglb_config::{BackendConfig, Cluster};
 use pglb_routing::Observation;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -36,14 +36,15 @@ const REPLACE_EVERY: Duration = Duration::from_secs(60);
 /// fires. `fast_until` says until when checks run at `fast_interval`.
 pub fn spawn_checker(
     runtime: &tokio::runtime::Handle,
-    config: Arc<Config>,
+    config: Arc<Cluster>,
     backend: BackendConfig,
     tls: MakeRustlsConnect,
     commands: mpsc::Sender<Command>,
     fast_until: watch::Receiver<Instant>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
-    let duration = metrics::histogram!("pglb_health_check_duration_seconds", "backend" => backend.name.clone());
+    let labels = [("cluster", config.name.clone()), ("backend", backend.name.clone())];
+    let duration = metrics::histogram!("pglb_health_check_duration_seconds", &labels);
     let now = Instant::now();
     let checker = Checker {
         config,
@@ -71,7 +72,7 @@ struct InFlight {
 }
 
 struct Checker {
-    config: Arc<Config>,
+    config: Arc<Cluster>,
     backend: BackendConfig,
     tls: MakeRustlsConnect,
     commands: mpsc::Sender<Command>,

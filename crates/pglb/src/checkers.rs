@@ -1,9 +1,9 @@
-//! The running checker tasks, one per backend, restartable per backend on
+//! The running checker tasks of one cluster, one per backend, restartable per backend on
 //! reload.
 
 use std::sync::Arc;
 
-use pglb_config::{BackendConfig, Config};
+use pglb_config::{BackendConfig, Cluster};
 use pglb_control::TopologyHandle;
 use tokio::task::JoinHandle;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -17,7 +17,7 @@ struct Running {
 
 pub struct Checkers {
     runtime: tokio::runtime::Handle,
-    config: Arc<Config>,
+    config: Arc<Cluster>,
     tls: MakeRustlsConnect,
     running: Vec<Running>,
 }
@@ -26,7 +26,7 @@ impl Checkers {
     /// Starts one checker per backend on `runtime`.
     pub fn start(
         runtime: tokio::runtime::Handle,
-        config: Arc<Config>,
+        config: Arc<Cluster>,
         tls: MakeRustlsConnect,
         topology: &TopologyHandle,
     ) -> Self {
@@ -54,7 +54,7 @@ impl Checkers {
     /// Stops the checkers of backends that `next` removes or changes (or all,
     /// if health settings change) and waits until they are gone, so no stale
     /// report can follow the reconfiguration.
-    pub async fn stop_changed(&mut self, next: &Config) {
+    pub async fn stop_changed(&mut self, next: &Cluster) {
         let restart_all = next.health != self.config.health;
         let (stay, go): (Vec<Running>, Vec<Running>) = std::mem::take(&mut self.running)
             .into_iter()
@@ -67,7 +67,7 @@ impl Checkers {
     }
 
     /// Starts checkers for every backend of `next` that has none.
-    pub fn start_missing(&mut self, next: Arc<Config>, tls: MakeRustlsConnect, topology: &TopologyHandle) {
+    pub fn start_missing(&mut self, next: Arc<Cluster>, tls: MakeRustlsConnect, topology: &TopologyHandle) {
         self.config = next.clone();
         self.tls = tls;
         for backend in &next.backends {

@@ -14,6 +14,7 @@ usage:
   pglb disable BACKEND                no new sessions on BACKEND; open ones are closed
   pglb enable BACKEND                 undo drain/disable
   pglb unfence BACKEND                clear BACKEND's fence
+                                      (BACKEND: `cluster/name`, or `name` where one cluster has it)
   pglb upgrade                        start the (replaced) binary anew; it takes over the sockets
                                       and state with no connection refused; the old process
                                       finishes its sessions and exits
@@ -27,7 +28,7 @@ source; --token-file FILE or $PGLB_ADMIN_TOKEN override the token.
 
 exit codes of the control commands: 0 done; 1 pglb refused the action or answered
 unexpectedly (message says why); 2 usage or config problem; 3 pglb is not running
-(admin endpoint unreachable); 4 token missing or wrong; 5 no such backend.
+(admin endpoint unreachable); 4 token missing or wrong; 5 no such backend; 6 no such cluster.
 
 signals: SIGHUP reloads the config (a bad one is rejected whole, the old one keeps serving);
          SIGUSR2 upgrades, like `pglb upgrade` (the outcome is in the log);

@@ -67,7 +67,8 @@ fn port_free(port: u16) -> bool {
 }
 
 fn print_welcome(cluster: &Cluster, config: &pglb_config::Config, path: &std::path::Path) {
-    let port_of = |name: &str| config.listeners.iter().find(|l| l.name == name).map(|l| l.listen.port()).unwrap_or(0);
+    let port_of =
+        |name: &str| config.listeners().find(|(_, l)| l.name == name).map(|(_, l)| l.listen.port()).unwrap_or(0);
     let bin = pglb_cluster::pg_bin();
     let primary = cluster.primary();
     let standby = &cluster.nodes[1];

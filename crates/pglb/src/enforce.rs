@@ -1,6 +1,8 @@
 //! Closes sessions whose backend may no longer serve their listener, each
-//! time routing changes, for every listener context (including those a
-//! reload replaced, while they still have sessions).
+//! time the cluster's routing changes, for every listener context of that
+//! cluster (including those a reload replaced, while they still have
+//! sessions). One task per cluster: a change in one never judges another's
+//! sessions.
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn run(contexts: Arc<Contexts>, topology: TopologyHandle, stop: CancellationToken) {
     let mut generation = topology.generation.clone();
     loop {
-        contexts.enforce(&topology.table.load_full());
+        contexts.enforce(&topology.cluster, &topology.table.load_full());
         contexts.prune();
         tokio::select! {
             _ = stop.cancelled() => return,

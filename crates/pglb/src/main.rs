@@ -3,6 +3,7 @@
 
 mod checkers;
 mod cli;
+mod clusters;
 mod ctl;
 mod data_path;
 #[cfg(feature = "demo")]

@@ -1,29 +1,34 @@
 //! SIGHUP: re-read the config and apply it atomically, or reject it whole.
 //!
 //! Order matters: (1) parse and validate; (2) bind every new listener and
-//! build the checks' TLS connector (a port in use or an unusable CA file
-//! rejects the reload: nothing has changed yet); (3) stop checkers of
-//! removed or changed backends and wait for them; (4) reconfigure the
-//! topology (states of unchanged backends carry over: no flap), which
-//! publishes the next table; (5) give kept sockets a context for the new
-//! config, open new listeners, stop removed ones (their sessions end per
-//! `on_ineligible`); (6) start the missing checkers. Nothing after (2) can
-//! fail but the topology task being gone (pglb is stopping); success is
-//! recorded only once all of it is done.
+//! build the checks' TLS connectors of new and changed clusters (a port in
+//! use or an unusable CA file rejects the reload: nothing has changed
+//! yet); (3) per cluster: a removed one stops its checks and its sessions
+//! end per `on_ineligible`; a changed one stops checkers of removed or
+//! changed backends and waits for them, reconfigures its topology (states
+//! of unchanged backends carry over: no flap), which publishes its next
+//! table, and starts the missing checkers; a new one starts; an untouched
+//! one is not touched at all (no table published, no check connection
+//! replaced, its listeners keep their contexts); (4) give kept sockets
+//! their listeners, open new listeners, stop removed ones. Nothing after
+//! (2) can fail but a topology task being gone (pglb is stopping); success
+//! is recorded only once all of it is done.
 
 use std::path::Path;
 
-use anyhow::Context;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::collections::HashMap;
+
 use pglb_admin::{LiveConfig, Reload};
-use pglb_config::Config;
-use pglb_control::Command;
+use pglb_config::{Cluster, Config};
+use pglb_control::state_file::Update;
+use pglb_control::Origin;
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::clusters::ClusterRun;
 use crate::run::{bind_listeners, Server};
 
 /// SHA-256 of the file, hex (or empty if unreadable).
@@ -59,8 +64,9 @@ impl Server {
                     last_reload: Some(Reload { at: SystemTime::now(), error: None }),
                 }));
                 tracing::info!(
-                    listeners = self.config.listeners.len(),
-                    backends = self.config.backends.len(),
+                    clusters = self.config.clusters.len(),
+                    listeners = self.config.listeners().count(),
+                    backends = self.config.backend_count(),
                     "config reloaded"
                 );
             }
@@ -94,11 +100,19 @@ impl Server {
         self.compatible(&next)?;
         let kept: Vec<_> = self.listeners.iter().map(|l| l.addr).collect();
         let prepared = bind_listeners(&next, &kept, None).and_then(|sockets| {
-            let tls = pglb_health::make_tls(next.health.sslrootcert.as_deref()).context("health.sslrootcert")?;
+            let mut tls = HashMap::new();
+            for cluster in next.clusters.iter().filter(|c| self.current(&c.name).is_none_or(|now| now != *c)) {
+                tls.insert(cluster.name.clone(), crate::clusters::tls_for(cluster)?);
+            }
             Ok((sockets, tls))
         });
         let (sockets, tls) = prepared.map_err(|err| format!("{err:#}"))?;
         self.apply(next, sockets, tls).await.map_err(|err| format!("failed while applying: {err}"))
+    }
+
+    /// The running config of cluster `name`.
+    fn current(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.iter().find(|c| c.config.name == name).map(|c| &c.config)
     }
 
     /// Settings that cannot change in place.
@@ -115,9 +129,6 @@ impl Server {
         if next.state_file != self.config.state_file {
             return Err("state_file changed: it is read at start only; restart pglb to move it".into());
         }
-        if next.health.sslrootcert != self.config.health.sslrootcert {
-            return Err("health.sslrootcert changed: restart pglb to load another CA".into());
-        }
         Ok(())
     }
 
@@ -126,7 +137,7 @@ impl Server {
         &mut self,
         next: Arc<Config>,
         sockets: Vec<(std::net::SocketAddr, tokio::net::TcpListener)>,
-        tls: MakeRustlsConnect,
+        mut tls: HashMap<String, MakeRustlsConnect>,
     ) -> anyhow::Result<()> {
         // Before anything changes: a forwarder that cannot be had fails the reload.
         let data_path = if next.forwarder != self.config.forwarder {
@@ -134,24 +145,79 @@ impl Server {
         } else {
             None
         };
-        self.checkers.stop_changed(&next).await;
-        let (tx, rx) = oneshot::channel();
-        if self.topology.commands.send(Command::Reconfigure { config: next.clone(), reply: tx }).await.is_err()
-            || rx.await.is_err()
-        {
-            anyhow::bail!("the topology task is gone (pglb is stopping)");
+        let mut running: Vec<ClusterRun> = Vec::new();
+        for cluster in std::mem::take(&mut self.clusters) {
+            if next.cluster(&cluster.config.name).is_some() {
+                running.push(cluster);
+                continue;
+            }
+            let name = cluster.config.name.clone();
+            cluster.remove(&self.contexts).await;
+            if let Some(saver) = &self.saver {
+                let _ = saver.send(Update::Forget(name));
+            }
+        }
+        // Clusters whose listeners get new contexts.
+        let mut changed: Vec<String> = Vec::new();
+        for config in &next.clusters {
+            let tls = tls.remove(&config.name);
+            match (running.iter().position(|c| c.config.name == config.name), tls) {
+                (Some(at), Some(tls)) => {
+                    let mut cluster = running.swap_remove(at);
+                    cluster.reconfigure(config.clone(), tls).await?;
+                    tracing::info!(cluster = %config.name, "cluster reconfigured");
+                    changed.push(config.name.clone());
+                    self.clusters.push(cluster);
+                }
+                // Untouched: not reconfigured, nothing republished.
+                (Some(at), None) => self.clusters.push(running.swap_remove(at)),
+                (None, tls) => {
+                    let tls = match tls {
+                        Some(tls) => tls,
+                        None => crate::clusters::tls_for(config)?,
+                    };
+                    let origin = match &self.saver {
+                        Some(_) => Origin::StateFile(None),
+                        None => Origin::Nothing,
+                    };
+                    let cluster = ClusterRun::start(
+                        config.clone(),
+                        origin,
+                        self.saver.clone(),
+                        tls,
+                        &self.control.handle,
+                        &self.common,
+                        self.contexts.clone(),
+                    );
+                    tracing::info!(cluster = %config.name, backends = config.backends.len(), "cluster added");
+                    changed.push(config.name.clone());
+                    self.clusters.push(cluster);
+                }
+            }
         }
         if let Some(path) = data_path {
-            self.shared.pipes = path.pipes;
-            self.shared.sockmap = path.sockmap;
+            self.common.pipes = path.pipes;
+            #[cfg(target_os = "linux")]
+            {
+                self.common.sockmap = path.sockmap;
+            }
+            for cluster in &mut self.clusters {
+                cluster.shared.pipes = self.common.pipes.clone();
+                #[cfg(target_os = "linux")]
+                {
+                    cluster.shared.sockmap = self.common.sockmap.clone();
+                }
+                changed.push(cluster.config.name.clone());
+            }
         }
-        let table = self.topology.table.load_full();
-        // Kept sockets: fresh contexts (new index, backends, limits, names).
+        self.admin.clusters.store(Arc::new(self.clusters.iter().map(|c| c.topology.clone()).collect()));
+        // Kept sockets: their listeners as the next config has them.
+        let addrs: Vec<std::net::SocketAddr> = next.listeners().map(|(_, l)| l.listen).collect();
         let mut removed = Vec::new();
         for live in std::mem::take(&mut self.listeners) {
-            if table.listeners.iter().any(|l| l.config.listen == live.addr) {
+            if addrs.contains(&live.addr) {
                 let previous = live.group.load_full();
-                live.group.store(Arc::new(self.group_for(live.addr, Some(&previous))));
+                live.group.store(Arc::new(self.group_for(live.addr, Some(&previous), &changed)));
                 self.listeners.push(live);
             } else {
                 removed.push(live);
@@ -166,13 +232,14 @@ impl Server {
         if next.limits != self.config.limits {
             let fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
             let (max_pending, per_source) = next.limits.resolve(fds);
-            self.shared.budget.set(max_pending, per_source);
+            self.common.budget.set(max_pending, per_source);
             tracing::info!(max_pending, max_pending_per_source = per_source, "pending budget changed (limits:)");
         }
-        self.checkers.start_missing(next.clone(), tls, &self.topology);
         self.config = next;
-        // Sessions of removed listeners and backends are judged now.
-        self.contexts.enforce(&table);
+        // Sessions of changed clusters' removed listeners and backends are judged now.
+        for cluster in self.clusters.iter().filter(|c| changed.contains(&c.config.name)) {
+            self.contexts.enforce(&cluster.config.name, &cluster.topology.table.load());
+        }
         Ok(())
     }
 }

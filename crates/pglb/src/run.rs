@@ -14,14 +14,13 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use pglb_admin::{AdminContext, LiveConfig, UpgradeRequest};
 use pglb_config::{Config, ConfigError};
-use pglb_control::{Publisher, TopologyHandle};
-use pglb_proxy::{AddressGroup, Contexts, ListenerContext, Shared};
+use pglb_proxy::{AddressGroup, Contexts, ListenerContext};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::checkers::Checkers;
+use crate::clusters::{ClusterRun, Common};
 use crate::signals::{Sig, Signals};
 use crate::systemd::{Heartbeat, Notifier};
 use crate::upgrade::new::Incoming;
@@ -35,11 +34,16 @@ pub fn check(path: &Path) -> ExitCode {
             for warning in &config.warnings {
                 eprintln!("{}: warning: {warning}", location(path, warning));
             }
+            let clusters = match config.clusters.len() {
+                _ if config.implicit() => String::new(),
+                1 => "1 cluster, ".to_owned(),
+                n => format!("{n} clusters, "),
+            };
             println!(
-                "{}: ok ({} listeners, {} backends{})",
+                "{}: ok ({clusters}{} listeners, {} backends{})",
                 path.display(),
-                config.listeners.len(),
-                config.backends.len(),
+                config.listeners().count(),
+                config.backend_count(),
                 match config.warnings.len() {
                     0 => String::new(),
                     1 => ", 1 warning".into(),
@@ -108,15 +112,18 @@ pub struct Live {
 pub struct Server {
     pub path: PathBuf,
     pub config: Arc<Config>,
-    pub topology: TopologyHandle,
-    pub shared: Shared,
+    /// The clusters served, in config order.
+    pub clusters: Vec<ClusterRun>,
+    /// What every cluster's listeners share.
+    pub common: Common,
+    /// The state file's writer (all clusters), if the config names one.
+    pub saver: Option<std::sync::mpsc::Sender<pglb_control::state_file::Update>>,
     pub listeners: Vec<Live>,
     /// Every listener context with sessions: what enforcement, reloads and
     /// shutdown act on.
     pub contexts: Arc<Contexts>,
     pub admin: Arc<AdminContext>,
     pub sessions: TaskTracker,
-    pub checkers: Checkers,
     /// Ends the admin endpoint and background tasks at the very end.
     pub background: CancellationToken,
     /// The health checkers' and topology's own thread.
@@ -236,34 +243,35 @@ impl Server {
         };
         let admin_fd = admin_socket.as_fd().try_clone_to_owned().context("cannot duplicate the admin socket")?;
         let sockets = bind_listeners(&config, &[], incoming.as_deref_mut())?;
-        let tls = pglb_health::make_tls(config.health.sslrootcert.as_deref()).context("health.sslrootcert")?;
+        let tls: Vec<_> = config.clusters.iter().map(|c| crate::clusters::tls_for(c)).collect::<anyhow::Result<_>>()?;
         let metrics = crate::telemetry::init_metrics()?;
-
-        let origin = match &incoming {
-            Some(incoming) => pglb_control::Origin::HandedOver(incoming.state.clone()),
-            None => pglb_control::Origin::StateFile,
-        };
-        let (publisher, topology, inbox) = Publisher::new(config.clone(), origin);
+        let (mut origins, saver) = crate::clusters::origins(&config, incoming.as_ref().map(|i| &i.state));
         let control = Control::start()?;
-        control.handle.spawn(publisher.run(inbox));
-        let checkers = Checkers::start(control.handle.clone(), config.clone(), tls, &topology);
         let mut loaded = crate::data_path::Loaded::default();
         let data_path = crate::data_path::choose(&config, &mut loaded)?;
         let fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
         let (max_pending, per_source) = config.limits.resolve(fds);
         tracing::info!(max_pending, max_pending_per_source = per_source, "pending budget (limits:)");
         let contexts = Arc::new(Contexts::default());
-        let shared = Shared {
-            table: topology.table.clone(),
-            generation: topology.generation.clone(),
-            capacity: Arc::new(pglb_proxy::Capacity::default()),
+        let common = Common {
             pipes: data_path.pipes,
+            #[cfg(target_os = "linux")]
             sockmap: data_path.sockmap,
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             budget: pglb_proxy::Budget::new(max_pending, per_source),
             contexts: Arc::downgrade(&contexts),
         };
+        let clusters: Vec<ClusterRun> = config
+            .clusters
+            .iter()
+            .zip(tls)
+            .map(|(cluster, tls)| {
+                let origin = origins.remove(&cluster.name).unwrap_or(pglb_control::Origin::Nothing);
+                let (saver, handle) = (saver.clone(), control.handle.clone());
+                ClusterRun::start(cluster.clone(), origin, saver, tls, &handle, &common, contexts.clone())
+            })
+            .collect();
         let live = LiveConfig {
             path: path.display().to_string(),
             hash: crate::reload::file_hash(&path),
@@ -273,7 +281,7 @@ impl Server {
         crate::reload::record_success(false);
         let (upgrade, upgrades) = mpsc::channel(1);
         let admin = Arc::new(AdminContext {
-            topology: topology.clone(),
+            clusters: ArcSwap::from_pointee(clusters.iter().map(|c| c.topology.clone()).collect()),
             metrics: metrics.clone(),
             draining: AtomicBool::new(false),
             data_path: contexts.clone(),
@@ -299,13 +307,13 @@ impl Server {
         let mut server = Server {
             path,
             config,
-            topology,
-            shared,
+            clusters,
+            common,
+            saver,
             listeners: Vec::new(),
             contexts,
             admin,
             sessions: TaskTracker::new(),
-            checkers,
             background,
             control,
             loaded,
@@ -317,8 +325,12 @@ impl Server {
             upgrades,
         };
         server.open_listeners(sockets)?;
-        tokio::spawn(crate::enforce::run(server.contexts.clone(), server.topology.clone(), server.background.clone()));
-        tracing::info!(admin = %server.config.admin.listen, backends = server.config.backends.len(), "pglb is running");
+        tracing::info!(
+            admin = %server.config.admin.listen,
+            clusters = server.clusters.len(),
+            backends = server.config.backend_count(),
+            "pglb is running"
+        );
         Ok(server)
     }
 
@@ -329,7 +341,7 @@ impl Server {
                 .as_fd()
                 .try_clone_to_owned()
                 .with_context(|| format!("cannot duplicate the socket of {addr}"))?;
-            let group = Arc::new(ArcSwap::from_pointee(self.group_for(addr, None)));
+            let group = Arc::new(ArcSwap::from_pointee(self.group_for(addr, None, &[])));
             let stop = CancellationToken::new();
             let gate = self.accepting.subscribe();
             tokio::spawn(pglb_proxy::serve(socket, group.clone(), self.sessions.clone(), stop.clone(), gate));
@@ -338,21 +350,40 @@ impl Server {
         Ok(())
     }
 
-    /// Fresh contexts for the listeners of the current table on `addr`
-    /// (sharing counters with `previous` ones of the same name), registered
-    /// for enforcement and the admin views.
-    pub fn group_for(&self, addr: std::net::SocketAddr, previous: Option<&AddressGroup>) -> AddressGroup {
-        let table = self.topology.table.load();
+    /// The contexts for the listeners of every cluster's current table on
+    /// `addr`, in config order: a listener of a cluster not in `changed`
+    /// keeps its context from `previous` (its sessions and counters, as if
+    /// nothing happened); others get a fresh one (sharing counters with the
+    /// `previous` one of the same cluster and name), registered for
+    /// enforcement and the admin views.
+    pub fn group_for(
+        &self,
+        addr: std::net::SocketAddr,
+        previous: Option<&AddressGroup>,
+        changed: &[String],
+    ) -> AddressGroup {
         let mut members = Vec::new();
-        for (index, route) in table.listeners.iter().enumerate().filter(|(_, l)| l.config.listen == addr) {
-            let l = &route.config;
-            let before = previous.and_then(|g| g.contexts().find(|c| c.name == l.name).cloned());
-            let ctx = Arc::new(ListenerContext::new(index, self.shared.clone(), before.as_deref()));
-            if before.is_none() {
-                tracing::info!(listener = %l.name, listen = %l.listen, role = l.role.as_str(), balance = l.balance.as_str(), sni = ?l.sni, "listening");
+        for cluster in &self.clusters {
+            let table = cluster.topology.table.load();
+            let here = table.listeners.iter().enumerate().filter(|(_, l)| l.config.listen == addr);
+            for (index, route) in here {
+                let l = &route.config;
+                let before = previous.and_then(|g| {
+                    g.contexts().find(|c| c.name == l.name && c.shared.cluster == cluster.topology.cluster).cloned()
+                });
+                let ctx = match before {
+                    Some(same) if !changed.contains(&cluster.config.name) => same,
+                    before => {
+                        let ctx = Arc::new(ListenerContext::new(index, cluster.shared.clone(), before.as_deref()));
+                        if before.is_none() {
+                            tracing::info!(cluster = %cluster.config.name, listener = %l.name, listen = %l.listen, role = l.role.as_str(), balance = l.balance.as_str(), sni = ?l.sni, "listening");
+                        }
+                        self.contexts.add(ctx.clone());
+                        ctx
+                    }
+                };
+                members.push((ctx, l.sni.clone()));
             }
-            self.contexts.add(ctx.clone());
-            members.push((ctx, l.sni.clone()));
         }
         AddressGroup::new(addr, members)
     }
@@ -361,10 +392,9 @@ impl Server {
     /// failed or timed out — so that READY=1 means "routing on evidence";
     /// bounded by twice (interval + timeout), and at least 5 s.
     async fn first_checks(&self) {
-        let health = &self.config.health;
-        let cap = ((health.interval + health.timeout) * 2).max(Duration::from_secs(5));
+        let cap = self.first_checks_within();
         let started = std::time::Instant::now();
-        while !self.topology.table.load().all_checked {
+        while !self.clusters.iter().all(|c| c.topology.table.load().all_checked) {
             if started.elapsed() > cap {
                 tracing::warn!(waited = ?cap, "not every backend's first check completed; reporting ready anyway");
                 return;
@@ -374,9 +404,16 @@ impl Server {
         tracing::info!(after = ?started.elapsed(), "first checks of every backend completed: ready");
     }
 
+    /// How long the first checks of every backend may take: twice the
+    /// slowest cluster's interval + timeout, and at least 5 s.
+    pub fn first_checks_within(&self) -> Duration {
+        let slowest = self.clusters.iter().map(|c| (c.config.health.interval + c.config.health.timeout) * 2).max();
+        slowest.unwrap_or_default().max(Duration::from_secs(5))
+    }
+
     /// The one-line status for systemd.
     fn summary(&self) -> String {
-        crate::systemd::summary(&self.topology.table.load(), self.contexts.open_sessions())
+        crate::systemd::summary(&self.admin.clusters.load(), self.contexts.open_sessions())
     }
 
     /// The watchdog (when systemd asks for one) fed by heartbeats of both
@@ -391,7 +428,7 @@ impl Server {
             tracing::info!(?period, "systemd watchdog enabled");
         }
         crate::systemd::test_stall(&data, &self.control.handle);
-        let (table, contexts, stop) = (self.topology.table.clone(), self.contexts.clone(), self.background.clone());
+        let (admin, contexts, stop) = (self.admin.clone(), self.contexts.clone(), self.background.clone());
         tokio::spawn(async move {
             let mut last = String::new();
             loop {
@@ -399,7 +436,7 @@ impl Server {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 }
-                let now = crate::systemd::summary(&table.load(), contexts.open_sessions());
+                let now = crate::systemd::summary(&admin.clusters.load(), contexts.open_sessions());
                 if now != last {
                     notifier.status(&now);
                     last = now;
@@ -418,7 +455,7 @@ pub fn bind_listeners(
     mut incoming: Option<&mut Incoming>,
 ) -> anyhow::Result<Vec<(std::net::SocketAddr, TcpListener)>> {
     let mut sockets: Vec<(std::net::SocketAddr, TcpListener)> = Vec::new();
-    for l in &config.listeners {
+    for (cluster, l) in config.listeners() {
         if keep.contains(&l.listen) || sockets.iter().any(|(a, _)| *a == l.listen) {
             continue;
         }
@@ -427,7 +464,8 @@ pub fn bind_listeners(
             continue;
         }
         let socket = pglb_proxy::bind(l.listen, l.freebind).with_context(|| {
-            format!("cannot bind listener `{}` to {} (is another pglb or server running there?)", l.name, l.listen)
+            let name = if cluster.implicit { l.name.clone() } else { format!("{}/{}", cluster.name, l.name) };
+            format!("cannot bind listener `{name}` to {} (is another pglb or server running there?)", l.listen)
         })?;
         sockets.push((l.listen, socket));
     }

@@ -33,7 +33,7 @@ impl Server {
         });
         let _drained = drained.drop_guard();
         self.admin.draining.store(true, Ordering::Relaxed);
-        self.shared.draining.cancel();
+        self.common.draining.cancel();
         let open = self.contexts.open_sessions();
         let timeout = self.config.shutdown_timeout;
         tracing::info!(sessions = open, timeout = ?timeout, "draining: new clients are refused; waiting for sessions to finish");
@@ -46,7 +46,7 @@ impl Server {
     /// the new process sends on `channel` meanwhile apply here too. A stop signal
     /// meanwhile closes what is left at once.
     pub(crate) async fn retire(mut self, signals: &mut Signals, pid: u32, channel: crate::upgrade::Channel) {
-        tokio::spawn(crate::upgrade::overlap_apply(channel, self.topology.commands.clone()));
+        tokio::spawn(crate::upgrade::overlap_apply(channel, self.admin.clusters.load_full()));
         for live in std::mem::take(&mut self.listeners) {
             live.stop.cancel();
         }
@@ -81,8 +81,10 @@ impl Server {
         for live in &self.listeners {
             live.stop.cancel();
         }
-        self.shared.hard_stop.cancel();
-        self.checkers.stop_all().await;
+        self.common.hard_stop.cancel();
+        for cluster in self.clusters {
+            cluster.stop().await;
+        }
         self.background.cancel();
         // The admin endpoint's last answers (an upgrade's outcome) go out.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.admin_task).await;

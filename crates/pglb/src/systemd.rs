@@ -130,8 +130,28 @@ fn barrier() -> std::io::Result<bool> {
     Ok(ready > 0)
 }
 
-/// The one-line `STATUS=`: the primary, healthy replicas, open sessions.
-pub fn summary(table: &RoutingTable, sessions: usize) -> String {
+/// The one-line `STATUS=`: one cluster's primary and healthy replicas, or
+/// for several how many have a primary (naming those without); open sessions.
+pub fn summary(clusters: &[pglb_control::TopologyHandle], sessions: usize) -> String {
+    let s = if sessions == 1 { "" } else { "s" };
+    if let [only] = clusters {
+        return format!("{}; {sessions} session{s}", cluster_summary(&only.table.load()));
+    }
+    let without: Vec<&str> = clusters
+        .iter()
+        .filter(|c| !c.table.load().backends.iter().any(|b| b.role == ObservedRole::Primary && b.serving()))
+        .map(|c| &*c.cluster)
+        .collect();
+    let n = clusters.len();
+    let missing = match without.as_slice() {
+        [] => String::new(),
+        some => format!(" (no primary: {})", some.join(", ")),
+    };
+    format!("{n} clusters, {} with a primary{missing}; {sessions} session{s}", n - without.len())
+}
+
+/// One cluster: its primary and how many replicas are healthy.
+fn cluster_summary(table: &RoutingTable) -> String {
     let primaries: Vec<&str> = table
         .backends
         .iter()
@@ -146,8 +166,7 @@ pub fn summary(table: &RoutingTable, sessions: usize) -> String {
         [one] => format!("primary {one}"),
         many => format!("primaries {}", many.join(", ")),
     };
-    let s = if sessions == 1 { "" } else { "s" };
-    format!("{primary}; {healthy}/{total} replicas healthy; {sessions} session{s}")
+    format!("{primary}; {healthy}/{total} replicas healthy")
 }
 
 /// When a runtime last ran a task: a runtime that stops running tasks (all

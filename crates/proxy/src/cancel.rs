@@ -49,24 +49,23 @@ pub async fn fan_out(ctx: &ListenerContext, request: &[u8], peer: SocketAddr) {
     // The target session came in on this address (a client cancels through
     // the address it connected to): only backends holding sessions opened
     // here can have it.
-    let here = ctx.shared.contexts.upgrade().map(|all| all.backends_at(ctx.listen));
-    let targets: Vec<(String, std::net::SocketAddr)> = {
-        let table = ctx.shared.table.load();
-        table
-            .backends
-            .iter()
-            .filter(|b| match &here {
-                Some(names) => names.contains(&b.config.name),
-                None => b.load.active() > 0,
-            })
-            .filter_map(|b| Some((b.config.name.clone(), b.checked_address()?)))
-            .collect()
+    let targets: Vec<(Arc<str>, String, std::net::SocketAddr)> = match ctx.shared.contexts.upgrade() {
+        Some(all) => all.backends_at(ctx.listen),
+        // No registry of contexts (a listener on its own): its cluster's
+        // backends that hold sessions.
+        None => {
+            let table = ctx.shared.table.load();
+            let busy = table.backends.iter().filter(|b| b.load.active() > 0);
+            busy.filter_map(|b| Some((ctx.shared.cluster.clone(), b.config.name.clone(), b.checked_address()?)))
+                .collect()
+        }
     };
     let request: Arc<[u8]> = request.into();
     let mut sends = tokio::task::JoinSet::new();
-    for (name, addr) in targets {
+    for (cluster, name, addr) in targets {
         let request = request.clone();
-        sends.spawn(async move {
+        let span = tracing::info_span!("cancel", cluster = %cluster);
+        let send = async move {
             let result = tokio::time::timeout(CANCEL_TIMEOUT, async {
                 let mut stream = connect(addr, CANCEL_TIMEOUT, CANCEL_TIMEOUT).await?;
                 stream.write_all(&request).await?;
@@ -78,7 +77,8 @@ pub async fn fan_out(ctx: &ListenerContext, request: &[u8], peer: SocketAddr) {
                 Ok(Err(err)) => tracing::warn!(backend = %name, error = %err, "cannot forward cancel request"),
                 Err(_) => tracing::warn!(backend = %name, "forwarding cancel request timed out"),
             }
-        });
+        };
+        sends.spawn(tracing::Instrument::instrument(send, span));
     }
     while sends.join_next().await.is_some() {}
 }

@@ -23,6 +23,7 @@ pub struct Contexts {
 /// One listener, as the admin endpoint shows it.
 #[derive(Debug, Clone)]
 pub struct ListenerView {
+    pub cluster: Arc<str>,
     pub name: String,
     pub listen: SocketAddr,
     pub held: usize,
@@ -33,6 +34,7 @@ pub struct ListenerView {
 /// One open session, as the admin endpoint shows it.
 #[derive(Debug, Clone)]
 pub struct SessionView {
+    pub cluster: Arc<str>,
     pub listener: String,
     pub client: SocketAddr,
     pub backend: String,
@@ -47,11 +49,11 @@ pub struct SessionView {
     pub forwarder: &'static str,
 }
 
-/// Names of the backends and listeners that hold sessions now.
+/// The backends and listeners that hold sessions now, as (cluster, name).
 #[derive(Debug, Clone, Default)]
 pub struct InUse {
-    pub backends: HashSet<String>,
-    pub listeners: HashSet<String>,
+    pub backends: HashSet<(Arc<str>, String)>,
+    pub listeners: HashSet<(Arc<str>, String)>,
 }
 
 impl Contexts {
@@ -64,10 +66,18 @@ impl Contexts {
         });
     }
 
-    /// Closes sessions whose backend may no longer serve their listener;
-    /// returns how many were closed.
-    pub fn enforce(&self, table: &RoutingTable) -> usize {
-        self.all.load().iter().map(|ctx| ctx.enforce(table)).sum()
+    /// Closes sessions of `cluster` whose backend may no longer serve their
+    /// listener in its `table`; returns how many were closed. Sessions of
+    /// other clusters are not looked at.
+    pub fn enforce(&self, cluster: &str, table: &RoutingTable) -> usize {
+        self.all.load().iter().filter(|ctx| &*ctx.shared.cluster == cluster).map(|ctx| ctx.enforce(table)).sum()
+    }
+
+    /// Closes every session of `cluster` for `reason` (a reload removed it).
+    pub fn close_cluster(&self, cluster: &str, reason: CloseReason) {
+        for ctx in self.all.load().iter().filter(|ctx| &*ctx.shared.cluster == cluster) {
+            ctx.registry.close_all(reason);
+        }
     }
 
     /// Closes every session for `reason`.
@@ -87,7 +97,7 @@ impl Contexts {
         self.all.rcu(|all| {
             let mut keep: Vec<Arc<ListenerContext>> = Vec::new();
             for (i, ctx) in all.iter().enumerate() {
-                let newer = all[i + 1..].iter().any(|c| c.listen == ctx.listen);
+                let newer = all[i + 1..].iter().any(|c| same_listener(c, ctx));
                 let removed = ctx.config().is_none();
                 if (!newer && !removed) || !ctx.registry.list().is_empty() {
                     keep.push(ctx.clone());
@@ -102,8 +112,9 @@ impl Contexts {
         let all = self.all.load();
         all.iter()
             .enumerate()
-            .filter(|(i, c)| !all[i + 1..].iter().any(|n| n.listen == c.listen))
+            .filter(|(i, c)| !all[i + 1..].iter().any(|n| same_listener(n, c)))
             .map(|(_, c)| ListenerView {
+                cluster: c.shared.cluster.clone(),
                 name: c.name.clone(),
                 listen: c.listen,
                 held: c.held(),
@@ -117,9 +128,10 @@ impl Contexts {
     pub fn session_views(&self) -> Vec<SessionView> {
         let all = self.all.load();
         all.iter()
-            .flat_map(|ctx| ctx.registry.list().into_iter().map(move |s| (ctx.name.clone(), s)))
-            .map(|(listener, s)| SessionView {
-                listener,
+            .flat_map(|ctx| ctx.registry.list().into_iter().map(move |s| (ctx, s)))
+            .map(|(ctx, s)| SessionView {
+                cluster: ctx.shared.cluster.clone(),
+                listener: ctx.name.clone(),
                 client: s.client,
                 backend: s.backend.clone(),
                 backend_local_port: s.backend_local_port,
@@ -134,13 +146,27 @@ impl Contexts {
     }
 
     /// The backends holding sessions that clients opened on `listen` (any
-    /// listener there, current or replaced by a reload).
-    pub fn backends_at(&self, listen: SocketAddr) -> HashSet<String> {
-        let mut backends = HashSet::new();
+    /// listener there, of any cluster, current or replaced by a reload), as
+    /// each listener's cluster last checked them: cluster, name and address.
+    pub fn backends_at(&self, listen: SocketAddr) -> Vec<(Arc<str>, String, SocketAddr)> {
+        let mut targets: Vec<(Arc<str>, String, SocketAddr)> = Vec::new();
         for ctx in self.all.load().iter().filter(|c| c.listen == listen) {
-            ctx.registry.backends_into(&mut backends);
+            let mut names = HashSet::new();
+            ctx.registry.backends_into(&mut names);
+            if names.is_empty() {
+                continue;
+            }
+            let table = ctx.shared.table.load();
+            for b in table.backends.iter().filter(|b| names.contains(&b.config.name)) {
+                match b.checked_address() {
+                    Some(addr) if !targets.iter().any(|(_, _, a)| *a == addr) => {
+                        targets.push((ctx.shared.cluster.clone(), b.config.name.clone(), addr))
+                    }
+                    _ => {}
+                }
+            }
         }
-        backends
+        targets
     }
 
     /// The backends and listeners that hold sessions now (no per-session copy).
@@ -149,14 +175,17 @@ impl Contexts {
         for ctx in self.all.load().iter() {
             let sessions = ctx.registry.list();
             if !sessions.is_empty() {
-                used.listeners.insert(ctx.name.clone());
+                used.listeners.insert((ctx.shared.cluster.clone(), ctx.name.clone()));
             }
             for s in sessions {
-                if !used.backends.contains(&s.backend) {
-                    used.backends.insert(s.backend.clone());
-                }
+                used.backends.insert((ctx.shared.cluster.clone(), s.backend.clone()));
             }
         }
         used
     }
+}
+
+/// The same listener of the same cluster (a reload replaced one by the other).
+fn same_listener(a: &ListenerContext, b: &ListenerContext) -> bool {
+    a.listen == b.listen && a.name == b.name && a.shared.cluster == b.shared.cluster
 }

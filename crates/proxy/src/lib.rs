@@ -24,7 +24,7 @@ pub mod sni;
 mod wait;
 
 pub use address::AddressGroup;
-pub use budget::{Budget, Over, Pending};
+pub use budget::{AddressShare, Budget, Over, Pending};
 pub use cancel::CANCELS_PER_SECOND;
 pub use contexts::{Contexts, InUse, ListenerView, SessionView};
 pub use forward::PipePool;

@@ -29,13 +29,18 @@ use crate::reason::Reject;
 use crate::registry::Registry;
 use crate::wait::Capacity;
 
-/// What every listener shares.
+/// What the listeners of one cluster share (the routing table, its
+/// generation, its capacity) and what every listener shares (the data
+/// path, the budget, the drain and stop signals).
 #[derive(Clone)]
 pub struct Shared {
+    /// The cluster's name.
+    pub cluster: Arc<str>,
     pub table: Arc<ArcSwap<RoutingTable>>,
     /// The routing generation: changes when choices or verdicts may change.
     pub generation: watch::Receiver<u64>,
-    /// Freed whenever a session ends (a place under the limits is free).
+    /// Freed whenever a session of the cluster ends (a place under the
+    /// limits is free).
     pub capacity: Arc<Capacity>,
     /// Splice pipes; `None` forwards by copying.
     pub pipes: Option<Arc<PipePool>>,
@@ -86,17 +91,17 @@ impl ListenerContext {
         let snapshot = shared.table.load();
         let config = &snapshot.listeners[index].config;
         let name = config.name.clone();
-        let same_name = previous.filter(|p| p.name == name);
+        let same_name = previous.filter(|p| p.name == name && p.shared.cluster == shared.cluster);
         let known = |backend: &str| same_name.is_some_and(|p| p.pairs.contains_key(backend));
-        let pairs = snapshot
-            .backends
-            .iter()
-            .map(|b| (b.config.name.clone(), PairMetrics::new(&name, &b.config.name, !known(&b.config.name))));
+        let pairs = snapshot.backends.iter().map(|b| {
+            let pair = PairMetrics::new(&shared.cluster, &name, &b.config.name, !known(&b.config.name));
+            (b.config.name.clone(), pair)
+        });
         let gauges = snapshot
             .backends
             .iter()
-            .map(|b| (b.config.name.clone(), crate::metrics::backend_connections(&b.config.name)));
-        let metrics = ListenerMetrics::new(&name, config.max_clients, same_name.is_none());
+            .map(|b| (b.config.name.clone(), crate::metrics::backend_connections(&shared.cluster, &b.config.name)));
+        let metrics = ListenerMetrics::new(&shared.cluster, &name, config.max_clients, same_name.is_none());
         let share =
             |pick: fn(&ListenerContext) -> &Arc<AtomicUsize>| previous.map(|p| pick(p).clone()).unwrap_or_default();
         let (pairs, backend_gauges) = (pairs.collect(), gauges.collect());
@@ -155,7 +160,10 @@ impl ListenerContext {
     /// This listener's metric handles for `backend` (made on the spot for a
     /// backend a reload added after this context was built).
     pub(crate) fn pair(&self, backend: &str) -> PairMetrics {
-        self.pairs.get(backend).cloned().unwrap_or_else(|| PairMetrics::new(&self.name, backend, false))
+        self.pairs
+            .get(backend)
+            .cloned()
+            .unwrap_or_else(|| PairMetrics::new(&self.shared.cluster, &self.name, backend, false))
     }
 }
 
@@ -207,6 +215,9 @@ pub async fn serve(
     mut gate: AcceptGate,
 ) {
     let mut backoff = Duration::from_millis(10);
+    // This address's share of the pending budget, taken from the budget of
+    // the listeners current at start (the budget is one per process).
+    let share = group.load().first().map(|ctx| ctx.shared.budget.address());
     loop {
         if !gate_open(&mut gate, &stop).await {
             return;
@@ -239,7 +250,7 @@ pub async fn serve(
                     drop(stream);
                     continue;
                 }
-                let pending = match current.shared.budget.take(peer.ip()) {
+                let pending = match current.shared.budget.take(peer.ip(), share.as_ref()) {
                     Ok(pending) => pending,
                     Err(over) => {
                         crate::session::over_budget(current, &stream, peer, over);

@@ -118,8 +118,9 @@ pub struct PairMetrics {
 impl PairMetrics {
     /// Handles for the pair; `fresh` registers the series at zero (only for
     /// a pair that has no open session).
-    pub fn new(listener: &str, backend: &str, fresh: bool) -> Self {
-        let labels = [("listener", listener.to_owned()), ("backend", backend.to_owned())];
+    pub fn new(cluster: &str, listener: &str, backend: &str, fresh: bool) -> Self {
+        let labels =
+            [("cluster", cluster.to_owned()), ("listener", listener.to_owned()), ("backend", backend.to_owned())];
         let bytes = |direction: &'static str| {
             let mut l = labels.to_vec();
             l.push(("direction", direction.to_owned()));
@@ -164,31 +165,35 @@ pub struct ListenerMetrics {
 
 impl ListenerMetrics {
     /// Handles for the listener; `fresh` zeroes its gauges (a new listener).
-    pub fn new(listener: &str, max_clients: Option<usize>, fresh: bool) -> Self {
+    pub fn new(cluster: &str, listener: &str, max_clients: Option<usize>, fresh: bool) -> Self {
         let counters = |name: &'static str, reasons: &[&'static str]| -> Vec<Counter> {
             reasons
                 .iter()
                 .map(|r| {
-                    let c = metrics::counter!(name, "listener" => listener.to_owned(), "reason" => *r);
+                    let c = metrics::counter!(name, "cluster" => cluster.to_owned(), "listener" => listener.to_owned(), "reason" => *r);
                     c.increment(0);
                     c
                 })
                 .collect()
         };
         let counter = |name: &'static str| {
-            let c = metrics::counter!(name, "listener" => listener.to_owned());
+            let c = metrics::counter!(name, "cluster" => cluster.to_owned(), "listener" => listener.to_owned());
             c.increment(0);
             c
         };
         let gauge = |name: &'static str| {
-            let g = metrics::gauge!(name, "listener" => listener.to_owned());
+            let g = metrics::gauge!(name, "cluster" => cluster.to_owned(), "listener" => listener.to_owned());
             if fresh {
                 g.set(0.0);
             }
             g
         };
-        let wait = |kind: &'static str| metrics::histogram!("pglb_client_wait_seconds", "listener" => listener.to_owned(), "kind" => kind);
-        metrics::gauge!("pglb_listener_max_clients", "listener" => listener.to_owned())
+        let wait = |kind: &'static str| {
+            let labels =
+                [("cluster", cluster.to_owned()), ("listener", listener.to_owned()), ("kind", kind.to_owned())];
+            metrics::histogram!("pglb_client_wait_seconds", &labels)
+        };
+        metrics::gauge!("pglb_listener_max_clients", "cluster" => cluster.to_owned(), "listener" => listener.to_owned())
             .set(max_clients.unwrap_or(0) as f64);
         Self {
             rejected: counters("pglb_clients_rejected_total", &Reject::ALL.map(Reject::as_str)),
@@ -216,6 +221,6 @@ impl ListenerMetrics {
 }
 
 /// Per-backend gauge of connections from all listeners.
-pub fn backend_connections(backend: &str) -> Gauge {
-    metrics::gauge!("pglb_backend_connections", "backend" => backend.to_owned())
+pub fn backend_connections(cluster: &str, backend: &str) -> Gauge {
+    metrics::gauge!("pglb_backend_connections", "cluster" => cluster.to_owned(), "backend" => backend.to_owned())
 }

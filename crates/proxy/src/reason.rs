@@ -43,10 +43,14 @@ pub enum Reject {
     /// `limits.max_pending_per_source` connections from the client's
     /// address already wait (refused at accept).
     SourcePendingFull,
+    /// The listening address holds its share of `limits.max_pending`
+    /// (half, while pglb listens on more than one address): a flood on one
+    /// address leaves the rest to the others (refused at accept).
+    AddressPendingFull,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 17] = [
+    pub const ALL: [Reject; 18] = [
         Self::NoBackend,
         Self::BackendSilent,
         Self::HoldFull,
@@ -64,6 +68,7 @@ impl Reject {
         Self::BackendNoTls,
         Self::PendingFull,
         Self::SourcePendingFull,
+        Self::AddressPendingFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +90,7 @@ impl Reject {
             Self::BackendNoTls => "backend_no_tls",
             Self::PendingFull => "pending_full",
             Self::SourcePendingFull => "source_pending_full",
+            Self::AddressPendingFull => "address_pending_full",
         }
     }
 

@@ -112,6 +112,14 @@ pub(crate) fn over_budget(ctx: &ListenerContext, client: &TcpStream, peer: Socke
                 budget.per_source()
             ),
         ),
+        Over::Address => (
+            Reject::AddressPendingFull,
+            format!(
+                "pglb: too many connections waiting to start on {} (half of limits.max_pending, {}); try again later",
+                ctx.listen,
+                budget.per_address()
+            ),
+        ),
     };
     ctx.metrics.reject(reason);
     if LOGGED.allow() {

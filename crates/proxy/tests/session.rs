@@ -72,13 +72,14 @@ impl Harness {
             "listeners:\n  - {{name: rw, listen: '127.0.0.1:{port}', role: primary{listener}}}\nbackends:\n  - {{name: pg, address: '127.0.0.1:{backend_port}'{backend}}}\n"
         );
         let config = pglb_config::load_str(std::path::Path::new("test.yaml"), &yaml).expect("valid config");
-        let config = Arc::new(config);
-        let mut topology = Topology::new(config.clone());
+        let cluster = config.clusters[0].clone();
+        let mut topology = Topology::new(cluster.clone());
         let table = Arc::new(ArcSwap::from_pointee(topology.table().0));
         let (generation, watched) = watch::channel(0);
         let capacity = Arc::new(Capacity::default());
         let draining = CancellationToken::new();
         let shared = Shared {
+            cluster: cluster.name.as_str().into(),
             table: table.clone(),
             generation: watched,
             capacity: capacity.clone(),
@@ -93,8 +94,8 @@ impl Harness {
             contexts: std::sync::Weak::new(),
         };
         let ctx = Arc::new(ListenerContext::new(0, shared, None));
-        let names = config.listeners[0].sni.clone();
-        let group = Arc::new(ArcSwap::from_pointee(AddressGroup::new(config.listeners[0].listen, vec![(ctx, names)])));
+        let names = cluster.listeners[0].sni.clone();
+        let group = Arc::new(ArcSwap::from_pointee(AddressGroup::new(cluster.listeners[0].listen, vec![(ctx, names)])));
         let stop = CancellationToken::new();
         let (accepting, gate) = watch::channel(true);
         tokio::spawn(serve(socket, group, TaskTracker::new(), stop.clone(), gate));

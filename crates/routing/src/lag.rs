@@ -308,7 +308,7 @@ mod tests {
     fn gate_has_hysteresis() {
         let text = "listeners:\n  - {name: ro, listen: 127.0.0.1:1, role: replica, max_lag_bytes: 1000}\nbackends:\n  - {name: a, address: 127.0.0.1:2}\n";
         let config = pglb_config::load_str(std::path::Path::new("t.yaml"), text).expect("config");
-        let l = &config.listeners[0];
+        let l = &config.clusters[0].listeners[0];
         let at = |b: u64| Lag { bytes: Some(b), seconds: None };
         let mut g = LagGate::default();
         assert_eq!(g.step(at(900), l, 2), None);

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use pglb_config::{Config, MultiPrimary, Role};
+use pglb_config::{Cluster, MultiPrimary, Role};
 
 use crate::fence::{FenceChange, FenceKind, Fencing, Identity};
 use crate::lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
@@ -63,7 +63,7 @@ pub enum Event {
 
 /// Cluster knowledge: per backend state, fencing, lag gates, admin states.
 pub struct Topology {
-    config: Arc<Config>,
+    config: Arc<Cluster>,
     states: Vec<BackendState>,
     loads: Vec<Arc<BackendLoad>>,
     admin: Vec<AdminState>,
@@ -89,7 +89,7 @@ pub enum ActionError {
 
 impl Topology {
     /// Every backend unchecked, enabled, unfenced.
-    pub fn new(config: Arc<Config>) -> Self {
+    pub fn new(config: Arc<Cluster>) -> Self {
         let n = config.backends.len();
         let mut topology = Self {
             states: vec![BackendState::default(); n],
@@ -108,13 +108,13 @@ impl Topology {
         topology
     }
 
-    pub fn config(&self) -> &Arc<Config> {
+    pub fn config(&self) -> &Arc<Cluster> {
         &self.config
     }
 
     /// The next config: state, load, admin state and lag of backends that
     /// stay (same name and address) carry over; new ones start unchecked.
-    pub fn reconfigure(&mut self, config: Arc<Config>) {
+    pub fn reconfigure(&mut self, config: Arc<Cluster>) {
         let old = &self.config;
         let find = |b: &pglb_config::BackendConfig| {
             old.backends.iter().position(|o| o.name == b.name && o.host == b.host && o.port == b.port)

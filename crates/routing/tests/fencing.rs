@@ -4,7 +4,6 @@ mod common;
 use common::{primary, replica};
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pglb_routing::{
@@ -24,7 +23,7 @@ backends:
   - {{name: c, address: 127.0.0.1:5{pin}}}
 "
     );
-    Topology::new(Arc::new(pglb_config::load_str(Path::new("t.yaml"), &text).expect("config")))
+    Topology::new(pglb_config::load_str(Path::new("t.yaml"), &text).expect("config").clusters[0].clone())
 }
 
 /// a primary on timeline 1, b and c its replicas, all of cluster 7.

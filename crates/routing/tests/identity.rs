@@ -6,7 +6,6 @@ mod common;
 use common::{primary, replica};
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use pglb_routing::{
@@ -31,7 +30,7 @@ listeners:
 backends:
 {list}"
     );
-    Topology::new(Arc::new(pglb_config::load_str(Path::new("t.yaml"), &text).expect("config")))
+    Topology::new(pglb_config::load_str(Path::new("t.yaml"), &text).expect("config").clusters[0].clone())
 }
 
 fn refused(t: &mut Topology, name: &str) {

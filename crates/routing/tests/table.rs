@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use pglb_config::{load_str, Config};
+use pglb_config::{load_str, Cluster};
 use pglb_routing::{Cursor, Facts, FailureClass, Observation, ObservedRole, RoutingTable, Topology};
 
-fn config(balance: &str, weights: [u32; 3]) -> Config {
+fn config(balance: &str, weights: [u32; 3]) -> Cluster {
     let text = format!(
         "listeners:
   - {{name: rw, listen: 127.0.0.1:5432, role: primary}}
@@ -20,7 +20,7 @@ backends:
 ",
         weights[0], weights[1], weights[2]
     );
-    load_str(Path::new("test.yaml"), &text).expect("valid config")
+    Cluster::clone(&load_str(Path::new("test.yaml"), &text).expect("valid config").clusters[0])
 }
 
 /// A backend as the checks saw it: healthy or not, with a role.
@@ -31,7 +31,7 @@ fn state(healthy: bool, role: ObservedRole) -> Seen {
 }
 
 /// A table for `config` after one check of each backend (timeline 1, same cluster).
-fn table(config: &Config, seen: &[Seen]) -> RoutingTable {
+fn table(config: &Cluster, seen: &[Seen]) -> RoutingTable {
     let mut topology = Topology::new(Arc::new(config.clone()));
     for (b, (healthy, role)) in config.backends.iter().zip(seen) {
         let facts = Facts { timeline: Some(1), system_id: Some(7), ..Facts::default() };

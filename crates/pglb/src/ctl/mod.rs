@@ -25,6 +25,7 @@ pub enum Exit {
     NotRunning = 3,
     Unauthorized = 4,
     NoSuchBackend = 5,
+    NoSuchCluster = 6,
 }
 
 impl From<Exit> for ExitCode {
@@ -64,11 +65,21 @@ async fn execute(control: &Control, access: &access::Access, json: bool) -> Exit
         Control::Status => (Method::GET, "/status".to_owned()),
         Control::Connections => (Method::GET, "/connections".to_owned()),
         Control::Act { action, backend } => {
-            if !backend.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-                eprintln!("pglb: `{backend}` is not a backend name (letters, digits, `-`, `_`, `.`); `pglb status` lists them");
-                return Exit::NoSuchBackend;
+            let name_ok =
+                |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            // Cluster names are letters, digits, `-` and `_` (the config's rule).
+            let cluster_ok =
+                |c: &str| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+            match backend.split_once('/') {
+                Some((cluster, name)) if cluster_ok(cluster) && name_ok(name) => {
+                    (Method::POST, format!("/clusters/{cluster}/backends/{name}/{}", action.as_str()))
+                }
+                None if name_ok(backend) => (Method::POST, format!("/backends/{backend}/{}", action.as_str())),
+                _ => {
+                    eprintln!("pglb: `{backend}` is not a backend name (letters, digits, `-`, `_`, `.`, as `cluster/name` or `name`); `pglb status` lists them");
+                    return Exit::NoSuchBackend;
+                }
             }
-            (Method::POST, format!("/backends/{backend}/{}", action.as_str()))
         }
         Control::Upgrade => (Method::POST, "/upgrade".to_owned()),
     };
@@ -95,6 +106,10 @@ async fn execute(control: &Control, access: &access::Access, json: bool) -> Exit
         (403, _) => {
             eprintln!("pglb: the admin endpoint at {} refused: {}", access.addr, summary(&reply.body));
             Exit::Unauthorized
+        }
+        (404, Control::Act { .. }) if kind(&reply.body) == "no_such_cluster" => {
+            eprintln!("pglb: {}; `pglb status` lists the clusters", summary(&reply.body));
+            Exit::NoSuchCluster
         }
         (404, Control::Act { .. }) => {
             eprintln!("pglb: {}; `pglb status` lists the backends", summary(&reply.body));
@@ -155,6 +170,12 @@ fn summary(body: &str) -> String {
     let value: Option<serde_json::Value> = serde_json::from_str(body).ok();
     let field = value.as_ref().and_then(|v| v.get("error").or_else(|| v.get("result"))).and_then(|v| v.as_str());
     field.map(str::to_owned).unwrap_or_else(|| body.trim().to_owned())
+}
+
+/// The `kind` of a JSON error answer (empty if none).
+fn kind(body: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    value["kind"].as_str().unwrap_or_default().to_owned()
 }
 
 /// What an action did, from its JSON answer.

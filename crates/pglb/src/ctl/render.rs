@@ -24,14 +24,58 @@ pub fn status(status: &Value) -> String {
             None => out += &format!("last reload {} ago: applied\n", ago(at)),
         }
     }
-    let from = match status["restored_from"].as_str() {
+    let clusters = list(&status["clusters"]);
+    let grouped = clusters.len() > 1 || clusters.iter().any(|c| c["name"] != "default");
+    if !grouped {
+        out += &cluster_section(status, status, None);
+        return out;
+    }
+    for cluster in &clusters {
+        out += &format!("\ncluster {}: {}\n", text(&cluster["name"]), one_line(cluster));
+        out += &cluster_section(cluster, status, cluster["name"].as_str());
+    }
+    out
+}
+
+/// A cluster at a glance: its primary, how many backends are healthy and
+/// fenced, whether it is split or its identity unsettled.
+fn one_line(cluster: &Value) -> String {
+    let summary = &cluster["summary"];
+    let primary = match list(&summary["primary"]).as_slice() {
+        [] => "NO PRIMARY".to_owned(),
+        [one] => format!("primary {}", text(one)),
+        many => format!("primaries {}", many.iter().map(text).collect::<Vec<_>>().join(", ")),
+    };
+    let mut line = format!("{primary}, {}/{} backends healthy", text(&summary["healthy"]), text(&summary["backends"]));
+    match summary["fenced"].as_u64() {
+        Some(0) | None => {}
+        Some(n) => line += &format!(", {n} fenced"),
+    }
+    if cluster["split_brain"].as_bool() == Some(true) {
+        line += ", SPLIT BRAIN";
+    }
+    if cluster["identity"]["unsettled"].as_bool() == Some(true) {
+        line += ", IDENTITY UNSETTLED";
+    }
+    line
+}
+
+/// One cluster's notes and tables: `notes` holds its restore notes,
+/// identity and split brain (the cluster's entry, or the whole status of a
+/// single-cluster pglb); `only` keeps the rows of that cluster.
+fn cluster_section(notes: &Value, status: &Value, only: Option<&str>) -> String {
+    let mut out = String::new();
+    let status_rows = |key: &str| -> Vec<Value> {
+        list(&status[key]).into_iter().filter(|row| only.is_none_or(|c| row["cluster"] == c)).collect()
+    };
+    let from = match notes["restored_from"].as_str() {
         Some("upgrade") => "the pglb this one took over from",
         _ => "the state file",
     };
-    for note in list(&status["restored"]) {
+    for note in list(&notes["restored"]) {
         out += &format!("restored at start from {from}: {}\n", text(&note));
     }
-    let identity = &status["identity"];
+    let identity = &notes["identity"];
     if identity["unsettled"].as_bool() == Some(true) {
         let doubt: Vec<String> = list(&identity["in_doubt"])
             .iter()
@@ -44,11 +88,11 @@ pub fn status(status: &Value) -> String {
     } else if let Some(id) = identity["system_identifier"].as_str() {
         out += &format!("cluster system identifier {id} ({})\n", text(&identity["source"]));
     }
-    if status["split_brain"].as_bool() == Some(true) {
+    if notes["split_brain"].as_bool() == Some(true) {
         out += "SPLIT BRAIN: more than one unfenced primary answers; writes are refused until one is fenced\n";
     }
     out += "\n";
-    let listeners: Vec<Vec<String>> = list(&status["listeners"])
+    let listeners: Vec<Vec<String>> = status_rows("listeners")
         .iter()
         .map(|l| {
             let role = match l["fallback"].as_str() {
@@ -81,7 +125,7 @@ pub fn status(status: &Value) -> String {
         .collect();
     out += &table(&["LISTENER", "LISTEN", "ROLE", "BALANCE", "ROUTES TO", "ACTIVE", "HELD", "QUEUED"], &listeners);
     out += "\n";
-    let backends: Vec<Vec<String>> = list(&status["backends"])
+    let backends: Vec<Vec<String>> = status_rows("backends")
         .iter()
         .map(|b| {
             vec![

@@ -19,8 +19,11 @@ use tokio::net::UnixStream;
 /// `ready`). 0 is a pglb from before versions, whose messages carry none:
 /// the same messages, so it is accepted (the first package upgrade comes
 /// from such a binary). 2: after `main`, the channel stays open for the
-/// overlap and carries admin states (`overlap`).
-pub const VERSION: u64 = 2;
+/// overlap and carries admin states (`overlap`). 3: many clusters — the
+/// state may be the state file's version 2 (a state per cluster), and
+/// admin states name their cluster (a single-cluster state is still
+/// version 1, so an older binary can take over from this one).
+pub const VERSION: u64 = 3;
 /// The versions this binary hands over to and takes over from.
 const COMPATIBLE: std::ops::RangeInclusive<u64> = 0..=VERSION;
 

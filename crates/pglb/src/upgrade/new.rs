@@ -6,8 +6,8 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use pglb_control::state_file::States;
 use pglb_control::Command as Topology;
-use pglb_routing::SavedState;
 use serde_json::json;
 use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::oneshot;
@@ -24,7 +24,7 @@ pub struct Incoming {
     admin: Option<(SocketAddr, OwnedFd)>,
     listeners: Vec<(SocketAddr, OwnedFd)>,
     /// The old process's safety state when it handed the sockets over.
-    pub state: SavedState,
+    pub state: States,
     /// The hand-over version the old process speaks.
     version: u64,
 }
@@ -101,21 +101,28 @@ impl Incoming {
         for (addr, _) in self.listeners.drain(..) {
             tracing::warn!(%addr, "upgrade: the running pglb listens on {addr}, which this config does not name; that port closes when the old process exits");
         }
-        let ready = json!({ "type": "ready", "version": super::channel::VERSION });
+        // The version both speak: an old process of an earlier release
+        // refuses a newer one, and this binary speaks every earlier one.
+        let ready = json!({ "type": "ready", "version": self.version.min(super::channel::VERSION) });
         self.channel.send(&ready, &[]).await.context("upgrade: cannot tell the running pglb")?;
         let (go, _) = self.channel.expect("go").await.context("upgrade: the running pglb ended the hand-over")?;
         let state = pglb_control::state_file::parse(go["state"].as_str().unwrap_or_default())
             .map_err(|why| anyhow!("upgrade: the running pglb's final state is unreadable: {why}"))?;
-        if state != self.state {
-            let (reply, done) = oneshot::channel();
-            let over = std::mem::take(&mut self.state);
-            server.topology.commands.send(Topology::Restore { saved: state, over, reply }).await?;
-            done.await?;
+        for cluster in &server.clusters {
+            let name = &cluster.config.name;
+            let (now, over) =
+                (state.get(name).cloned().unwrap_or_default(), self.state.remove(name).unwrap_or_default());
+            if now != over {
+                let (reply, done) = oneshot::channel();
+                cluster.topology.commands.send(Topology::Restore { saved: now, over, reply }).await?;
+                done.await?;
+            }
+            cluster.topology.commands.send(Topology::KeepSaving).await?;
         }
-        server.topology.commands.send(Topology::KeepSaving).await?;
         // What the old process knows now: an admin action from here on is
         // passed to it during the overlap.
-        let handed_admin = super::overlap::admin_states(&server.topology.table.load());
+        let clusters: Vec<_> = server.clusters.iter().map(|c| c.topology.clone()).collect();
+        let handed_admin = super::overlap::admin_states(&clusters);
         server.accepting.send_replace(true);
         self.channel
             .send(&json!({ "type": "accepting" }), &[])
@@ -129,9 +136,7 @@ impl Incoming {
         }
         crate::systemd::speak();
         if self.version >= super::overlap::SINCE_VERSION {
-            let topology = &server.topology;
-            let (table, generation) = (topology.table.clone(), topology.generation.clone());
-            tokio::spawn(super::overlap::relay(self.channel, table, generation, handed_admin));
+            tokio::spawn(super::overlap::relay(self.channel, clusters, handed_admin, self.version));
         }
         Ok(())
     }

@@ -116,7 +116,9 @@ async fn attempt(server: &Server, signals: &mut Signals, notifier: Notifier) -> 
         server.accepting.send_replace(true);
     }
     if undo.state_handed {
-        let _ = server.topology.commands.send(Topology::KeepSaving).await;
+        for cluster in &server.clusters {
+            let _ = cluster.topology.commands.send(Topology::KeepSaving).await;
+        }
     }
     match abort {
         Abort::Failed(why) => Outcome::Failed(why),
@@ -149,8 +151,7 @@ async fn steps(
         "state": pglb_control::state_file::render(&state),
     });
     step.run("take the sockets", STEP_WITHIN, channel.send(&hello, &fds)).await?;
-    let health = &server.config.health;
-    let ready_within = ((health.interval + health.timeout) * 2).max(Duration::from_secs(5)) + Duration::from_secs(30);
+    let ready_within = server.first_checks_within() + Duration::from_secs(30);
     let (ready, _) = step.run("complete its first checks", ready_within, channel.expect("ready")).await?;
     super::channel::peer_version(&ready, "new pglb").map_err(Abort::Failed)?;
 
@@ -241,11 +242,15 @@ async fn accept_from(listener: &UnixListener, pid: u32) -> std::io::Result<UnixS
     }
 }
 
-/// The safety state now; with `hand_over`, this process stops writing the
-/// state file.
-async fn saved(server: &Server, hand_over: bool) -> Result<pglb_routing::SavedState, String> {
-    let (reply, answer) = oneshot::channel();
+/// Every cluster's safety state now; with `hand_over`, this process stops
+/// writing the state file.
+async fn saved(server: &Server, hand_over: bool) -> Result<pglb_control::state_file::States, String> {
     let gone = || "the topology task has stopped".to_owned();
-    server.topology.commands.send(Topology::Saved { hand_over, reply }).await.map_err(|_| gone())?;
-    answer.await.map_err(|_| gone())
+    let mut states = pglb_control::state_file::States::new();
+    for cluster in &server.clusters {
+        let (reply, answer) = oneshot::channel();
+        cluster.topology.commands.send(Topology::Saved { hand_over, reply }).await.map_err(|_| gone())?;
+        states.insert(cluster.config.name.clone(), answer.await.map_err(|_| gone())?);
+    }
+    Ok(states)
 }

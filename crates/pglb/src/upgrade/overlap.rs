@@ -9,47 +9,69 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-use pglb_control::Command as Topology;
-use pglb_routing::{AdminState, RoutingTable};
+use pglb_config::DEFAULT_CLUSTER;
+use pglb_control::{Command as Topology, TopologyHandle};
+use pglb_routing::AdminState;
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use super::channel::Channel;
 
 /// The hand-over version from which the old process hears admin states.
 pub const SINCE_VERSION: u64 = 2;
+/// The hand-over version from which admin states name their cluster.
+const CLUSTERS_SINCE: u64 = 3;
 
-/// Each backend's admin state in `table`.
-pub fn admin_states(table: &RoutingTable) -> Vec<(String, AdminState)> {
-    table.backends.iter().map(|b| (b.config.name.clone(), b.admin)).collect()
+/// Each backend's admin state: (cluster, backend, state).
+pub fn admin_states(clusters: &[TopologyHandle]) -> Vec<(String, String, AdminState)> {
+    let mut states = Vec::new();
+    for c in clusters {
+        let table = c.table.load();
+        states.extend(table.backends.iter().map(|b| (c.cluster.to_string(), b.config.name.clone(), b.admin)));
+    }
+    states
 }
 
 /// New process: sends the backends whose admin state differs from `sent`
 /// (the states when the old process's final state was applied, before
 /// this process accepted anything: an action between then and now is sent
 /// at once), then each change, until the old process closes the channel
-/// (it exited).
+/// (it exited). An old process older than hand-over version 3 served one
+/// cluster, `default`: it hears only that one's.
 pub async fn relay(
     mut channel: Channel,
-    table: Arc<ArcSwap<RoutingTable>>,
-    mut generation: watch::Receiver<u64>,
-    mut sent: Vec<(String, AdminState)>,
+    clusters: Vec<TopologyHandle>,
+    mut sent: Vec<(String, String, AdminState)>,
+    peer: u64,
 ) {
+    // Any cluster's routing change wakes the relay.
+    let (wake, mut woken) = mpsc::channel::<()>(1);
+    for c in &clusters {
+        let (mut generation, wake) = (c.generation.clone(), wake.clone());
+        tokio::spawn(async move {
+            while generation.changed().await.is_ok() {
+                if wake.send(()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(wake);
     let mut first = true;
     loop {
         if !std::mem::take(&mut first) {
             tokio::select! {
-                changed = generation.changed() => if changed.is_err() { return },
+                woke = woken.recv() => if woke.is_none() { return },
                 // The old process sends nothing more: this is its exit.
                 _ = channel.recv() => return,
             }
         }
-        let now = admin_states(&table.load());
+        let now = admin_states(&clusters);
         let changed: Vec<_> = now
             .iter()
-            .filter(|(name, state)| !sent.iter().any(|(n, s)| n == name && s == state))
-            .map(|(name, state)| json!({ "name": name, "state": state.as_str() }))
+            .filter(|(cluster, _, _)| peer >= CLUSTERS_SINCE || cluster == DEFAULT_CLUSTER)
+            .filter(|(cluster, name, state)| !sent.iter().any(|(c, n, s)| c == cluster && n == name && s == state))
+            .map(|(cluster, name, state)| json!({ "cluster": cluster, "name": name, "state": state.as_str() }))
             .collect();
         if changed.is_empty() {
             continue;
@@ -62,30 +84,37 @@ pub async fn relay(
 }
 
 /// Old process: applies the admin states the new process sends to its own
-/// topology (its enforcement closes what a disable must close), until the
-/// new process closes the channel or this process exits.
-pub async fn apply(mut channel: Channel, commands: mpsc::Sender<Topology>) {
+/// topologies (their enforcement closes what a disable must close), until
+/// the new process closes the channel or this process exits. A state that
+/// names no cluster (a new process of hand-over version 2) is `default`'s.
+pub async fn apply(mut channel: Channel, clusters: Arc<Vec<TopologyHandle>>) {
     while let Ok((message, _)) = channel.recv().await {
         if message["type"] != "admin" {
             continue;
         }
         for backend in message["backends"].as_array().into_iter().flatten() {
             let name = backend["name"].as_str().unwrap_or_default().to_owned();
+            let cluster = backend["cluster"].as_str().unwrap_or(DEFAULT_CLUSTER);
             let Some(state) = backend["state"].as_str().and_then(AdminState::parse) else { continue };
+            // A cluster the new config added: this process has no sessions in it.
+            let Some(topology) = clusters.iter().find(|c| &*c.cluster == cluster) else { continue };
             let (reply, done) = oneshot::channel();
-            if commands.send(Topology::Admin { backend: name.clone(), state, reply }).await.is_err() {
+            if topology.commands.send(Topology::Admin { backend: name.clone(), state, reply }).await.is_err() {
                 return;
             }
             match done.await {
                 Ok(Ok(())) => tracing::info!(
+                    cluster,
                     backend = %name,
                     state = state.as_str(),
                     "upgrade overlap: set in the new process; applied to this process's sessions too"
                 ),
                 // A backend the new config added: this process has no sessions on it.
-                _ => {
-                    tracing::debug!(backend = %name, "upgrade overlap: admin state for a backend this process does not know")
-                }
+                _ => tracing::debug!(
+                    cluster,
+                    backend = %name,
+                    "upgrade overlap: admin state for a backend this process does not know"
+                ),
             }
         }
     }
