@@ -1,4 +1,4 @@
-//! Command-line parsing: two suites and a few numeric options.
+//! Command-line parsing: the suites and a few numeric options.
 
 pub const USAGE: &str = "\
 usage:
@@ -7,6 +7,7 @@ usage:
   pglb-bench failover   [--quick] [--promotions N] [--stalls N] [--stall-secs S] [--no-build]
   pglb-bench sockmap-pressure [--sessions N] [--parallel N] [--row-mb N] [--pause-ms N] [--hog-gib G]
                         [--churn-gib G] [--burners N] [--no-build]
+  pglb-bench checks     [--backends N,N,...] [--window SECS] [--no-build]
   pglb-bench --help
 
 throughput  direct vs pglb (splice) vs pglb (sockmap) vs HAProxy on one primary:
@@ -28,6 +29,12 @@ sockmap-pressure
             --churn-gib allocated and freed in a loop and --burners threads spinning; counts
             sessions that were exact, wrong, reset or hung.
             default: --sessions 1000 --parallel 8 --row-mb 20 --pause-ms 150, no hog, churn or burners
+checks      what health checks cost, pglb (one kept check connection per backend) vs HAProxy
+            (option pgsql-check: a new login per check), every 1s, for N backend entries
+            spread over 3 servers: balancer CPU and RSS, the servers' CPU and forks per second
+            over a --window after 5s of settling, minus an idle baseline; then a linear
+            extrapolation to 500 backends. N must be a multiple of 3.
+            default: --backends 3,15,30,60 --window 30
 
 --no-build  use the existing target/release/pglb (or $PGLB_BIN) instead of
             running `cargo build --release -p pglb` first.";
@@ -37,6 +44,7 @@ pub enum Command {
     Throughput(Throughput, Common),
     Failover(Failover, Common),
     Pressure(Pressure, Common),
+    Checks(Checks, Common),
     Help,
 }
 
@@ -53,6 +61,14 @@ pub struct Pressure {
     /// GiB allocated, touched and freed in a loop.
     pub churn_gib: f64,
     pub burners: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Checks {
+    /// Backend entries per run, ascending, each a multiple of 3.
+    pub backends: Vec<usize>,
+    /// How long each measurement window lasts.
+    pub window: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,12 +122,37 @@ struct Given {
     hog_gib: Option<f64>,
     churn_gib: Option<f64>,
     burners: Option<usize>,
+    backends: Option<Vec<usize>>,
+    window: Option<u64>,
+}
+
+impl Given {
+    /// Whether any option of another suite than `checks` is set.
+    fn any_but_checks(&self) -> bool {
+        self.quick
+            || self.duration.is_some()
+            || self.rounds.is_some()
+            || self.scale.is_some()
+            || self.copy_rows.is_some()
+            || self.rate.is_some()
+            || self.memory.is_some()
+            || self.promotions.is_some()
+            || self.stalls.is_some()
+            || self.stall_secs.is_some()
+            || self.sessions.is_some()
+            || self.parallel.is_some()
+            || self.row_mb.is_some()
+            || self.pause_ms.is_some()
+            || self.hog_gib.is_some()
+            || self.churn_gib.is_some()
+            || self.burners.is_some()
+    }
 }
 
 pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> {
     let suite = match args.next().as_deref() {
         Some("-h" | "--help") | None => return Ok(Command::Help),
-        Some(s @ ("throughput" | "failover" | "sockmap-pressure")) => s.to_owned(),
+        Some(s @ ("throughput" | "failover" | "sockmap-pressure" | "checks")) => s.to_owned(),
         Some(other) => return Err(format!("unknown suite `{other}`")),
     };
     let mut given = Given { build: true, ..Given::default() };
@@ -138,15 +179,38 @@ pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> 
             "--burners" => given.burners = Some(number(&arg, &value()?)?),
             "--hog-gib" => given.hog_gib = Some(decimal(&arg, &value()?)?),
             "--churn-gib" => given.churn_gib = Some(decimal(&arg, &value()?)?),
+            "--backends" => given.backends = Some(counts(&arg, &value()?)?),
+            "--window" => given.window = Some(number(&arg, &value()?)?),
             _ => return Err(format!("unexpected argument `{arg}`")),
         }
     }
     let common = Common { build: given.build };
+    if suite != "checks" && (given.backends.is_some() || given.window.is_some()) {
+        return Err("--backends and --window belong to the checks suite".into());
+    }
     Ok(match suite.as_str() {
         "throughput" => Command::Throughput(throughput(&given)?, common),
         "failover" => Command::Failover(failover(&given)?, common),
+        "checks" => Command::Checks(checks(&given)?, common),
         _ => Command::Pressure(pressure(&given)?, common),
     })
+}
+
+fn checks(g: &Given) -> Result<Checks, String> {
+    if g.any_but_checks() {
+        return Err("the checks suite takes only --backends, --window and --no-build".into());
+    }
+    let mut backends = g.backends.clone().unwrap_or_else(|| vec![3, 15, 30, 60]);
+    backends.sort_unstable();
+    backends.dedup();
+    if backends.iter().any(|&n| n == 0 || n % 3 != 0) {
+        return Err(format!("--backends: each count must be a positive multiple of 3 (got {backends:?})"));
+    }
+    let window = g.window.unwrap_or(30);
+    if window == 0 {
+        return Err("--window must be at least 1".into());
+    }
+    Ok(Checks { backends, window: std::time::Duration::from_secs(window) })
 }
 
 fn pressure(g: &Given) -> Result<Pressure, String> {
@@ -214,6 +278,11 @@ fn decimal(flag: &str, text: &str) -> Result<f64, String> {
 
 fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
     text.parse().map_err(|_| format!("{flag}: `{text}` is not a whole number"))
+}
+
+/// A comma-separated list of whole numbers, e.g. `3,15,30,60`.
+fn counts(flag: &str, text: &str) -> Result<Vec<usize>, String> {
+    text.split(',').map(|n| number(flag, n.trim())).collect()
 }
 
 /// `LOW,HIGH` with `0 < LOW < HIGH`.

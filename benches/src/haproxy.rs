@@ -122,17 +122,37 @@ impl Haproxy {
     /// The `status` column of `show stat` for `proxy`/`server` (`UP`,
     /// `DOWN`, `UP 1/2` while going down, ...).
     pub fn server_status(&self, proxy: &str, server: &str) -> Result<String> {
+        let rows = self.stat_rows()?;
+        let row = rows.iter().find(|r| {
+            r.get("pxname").map(String::as_str) == Some(proxy) && r.get("svname").map(String::as_str) == Some(server)
+        });
+        match row {
+            Some(row) => Ok(row.get("status").cloned().unwrap_or_default()),
+            None => bail!("haproxy's `show stat` has no server {proxy}/{server}"),
+        }
+    }
+
+    /// Column `column` of `show stat` for every server of `proxy` (not its
+    /// FRONTEND and BACKEND lines), e.g. `check_status` (`L7OK`, `INI`...).
+    pub fn server_column(&self, proxy: &str, column: &str) -> Result<Vec<String>> {
+        let rows = self.stat_rows()?;
+        let servers = rows.iter().filter(|r| {
+            r.get("pxname").map(String::as_str) == Some(proxy)
+                && !matches!(r.get("svname").map(String::as_str), Some("FRONTEND" | "BACKEND"))
+        });
+        Ok(servers.map(|r| r.get(column).cloned().unwrap_or_default()).collect())
+    }
+
+    /// `show stat`, one map of column to value per line.
+    fn stat_rows(&self) -> Result<Vec<HashMap<String, String>>> {
         let csv = ask(&self.socket, "show stat")?;
         let mut lines = csv.lines();
         let header: Vec<&str> =
             lines.next().context("empty `show stat` answer")?.trim_start_matches("# ").split(',').collect();
-        for line in lines {
-            let row: HashMap<&str, &str> = header.iter().copied().zip(line.split(',')).collect();
-            if row.get("pxname") == Some(&proxy) && row.get("svname") == Some(&server) {
-                return Ok(row.get("status").copied().unwrap_or_default().to_owned());
-            }
-        }
-        bail!("haproxy's `show stat` has no server {proxy}/{server}")
+        Ok(lines
+            .filter(|l| !l.is_empty())
+            .map(|l| header.iter().map(|h| (*h).to_owned()).zip(l.split(',').map(str::to_owned)).collect())
+            .collect())
     }
 
     pub fn log_tail(&self) -> String {

@@ -15,6 +15,7 @@ mod pgbench;
 mod pglb;
 mod probe;
 mod procstat;
+mod proctree;
 mod stats;
 mod suites;
 mod sys;

@@ -99,10 +99,16 @@ pub struct Pglb {
 impl Pglb {
     /// Validates the config with `pglb check`, then starts pglb on it.
     pub fn start(bin: &Path, config: &Config) -> Result<Self> {
+        Self::start_yaml(bin, |admin| config.render(admin))
+    }
+
+    /// Like [`Pglb::start`], for a config written by `yaml`, given the
+    /// admin port (for configs [`Config`] cannot express, e.g. `clusters:`).
+    pub fn start_yaml(bin: &Path, yaml: impl FnOnce(u16) -> String) -> Result<Self> {
         let scratch = Scratch::new("pglb")?;
         let admin = free_port().context("cannot find a free port for the admin endpoint")?;
         let file = scratch.file("lb.yaml");
-        std::fs::write(&file, config.render(admin)).with_context(|| format!("cannot write {}", file.display()))?;
+        std::fs::write(&file, yaml(admin)).with_context(|| format!("cannot write {}", file.display()))?;
         let check = child::run_within(
             Command::new(bin).arg("check").arg("--config").arg(&file),
             "pglb check",
@@ -134,6 +140,34 @@ impl Pglb {
             };
             Ok(if got.len() >= count { Ok(()) } else { Err(format!("{got:?}")) })
         })
+    }
+
+    /// Waits until `/status` lists `count` backends (all clusters), each
+    /// checked and healthy.
+    pub fn wait_checked(&mut self, count: usize, timeout: Duration) -> Result<()> {
+        let admin = self.admin;
+        let guard = &mut self.guard;
+        poll(&format!("pglb to have {count} checked, healthy backends"), timeout, Duration::from_millis(100), || {
+            guard.check_alive()?;
+            let status = match status(admin) {
+                Ok(s) => s,
+                Err(e) => return Ok(Err(format!("{e:#}"))),
+            };
+            let (listed, good) = checked_healthy(&status);
+            Ok(if listed == count && good == count { Ok(()) } else { Err(format!("{good} of {listed} listed")) })
+        })
+    }
+
+    /// Health checks completed so far, every backend of every cluster
+    /// (answered or failed): the count of the check-duration histogram.
+    pub fn checks_done(&self) -> Result<f64> {
+        let name = "pglb_health_check_duration_seconds_count";
+        let text = self.metrics()?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
     }
 
     /// The `/status` document.
@@ -169,6 +203,13 @@ pub fn eligible(status: &Value, name: &str) -> Vec<String> {
     let listener = listeners.iter().find(|l| l["name"] == name);
     let backends = listener.and_then(|l| l["backends"].as_array()).map(Vec::as_slice).unwrap_or_default();
     backends.iter().filter_map(|b| b.as_str().map(str::to_owned)).collect()
+}
+
+/// (backends listed, of which checked and healthy), per a `/status` document.
+pub fn checked_healthy(status: &Value) -> (usize, usize) {
+    let backends = status["backends"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let good = backends.iter().filter(|b| b["checked"] == true && b["healthy"] == true).count();
+    (backends.len(), good)
 }
 
 /// Backend `name`'s (healthy, role), per a `/status` document.

@@ -55,7 +55,7 @@ impl Table {
                 lines.push(self.line(row, i, target, n == 0, show_range));
             }
         }
-        layout(&lines)
+        layout(&lines, 3)
     }
 
     fn line(&self, row: &Row, i: usize, target: &str, first: bool, show_range: bool) -> Vec<String> {
@@ -93,8 +93,8 @@ fn samples_of(row: &Row, i: usize) -> &[f64] {
     row.samples.get(i).and_then(Option::as_deref).unwrap_or_default()
 }
 
-/// Left-aligns text columns, right-aligns from the fourth (numbers) on.
-fn layout(lines: &[Vec<String>]) -> String {
+/// Left-aligns the first `text` columns, right-aligns the others (numbers).
+pub fn layout(lines: &[Vec<String>], text: usize) -> String {
     let columns = lines.iter().map(Vec::len).max().unwrap_or(0);
     let width = |c: usize| lines.iter().filter_map(|l| l.get(c)).map(|s| s.chars().count()).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns).map(width).collect();
@@ -105,7 +105,7 @@ fn layout(lines: &[Vec<String>]) -> String {
             .enumerate()
             .map(
                 |(c, cell)| {
-                    if c < 3 {
+                    if c < text {
                         format!("{cell:<w$}", w = widths[c])
                     } else {
                         format!("{cell:>w$}", w = widths[c])

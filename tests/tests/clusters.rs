@@ -135,9 +135,22 @@ fn a_failover_in_one_cluster_changes_nothing_for_the_others() {
     let failures = |cluster: &str| pglb.metric("pglb_health_check_failures_total", &[("cluster", cluster)]);
     let (failed_b, failed_c) = (failures("b"), failures("c"));
 
+    let checks = |cluster: &str| {
+        pglb.metric("pglb_health_check_duration_seconds_count", &[("cluster", cluster), ("backend", "pg0")])
+    };
+    let (checks_a, checks_b, started) = (checks("a"), checks("b"), std::time::Instant::now());
     a.nodes[0].stop("fast");
     a.nodes[1].promote().expect("promote a's replica");
     wait_eligible(&pglb, "a", "rw", &["pg1"]);
+    // a checks at its fast pace while it settles; b at its own interval
+    // (500ms): a's failover adds no check of b.
+    let (more_a, more_b, took) = (checks("a") - checks_a, checks("b") - checks_b, started.elapsed().as_secs_f64());
+    let at_interval = (took / 0.5).ceil() + 2.0;
+    assert!(
+        more_b <= at_interval,
+        "b was checked {more_b} times in {took:.1}s (at most {at_interval} at its interval)"
+    );
+    println!("during a's failover ({took:.1}s): checks of a/pg0 +{more_a}, of b/pg0 +{more_b}");
     assert_eq!(system_identifier(pglb.port("a/rw")).as_deref(), Ok(ida.as_str()));
 
     assert_eq!(wire::scalar(&mut in_b, "SELECT pg_backend_pid()").as_deref(), Ok(pid_b.as_str()), "b's session");

@@ -377,7 +377,16 @@ fn a_disable_during_the_overlap_closes_the_old_processs_sessions_on_that_backend
     wire::wait_closed(&mut on_primary, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("the old process's session on pg0: {e}\n{}", old.log()));
     assert_eq!(wire::scalar(&mut on_replica, "SELECT 1").as_deref(), Ok("1"), "a session on another backend");
-    assert!(old.log().contains("applied to this process's sessions too"), "{}", old.log());
+    // Logged once the old process's topology answered, which may be after
+    // its enforcement closed the session.
+    wait_until("the old process logs the overlap's admin state", SETTLE, || {
+        let log = old.log();
+        if log.contains("applied to this process's sessions too") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
     wire::terminate(on_replica);
     assert_eq!(old.wait_exit(Duration::from_secs(20)), Some(0), "{}", old.log());
 }

@@ -1,6 +1,7 @@
 //! The suites, and what every suite needs first: binaries, fd limits, and
 //! the health-check user on a fresh cluster.
 
+mod checks;
 mod failover;
 mod memory;
 mod pressure;
@@ -24,6 +25,7 @@ pub fn run(command: Command) -> Result<()> {
         }
         Command::Throughput(opts, common) => throughput::run(&opts, &prepare(common)?),
         Command::Failover(opts, common) => failover::run(&opts, &prepare(common)?),
+        Command::Checks(opts, common) => checks::run(&opts, &prepare(common)?),
         Command::Pressure(opts, common) => pressure::run(&opts, &pglb::binary(common.build)?),
     }
 }

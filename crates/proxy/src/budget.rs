@@ -216,7 +216,8 @@ mod tests {
         assert_eq!(budget.per_address(), 8, "one address again: it may take all");
         let _more = budget.take(source(40), Some(&flooded)).expect("a place");
         drop(held);
-        let full: Vec<Pending> = (50..58).map(|i| budget.take(source(i), Some(&flooded)).expect("a place")).collect();
+        // `_more` and seven more: the whole budget.
+        let full: Vec<Pending> = (50..57).map(|i| budget.take(source(i), Some(&flooded)).expect("a place")).collect();
         assert_eq!(budget.take(source(60), Some(&flooded)).err(), Some(Over::Total), "alone: the budget, not a share");
         drop(full);
     }
