@@ -131,6 +131,33 @@ fn a_failover_in_one_cluster_changes_nothing_for_the_others() {
 
     let (mut in_b, pid_b) = session(pglb.port("b/rw"));
     let (mut in_c, pid_c) = session(pglb.port("c/rw"));
+    // /connections names each session's cluster.
+    let (_, body) = pglb_tests::http::get(pglb.admin, "/connections").expect("GET /connections");
+    let connections: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let mut clusters: Vec<&str> =
+        connections["connections"].as_array().into_iter().flatten().filter_map(|c| c["cluster"].as_str()).collect();
+    clusters.sort_unstable();
+    assert_eq!(clusters, ["b", "c"], "{body}");
+    // A cancel arriving on b's address goes to b's server only (c's backend
+    // has the same name, pg0, and a session too).
+    let mut cancel = TcpStream::connect(("127.0.0.1", pglb.port("b/rw"))).expect("connect");
+    cancel.write_all(&wire::cancel_request(4242, &[1, 2, 3, 4])).expect("send the cancel");
+    let _ = cancel.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = std::io::Read::read_to_end(&mut cancel, &mut Vec::new());
+    let forwarded = wait_until("the cancel to be passed on", SETTLE, || {
+        let log = pglb.log();
+        let to: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("cancel request forwarded"))
+            .filter_map(|l| Some(l.split("cancel{cluster=").nth(1)?.split('}').next()?.to_owned()))
+            .collect();
+        if to.is_empty() {
+            Err("not yet".to_owned())
+        } else {
+            Ok(to)
+        }
+    });
+    assert_eq!(forwarded, ["b"], "the cancel reached another cluster's server");
     let (gen_b, gen_c) = (generation(&pglb, "b"), generation(&pglb, "c"));
     let failures = |cluster: &str| pglb.metric("pglb_health_check_failures_total", &[("cluster", cluster)]);
     let (failed_b, failed_c) = (failures("b"), failures("c"));
