@@ -5,12 +5,15 @@
 pub mod cluster;
 pub mod docs;
 pub mod fault;
+pub mod haproxy;
+pub mod patroni;
 pub mod pg;
 pub mod pg18;
 pub mod pglb;
 pub mod prom;
 pub mod psql;
 pub mod wire;
+pub mod writers;
 
 use std::time::{Duration, Instant};
 

@@ -130,7 +130,7 @@ impl Yaml {
         Self::for_nodes(&cluster.nodes)
     }
 
-    fn for_nodes(nodes: &[pglb_cluster::Node]) -> Self {
+    pub fn for_nodes(nodes: &[pglb_cluster::Node]) -> Self {
         Self {
             top: String::new(),
             admin: free_port().expect("free port"),
@@ -248,7 +248,10 @@ impl Yaml {
         for (name, port, extra) in &self.listeners {
             out += &format!("  - name: {name}\n    listen: 127.0.0.1:{port}\n    {extra}\n");
         }
-        out += "backends:\n";
+        // None: the backends come from Patroni.
+        if !self.backends.is_empty() {
+            out += "backends:\n";
+        }
         for (name, extra) in &self.backends {
             out += &format!("  - name: {name}\n    {extra}\n");
         }

@@ -51,7 +51,7 @@ fn cluster_json(topology: &pglb_control::TopologyHandle, table: &RoutingTable) -
     let primaries: Vec<&str> = table
         .backends
         .iter()
-        .filter(|b| b.role == pglb_routing::ObservedRole::Primary && b.state.up && b.fenced.is_none())
+        .filter(|b| b.role == pglb_routing::ObservedRole::Primary && b.serving())
         .map(|b| b.config.name.as_str())
         .collect();
     let healthy = table.backends.iter().filter(|b| b.state.health() == Health::Healthy).count();
@@ -71,12 +71,45 @@ fn cluster_json(topology: &pglb_control::TopologyHandle, table: &RoutingTable) -
         },
         "restored": *topology.restored,
         "restored_from": topology.restored_from,
+        "patroni": table.patroni.as_ref().map(|p| patroni_json(p)),
         "summary": {
             "primary": primaries,
             "backends": table.backends.len(),
             "healthy": healthy,
             "fenced": fenced,
         },
+    })
+}
+
+/// What Patroni said last, and how pglb uses it.
+fn patroni_json(view: &pglb_routing::PatroniView) -> Value {
+    let seconds =
+        |t: Option<std::time::SystemTime>| t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs());
+    json!({
+        "state": view.trust.as_str(),
+        "leader_lock_used": view.trust == pglb_routing::Trust::Lock,
+        "explain": view.trust.explain(),
+        "leader": view.leader,
+        "standby_leader": view.standby_leader,
+        "paused": view.paused,
+        "members": view.members.values().filter(|m| !m.departed).count(),
+        "answered_by": view.answered_by,
+        "answered_at": seconds(view.answered_at),
+        "error": view.error,
+    })
+}
+
+fn member_json(m: &pglb_routing::MemberView) -> Value {
+    json!({
+        "role": m.role,
+        "state": m.state,
+        "timeline": m.timeline,
+        "lag_bytes": m.lag,
+        "departed": m.departed,
+        "noloadbalance": m.noloadbalance(),
+        "nostream": m.nostream(),
+        "nofailover": m.nofailover(),
+        "failover_priority": m.failover_priority(),
     })
 }
 
@@ -111,6 +144,10 @@ fn backends_json(cluster: &str, table: &RoutingTable) -> Vec<Value> {
                 "fenced": b.fenced.is_some(),
                 "fence_kind": b.fenced.as_ref().map(|f| f.kind.as_str()),
                 "fence_reason": b.fenced.as_ref().map(|f| &f.reason),
+                "vetoed": b.vetoed.is_some(),
+                "veto_reason": b.vetoed,
+                "tags": b.tags,
+                "patroni": b.member.as_ref().map(member_json),
                 "admin_state": b.admin.as_str(),
                 "lag_bytes": b.lag.bytes,
                 "lag_seconds": b.lag.seconds,
@@ -139,6 +176,7 @@ fn listeners_json(cluster: &str, table: &RoutingTable, listeners: &[ListenerView
                 "role": l.config.role.as_str(),
                 "fallback": l.config.fallback.map(|r| r.as_str()),
                 "balance": l.config.balance.as_str(),
+                "tags": l.config.tags,
                 "via_fallback": l.via_fallback,
                 "degraded": l.degraded,
                 "backends": names(&l.eligible),

@@ -11,6 +11,7 @@ mod duration;
 mod error;
 mod load;
 mod model;
+mod patroni;
 mod positions;
 mod raw;
 mod secret;
@@ -23,8 +24,9 @@ pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, Problem};
 pub use load::{load_admin, load_file, load_str};
 pub use model::{
-    sni_matches, AdminAccess, AdminConfig, BackendConfig, Balance, Cluster, Config, Forwarder, HealthConfig, Limits,
-    ListenerConfig, LogFormat, MultiPrimary, OnIneligible, OnLag, Role, SslMode, DEFAULT_CLUSTER,
+    sni_matches, tags_match, AdminAccess, AdminConfig, BackendConfig, Balance, Cluster, Config, Forwarder,
+    HealthConfig, Limits, ListenerConfig, LogFormat, MultiPrimary, OnIneligible, OnLag, PatroniConfig, PatroniUrl,
+    Role, SslMode, Tags, DEFAULT_CLUSTER,
 };
 pub use secret::{Secret, SecretError, SecretSource};
 pub use size::parse_bytes;

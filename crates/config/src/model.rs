@@ -69,8 +69,93 @@ pub struct Cluster {
     /// nothing the backends say or the state file holds overrides it.
     pub system_identifier: Option<u64>,
     pub health: HealthConfig,
+    /// Members read from Patroni's REST API, besides `backends`.
+    pub patroni: Option<PatroniConfig>,
     pub listeners: Vec<ListenerConfig>,
     pub backends: Vec<BackendConfig>,
+}
+
+/// `patroni:`: where to read the cluster's members, leader and tags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatroniConfig {
+    /// Members' REST API addresses, tried in order (then the `api_url`s
+    /// the members publish).
+    pub urls: Vec<PatroniUrl>,
+    /// How often `GET /cluster` is read.
+    pub interval: Duration,
+    /// Per request.
+    pub timeout: Duration,
+    /// How long a member must be missing from every answer before it is
+    /// removed (drained first).
+    pub remove_after: Duration,
+    /// CA certificates for `https` APIs (`restapi.cafile`); without it the
+    /// system's are not used and an `https` API must present a chain to it.
+    pub cafile: Option<PathBuf>,
+    /// A client certificate and key, for `restapi.verify_client`.
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+}
+
+/// `http://host:port` or `https://host:port` (a path is not allowed).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PatroniUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl PatroniUrl {
+    /// Parses `http[s]://host[:port][/]`; the port defaults to Patroni's 8008.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        let (tls, rest) = if let Some(rest) = text.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            (false, text.strip_prefix("http://")?)
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+            return None;
+        }
+        let (host, port) = match rest.strip_prefix('[') {
+            Some(v6) => {
+                let (host, after) = v6.split_once(']')?;
+                let port = match after.strip_prefix(':') {
+                    Some(p) => p.parse().ok()?,
+                    None if after.is_empty() => 8008,
+                    None => return None,
+                };
+                (host.to_owned(), port)
+            }
+            None => match rest.rsplit_once(':') {
+                Some((host, port)) => (host.to_owned(), port.parse().ok()?),
+                None => (rest.to_owned(), 8008),
+            },
+        };
+        let valid = !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c));
+        (valid && port != 0).then_some(Self { tls, host, port })
+    }
+
+    /// `host:port`, bracketing IPv6 literals.
+    pub fn authority(&self) -> String {
+        host_port(&self.host, self.port)
+    }
+}
+
+impl std::fmt::Display for PatroniUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", if self.tls { "https" } else { "http" }, self.authority())
+    }
+}
+
+/// Tags: a member's (from Patroni, or a static backend's `tags:`) and a
+/// listener's selector. Values are compared as text, exactly (`true`,
+/// `1` and `east` as written; Patroni's JSON `true` is `true`).
+pub type Tags = std::collections::BTreeMap<String, String>;
+
+/// Whether `tags` carry every key of `selector` with the same value.
+pub fn tags_match(selector: &Tags, tags: &Tags) -> bool {
+    selector.iter().all(|(k, v)| tags.get(k) == Some(v))
 }
 
 /// Process-wide bounds on connections that hold no backend session yet:
@@ -252,6 +337,8 @@ pub struct ListenerConfig {
     /// `*.suffix` for any name under `suffix`). Empty: the address's only
     /// listener, or its default (unmatched names and plaintext clients).
     pub sni: Vec<String>,
+    /// Only backends carrying all these tags (empty: every backend).
+    pub tags: Tags,
 }
 
 /// `pattern` (an exact name or `*.suffix`) matches server name `name`; a
@@ -278,16 +365,23 @@ pub struct BackendConfig {
     pub max_connections: Option<usize>,
     /// A pinned role: the backend serves only as this, whatever it reports.
     pub role: Option<Role>,
+    /// Static tags; a Patroni member's come from Patroni.
+    pub tags: Tags,
 }
 
 impl BackendConfig {
     /// `host:port`, bracketing IPv6 literals.
     pub fn address(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        host_port(&self.host, self.port)
+    }
+}
+
+/// `host:port`, bracketing IPv6 literals.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 

@@ -54,6 +54,7 @@ pub struct RawConfig {
     pub limits: Option<RawLimits>,
     pub admin: Option<RawAdmin>,
     pub health: Option<RawHealth>,
+    pub patroni: Option<RawPatroni>,
     #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
@@ -73,10 +74,26 @@ pub struct RawCluster {
     pub system_identifier: Option<Text>,
     pub defaults: Option<RawDefaults>,
     pub health: Option<RawHealth>,
+    pub patroni: Option<RawPatroni>,
     #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// `patroni:` of a cluster: where its members' REST APIs answer.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawPatroni {
+    pub urls: Option<OneOrMany>,
+    pub interval: Option<Text>,
+    pub timeout: Option<Text>,
+    pub remove_after: Option<Text>,
+    pub cafile: Option<Text>,
+    pub certfile: Option<Text>,
+    pub keyfile: Option<Text>,
     /// Keys this section does not know.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
@@ -168,6 +185,7 @@ pub struct RawListener {
     pub allow: Option<OneOrMany>,
     pub freebind: Option<Text>,
     pub sni: Option<OneOrMany>,
+    pub tags: Option<BTreeMap<String, Text>>,
     /// Keys this section does not know.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
@@ -180,6 +198,7 @@ pub struct RawBackend {
     pub weight: Option<Text>,
     pub max_connections: Option<Text>,
     pub role: Option<Text>,
+    pub tags: Option<BTreeMap<String, Text>>,
     /// Keys this section does not know.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
@@ -217,9 +236,11 @@ pub const TOP_KEYS: &[&str] = &[
     "listeners",
     "backends",
     "clusters",
+    "patroni",
 ];
 pub const CLUSTER_KEYS: &[&str] =
-    &["name", "multi_primary", "system_identifier", "defaults", "health", "listeners", "backends"];
+    &["name", "multi_primary", "system_identifier", "defaults", "health", "patroni", "listeners", "backends"];
+pub const PATRONI_KEYS: &[&str] = &["urls", "interval", "timeout", "remove_after", "cafile", "certfile", "keyfile"];
 pub const LIMITS_KEYS: &[&str] = &["max_pending", "max_pending_per_source"];
 pub const ADMIN_KEYS: &[&str] = &["listen", "token_env", "token_file"];
 pub const DEFAULTS_KEYS: &[&str] = &[
@@ -268,8 +289,9 @@ pub const LISTENER_KEYS: &[&str] = &[
     "allow",
     "freebind",
     "sni",
+    "tags",
 ];
-pub const BACKEND_KEYS: &[&str] = &["name", "address", "weight", "max_connections", "role"];
+pub const BACKEND_KEYS: &[&str] = &["name", "address", "weight", "max_connections", "role", "tags"];
 
 #[cfg(test)]
 mod tests {
@@ -281,9 +303,15 @@ mod tests {
         let mapping = |keys: &[&str]| keys.iter().map(|k| format!("{k}: x")).collect::<Vec<_>>().join(", ");
         let health: RawHealth = serde_yaml::from_str(&format!("{{{}}}", mapping(HEALTH_KEYS))).expect("health");
         assert!(health.other.is_empty(), "{:?}", health.other.keys());
-        let l: RawListener = serde_yaml::from_str(&format!("{{{}}}", mapping(LISTENER_KEYS))).expect("listener");
+        let l: RawListener =
+            serde_yaml::from_str(&format!("{{{}}}", mapping(LISTENER_KEYS).replace("tags: x", "tags: {}")))
+                .expect("listener");
         assert!(l.other.is_empty(), "{:?}", l.other.keys());
-        let b: RawBackend = serde_yaml::from_str(&format!("{{{}}}", mapping(BACKEND_KEYS))).expect("backend");
+        let b: RawBackend =
+            serde_yaml::from_str(&format!("{{{}}}", mapping(BACKEND_KEYS).replace("tags: x", "tags: {}")))
+                .expect("backend");
+        let p: RawPatroni = serde_yaml::from_str(&format!("{{{}}}", mapping(PATRONI_KEYS))).expect("patroni");
+        assert!(p.other.is_empty(), "{:?}", p.other.keys());
         assert!(b.other.is_empty(), "{:?}", b.other.keys());
         let d: RawDefaults = serde_yaml::from_str(&format!("{{{}}}", mapping(DEFAULTS_KEYS))).expect("defaults");
         assert!(d.other.is_empty(), "{:?}", d.other.keys());
@@ -294,6 +322,7 @@ mod tests {
             mapping(CLUSTER_KEYS)
                 .replace("defaults: x", "defaults: {}")
                 .replace("health: x", "health: {}")
+                .replace("patroni: x", "patroni: {}")
                 .replace("listeners: x", "listeners: []")
                 .replace("backends: x", "backends: []")
         ))

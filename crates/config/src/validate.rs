@@ -29,7 +29,7 @@ struct Layer {
 
 pub struct Validator<'a> {
     positions: &'a Positions,
-    base: &'a Path,
+    pub(crate) base: &'a Path,
     problems: Vec<Problem>,
     warnings: Vec<Problem>,
 }
@@ -80,12 +80,20 @@ impl<'a> Validator<'a> {
                     system_identifier: raw.system_identifier,
                     defaults: None,
                     health: None,
+                    patroni: raw.patroni,
                     listeners: raw.listeners,
                     backends: raw.backends,
                     other: BTreeMap::new(),
                 },
             )],
             Some(list) => {
+                if raw.patroni.is_some() {
+                    self.problem(
+                        "patroni",
+                        "a top-level `patroni:` next to `clusters:`: whose members does it list?".into(),
+                        "move it into the cluster Patroni runs (clusters[i].patroni)",
+                    );
+                }
                 self.clusters(&top, list, raw.listeners, raw.backends, raw.system_identifier, raw.multi_primary)
             }
         };
@@ -199,8 +207,18 @@ impl<'a> Validator<'a> {
             raw.system_identifier.and_then(|t| self.system_identifier(&format!("{prefix}system_identifier"), t));
         let health = self.health(&layers);
         let listeners = self.listeners(&prefix, raw.listeners, &layers);
-        let backends = self.backends(&prefix, raw.backends);
-        Cluster { name, implicit: index.is_none(), multi_primary, system_identifier, health, listeners, backends }
+        let patroni = raw.patroni.and_then(|p| self.patroni(&format!("{prefix}patroni"), p));
+        let backends = self.backends(&prefix, raw.backends, patroni.is_some());
+        Cluster {
+            name,
+            implicit: index.is_none(),
+            multi_primary,
+            system_identifier,
+            health,
+            patroni,
+            listeners,
+            backends,
+        }
     }
 
     /// What clusters must agree on: listeners sharing an address, and a
@@ -286,13 +304,13 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn problem(&mut self, item: &str, message: String, help: impl Into<String>) {
+    pub(crate) fn problem(&mut self, item: &str, message: String, help: impl Into<String>) {
         let problem = self.at(item, message, help);
         self.problems.push(problem);
     }
 
     /// Allowed, but probably not what the operator meant.
-    fn warning(&mut self, item: &str, message: String, help: impl Into<String>) {
+    pub(crate) fn warning(&mut self, item: &str, message: String, help: impl Into<String>) {
         let warning = self.at(item, message, help);
         self.warnings.push(warning);
     }
@@ -621,6 +639,7 @@ impl<'a> Validator<'a> {
         let allow = self.allowlist(&at("allow"), l.allow.map(OneOrMany::into_vec).unwrap_or_default());
         let freebind = self.flag(&at("freebind"), l.freebind);
         let sni = self.server_names(&at("sni"), l.sni.map(OneOrMany::into_vec).unwrap_or_default());
+        let tags = self.tags(&at("tags"), l.tags);
         self.unknown_keys(&format!("{prefix}listeners[{i}]"), &l.other, LISTENER_KEYS);
         ListenerConfig {
             name,
@@ -642,6 +661,7 @@ impl<'a> Validator<'a> {
             allow,
             freebind,
             sni,
+            tags,
         }
     }
 
@@ -838,12 +858,12 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn backends(&mut self, prefix: &str, raw: Vec<RawBackend>) -> Vec<BackendConfig> {
-        if raw.is_empty() {
+    fn backends(&mut self, prefix: &str, raw: Vec<RawBackend>, patroni: bool) -> Vec<BackendConfig> {
+        if raw.is_empty() && !patroni {
             self.problem(
                 &format!("{prefix}backends"),
                 "no backends are configured".into(),
-                "add at least one backend, e.g. `- {name: pg1, address: 10.0.0.11:5432}`",
+                "add at least one backend, e.g. `- {name: pg1, address: 10.0.0.11:5432}`, or read them from Patroni (`patroni: {urls: [http://10.0.0.11:8008]}`)",
             );
         }
         let mut names = HashMap::new();
@@ -886,7 +906,8 @@ impl<'a> Validator<'a> {
                     None
                 }
             };
-            out.push(BackendConfig { name, host, port, weight, max_connections, role });
+            let tags = self.tags(&at("tags"), b.tags);
+            out.push(BackendConfig { name, host, port, weight, max_connections, role, tags });
         }
         out
     }
@@ -953,7 +974,7 @@ impl<'a> Validator<'a> {
 
     /// Keys a section does not know: each is a problem, with the closest
     /// known key as a suggestion.
-    fn unknown_keys(&mut self, section: &str, other: &BTreeMap<String, serde_yaml::Value>, known: &[&str]) {
+    pub(crate) fn unknown_keys(&mut self, section: &str, other: &BTreeMap<String, serde_yaml::Value>, known: &[&str]) {
         for key in other.keys() {
             let item = if section.is_empty() { key.clone() } else { format!("{section}.{key}") };
             let help = match crate::suggest::closest(key, known) {
@@ -964,7 +985,7 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn duration(&mut self, item: &str, raw: Option<Text>, default: Duration) -> Duration {
+    pub(crate) fn duration(&mut self, item: &str, raw: Option<Text>, default: Duration) -> Duration {
         let Some(text) = raw else { return default };
         match parse_duration(&text.0) {
             Ok(d) if !d.is_zero() => d,

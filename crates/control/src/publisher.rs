@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use pglb_config::{Cluster, Role};
 use pglb_routing::{
-    ActionError, AdminState, CheckError, Event, FailureKind, FenceChange, GateChange, Health, Observation,
-    RoutingTable, SavedState, Transition,
+    ActionError, AdminState, CheckError, Event, FailureKind, FenceChange, GateChange, Health, Observation, PatroniView,
+    RoutingTable, SavedState, Transition, Trust,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -27,6 +27,9 @@ pub enum Command {
     Admin { backend: String, state: AdminState, reply: oneshot::Sender<Result<(), ActionError>> },
     /// An operator clears a fence.
     Unfence { backend: String, reply: oneshot::Sender<Result<bool, ActionError>> },
+    /// What Patroni says now (members, leader lock, tags), from the
+    /// cluster's Patroni reader.
+    Patroni { view: PatroniView },
     /// A reload changed this cluster: its next config (already validated).
     Reconfigure { config: Arc<Cluster>, reply: oneshot::Sender<()> },
     /// The safety state now, for a new process taking over. With
@@ -57,6 +60,9 @@ pub struct TopologyHandle {
     pub generation: watch::Receiver<u64>,
     /// Until when checks run at `fast_interval`.
     pub fast_until: watch::Receiver<Instant>,
+    /// Woken when a check sees a role change: Patroni is read again at
+    /// once rather than at its next interval.
+    pub role_changed: Arc<tokio::sync::Notify>,
 }
 
 /// The task's state: one cluster's.
@@ -70,6 +76,7 @@ pub struct Publisher {
     saver: Option<(std::sync::mpsc::Sender<Update>, SavedState)>,
     /// Set once the state was handed to a new process: no more writes.
     handed_over: bool,
+    role_changed: Arc<tokio::sync::Notify>,
 }
 
 /// Where the state restored at start comes from.
@@ -108,6 +115,7 @@ impl Publisher {
         let (fast_tx, fast_rx) = watch::channel(Instant::now());
         let (tx, rx) = mpsc::channel(1024);
         let table = Arc::new(ArcSwap::from_pointee(table));
+        let role_changed = Arc::new(tokio::sync::Notify::new());
         let handle = TopologyHandle {
             cluster: name.clone(),
             restored: Arc::new(restored),
@@ -116,9 +124,18 @@ impl Publisher {
             table: table.clone(),
             generation: generation_rx,
             fast_until: fast_rx,
+            role_changed: role_changed.clone(),
         };
-        let publisher =
-            Self { cluster: name, topology, table, generation: generation_tx, fast_until: fast_tx, saver, handed_over };
+        let publisher = Self {
+            cluster: name,
+            topology,
+            table,
+            generation: generation_tx,
+            fast_until: fast_tx,
+            saver,
+            handed_over,
+            role_changed,
+        };
         (publisher, handle, rx)
     }
 
@@ -161,6 +178,7 @@ impl Publisher {
                 let _ = reply.send(result);
                 return;
             }
+            Command::Patroni { view } => self.topology.set_patroni(view),
             Command::Reconfigure { config, reply } => {
                 self.topology.reconfigure(config);
                 self.publish(Vec::new());
@@ -197,6 +215,9 @@ impl Publisher {
         let _in = span.enter();
         for event in &events {
             log_event(event);
+        }
+        if events.iter().any(|e| matches!(e, Event::Backend { transition: Transition::Role { .. }, .. })) {
+            self.role_changed.notify_one();
         }
         export_table(&self.cluster, &table);
         let changed = table.generation != *self.generation.borrow();
@@ -257,6 +278,20 @@ fn log_event(event: &Event) {
         Event::SplitBrain { primaries } => tracing::error!(
             ?primaries,
             "split brain: more than one backend is primary on the same timeline; primary listeners route to none until one remains"
+        ),
+        Event::Patroni { from, to: Trust::Lock, leader } => tracing::info!(
+            from = from.as_str(),
+            to = Trust::Lock.as_str(),
+            leader = leader.as_deref().unwrap_or(""),
+            "Patroni's leader lock is used: {}",
+            Trust::Lock.explain()
+        ),
+        Event::Patroni { from, to, leader } => tracing::warn!(
+            from = from.as_str(),
+            to = to.as_str(),
+            leader = leader.as_deref().unwrap_or(""),
+            "{}",
+            to.explain()
         ),
         Event::SplitBrainOver => tracing::warn!("split brain over: at most one primary is visible again"),
         Event::SavedTimelineIgnored { saved, now } => tracing::warn!(

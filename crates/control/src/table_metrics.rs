@@ -1,6 +1,6 @@
 //! Cluster metrics, set from each published table.
 
-use pglb_routing::{AdminState, FailureClass, Health, ObservedRole, RoutingTable};
+use pglb_routing::{AdminState, FailureClass, Health, ObservedRole, RoutingTable, Trust};
 
 /// Registers help text for the metrics set from the routing table.
 pub fn describe_metrics() {
@@ -40,6 +40,18 @@ pub fn describe_metrics() {
     );
     describe_gauge!("pglb_listener_eligible_backends", "Backends the listener may use now.");
     describe_gauge!(
+        "pglb_patroni_state",
+        "1 for how pglb uses Patroni now (leader_lock: the lock vetoes other primaries; any other value: routing on pglb's own checks, and why), else 0. Only for clusters read from Patroni."
+    );
+    describe_gauge!(
+        "pglb_patroni_members",
+        "Members Patroni lists for the cluster (departed ones still draining not counted)."
+    );
+    describe_gauge!(
+        "pglb_backend_vetoed",
+        "1 while the backend answers as primary but Patroni's confirmed leader is another node (it gets no traffic), else 0."
+    );
+    describe_gauge!(
         "pglb_routing_generation",
         "The cluster's routing generation: moves each time its routing table changes what clients may be routed to (a failover, fence, admin action or reload of that cluster), and only then."
     );
@@ -68,6 +80,10 @@ pub fn export_table(cluster: &str, table: &RoutingTable) {
         }
         metrics::gauge!("pglb_backend_fenced", "cluster" => cluster.clone(), "backend" => name.clone())
             .set(f64::from(u8::from(b.fenced.is_some())));
+        if table.patroni.is_some() {
+            metrics::gauge!("pglb_backend_vetoed", "cluster" => cluster.clone(), "backend" => name.clone())
+                .set(f64::from(u8::from(b.vetoed.is_some())));
+        }
         let in_doubt = table.identity.in_doubt.iter().any(|(d, _)| *d == name);
         metrics::gauge!("pglb_backend_identity_in_doubt", "cluster" => cluster.clone(), "backend" => name.clone())
             .set(f64::from(u8::from(in_doubt)));
@@ -86,6 +102,14 @@ pub fn export_table(cluster: &str, table: &RoutingTable) {
             metrics::histogram!("pglb_health_check_duration_seconds", "cluster" => cluster.clone(), "backend" => name);
     }
     metrics::gauge!("pglb_split_brain", "cluster" => cluster.clone()).set(f64::from(u8::from(table.split_brain)));
+    if let Some(view) = &table.patroni {
+        for trust in Trust::ALL {
+            metrics::gauge!("pglb_patroni_state", "cluster" => cluster.clone(), "state" => trust.as_str())
+                .set(f64::from(u8::from(view.trust == trust)));
+        }
+        let members = view.members.values().filter(|m| !m.departed).count();
+        metrics::gauge!("pglb_patroni_members", "cluster" => cluster.clone()).set(members as f64);
+    }
     metrics::gauge!("pglb_routing_generation", "cluster" => cluster.clone()).set(table.generation as f64);
     for l in &table.listeners {
         let labels = [

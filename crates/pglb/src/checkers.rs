@@ -77,8 +77,8 @@ impl Checkers {
         }
     }
 
-    pub async fn stop_all(self) {
-        for r in self.running {
+    pub async fn stop_all(&mut self) {
+        for r in std::mem::take(&mut self.running) {
             r.stop.cancel();
             let _ = r.task.await;
         }

@@ -18,6 +18,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkers::Checkers;
+use crate::members::{Discovery, Members};
 
 /// What every cluster's listeners share.
 pub struct Common {
@@ -52,10 +53,15 @@ impl Common {
 
 /// One cluster being served.
 pub struct ClusterRun {
+    /// The cluster as configured (Patroni's members are not in it).
     pub config: Arc<Cluster>,
     pub topology: TopologyHandle,
     pub shared: Shared,
-    pub checkers: Checkers,
+    /// The backends served (configured and Patroni's) and their checkers.
+    members: Arc<tokio::sync::Mutex<Members>>,
+    /// The Patroni reader, for a cluster with `patroni:`.
+    discovery: Option<Discovery>,
+    control: tokio::runtime::Handle,
     /// Ends the cluster's enforcement task.
     stop: CancellationToken,
 }
@@ -71,27 +77,36 @@ impl ClusterRun {
         control: &tokio::runtime::Handle,
         common: &Common,
         contexts: Arc<Contexts>,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let (publisher, topology, inbox) = Publisher::new(config.clone(), origin, saver);
         control.spawn(publisher.run(inbox));
-        let checkers = Checkers::start(control.clone(), config.clone(), tls, &topology);
+        let checkers = Checkers::start(control.clone(), config.clone(), tls.clone(), &topology);
+        let members = Arc::new(tokio::sync::Mutex::new(Members::new(config.clone(), checkers, tls, topology.clone())));
+        let discovery = match &config.patroni {
+            Some(patroni) => Some(Discovery::start(patroni.clone(), members.clone(), &topology, control)?),
+            None => None,
+        };
         let shared = common.shared(&topology);
         let stop = CancellationToken::new();
         tokio::spawn(crate::enforce::run(contexts, topology.clone(), stop.clone()));
-        Self { config, topology, shared, checkers, stop }
+        Ok(Self { config, topology, shared, members, discovery, control: control.clone(), stop })
     }
 
     /// Applies `next` (a changed section of this cluster): checkers of
     /// changed backends stop first, so no stale report follows; states of
-    /// unchanged backends carry over.
+    /// unchanged backends carry over. A changed `patroni:` restarts the
+    /// reader; the members it found stay until the new one answers.
     pub async fn reconfigure(&mut self, next: Arc<Cluster>, tls: MakeRustlsConnect) -> anyhow::Result<()> {
-        self.checkers.stop_changed(&next).await;
-        let (reply, done) = oneshot::channel();
-        let command = Command::Reconfigure { config: next.clone(), reply };
-        if self.topology.commands.send(command).await.is_err() || done.await.is_err() {
-            anyhow::bail!("the topology task of cluster `{}` is gone (pglb is stopping)", self.config.name);
+        if self.discovery.as_ref().map(Discovery::config) != next.patroni.as_ref() {
+            if let Some(old) = self.discovery.take() {
+                old.stop();
+            }
+            if let Some(patroni) = &next.patroni {
+                self.discovery =
+                    Some(Discovery::start(patroni.clone(), self.members.clone(), &self.topology, &self.control)?);
+            }
         }
-        self.checkers.start_missing(next.clone(), tls, &self.topology);
+        self.members.lock().await.set_base(next.clone(), tls).await?;
         self.config = next;
         Ok(())
     }
@@ -100,7 +115,8 @@ impl ClusterRun {
     /// judged as those of removed listeners (closed, or left to finish with
     /// `on_ineligible: keep`). The topology task ends with its last handle.
     pub async fn remove(self, contexts: &Contexts) {
-        self.checkers.stop_all().await;
+        drop(self.discovery);
+        self.members.lock().await.stop_checkers().await;
         let empty = Cluster { listeners: Vec::new(), backends: Vec::new(), ..Cluster::clone(&self.config) };
         let (reply, done) = oneshot::channel();
         let command = Command::Reconfigure { config: Arc::new(empty), reply };
@@ -113,7 +129,8 @@ impl ClusterRun {
 
     /// Stops the checkers and the enforcement task (shutdown).
     pub async fn stop(self) {
-        self.checkers.stop_all().await;
+        drop(self.discovery);
+        self.members.lock().await.stop_checkers().await;
         self.stop.cancel();
     }
 }

@@ -10,6 +10,7 @@ mod data_path;
 mod demo;
 mod enforce;
 mod limits;
+mod members;
 mod reload;
 mod run;
 mod signals;

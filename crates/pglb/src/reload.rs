@@ -188,7 +188,7 @@ impl Server {
                         &self.control.handle,
                         &self.common,
                         self.contexts.clone(),
-                    );
+                    )?;
                     tracing::info!(cluster = %config.name, backends = config.backends.len(), "cluster added");
                     changed.push(config.name.clone());
                     self.clusters.push(cluster);

@@ -271,7 +271,7 @@ impl Server {
                 let (saver, handle) = (saver.clone(), control.handle.clone());
                 ClusterRun::start(cluster.clone(), origin, saver, tls, &handle, &common, contexts.clone())
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         let live = LiveConfig {
             path: path.display().to_string(),
             hash: crate::reload::file_hash(&path),

@@ -68,6 +68,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("cannot install the metrics recorder")?;
     pglb_control::describe_metrics();
     pglb_health::describe_metrics();
+    pglb_patroni::describe_metrics();
     pglb_proxy::describe_metrics();
     pglb_admin::policy::describe();
     metrics::describe_counter!(

@@ -317,7 +317,9 @@ async fn find_backend<'a>(
         let (candidates, via_fallback) = pick(ctx);
         let (deadline, freed) = if candidates.is_empty() {
             if held.is_none() {
-                if config.hold_timeout.is_zero() {
+                // A standby cluster takes no writes however long one waits.
+                let standby = config.role == Role::Primary && ctx.shared.table.load().standby_leader().is_some();
+                if config.hold_timeout.is_zero() || standby {
                     return Err(no_backend(ctx, config, None));
                 }
                 held =

@@ -10,6 +10,7 @@
 
 mod fence;
 mod lag;
+mod patroni;
 mod reason;
 mod saved;
 mod select;
@@ -20,6 +21,7 @@ mod why;
 
 pub use fence::{Fence, FenceChange, FenceKind, Fencing, Identity, IdentitySource};
 pub use lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
+pub use patroni::{MemberView, PatroniView, Trust};
 pub use reason::CloseReason;
 pub use saved::{SavedAdmin, SavedFence, SavedLagging, SavedNotFollowing, SavedState};
 pub use select::Cursor;

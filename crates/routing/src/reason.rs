@@ -19,6 +19,9 @@ pub enum CloseReason {
     Lagging,
     /// A reload removed the backend.
     Removed,
+    /// Patroni's confirmed leader is another node: this one must take no
+    /// writes, whatever it says.
+    NotLeader,
     /// A reload removed the listener.
     ListenerRemoved,
     /// Sessions still open when `shutdown_timeout` ran out.
@@ -26,7 +29,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         Self::BackendDown,
         Self::Fenced,
         Self::Disabled,
@@ -34,6 +37,7 @@ impl CloseReason {
         Self::RoleChanged,
         Self::Lagging,
         Self::Removed,
+        Self::NotLeader,
         Self::ListenerRemoved,
         Self::ShutdownTimeout,
     ];
@@ -47,6 +51,7 @@ impl CloseReason {
             Self::RoleChanged => "role_changed",
             Self::Lagging => "lagging",
             Self::Removed => "removed",
+            Self::NotLeader => "not_leader",
             Self::ListenerRemoved => "listener_removed",
             Self::ShutdownTimeout => "shutdown_timeout",
         }

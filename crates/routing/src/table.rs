@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pglb_config::{BackendConfig, Balance, ListenerConfig, Role};
+use pglb_config::{tags_match, BackendConfig, Balance, ListenerConfig, Role, Tags};
 
 use crate::fence::Fence;
 use crate::lag::Lag;
+use crate::patroni::{MemberView, PatroniView};
 use crate::reason::CloseReason;
 use crate::state::{BackendState, ObservedRole};
 
@@ -80,6 +81,13 @@ pub struct BackendEntry {
     /// Last known lag behind the primary (replicas).
     pub lag: Lag,
     pub load: Arc<BackendLoad>,
+    /// What Patroni lists for it, when it is a Patroni member.
+    pub member: Option<MemberView>,
+    /// Why it gets no traffic although it answers as primary: Patroni's
+    /// confirmed leader is another node.
+    pub vetoed: Option<String>,
+    /// Its static tags and, for a member, Patroni's (static ones win).
+    pub tags: Tags,
 }
 
 impl BackendEntry {
@@ -93,7 +101,23 @@ impl BackendEntry {
     /// Up (healthy, degraded or unverified), unfenced, and not disabled: may
     /// keep its sessions.
     pub fn serving(&self) -> bool {
-        self.state.up && self.fenced.is_none() && self.admin != AdminState::Disabled
+        self.state.up && self.fenced.is_none() && self.vetoed.is_none() && self.admin != AdminState::Disabled
+    }
+
+    /// Whether new sessions of a listener of `role` selecting `selector`
+    /// may come here, as far as Patroni and tags go (like a drain: sessions
+    /// already here stay): not a member that left Patroni's list, not a
+    /// `noloadbalance` replica for reads, carrying the listener's tags.
+    pub fn selectable(&self, role: Role, selector: &Tags) -> bool {
+        let member = self.member.as_ref();
+        if member.is_some_and(|m| m.departed) {
+            return false;
+        }
+        let reads = self.role == ObservedRole::Replica && matches!(role, Role::Replica | Role::Any);
+        if reads && member.is_some_and(MemberView::noloadbalance) {
+            return false;
+        }
+        tags_match(selector, &self.tags)
     }
 }
 
@@ -144,6 +168,8 @@ pub struct RoutingTable {
     /// The cluster's system identifier; nothing is routed while it is
     /// pending.
     pub identity: crate::fence::Identity,
+    /// What Patroni last said, for a cluster read from Patroni.
+    pub patroni: Option<Arc<PatroniView>>,
 }
 
 impl RoutingTable {
@@ -153,6 +179,12 @@ impl RoutingTable {
 
     pub fn backend_index(&self, name: &str) -> Option<usize> {
         self.backends.iter().position(|b| b.config.name == name)
+    }
+
+    /// The standby leader, when Patroni runs this cluster as a standby
+    /// cluster: no node takes writes.
+    pub fn standby_leader(&self) -> Option<&str> {
+        self.patroni.as_ref().and_then(|p| p.standby_leader.as_deref())
     }
 
     /// Whether a session of `listener` on `backend` may go on. Sessions that
@@ -168,6 +200,9 @@ impl RoutingTable {
         }
         if b.fenced.is_some() {
             return Verdict::Ineligible(CloseReason::Fenced);
+        }
+        if b.vetoed.is_some() {
+            return Verdict::Ineligible(CloseReason::NotLeader);
         }
         if b.admin == AdminState::Disabled {
             return Verdict::Ineligible(CloseReason::Disabled);
@@ -188,12 +223,12 @@ impl RoutingTable {
     }
 }
 
-/// Backends a listener of `role` may use, before lag: the healthy ones, or
-/// (`degraded`) the silent ones.
-pub(crate) fn candidates_for(role: Role, table: &RoutingTable, degraded: bool) -> Vec<usize> {
+/// Backends a listener of `role` selecting `selector` may use, before lag:
+/// the healthy ones, or (`degraded`) the silent ones.
+pub(crate) fn candidates_for(role: Role, selector: &Tags, table: &RoutingTable, degraded: bool) -> Vec<usize> {
     let usable = |i: &usize| {
         let b = &table.backends[*i];
-        b.serving() && b.admin == AdminState::Enabled && b.state.degraded == degraded
+        b.serving() && b.admin == AdminState::Enabled && b.state.degraded == degraded && b.selectable(role, selector)
     };
     if table.identity.pending {
         return Vec::new();
@@ -221,8 +256,10 @@ impl ListenerRoute {
     /// primary for reads: its clients would wait on it.
     pub(crate) fn build(config: &ListenerConfig, table: &RoutingTable, admitted: impl Fn(usize) -> bool) -> Self {
         let behind = |i: &usize| table.backends[*i].role == ObservedRole::Replica && !admitted(*i);
-        let mut lagging: Vec<usize> =
-            [false, true].into_iter().flat_map(|silent| candidates_for(config.role, table, silent)).collect();
+        let mut lagging: Vec<usize> = [false, true]
+            .into_iter()
+            .flat_map(|silent| candidates_for(config.role, &config.tags, table, silent))
+            .collect();
         lagging.retain(behind);
         lagging.sort_unstable();
         let mut tiers = vec![(config.role, false, false)];
@@ -231,7 +268,7 @@ impl ListenerRoute {
         tiers.extend(config.fallback.map(|f| (f, true, true)));
         let (mut eligible, mut degraded, mut via_fallback) = (Vec::new(), false, false);
         for (role, silent, fallback) in tiers {
-            eligible = candidates_for(role, table, silent);
+            eligible = candidates_for(role, &config.tags, table, silent);
             eligible.retain(|i| !lagging.contains(i));
             if !eligible.is_empty() {
                 (degraded, via_fallback) = (silent, fallback);

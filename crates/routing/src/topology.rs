@@ -11,6 +11,7 @@ use pglb_config::{Cluster, MultiPrimary, Role};
 
 use crate::fence::{FenceChange, FenceKind, Fencing, Identity};
 use crate::lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
+use crate::patroni::{PatroniView, Trust};
 use crate::saved::{SavedAdmin, SavedFence, SavedLagging, SavedNotFollowing, SavedState};
 use crate::state::{BackendState, Observation, ObservedRole, Thresholds, Transition};
 use crate::table::{AdminState, BackendEntry, BackendLoad, ListenerRoute, RoutingTable};
@@ -49,6 +50,13 @@ pub enum Event {
         from: std::net::IpAddr,
         to: std::net::IpAddr,
     },
+    /// Whether Patroni's leader lock is used changed (or, while it is, the
+    /// lock holder).
+    Patroni {
+        from: Trust,
+        to: Trust,
+        leader: Option<String>,
+    },
     /// The cluster's identifier is settled (agreed by the backends).
     IdentitySettled {
         system_id: u64,
@@ -77,6 +85,11 @@ pub struct Topology {
     fencing: Fencing,
     generation: u64,
     last: Option<RoutingTable>,
+    /// What Patroni last said (clusters read from Patroni).
+    patroni: Option<std::sync::Arc<PatroniView>>,
+    /// Saved fences and admin states of backends not (yet) configured: a
+    /// Patroni member's, kept until Patroni lists it again.
+    unplaced: SavedState,
 }
 
 /// Why an operator action was refused.
@@ -102,6 +115,8 @@ impl Topology {
             fencing: Fencing::default(),
             generation: 0,
             last: None,
+            patroni: None,
+            unplaced: SavedState::default(),
             config,
         };
         topology.fencing.pin(topology.config.system_identifier);
@@ -115,6 +130,26 @@ impl Topology {
     /// The next config: state, load, admin state and lag of backends that
     /// stay (same name and address) carry over; new ones start unchecked.
     pub fn reconfigure(&mut self, config: Arc<Cluster>) {
+        // A Patroni member that leaves keeps its fence and admin state
+        // for when it comes back.
+        if config.patroni.is_some() {
+            let saved = self.saved();
+            let stays =
+                |name: &str, address: &str| config.backends.iter().any(|b| b.name == name && b.address() == address);
+            let known = |name: &str, address: &str| {
+                self.config.backends.iter().any(|b| b.name == name && b.address() == address)
+            };
+            for f in saved.fences {
+                if known(&f.backend, &f.address) && !stays(&f.backend, &f.address) {
+                    self.unplaced.fences.push(f);
+                }
+            }
+            for a in saved.admin {
+                if known(&a.backend, &a.address) && !stays(&a.backend, &a.address) {
+                    self.unplaced.admin.push(a);
+                }
+            }
+        }
         let old = &self.config;
         let find = |b: &pglb_config::BackendConfig| {
             old.backends.iter().position(|o| o.name == b.name && o.host == b.host && o.port == b.port)
@@ -147,6 +182,47 @@ impl Topology {
         self.fencing.pin(config.system_identifier);
         self.config = config;
         self.last = None;
+        self.place_unplaced();
+    }
+
+    /// Applies what Patroni said now; reports a change of trust (or of
+    /// the lock holder while the lock is used).
+    pub fn set_patroni(&mut self, view: PatroniView) -> Vec<Event> {
+        let before = self.patroni.as_ref().map(|p| (p.trust, p.veto_holder().map(str::to_owned)));
+        let (from, old_holder) = before.unwrap_or_default();
+        let now = (view.trust, view.veto_holder().map(str::to_owned));
+        let mut events = Vec::new();
+        if from != now.0 || old_holder != now.1 {
+            events.push(Event::Patroni { from, to: now.0, leader: view.leader.clone() });
+        }
+        self.patroni = Some(std::sync::Arc::new(view));
+        self.last = None;
+        events
+    }
+
+    /// Restores saved fences and admin states of backends that a
+    /// reconfiguration (a Patroni member appearing) brought in.
+    fn place_unplaced(&mut self) {
+        let find = |name: &str, address: &str| {
+            self.config.backends.iter().position(|b| b.name == name && b.address() == address)
+        };
+        let fences = std::mem::take(&mut self.unplaced.fences);
+        for f in fences {
+            match find(&f.backend, &f.address) {
+                Some(i) => {
+                    self.fencing.fenced.entry(i).or_insert(f.fence);
+                }
+                None => self.unplaced.fences.push(f),
+            }
+        }
+        let admin = std::mem::take(&mut self.unplaced.admin);
+        for a in admin {
+            match find(&a.backend, &a.address) {
+                Some(i) if self.admin[i] == AdminState::Enabled => self.admin[i] = a.state,
+                Some(_) => {}
+                None => self.unplaced.admin.push(a),
+            }
+        }
     }
 
     /// Applies one check result for backend `name`, observed at `now`.
@@ -229,7 +305,10 @@ impl Topology {
         let roles = self.roles();
         let primary = (0..self.states.len())
             .filter(|&p| {
-                self.states[p].up && roles[p] == ObservedRole::Primary && !self.fencing.fenced.contains_key(&p)
+                self.states[p].up
+                    && roles[p] == ObservedRole::Primary
+                    && !self.fencing.fenced.contains_key(&p)
+                    && self.vetoed(p, &roles).is_none()
             })
             .max_by_key(|&p| (self.states[p].facts.timeline, self.states[p].facts.wal.current));
         if replica_sample {
@@ -240,7 +319,11 @@ impl Topology {
         let Some(p) = primary else { return };
         for (r, role) in roles.iter().enumerate() {
             if *role == ObservedRole::Replica && self.states[r].up {
-                self.lags[r] = self.following[r].widen(lag(&self.states[r], &self.states[p], &self.wal[p], now), now);
+                let measured = lag(&self.states[r], &self.states[p], &self.wal[p], now);
+                // A `nostream` member never streams: its lag is what it
+                // replayed, not how long since it last followed.
+                let nostream = self.member(r).is_some_and(|m| m.nostream());
+                self.lags[r] = if nostream { measured } else { self.following[r].widen(measured, now) };
             } else if *role == ObservedRole::Primary {
                 // A promoted replica's last lag is no primary's.
                 self.lags[r] = Lag::default();
@@ -265,6 +348,21 @@ impl Topology {
                 });
             }
         }
+    }
+
+    /// What Patroni lists for backend `i`.
+    fn member(&self, i: usize) -> Option<&crate::patroni::MemberView> {
+        self.patroni.as_ref()?.members.get(&self.config.backends[i].name)
+    }
+
+    /// Why backend `i`, seen as primary, must take no traffic: Patroni's
+    /// confirmed lock holder is another node.
+    fn vetoed(&self, i: usize, roles: &[ObservedRole]) -> Option<String> {
+        let holder = self.patroni.as_ref()?.veto_holder()?;
+        let name = &self.config.backends[i].name;
+        (roles[i] == ObservedRole::Primary && name != holder).then(|| {
+            format!("Patroni's leader is `{holder}` (it confirms the lock): `{name}` answers as primary but is not the cluster's primary")
+        })
     }
 
     /// Effective roles: observed, unless the config pins one.
@@ -317,6 +415,9 @@ impl Topology {
                 Some(SavedNotFollowing { backend, address, since })
             })
             .collect();
+        let (mut fences, mut admin): (Vec<SavedFence>, Vec<SavedAdmin>) = (fences, admin);
+        fences.extend(self.unplaced.fences.iter().cloned());
+        admin.extend(self.unplaced.admin.iter().cloned());
         SavedState {
             system_id: self.fencing.system_id,
             max_timeline: self.fencing.max_timeline,
@@ -340,6 +441,15 @@ impl Topology {
                     notes.push(format!("{}: fenced ({}): {}", f.backend, f.fence.kind.as_str(), f.fence.reason));
                     self.fencing.fenced.insert(i, f.fence);
                 }
+                None if self.config.patroni.is_some() => {
+                    notes.push(format!(
+                        "{} ({}): fenced ({}): kept until Patroni lists it",
+                        f.backend,
+                        f.address,
+                        f.fence.kind.as_str()
+                    ));
+                    self.unplaced.fences.push(f);
+                }
                 None => notes
                     .push(format!("{} ({}): fence not restored: no such backend in the config", f.backend, f.address)),
             }
@@ -349,6 +459,15 @@ impl Topology {
                 Some(i) => {
                     notes.push(format!("{}: {}", a.backend, a.state.as_str()));
                     self.admin[i] = a.state;
+                }
+                None if self.config.patroni.is_some() => {
+                    notes.push(format!(
+                        "{} ({}): {}: kept until Patroni lists it",
+                        a.backend,
+                        a.address,
+                        a.state.as_str()
+                    ));
+                    self.unplaced.admin.push(a);
                 }
                 None => notes.push(format!(
                     "{} ({}): admin state {} not restored: no such backend in the config",
@@ -491,14 +610,23 @@ impl Topology {
     pub fn table(&mut self) -> (RoutingTable, Vec<Event>) {
         let roles = self.roles();
         let backends: Vec<BackendEntry> = (0..self.states.len())
-            .map(|i| BackendEntry {
-                config: self.config.backends[i].clone(),
-                state: self.states[i].clone(),
-                role: roles[i],
-                fenced: self.fencing.fenced.get(&i).cloned(),
-                admin: self.admin[i],
-                lag: self.lags[i],
-                load: self.loads[i].clone(),
+            .map(|i| {
+                let config = &self.config.backends[i];
+                let member = self.member(i).cloned();
+                let mut tags = member.as_ref().map(|m| m.tags.clone()).unwrap_or_default();
+                tags.extend(config.tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+                BackendEntry {
+                    config: config.clone(),
+                    state: self.states[i].clone(),
+                    role: roles[i],
+                    fenced: self.fencing.fenced.get(&i).cloned(),
+                    admin: self.admin[i],
+                    lag: self.lags[i],
+                    load: self.loads[i].clone(),
+                    member,
+                    vetoed: self.vetoed(i, &roles),
+                    tags,
+                }
             })
             .collect();
         let primaries: Vec<String> = backends
@@ -511,8 +639,11 @@ impl Topology {
             down_after: self.config.health.down_after,
             split_brain: self.config.multi_primary == MultiPrimary::Fence && primaries.len() > 1,
             primary_visible: !primaries.is_empty(),
-            all_checked: self.states.iter().all(|s| s.checked),
+            // A cluster read from Patroni waits for its first read too.
+            all_checked: self.states.iter().all(|s| s.checked)
+                && (self.config.patroni.is_none() || self.patroni.as_ref().is_some_and(|p| p.trust != Trust::NotRead)),
             identity: self.identity(),
+            patroni: self.patroni.clone(),
             backends,
             listeners: Vec::new(),
         };
@@ -544,8 +675,10 @@ impl Topology {
 
 /// Anything a router or a session verdict depends on.
 fn routing_differs(a: &RoutingTable, b: &RoutingTable) -> bool {
-    let backend_key = |e: &BackendEntry| (e.state.up, e.state.degraded, e.role, e.fenced.is_some(), e.admin);
+    let backend_key =
+        |e: &BackendEntry| (e.state.up, e.state.degraded, e.role, e.fenced.is_some(), e.vetoed.is_some(), e.admin);
     a.split_brain != b.split_brain
+        || a.standby_leader() != b.standby_leader()
         || a.identity.pending != b.identity.pending
         || a.all_checked != b.all_checked
         || a.backends.len() != b.backends.len()

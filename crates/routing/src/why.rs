@@ -37,6 +37,11 @@ pub fn unavailable(route: &ListenerRoute, table: &RoutingTable) -> String {
         }
         return "the first health checks of every backend have not completed yet (the cluster's system identifier is not settled)".into();
     }
+    if let (true, Some(leader)) = (route.config.role == Role::Primary, table.standby_leader()) {
+        return format!(
+            "the cluster is a Patroni standby cluster (its standby leader `{leader}` replicates from another cluster): it takes no writes; connect to the primary cluster"
+        );
+    }
     if wants_primary && table.split_brain {
         return format!(
             "two backends answer as primary ({}): no writes until one is fenced, demoted or disabled",
@@ -58,6 +63,17 @@ pub fn unavailable(route: &ListenerRoute, table: &RoutingTable) -> String {
             format!("drained by an operator (pglb enable {name})")
         } else if let Some(fence) = &b.fenced {
             format!("fenced: {}", fence.reason)
+        } else if let Some(veto) = &b.vetoed {
+            format!("vetoed: {veto}")
+        } else if b.member.as_ref().is_some_and(|m| m.departed) {
+            "gone from Patroni's member list (drained until its sessions end)".into()
+        } else if !b.selectable(route.config.role, &route.config.tags) && b.role == ObservedRole::Replica {
+            if b.member.as_ref().is_some_and(|m| m.noloadbalance()) {
+                "tagged noloadbalance in Patroni (out of read balancing)".into()
+            } else {
+                let want: Vec<String> = route.config.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("not tagged {} (the listener's tags)", want.join(", "))
+            }
         } else if !b.state.up {
             match &b.state.last_error {
                 Some(e) => format!("down ({})", e.reason),

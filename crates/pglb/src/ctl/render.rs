@@ -57,6 +57,14 @@ fn one_line(cluster: &Value) -> String {
     if cluster["identity"]["unsettled"].as_bool() == Some(true) {
         line += ", IDENTITY UNSETTLED";
     }
+    let patroni = &cluster["patroni"];
+    if patroni.is_object() {
+        line += &match patroni["state"].as_str() {
+            Some("leader_lock") => format!(", Patroni leader {}", text(&patroni["leader"])),
+            Some(state) => format!(", Patroni: own checks ({state})"),
+            None => String::new(),
+        };
+    }
     line
 }
 
@@ -90,6 +98,27 @@ fn cluster_section(notes: &Value, status: &Value, only: Option<&str>) -> String 
     }
     if notes["split_brain"].as_bool() == Some(true) {
         out += "SPLIT BRAIN: more than one unfenced primary answers; writes are refused until one is fenced\n";
+    }
+    let patroni = &notes["patroni"];
+    if patroni.is_object() {
+        let mut line = format!("Patroni: {} — {}", text(&patroni["state"]), text(&patroni["explain"]));
+        if let Some(leader) = patroni["leader"].as_str() {
+            line += &format!("; leader {leader}");
+        }
+        if let Some(standby) = patroni["standby_leader"].as_str() {
+            line += &format!("; STANDBY CLUSTER (standby leader {standby}): no writes");
+        }
+        if patroni["paused"].as_bool() == Some(true) {
+            line += "; PAUSED (maintenance mode)";
+        }
+        if let Some(by) = patroni["answered_by"].as_str() {
+            line += &format!("; last answer from {by}");
+        }
+        if let Some(at) = patroni["answered_at"].as_u64() {
+            line += &format!(" ({} ago)", ago(at));
+        }
+        out += &line;
+        out += "\n";
     }
     out += "\n";
     let listeners: Vec<Vec<String>> = status_rows("listeners")
@@ -244,6 +273,37 @@ fn note(b: &Value) -> String {
     }
     if let Some(pinned) = b["pinned_role"].as_str() {
         notes.push(format!("role pinned to {pinned}"));
+    }
+    if let Some(veto) = b["veto_reason"].as_str() {
+        notes.push(format!("VETOED: {veto}"));
+    }
+    let member = &b["patroni"];
+    if member.is_object() {
+        let mut tags = Vec::new();
+        if member["departed"].as_bool() == Some(true) {
+            tags.push("left Patroni's list (draining)".to_owned());
+        }
+        for flag in ["noloadbalance", "nostream", "nofailover"] {
+            if member[flag].as_bool() == Some(true) {
+                tags.push(flag.to_owned());
+            }
+        }
+        if let Some(p) = member["failover_priority"].as_str() {
+            tags.push(format!("failover_priority {p}"));
+        }
+        notes.push(format!("Patroni {} {}", text(&member["role"]), text(&member["state"])));
+        notes.extend(tags);
+    }
+    if let Some(tags) = b["tags"].as_object().filter(|t| !t.is_empty()) {
+        let special = ["noloadbalance", "nostream", "nofailover", "failover_priority", "clonefrom", "replicatefrom"];
+        let shown: Vec<String> = tags
+            .iter()
+            .filter(|(k, _)| !special.contains(&k.as_str()))
+            .map(|(k, v)| format!("{k}={}", text(v)))
+            .collect();
+        if !shown.is_empty() {
+            notes.push(format!("tags {}", shown.join(",")));
+        }
     }
     if let Some(error) = b["last_error"].as_str() {
         notes.push(format!("last error ({}): {error}", text(&b["last_error_class"])));
