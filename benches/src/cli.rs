@@ -5,6 +5,7 @@ usage:
   pglb-bench throughput [--quick] [--duration SECS] [--rounds N] [--scale N] [--rate TPS]
                         [--copy-rows N] [--memory LOW,HIGH | --no-memory] [--no-build]
   pglb-bench failover   [--quick] [--promotions N] [--stalls N] [--stall-secs S] [--no-build]
+  pglb-bench failover --patroni [--quick] [--promotions N] [--no-build]
   pglb-bench sockmap-pressure [--sessions N] [--parallel N] [--row-mb N] [--pause-ms N] [--hog-gib G]
                         [--churn-gib G] [--burners N] [--no-build]
   pglb-bench checks     [--backends N,N,...] [--window SECS] [--no-build]
@@ -20,6 +21,9 @@ failover    pglb vs HAProxy (external-check) through promotions of a replica:
             write-unavailability window and detection time; then stalls
             (SIGSTOP) of the primary: errors clients saw.
             default: --promotions 10 --stalls 5 --stall-secs 3; --quick: --promotions 2 --stalls 1
+            --patroni: pglb vs HAProxy with Patroni's template (inter 3s fall 3, and inter 1s
+            fall 2) on a real Patroni cluster: switchover, leader crash, Patroni stopped, REST
+            APIs silent, etcd down; --promotions N rounds of each (default 2, --quick 1)
 sockmap-pressure
             a reproduction, not a benchmark (issue 21): --sessions sessions through pglb with
             forwarder: sockmap, --parallel at a time, each asking for a row of --row-mb MB
@@ -95,6 +99,9 @@ pub struct Throughput {
 
 #[derive(Debug, Clone)]
 pub struct Failover {
+    /// Against a real Patroni cluster (`--patroni`): `promotions` rounds of
+    /// each Patroni event instead.
+    pub patroni: bool,
     pub promotions: usize,
     pub stalls: usize,
     /// How long each stall freezes the primary.
@@ -105,6 +112,7 @@ pub struct Failover {
 #[derive(Default)]
 struct Given {
     quick: bool,
+    patroni: bool,
     build: bool,
     duration: Option<u64>,
     rounds: Option<usize>,
@@ -161,6 +169,7 @@ pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> 
         match arg.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "--quick" => given.quick = true,
+            "--patroni" if suite == "failover" => given.patroni = true,
             "--no-build" => given.build = false,
             "--no-memory" => given.memory = Some(None),
             "--duration" => given.duration = Some(number(&arg, &value()?)?),
@@ -260,7 +269,15 @@ fn failover(g: &Given) -> Result<Failover, String> {
             "--duration, --rounds, --scale, --rate, --copy-rows and --memory belong to the throughput suite".into()
         );
     }
-    let promotions = g.promotions.unwrap_or(if g.quick { 2 } else { 10 });
+    if g.patroni && (g.stalls.is_some() || g.stall_secs.is_some()) {
+        return Err("--stalls and --stall-secs do not apply with --patroni".into());
+    }
+    let promotions = g.promotions.unwrap_or(match (g.patroni, g.quick) {
+        (true, true) => 1,
+        (true, false) => 2,
+        (false, true) => 2,
+        (false, false) => 10,
+    });
     if promotions == 0 {
         return Err("--promotions must be at least 1".into());
     }
@@ -269,7 +286,7 @@ fn failover(g: &Given) -> Result<Failover, String> {
     if stall.is_zero() {
         return Err("--stall-secs must be at least 1".into());
     }
-    Ok(Failover { promotions, stalls, stall })
+    Ok(Failover { patroni: g.patroni, promotions, stalls, stall })
 }
 
 fn decimal(flag: &str, text: &str) -> Result<f64, String> {

@@ -16,7 +16,8 @@
 use std::path::{Path, PathBuf};
 
 /// The Markdown files whose blocks are checked.
-pub const FILES: [&str; 4] = ["README.md", "deploy/README.md", "deploy/keepalived/README.md", "benches/README.md"];
+pub const FILES: [&str; 5] =
+    ["README.md", "deploy/README.md", "deploy/keepalived/README.md", "deploy/patroni/README.md", "benches/README.md"];
 
 /// The languages that mark a shell block.
 pub const SHELL: [&str; 4] = ["sh", "bash", "shell", "console"];

@@ -325,3 +325,31 @@ pub mod promql {
         }
     }
 }
+
+/// The PromQL of every `expr:` in a rules file (inline or a block scalar).
+pub fn rule_exprs(text: &str) -> Vec<String> {
+    let mut exprs = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(value) = line.trim_start().strip_prefix("expr:") else {
+            continue;
+        };
+        let value = value.trim();
+        if !value.starts_with(['>', '|']) {
+            exprs.push(value.trim_matches(['"', '\'']).to_owned());
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        let mut block = Vec::new();
+        while let Some(next) = lines.peek() {
+            let deeper = next.len() - next.trim_start().len() > indent;
+            if !(deeper || next.trim().is_empty()) {
+                break;
+            }
+            block.push(next.trim());
+            lines.next();
+        }
+        exprs.push(block.join(" "));
+    }
+    exprs
+}

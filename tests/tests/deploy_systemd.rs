@@ -369,12 +369,24 @@ fn unit_commands_are_the_real_cli() {
 
 #[test]
 fn the_example_config_passes_pglb_check() {
-    let tmp = TempDir::new("unit-example");
+    passes_pglb_check("lb.yaml", "unit-example");
+}
+
+/// deploy/patroni/lb.yaml: no backend listed, the members come from Patroni.
+#[test]
+fn the_patroni_example_config_passes_pglb_check() {
+    passes_pglb_check("../patroni/lb.yaml", "patroni-example");
+}
+
+/// `file` (under deploy/systemd) passes `pglb check` with the unit's
+/// credential and the package's token put where a test can write them.
+fn passes_pglb_check(file: &str, tag: &str) {
+    let tmp = TempDir::new(tag);
     let password = tmp.0.join("check-password");
     fs::write(&password, "example-secret\n").expect("write password");
     let token = tmp.0.join("admin-token");
     fs::write(&token, "0123456789abcdef0123456789abcdef\n").expect("write token");
-    let example = read(&systemd_dir().join("lb.yaml"))
+    let example = read(&systemd_dir().join(file))
         .replace(CREDENTIAL_PATH, password.to_str().expect("utf-8"))
         .replace("/etc/pglb/admin-token", token.to_str().expect("utf-8"));
     assert!(example.contains("token_file:"), "the kit's config names the admin token: actions need one");

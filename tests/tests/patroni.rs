@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use pglb_tests::haproxy::Haproxy;
 use pglb_tests::patroni::signal;
 use pglb_tests::patroni::{Options, PatroniCluster, LOOP_WAIT, TTL};
+use pglb_tests::prom::{promql, rule_exprs};
 use pglb_tests::psql::{psql, where_am_i};
 use pglb_tests::writers::Writers;
 use pglb_tests::{exclusive, wait_until, Pglb, Yaml};
@@ -72,6 +73,17 @@ fn members_tags_and_a_silent_patroni_api() {
     assert_eq!(status["patroni"]["state"], "leader_lock", "{status:#}");
     assert_eq!(status["patroni"]["leader"], leader.as_str());
     assert_eq!(pglb.metric("pglb_patroni_state", &[("state", "leader_lock")]), 1.0);
+    // The alert rules' Patroni series are the ones pglb exports here.
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/pglb-rules.yml");
+    let exported = promql::Exported::parse(&pglb.metrics());
+    let mut checked = 0;
+    for expr in rule_exprs(&std::fs::read_to_string(rules).expect("the rules")) {
+        for selector in promql::selectors(&expr).into_iter().filter(|s| s.metric.starts_with("pglb_patroni_")) {
+            assert_eq!(exported.check(&selector, &expr), Vec::<String>::new());
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "an alert reads pglb_patroni_state");
 
     // noloadbalance on a replica (config change + Patroni reload): out of
     // ro within a poll (plus Patroni's own loop to publish the tag).

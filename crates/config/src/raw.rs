@@ -330,8 +330,8 @@ mod tests {
         assert!(cluster.other.is_empty(), "{:?}", cluster.other.keys());
         let limits: RawLimits = serde_yaml::from_str(&format!("{{{}}}", mapping(LIMITS_KEYS))).expect("limits");
         assert!(limits.other.is_empty(), "{:?}", limits.other.keys());
-        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, system_identifier: x, defaults: {}, limits: {}, admin: {}, health: {}, listeners: [], backends: [], clusters: []}";
+        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, system_identifier: x, defaults: {}, limits: {}, admin: {}, health: {}, listeners: [], backends: [], clusters: [], patroni: {}}";
         let c: RawConfig = serde_yaml::from_str(top).expect("top");
-        assert!(c.other.is_empty() && TOP_KEYS.len() == 13, "{:?}", c.other.keys());
+        assert!(c.other.is_empty() && TOP_KEYS.len() == 14, "{:?}", c.other.keys());
     }
 }

@@ -39,8 +39,13 @@ pub fn check(path: &Path) -> ExitCode {
                 1 => "1 cluster, ".to_owned(),
                 n => format!("{n} clusters, "),
             };
+            let patroni = config.clusters.iter().filter(|c| c.patroni.is_some()).count();
+            let members = match patroni {
+                0 => "",
+                _ => " + members read from Patroni",
+            };
             println!(
-                "{}: ok ({clusters}{} listeners, {} backends{})",
+                "{}: ok ({clusters}{} listeners, {} backends{members}{})",
                 path.display(),
                 config.listeners().count(),
                 config.backend_count(),

@@ -3,10 +3,13 @@
 //! Each promotion round stops the primary (`-m immediate`), promotes the
 //! replica, measures both balancers on the same event, then rebuilds the old
 //! primary as a replica of the new one and swaps roles. Each stall round
-//! freezes the primary for 3 s and counts the errors clients saw.
+//! freezes the primary for 3 s and counts the errors clients saw. With
+//! `--patroni`, the same comparison in front of a real Patroni cluster
+//! (`patroni.rs`).
 
 mod bench;
 mod haproxy_check;
+mod patroni;
 mod stall;
 
 use std::time::Duration;
@@ -29,6 +32,9 @@ pub struct Round {
 }
 
 pub fn run(opts: &Failover, bins: &Bins) -> Result<()> {
+    if opts.patroni {
+        return patroni::run(opts.promotions, bins);
+    }
     let cluster = Cluster::start(&Spec { tag: "bench-failover".into(), replicas: 1, ..Spec::default() })
         .context("cannot start the cluster")?;
     crate::suites::create_check_user(&cluster)?;

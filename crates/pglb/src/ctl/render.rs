@@ -385,6 +385,35 @@ mod tests {
     }
 
     #[test]
+    fn patroni_says_how_it_is_used_per_cluster_and_per_member() {
+        let status = json!({
+            "config": {"path": "lb.yaml", "hash": "0123456789abcdef", "loaded_at": 0},
+            "patroni": {"state": "api_unreachable", "explain": "no Patroni REST API answers: routing on pglb's own checks, with the last known members",
+                        "leader": "pg1", "standby_leader": null, "paused": true, "answered_by": "http://127.0.0.1:8008", "answered_at": null},
+            "listeners": [],
+            "backends": [
+                {"name": "pg2", "address": "127.0.0.1:5433", "state": "healthy", "role": "replica", "timeline": 3,
+                 "active_connections": 0, "admin_state": "enabled", "fenced": false, "veto_reason": null,
+                 "patroni": {"role": "replica", "state": "streaming", "departed": true, "noloadbalance": true,
+                             "nostream": false, "nofailover": true, "failover_priority": "0"},
+                 "tags": {"dc": "east", "noloadbalance": "true"}}
+            ]
+        });
+        let text = super::status(&status);
+        assert!(
+            text.contains("Patroni: api_unreachable — no Patroni REST API answers: routing on pglb's own checks, with the last known members; leader pg1; PAUSED (maintenance mode); last answer from http://127.0.0.1:8008"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Patroni replica streaming; left Patroni's list (draining); noloadbalance; nofailover; failover_priority 0; tags dc=east"),
+            "{text}"
+        );
+        let one = one_line(&json!({"summary": {"primary": ["pg1"], "healthy": 3, "backends": 3},
+            "patroni": {"state": "leader_lock", "leader": "pg1"}}));
+        assert_eq!(one, "primary pg1, 3/3 backends healthy, Patroni leader pg1");
+    }
+
+    #[test]
     fn connections_are_counted() {
         let value = json!({"connections": [{"listener": "rw", "client": "127.0.0.1:5000", "backend": "pg0",
             "duration_s": 75.0, "bytes_client_to_backend": 10, "bytes_backend_to_client": 3_000_000}]});
