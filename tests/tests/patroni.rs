@@ -94,6 +94,23 @@ fn members_tags_and_a_silent_patroni_api() {
     cluster.set_tags(&quiet, "noloadbalance: false");
     pglb.wait_eligible("ro", &replica_refs, Duration::from_secs(LOOP_WAIT * 2 + 5));
 
+    // Maintenance mode: the lock is not used (it would not follow a manual
+    // promotion); rw stays on the primary the checks see.
+    cluster.patronictl(&["pause", &cluster.scope, "--wait"]).expect("patronictl pause");
+    wait_until("pglb to see the pause", Duration::from_secs(10), || match pglb.status()["patroni"]["state"].as_str() {
+        Some("paused") => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    assert_eq!(pglb.status()["patroni"]["paused"], true);
+    assert_eq!(lands_on(pglb.port("rw")), Ok(cluster.member(&leader).pg_port));
+    cluster.patronictl(&["resume", &cluster.scope, "--wait"]).expect("patronictl resume");
+    wait_until("the lock to be used again", Duration::from_secs(10), || {
+        match pglb.status()["patroni"]["state"].as_str() {
+            Some("leader_lock") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+
     // A fourth member bootstrapped while pglb runs: in ro within two polls
     // of Patroni listing it as streaming; no reload.
     let fourth = cluster.add_member();

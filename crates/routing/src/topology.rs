@@ -195,8 +195,9 @@ impl Topology {
         if from != now.0 || old_holder != now.1 {
             events.push(Event::Patroni { from, to: now.0, leader: view.leader.clone() });
         }
+        // `last` stays: the generation moves only if routing changed (a
+        // veto, a member's tags, a departure show in the table's diff).
         self.patroni = Some(std::sync::Arc::new(view));
-        self.last = None;
         events
     }
 

@@ -78,6 +78,23 @@ fn a_confirmed_lock_vetoes_another_primary_and_breaks_a_same_timeline_tie() {
 }
 
 #[test]
+fn a_fresh_read_that_changes_no_routing_keeps_the_generation() {
+    let mut t = topology();
+    t.set_patroni(view(Trust::Lock, Some("a")));
+    primary(&mut t, "a", 1, 7);
+    replica(&mut t, "b", 7);
+    replica(&mut t, "c", 7);
+    let before = t.table().0.generation;
+    let mut again = view(Trust::Lock, Some("a"));
+    again.answered_at = Some(std::time::SystemTime::now());
+    t.set_patroni(again.clone());
+    assert_eq!(t.table().0.generation, before, "a read that changes nothing routes alike");
+    again.members.get_mut("b").expect("b").tags.insert("noloadbalance".into(), "true".into());
+    t.set_patroni(again);
+    assert!(t.table().0.generation > before, "a member out of ro is a routing change");
+}
+
+#[test]
 fn the_lock_never_routes_by_itself_and_its_absence_changes_nothing() {
     let mut t = topology();
     primary(&mut t, "a", 1, 7);
