@@ -280,6 +280,14 @@ impl Reader {
                 "Patroni member left the list: drained (no new sessions; its sessions finish), removed once they end"
             );
         }
+        if !changes.over_limit.is_empty() {
+            tracing::error!(
+                cluster,
+                left_out = changes.over_limit.join(", "),
+                limit = crate::roster::MAX_MEMBERS,
+                "Patroni lists more members than pglb serves for one cluster: the rest are left out (a DCS shared by several clusters under one scope?)"
+            );
+        }
         for name in &changes.unaddressed {
             tracing::warn!(
                 cluster,

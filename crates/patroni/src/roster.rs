@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::answer::Member;
 
+/// Most members one cluster may have: a REST API that lists more (a bug, or
+/// a DCS shared by mistake) cannot make pglb start a checker per entry.
+pub const MAX_MEMBERS: usize = 256;
+
 /// Where a member's PostgreSQL answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberAddress {
@@ -39,6 +43,8 @@ pub struct Changes {
     pub returned: Vec<String>,
     /// Members listed without a PostgreSQL address (`host`/`port`).
     pub unaddressed: Vec<String>,
+    /// New members left out: the cluster already has [`MAX_MEMBERS`].
+    pub over_limit: Vec<String>,
 }
 
 impl Roster {
@@ -58,6 +64,7 @@ impl Roster {
                 continue;
             };
             let address = MemberAddress { name: m.name.clone(), host, port };
+            let full = self.entries.len() >= MAX_MEMBERS;
             match self.entries.get_mut(&m.name) {
                 Some(e) => {
                     if e.departed {
@@ -65,6 +72,7 @@ impl Roster {
                     }
                     *e = Entry { member: m.clone(), address, missing_since: None, departed: false };
                 }
+                None if full => changes.over_limit.push(m.name.clone()),
                 None => {
                     changes.joined.push(m.name.clone());
                     self.entries.insert(
@@ -125,6 +133,15 @@ mod tests {
             lag: Some(0),
             tags: Default::default(),
         }
+    }
+
+    #[test]
+    fn no_more_than_max_members_are_taken() {
+        let mut roster = Roster::default();
+        let many: Vec<Member> = (0..MAX_MEMBERS + 3).map(|i| member(&format!("m{i:04}"), 1000 + i as u16)).collect();
+        let changes = roster.answer(&many, Instant::now(), Duration::from_secs(10), None);
+        assert_eq!((changes.joined.len(), changes.over_limit.len()), (MAX_MEMBERS, 3));
+        assert_eq!(roster.addresses().len(), MAX_MEMBERS);
     }
 
     #[test]
