@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pglb_cluster::{free_port, Cluster};
 
@@ -321,7 +321,7 @@ impl Pglb {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn pglb");
+        let child = spawn_when_written(&mut cmd);
         let mut pglb = Self {
             child,
             dir,
@@ -491,6 +491,22 @@ impl Drop for Pglb {
             eprintln!("--- end of pglb log; the test failed with: {why} ---");
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Spawns `cmd`, waiting out "text file busy": a copied binary stays busy
+/// while any process this test binary forked meanwhile (psql, pg_ctl, from
+/// another test thread) still holds the copy's write descriptor until its
+/// own exec.
+fn spawn_when_written(cmd: &mut Command) -> Child {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.expect("spawn pglb"),
+        }
     }
 }
 

@@ -90,14 +90,13 @@ async fn attempt(server: &Server, signals: &mut Signals, notifier: Notifier) -> 
         }
     };
 
-    let mut child = match tokio::process::Command::new(&exe)
-        .args(&server.launch.args)
+    let mut cmd = tokio::process::Command::new(&exe);
+    cmd.args(&server.launch.args)
         .env(SOCKET_ENV, &path)
         // The watchdog is the new process's once it is the main one.
         .env_remove("WATCHDOG_PID")
-        .stdin(Stdio::null())
-        .spawn()
-    {
+        .stdin(Stdio::null());
+    let mut child = match spawn_when_written(&mut cmd).await {
         Ok(child) => child,
         Err(e) => return Outcome::Failed(format!("cannot start {}: {e}", exe.display())),
     };
@@ -205,8 +204,15 @@ impl Step<'_> {
 /// left to the log.
 async fn check_config(exe: &std::path::Path, config: &std::path::Path) -> Result<(), String> {
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("check").arg("--config").arg(config).stdin(Stdio::null()).kill_on_drop(true);
-    let out = match tokio::time::timeout(Duration::from_secs(30), cmd.output()).await {
+    cmd.arg("check")
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let run = async { spawn_when_written(&mut cmd).await?.wait_with_output().await };
+    let out = match tokio::time::timeout(Duration::from_secs(30), run).await {
         Ok(Ok(out)) => out,
         Ok(Err(e)) => return Err(format!("cannot run {} check: {e}", exe.display())),
         Err(_) => {
@@ -223,6 +229,22 @@ async fn check_config(exe: &std::path::Path, config: &std::path::Path) -> Result
         out.status,
         String::from_utf8_lossy(&out.stderr).trim_end()
     ))
+}
+
+/// Spawns `cmd`, waiting out "text file busy": the binary was just written
+/// (a package manager renaming it into place, or any process that forked
+/// while holding it open for writing) and the writer's descriptor goes away
+/// within moments.
+async fn spawn_when_written(cmd: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The first connection from `pid` (connections from other processes are
