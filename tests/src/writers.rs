@@ -28,11 +28,24 @@ const CREATE: &str =
     "CREATE TABLE IF NOT EXISTS pglb_writes (id bigserial PRIMARY KEY, writer text, at timestamptz DEFAULT now())";
 const INSERT: &str = "INSERT INTO pglb_writes (writer) VALUES ($1) RETURNING id, inet_server_port()";
 
-async fn connect(port: u16) -> Result<tokio_postgres::Client, String> {
-    let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable connect_timeout=30");
-    let (client, connection) =
-        tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
+/// A login through `port`, in TLS (`sslmode=require`) or plaintext. Its
+/// errors start with "connect: ", to tell failed connections from failed
+/// writes.
+async fn connect(port: u16, tls: bool) -> Result<tokio_postgres::Client, String> {
+    let mode = if tls { "require" } else { "disable" };
+    let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode={mode} connect_timeout=30");
+    let failed =
+        |e: tokio_postgres::Error| format!("connect: {e}: {}", e.as_db_error().map(|d| d.message()).unwrap_or(""));
+    let client = if tls {
+        let connector = pglb_health::make_tls(None).map_err(|e| format!("connect: {e}"))?;
+        let (client, connection) = tokio_postgres::connect(&conn, connector).await.map_err(failed)?;
+        tokio::spawn(connection);
+        client
+    } else {
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.map_err(failed)?;
+        tokio::spawn(connection);
+        client
+    };
     Ok(client)
 }
 
@@ -46,14 +59,20 @@ async fn insert(client: &tokio_postgres::Client, writer: &str) -> Result<(i64, u
 }
 
 impl Writers {
-    /// Creates the table through `port` and starts writing every `every`.
+    /// Creates the table through `port` and starts writing every `every`,
+    /// in plaintext.
     pub fn start(port: u16, every: Duration) -> Self {
+        Self::start_with(port, every, false)
+    }
+
+    /// Like [`Writers::start`], every connection in TLS when `tls`.
+    pub fn start_with(port: u16, every: Duration, tls: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (per_connection, session) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         runtime.block_on(async {
-            let client = connect(port).await.expect("connect to create the table");
+            let client = connect(port, tls).await.expect("connect to create the table");
             client.batch_execute(CREATE).await.expect("create the table");
         });
         let (s, a, b) = (stop.clone(), per_connection.clone(), session.clone());
@@ -62,7 +81,7 @@ impl Writers {
                 let s2 = s.clone();
                 let fresh = tokio::spawn(async move {
                     while !s2.load(Ordering::Relaxed) {
-                        let result = match connect(port).await {
+                        let result = match connect(port, tls).await {
                             Ok(client) => insert(&client, "per_connection").await,
                             Err(e) => Err(e),
                         };
@@ -74,7 +93,7 @@ impl Writers {
                     let mut client = None;
                     while !s.load(Ordering::Relaxed) {
                         if client.is_none() {
-                            match connect(port).await {
+                            match connect(port, tls).await {
                                 Ok(c) => client = Some(c),
                                 Err(e) => {
                                     b.lock()
@@ -114,6 +133,13 @@ impl Writers {
             w.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|w| w.at >= from && w.result.is_err()).count()
         };
         (count(&self.per_connection), count(&self.session))
+    }
+
+    /// Connections of the per-connection writer that failed since `from`
+    /// (not writes that failed on a connection that was made).
+    pub fn failed_connections_since(&self, from: Instant) -> usize {
+        let writes = self.per_connection.lock().unwrap_or_else(|e| e.into_inner());
+        writes.iter().filter(|w| w.at >= from && w.result.as_ref().is_err_and(|e| e.starts_with("connect: "))).count()
     }
 
     /// Every acknowledged write of both writers: (when, id, port).

@@ -22,7 +22,9 @@ fn held_clients_reach_the_new_primary_or_get_57p03_and_the_hold_is_bounded() {
     pglb_tests::cluster::create_check_users(&cluster);
     let yaml = Yaml::for_cluster(&cluster)
         .listener("rw", "role: primary\n    hold_timeout: 8s\n    hold_max: 1")
-        .listener("rw_short", "role: primary\n    hold_timeout: 1s");
+        // pg0 is stopped below and nothing replaces it for a while: without
+        // this, clients would be held for a restart (hold_restart_timeout).
+        .listener("rw_short", "role: primary\n    hold_timeout: 1s\n    hold_restart_timeout: 1s");
     let pglb = Pglb::start(&yaml);
     pglb.wait_eligible("rw", &["pg0"], Duration::from_secs(15));
     cluster.nodes[0].stop("immediate");

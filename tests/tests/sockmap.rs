@@ -230,13 +230,15 @@ fn demoted_session(port: u16, admin: std::net::SocketAddr, i: usize) -> Result<(
     let me = s.local_addr().map_err(|e| Wrong(e.to_string()))?.to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        // `Some(None)`: the session is not listed any more (pglb ended it,
+        // e.g. reset for an integrity error): what the client reads says.
         let path = http::get(admin, "/connections").ok().and_then(|(_, body)| {
             let all: Value = serde_json::from_str(&body).ok()?;
-            let mine = all["connections"].as_array()?.iter().find(|c| c["client"] == me.as_str())?;
-            mine["forwarder"].as_str().map(str::to_owned)
+            let mine = all["connections"].as_array()?.iter().find(|c| c["client"] == me.as_str());
+            Some(mine.and_then(|c| c["forwarder"].as_str().map(str::to_owned)))
         });
-        match path.as_deref() {
-            Some("sockmap_demoted") => break,
+        match path.as_ref().map(Option::as_deref) {
+            Some(Some("sockmap_demoted")) | Some(None) => break,
             _ if Instant::now() > deadline => return Err(Wrong(format!("not demoted within 20s: {path:?}"))),
             _ => std::thread::sleep(Duration::from_millis(2)),
         }

@@ -61,6 +61,7 @@ fn cluster_json(topology: &pglb_control::TopologyHandle, table: &RoutingTable) -
         "generation": table.generation,
         "split_brain": table.split_brain,
         "primary_visible": table.primary_visible,
+        "primary_restarting": table.restarting.map(|i| &table.backends[i].config.name),
         "identity": {
             // A string: system identifiers exceed what JSON numbers hold exactly.
             "system_identifier": table.identity.system_id.map(|id| id.to_string()),
@@ -146,6 +147,7 @@ fn backends_json(cluster: &str, table: &RoutingTable) -> Vec<Value> {
                 "fence_reason": b.fenced.as_ref().map(|f| &f.reason),
                 "vetoed": b.vetoed.is_some(),
                 "veto_reason": b.vetoed,
+                "rejoining": b.rejoining,
                 "tags": b.tags,
                 "patroni": b.member.as_ref().map(member_json),
                 "admin_state": b.admin.as_str(),

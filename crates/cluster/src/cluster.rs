@@ -191,6 +191,22 @@ impl Cluster {
         node.configure(&settings)
     }
 
+    /// Starts `node`, a cleanly stopped server, as a replica streaming from
+    /// `primary` (a switchover without rewind: the old primary follows the
+    /// promoted one onto its timeline). `primary_conninfo` goes into
+    /// postgresql.auto.conf, where `pg_basebackup -R` put the first one.
+    pub fn follow(&self, node: &Node, primary: &Node) -> Result<(), ClusterError> {
+        let signal = node.data.join("standby.signal");
+        std::fs::write(&signal, "").map_err(|e| ClusterError::Io { path: signal.clone(), source: e })?;
+        self.user.own(&signal).map_err(|e| ClusterError::Io { path: signal, source: e })?;
+        let line = format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'",
+            primary.port, node.name
+        );
+        append(&node.data.join("postgresql.auto.conf"), &[line])?;
+        node.start()
+    }
+
     /// Makes a fresh replica of `primary` in `node`'s data dir (after a
     /// failover, to rejoin an old primary), and starts it.
     pub fn rebuild_replica(&self, node: &Node, primary: &Node) -> Result<(), ClusterError> {

@@ -318,6 +318,13 @@ pub struct ListenerConfig {
     pub hold_timeout: Duration,
     /// Most clients held at once; more are refused at once.
     pub hold_max: usize,
+    /// How long a client may be held while the cluster's only primary is
+    /// restarting in place (down with evidence of a restart, no other
+    /// primary seen since); at least `hold_timeout`.
+    pub hold_restart_timeout: Duration,
+    /// New backend connections a second while held clients are let
+    /// through (in arrival order); zero lets them all through at once.
+    pub release_rate: u32,
     pub max_lag_bytes: Option<u64>,
     /// Also bounds how long a replica may stop following the primary.
     pub max_lag_seconds: Option<Duration>,

@@ -14,6 +14,12 @@ use crate::{parse_bytes, parse_duration, Cidr, Secret, SecretSource};
 
 /// `max_lag_seconds` when a listener sets none.
 pub const DEFAULT_MAX_LAG_SECONDS: Duration = Duration::from_secs(30);
+/// `hold_restart_timeout` when a listener sets none: a crash restart's
+/// recovery usually takes seconds; a client waits this long at most.
+pub const DEFAULT_HOLD_RESTART_TIMEOUT: Duration = Duration::from_secs(30);
+/// `release_rate` when a listener sets none: a full default hold
+/// (`hold_max` 1000) is let through within a second.
+pub const DEFAULT_RELEASE_RATE: u32 = 1000;
 /// A vanished client holds its session this long at most, not the
 /// kernel's ~15 minutes of retransmissions; a live client that reads nothing
 /// for this long while its data waits is closed too.
@@ -619,6 +625,10 @@ impl<'a> Validator<'a> {
         let hold_timeout = self.duration_or_zero(&item, v, Duration::from_secs(5));
         let (item, v) = inherit("hold_max", l.hold_max, |d| &d.hold_max);
         let hold_max = self.limit(&item, v).unwrap_or(1000);
+        let (item, v) = inherit("hold_restart_timeout", l.hold_restart_timeout, |d| &d.hold_restart_timeout);
+        let hold_restart_timeout = self.duration_or_zero(&item, v, DEFAULT_HOLD_RESTART_TIMEOUT).max(hold_timeout);
+        let (item, v) = inherit("release_rate", l.release_rate, |d| &d.release_rate);
+        let release_rate = self.rate(&item, v, DEFAULT_RELEASE_RATE);
         let (item, v) = inherit("max_lag_bytes", l.max_lag_bytes, |d| &d.max_lag_bytes);
         let max_lag_bytes = v.filter(|t| t.0 != "off").and_then(|t| self.bytes(&item, &t.0));
         let (item, v) = inherit("max_lag_seconds", l.max_lag_seconds, |d| &d.max_lag_seconds);
@@ -653,6 +663,8 @@ impl<'a> Validator<'a> {
             on_lag,
             hold_timeout,
             hold_max,
+            hold_restart_timeout,
+            release_rate,
             max_lag_bytes,
             max_lag_seconds,
             max_clients,
@@ -776,6 +788,22 @@ impl<'a> Validator<'a> {
                     "write a count such as 100, or remove the key for no limit",
                 );
                 None
+            }
+        }
+    }
+
+    /// A rate a second: a whole number, 0 for none.
+    fn rate(&mut self, item: &str, raw: Option<Text>, default: u32) -> u32 {
+        let Some(text) = raw.map(|t| t.0) else { return default };
+        match text.trim().trim_end_matches("/s").trim().parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => {
+                self.problem(
+                    item,
+                    format!("`{text}` is not a rate"),
+                    "write a whole number of connections a second such as 1000, or 0 to let held clients through at once",
+                );
+                default
             }
         }
     }

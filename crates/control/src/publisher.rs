@@ -221,7 +221,11 @@ impl Publisher {
         }
         export_table(&self.cluster, &table);
         let changed = table.generation != *self.generation.borrow();
-        let unsettled = table.listeners.iter().any(|l| l.config.role == Role::Primary && l.eligible.is_empty());
+        // No primary to write to, or only a silent one: check at the fast
+        // pace until that changes, so a promotion elsewhere (or the
+        // primary's return) is seen within `fast_interval`.
+        let unsettled =
+            table.listeners.iter().any(|l| l.config.role == Role::Primary && (l.eligible.is_empty() || l.degraded));
         if changed || unsettled || !events.is_empty() {
             // Settling: check everyone at the fast pace for a while.
             let config = self.topology.config();

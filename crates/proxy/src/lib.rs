@@ -14,6 +14,7 @@ mod contexts;
 pub mod forward;
 mod listener;
 mod metrics;
+mod pace;
 pub mod protocol;
 mod rate;
 mod reason;

@@ -79,6 +79,9 @@ pub struct ListenerContext {
     pub(crate) held: Arc<AtomicUsize>,
     pub(crate) queued: Arc<AtomicUsize>,
     pub(crate) clients: Arc<AtomicUsize>,
+    /// The line of held clients let through at `release_rate` (shared
+    /// across reloads like the counts above).
+    pub(crate) pacer: Arc<crate::pace::Pacer>,
     pub registry: Registry,
 }
 
@@ -118,6 +121,7 @@ impl ListenerContext {
             held: share(|p| &p.held),
             queued: share(|p| &p.queued),
             clients: share(|p| &p.clients),
+            pacer: previous.map(|p| p.pacer.clone()).unwrap_or_default(),
             registry: Registry::default(),
         }
     }

@@ -16,6 +16,10 @@ pub fn describe() {
         "Failed connection attempts from pglb to a backend, per listener and backend."
     );
     describe_counter!(
+        "pglb_backend_login_refusals_total",
+        "Logins a backend turned away for its own state (57P03 shutting down or starting up, 57P01) before the client saw an answer: the client was routed again, per listener and backend."
+    );
+    describe_counter!(
         "pglb_clients_rejected_total",
         "Clients turned away before reaching a backend, per listener and reason."
     );
@@ -113,6 +117,7 @@ pub struct PairMetrics {
     pub client_to_backend: Counter,
     pub backend_to_client: Counter,
     pub connect_failures: Counter,
+    pub refused_logins: Counter,
 }
 
 impl PairMetrics {
@@ -132,12 +137,19 @@ impl PairMetrics {
             client_to_backend: bytes("client_to_backend"),
             backend_to_client: bytes("backend_to_client"),
             connect_failures: metrics::counter!("pglb_backend_connect_failures_total", &labels),
+            refused_logins: metrics::counter!("pglb_backend_login_refusals_total", &labels),
         };
         // Register at start-up: dashboards see zero before the first event.
         if fresh {
             pair.active.set(0.0);
         }
-        for c in [&pair.total, &pair.client_to_backend, &pair.backend_to_client, &pair.connect_failures] {
+        for c in [
+            &pair.total,
+            &pair.client_to_backend,
+            &pair.backend_to_client,
+            &pair.connect_failures,
+            &pair.refused_logins,
+        ] {
             c.increment(0);
         }
         pair

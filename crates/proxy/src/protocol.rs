@@ -207,6 +207,69 @@ pub fn fatal_error(sqlstate: &str, message: &str) -> Vec<u8> {
     out
 }
 
+/// What the start of a backend's answer to a StartupMessage says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FirstAnswer {
+    /// Not one whole message (after any NegotiateProtocolVersion) has
+    /// arrived yet.
+    Incomplete,
+    /// An answer for the client: authentication, or an error it must see.
+    Pass,
+    /// The server turned the login away for a reason about the server, not
+    /// the client (57P03 cannot_connect_now: shutting down, starting up,
+    /// in recovery; 57P01 admin_shutdown): another backend may take it.
+    NotNow { sqlstate: String, message: String },
+}
+
+/// SQLSTATEs of a login turned away because of the server's state.
+const NOT_NOW: [&[u8]; 2] = [b"57P03", b"57P01"];
+
+/// Reads the start of a backend's answer to a StartupMessage (`bytes` as
+/// peeked, nothing consumed). A NegotiateProtocolVersion may come first.
+/// A login without a password answers AuthenticationOk and its session
+/// parameters in one go: an error among those (the server began shutting
+/// down while it started the session) is still before anything the client
+/// acted on. Whatever else comes first is the client's to see.
+pub fn first_answer(bytes: &[u8]) -> FirstAnswer {
+    let mut rest = bytes;
+    let mut whole = false;
+    let partial = |whole: bool| if whole { FirstAnswer::Pass } else { FirstAnswer::Incomplete };
+    loop {
+        let Some(&kind) = rest.first() else { return partial(whole) };
+        if !matches!(kind, b'E' | b'v' | b'R' | b'S' | b'K' | b'N') {
+            return FirstAnswer::Pass;
+        }
+        if rest.len() < 5 {
+            return partial(whole);
+        }
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if !(4..=MAX_FIRST_MESSAGE).contains(&len) {
+            return FirstAnswer::Pass;
+        }
+        let Some(message) = rest.get(5..1 + len) else { return partial(whole) };
+        match kind {
+            b'E' => return not_now(message),
+            // Anything but AuthenticationOk asks the client for something.
+            b'R' if message != [0, 0, 0, 0] => return FirstAnswer::Pass,
+            b'R' | b'S' | b'K' | b'N' => whole = true,
+            _ => {}
+        }
+        rest = &rest[1 + len..];
+    }
+}
+
+/// The verdict on an ErrorResponse body.
+fn not_now(message: &[u8]) -> FirstAnswer {
+    let field = |tag: u8| message.split(|b| *b == 0).find(|f| f.first() == Some(&tag)).map(|f| &f[1..]);
+    match field(b'C') {
+        Some(code) if NOT_NOW.contains(&code) => FirstAnswer::NotNow {
+            sqlstate: String::from_utf8_lossy(code).into_owned(),
+            message: String::from_utf8_lossy(field(b'M').unwrap_or_default()).into_owned(),
+        },
+        _ => FirstAnswer::Pass,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +344,40 @@ mod tests {
         let len = u32::from_be_bytes([e[1], e[2], e[3], e[4]]) as usize;
         assert_eq!(len + 1, e.len());
         assert!(e.ends_with(b"pglb: no healthy primary\0\0"));
+    }
+
+    #[test]
+    fn a_login_turned_away_for_the_servers_state_is_recognised() {
+        let shutting = fatal_error("57P03", "the database system is shutting down");
+        assert_eq!(
+            first_answer(&shutting),
+            FirstAnswer::NotNow { sqlstate: "57P03".into(), message: "the database system is shutting down".into() }
+        );
+        let admin = fatal_error("57P01", "terminating connection due to administrator command");
+        assert!(matches!(first_answer(&admin), FirstAnswer::NotNow { sqlstate, .. } if sqlstate == "57P01"));
+        // Errors about the client are the client's to see.
+        assert_eq!(first_answer(&fatal_error("28P01", "password authentication failed")), FirstAnswer::Pass);
+        assert_eq!(first_answer(&fatal_error("53300", "too many clients")), FirstAnswer::Pass);
+        // A SASL request.
+        assert_eq!(first_answer(&[b'R', 0, 0, 0, 8, 0, 0, 0, 10]), FirstAnswer::Pass);
+        // Split across reads, and after a NegotiateProtocolVersion.
+        for cut in [0, 1, 4, 10, shutting.len() - 1] {
+            assert_eq!(first_answer(&shutting[..cut]), FirstAnswer::Incomplete, "cut at {cut}");
+        }
+        let negotiate = [b'v', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0];
+        let both = [&negotiate[..], &shutting].concat();
+        assert!(matches!(first_answer(&both), FirstAnswer::NotNow { .. }));
+        assert_eq!(first_answer(&both[..negotiate.len() + 3]), FirstAnswer::Incomplete);
+        // A length no server sends: not ours to judge.
+        assert_eq!(first_answer(&[b'E', 0xff, 0, 0, 0]), FirstAnswer::Pass);
+        // Trust: AuthenticationOk and parameters, then the shutdown's 57P01.
+        let ok = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+        let param = [&[b'S', 0, 0, 0, 8][..], b"a\0b\0"].concat();
+        let late = [&ok[..], &param, &fatal_error("57P01", "terminating connection")].concat();
+        assert!(matches!(first_answer(&late), FirstAnswer::NotNow { .. }));
+        // ...but once the session is ready, or with only part of it here,
+        // the answer is the client's.
+        assert_eq!(first_answer(&[&ok[..], &param].concat()), FirstAnswer::Pass);
+        assert_eq!(first_answer(&[&ok[..], &[b'Z', 0, 0, 0, 5, b'I']].concat()), FirstAnswer::Pass);
     }
 }

@@ -18,7 +18,8 @@ use crate::budget::{Over, Pending};
 use crate::connect::{connect, tune};
 use crate::forward::{discard_unsent, forward, Counters, Path};
 use crate::listener::ListenerContext;
-use crate::protocol::{read_first, FirstKind, FirstMessage, SSL_REQUEST_BYTES};
+use crate::pace::Place;
+use crate::protocol::{first_answer, read_first, FirstAnswer, FirstKind, FirstMessage, SSL_REQUEST_BYTES};
 use crate::rate::OncePerSecond;
 use crate::reason::Reject;
 use crate::refuse::refuse;
@@ -202,7 +203,9 @@ async fn serve(
         return;
     }
     set_user_timeout(&client, setup.0.client_tcp_user_timeout);
-    let refusal = match Box::pin(route(&ctx, &setup, &client, peer)).await {
+    // A client whose SSLRequest a backend declined goes on in plaintext.
+    let mut plain = None;
+    let refusal = match Box::pin(route(&ctx, &setup, &mut client, peer, &mut plain)).await {
         Ok(session) => {
             // A forwarding session holds no config, no startup bytes and no
             // place in the pending budget.
@@ -213,6 +216,7 @@ async fn serve(
         Err(refusal) => refusal,
     };
     let (config, first) = *setup;
+    let first = plain.unwrap_or(first);
     match refusal {
         Refusal::Gone => {
             ctx.metrics.reject(Reject::ClientGaveUp);
@@ -242,14 +246,18 @@ fn set_user_timeout(client: &TcpStream, timeout: Duration) {
     let _ = (client, timeout);
 }
 
-/// Finds a backend that answers: a backend that becomes ineligible before
-/// it answered (fenced, taken out) is given up and another one found; the
-/// client saw nothing yet.
+/// Finds a backend that answers. A backend that refuses the connection,
+/// closes it before answering, turns the login away for its own state
+/// (57P03 shutting down or starting up, 57P01) or becomes ineligible before
+/// answering is left out and the client routed again, its first message
+/// replayed: the client saw nothing yet. While no other backend is there,
+/// the client is held as when none is eligible.
 async fn route<'a>(
     ctx: &'a ListenerContext,
     (config, first): &(ListenerConfig, FirstMessage),
-    client: &TcpStream,
+    client: &mut TcpStream,
     peer: SocketAddr,
+    plain: &mut Option<FirstMessage>,
 ) -> Result<Box<Session<'a>>, Refusal> {
     let stop = ctx.shared.draining.clone();
     if stop.is_cancelled() {
@@ -259,11 +267,25 @@ async fn route<'a>(
             message: "pglb: shutting down".into(),
         });
     }
+    let mut way = Way::new(ctx);
     for _ in 0..MAX_ROUTES {
-        let (places, backend) = find_backend(ctx, config, client, &stop).await?;
-        match open(ctx, config, client, backend, places, first, peer).await {
+        let (places, backend) = find_backend(ctx, config, client, &stop, &mut way).await?;
+        let name = places.candidate.name.clone();
+        let (opened, declined) =
+            open(ctx, config, client, backend, places, plain.as_ref().unwrap_or(first), peer).await;
+        if declined.is_some() {
+            *plain = declined;
+        }
+        match opened {
             Opened::Answered(session) => return Ok(Box::new(session)),
-            Opened::Rerouted => continue,
+            Opened::Rerouted => way.avoid.add(&name, way.generation, None),
+            Opened::NotNow { sqlstate, message } => {
+                ctx.pair(&name).refused_logins.increment(1);
+                if way.avoid.failures == 0 {
+                    tracing::info!(backend = %name, sqlstate, message, "backend turned the login away for its own state; routing the client again");
+                }
+                way.avoid.add(&name, way.generation, Some(format!("{message} ({sqlstate})")));
+            }
             Opened::Gone => return Err(Refusal::Gone),
             Opened::NoTls { backend } => {
                 return Err(Refusal::Refuse {
@@ -295,62 +317,166 @@ async fn route<'a>(
     })
 }
 
-/// Most backends one client is routed to before it gets an answer.
-const MAX_ROUTES: usize = 3;
+/// Most backends one client is routed to before it gets an answer (a
+/// bound on a backend that keeps turning logins away while the checks
+/// still find it fine).
+const MAX_ROUTES: usize = 64;
+
+/// One client's way to a backend so far: when it arrived, the backends
+/// that refused it, its place among the held and in the release line.
+struct Way<'a> {
+    started: Instant,
+    /// The routing generation the client last looked at.
+    generation: u64,
+    avoid: Avoid,
+    held: Option<Slot<'a>>,
+    queued: Option<Slot<'a>>,
+    line: Option<Place>,
+}
+
+impl<'a> Way<'a> {
+    fn new(ctx: &'a ListenerContext) -> Self {
+        Self {
+            started: Instant::now(),
+            generation: *ctx.shared.generation.borrow(),
+            avoid: Avoid::default(),
+            held: None,
+            queued: None,
+            line: None,
+        }
+    }
+}
+
+/// Backends that refused this client, left out of its choices until
+/// routing changes or a back-off (50 ms, doubling to 1 s) passes: a
+/// backend whose refusal the checks have not seen yet is tried again, not
+/// hammered.
+#[derive(Default)]
+struct Avoid {
+    until: Vec<(String, Instant)>,
+    generation: u64,
+    failures: u32,
+    /// What the last backend said, when it said something.
+    said: Option<String>,
+}
+
+impl Avoid {
+    fn add(&mut self, backend: &str, generation: u64, said: Option<String>) {
+        if generation != self.generation {
+            self.until.clear();
+            self.generation = generation;
+        }
+        let back_off = Duration::from_millis(50).saturating_mul(1 << self.failures.min(5)).min(Duration::from_secs(1));
+        self.failures += 1;
+        self.until.retain(|(b, _)| b != backend);
+        self.until.push((backend.to_owned(), Instant::now() + back_off));
+        if said.is_some() {
+            self.said = said;
+        }
+    }
+
+    fn blocks(&self, backend: &str, generation: u64, now: Instant) -> bool {
+        generation == self.generation && self.until.iter().any(|(b, until)| b == backend && *until > now)
+    }
+
+    /// When the earliest left-out backend may be tried again.
+    fn next_try(&self, generation: u64) -> Option<Instant> {
+        (generation == self.generation).then(|| self.until.iter().map(|(_, t)| *t).min()).flatten()
+    }
+}
 
 /// Finds, reserves and connects to a backend: holds the client while none
-/// is eligible (up to `hold_timeout`), queues it while limits are full (up
-/// to `queue_timeout`), tries the next candidate when one refuses.
+/// is eligible (up to `hold_timeout`, `hold_restart_timeout` while the only
+/// primary restarts in place), queues it while limits are full (up to
+/// `queue_timeout`), tries the next candidate when one refuses, and lets
+/// held clients through in arrival order at `release_rate`.
 async fn find_backend<'a>(
     ctx: &'a ListenerContext,
     config: &ListenerConfig,
     client: &TcpStream,
     stop: &CancellationToken,
+    way: &mut Way<'a>,
 ) -> Result<(Places<'a>, TcpStream), Refusal> {
-    let started = Instant::now();
     let mut generation = ctx.shared.generation.clone();
-    let (mut held, mut queued): (Option<Slot<'_>>, Option<Slot<'_>>) = (None, None);
     loop {
-        generation.borrow_and_update();
+        way.generation = *generation.borrow_and_update();
         // Before looking for room: a place freed from here on wakes this client.
         let freed = ctx.shared.capacity.watch();
-        let (candidates, via_fallback) = pick(ctx);
+        let now = Instant::now();
+        let (all, via_fallback) = pick(ctx);
+        let refusers = all.len();
+        let candidates: Vec<Candidate> =
+            all.into_iter().filter(|c| !way.avoid.blocks(&c.name, way.generation, now)).collect();
+        let left_out = refusers - candidates.len();
         let (deadline, freed) = if candidates.is_empty() {
-            if held.is_none() {
+            if way.held.is_none() {
                 // A standby cluster takes no writes however long one waits.
                 let standby = config.role == Role::Primary && ctx.shared.table.load().standby_leader().is_some();
                 if config.hold_timeout.is_zero() || standby {
-                    return Err(no_backend(ctx, config, None));
+                    return Err(match (left_out, way.avoid.said.take()) {
+                        (0, _) => no_backend(ctx, config, None),
+                        (_, said) => cannot_connect(ctx, said),
+                    });
                 }
-                held =
+                way.held =
                     Some(Slot::take(&ctx.held, config.hold_max, &ctx.metrics.held).ok_or_else(|| Refusal::Refuse {
                         reason: Reject::HoldFull,
                         sqlstate: CANNOT_CONNECT_NOW,
                         message: format!("{} and hold_max clients already wait", no_backend_message(ctx, config, None)),
                     })?);
             }
-            (started + config.hold_timeout, None)
+            if way.line.is_none() && config.release_rate > 0 {
+                way.line = Some(ctx.pacer.join());
+            }
+            let hold = match ctx.shared.table.load().restarting {
+                Some(_) if config.role == Role::Primary => config.hold_restart_timeout,
+                _ => config.hold_timeout,
+            };
+            let deadline = way.started + hold;
+            if now >= deadline {
+                record_wait(ctx, way.started, true, false);
+                return Err(no_backend(ctx, config, Some(hold)));
+            }
+            let retry = way.avoid.next_try(way.generation).unwrap_or(deadline);
+            (deadline.min(retry), None)
         } else {
+            // Held clients, and everyone while some are, go in arrival order
+            // at the release rate.
+            if way.line.is_none() && config.release_rate > 0 && ctx.pacer.busy() {
+                way.line = Some(ctx.pacer.join());
+            }
+            if let Some(line) = way.line.as_mut() {
+                if !line.is_head() {
+                    // Waiting for one's turn is not waiting for a backend:
+                    // no deadline.
+                    tokio::select! {
+                        _ = line.head() => {}
+                        _ = generation.changed() => {}
+                        _ = hung_up(client) => return Err(Refusal::Gone),
+                        _ = stop.cancelled() => return Err(shutting_down()),
+                    }
+                    continue;
+                }
+            }
+            if let Some(line) = way.line.take() {
+                line.start(config.release_rate).await;
+            }
             match reserve(ctx, config, candidates, via_fallback) {
                 Some(places) => {
-                    record_wait(ctx, started, held.take().is_some(), queued.take().is_some());
-                    match connect_reserved(ctx, places, config).await {
+                    record_wait(ctx, way.started, way.held.take().is_some(), way.queued.take().is_some());
+                    match connect_reserved(ctx, places, config, way).await {
                         Some(found) => return Ok(found),
-                        None => {
-                            return Err(Refusal::Refuse {
-                                reason: Reject::ConnectFailed,
-                                sqlstate: CANNOT_CONNECT_NOW,
-                                message: format!("pglb: cannot connect to any backend for listener \"{}\"", ctx.name),
-                            })
-                        }
+                        // Every candidate refused: hold the client (when
+                        // holding is on) for one that accepts.
+                        None => continue,
                     }
                 }
                 None => {
-                    if queued.is_none() {
-                        queued = Slot::take(&ctx.queued, usize::MAX, &ctx.metrics.queued);
+                    if way.queued.is_none() {
+                        way.queued = Slot::take(&ctx.queued, usize::MAX, &ctx.metrics.queued);
                     }
                     ctx.shared.capacity.no_room();
-                    (started + config.queue_timeout, Some(freed))
+                    (way.started + config.queue_timeout, Some(freed))
                 }
             }
         };
@@ -358,15 +484,9 @@ async fn find_backend<'a>(
         match wait(client, &mut generation, freed, deadline, stop).await {
             Wake::Retry => {}
             Wake::ClientGone => return Err(Refusal::Gone),
-            Wake::Shutdown => {
-                return Err(Refusal::Refuse {
-                    reason: Reject::Shutdown,
-                    sqlstate: ADMIN_SHUTDOWN,
-                    message: "pglb: shutting down".into(),
-                })
-            }
+            Wake::Shutdown => return Err(shutting_down()),
             Wake::Timeout if queueing => {
-                record_wait(ctx, started, false, true);
+                record_wait(ctx, way.started, false, true);
                 return Err(Refusal::Refuse {
                     reason: Reject::QueueTimeout,
                     sqlstate: TOO_MANY_CONNECTIONS,
@@ -376,11 +496,23 @@ async fn find_backend<'a>(
                     ),
                 });
             }
-            Wake::Timeout => {
-                record_wait(ctx, started, true, false);
-                return Err(no_backend(ctx, config, Some(config.hold_timeout)));
-            }
+            // A back-off passed, or the hold ended (told at the top).
+            Wake::Timeout => {}
         }
+    }
+}
+
+fn shutting_down() -> Refusal {
+    Refusal::Refuse { reason: Reject::Shutdown, sqlstate: ADMIN_SHUTDOWN, message: "pglb: shutting down".into() }
+}
+
+/// Every backend refused the client and holding is off.
+fn cannot_connect(ctx: &ListenerContext, said: Option<String>) -> Refusal {
+    let said = said.map(|s| format!(": {s}")).unwrap_or_default();
+    Refusal::Refuse {
+        reason: Reject::ConnectFailed,
+        sqlstate: CANNOT_CONNECT_NOW,
+        message: format!("pglb: cannot connect to any backend for listener \"{}\"{said}", ctx.name),
     }
 }
 
@@ -483,13 +615,14 @@ fn reserve<'a>(
 }
 
 /// Connects to the reserved backend; if it refuses, moves the reservation
-/// to the next eligible backend with room.
+/// to the next eligible backend with room. `None` when every one refused
+/// (each is then left out of the client's choices for a while).
 async fn connect_reserved<'a>(
     ctx: &'a ListenerContext,
     mut places: Places<'a>,
     config: &ListenerConfig,
+    way: &mut Way<'_>,
 ) -> Option<(Places<'a>, TcpStream)> {
-    let mut tried: Vec<String> = Vec::new();
     loop {
         let c = &places.candidate;
         let user_timeout = ctx.shared.table.load().down_after;
@@ -501,12 +634,18 @@ async fn connect_reserved<'a>(
             Ok(stream) => return Some((places, stream)),
             Err(err) => {
                 ctx.pair(&c.name).connect_failures.increment(1);
-                tracing::warn!(backend = %c.name, error = %err, "cannot connect to backend; trying the next one");
-                tried.push(c.name.clone());
+                if way.avoid.failures == 0 {
+                    tracing::warn!(backend = %c.name, error = %err, "cannot connect to backend; trying the next one (or holding the client)");
+                } else {
+                    tracing::debug!(backend = %c.name, error = %err, "cannot connect to backend again");
+                }
+                way.avoid.add(&c.name, way.generation, Some(err.to_string()));
             }
         }
+        let now = Instant::now();
         let (candidates, via_fallback) = pick(ctx);
-        let rest: Vec<Candidate> = candidates.into_iter().filter(|c| !tried.contains(&c.name)).collect();
+        let rest: Vec<Candidate> =
+            candidates.into_iter().filter(|c| !way.avoid.blocks(&c.name, way.generation, now)).collect();
         drop(places);
         places = reserve(ctx, config, rest, via_fallback)?;
     }
@@ -516,8 +655,12 @@ async fn connect_reserved<'a>(
 enum Opened<'a> {
     /// The backend answered the first message: forward.
     Answered(Session<'a>),
-    /// The backend became ineligible before answering: route again.
+    /// The backend became ineligible, or closed, before answering: route
+    /// again.
     Rerouted,
+    /// The backend turned the login away for its own state (57P03, 57P01):
+    /// route again.
+    NotNow { sqlstate: String, message: String },
     /// The backend did not answer within the wait.
     Silent { backend: String, waited: std::time::Duration },
     /// The client hung up.
@@ -544,12 +687,12 @@ struct Session<'a> {
 async fn open<'a>(
     ctx: &'a ListenerContext,
     config: &ListenerConfig,
-    client: &TcpStream,
+    client: &mut TcpStream,
     mut backend: TcpStream,
     places: Places<'a>,
     first: &FirstMessage,
     peer: SocketAddr,
-) -> Opened<'a> {
+) -> (Opened<'a>, Option<FirstMessage>) {
     let candidate = &places.candidate;
     let pair = ctx.pair(&candidate.name);
     let started = Instant::now();
@@ -582,36 +725,160 @@ async fn open<'a>(
             Negotiated::Tls => {}
             Negotiated::Refused => {
                 discard_unsent(&backend);
-                return Opened::NoTls { backend: candidate.name.clone() };
+                return (Opened::NoTls { backend: candidate.name.clone() }, None);
             }
             Negotiated::Silent => {
                 discard_unsent(&backend);
-                return Opened::Silent { backend: candidate.name.clone(), waited: wait };
+                return (Opened::Silent { backend: candidate.name.clone(), waited: wait }, None);
             }
-            Negotiated::Closed => return Opened::Rerouted,
+            Negotiated::Closed => return (Opened::Rerouted, None),
         }
     }
-    if let Err(err) = backend.write_all(&first.bytes).await {
-        tracing::warn!(backend = %candidate.name, error = %err, "backend closed before startup");
-        return Opened::Rerouted;
-    }
+    let name = candidate.name.clone();
+    let heard = match send_and_hear(&mut backend, client, &handle, first, wait).await {
+        Heard::Answer(answer) => answer,
+        other => return (other.opened(&name, wait, &backend), None),
+    };
     pair.client_to_backend.increment(first.bytes.len() as u64);
     handle.bytes_in.fetch_add(first.bytes.len() as u64, Ordering::Relaxed);
-    tokio::select! {
-        _ = backend.readable() => {}
-        _ = tokio::time::sleep(wait) => {
-            discard_unsent(&backend);
-            return Opened::Silent { backend: candidate.name.clone(), waited: wait };
+    // An SSLRequest the backend declines (`N`): the client goes on in
+    // plaintext, and its StartupMessage is the one to replay from now on.
+    let mut plain = None;
+    let answer = match heard {
+        FirstAnswer::Pass if first.kind == FirstKind::SslRequest && !first.via_ssl_request => {
+            match declined(&mut backend, client, config.startup_timeout).await {
+                Declined::No => FirstAnswer::Pass,
+                Declined::Gone => return (Opened::Gone, None),
+                Declined::Startup(startup) => {
+                    let heard = send_and_hear(&mut backend, client, &handle, &startup, wait).await;
+                    plain = Some(startup);
+                    match heard {
+                        Heard::Answer(answer) => answer,
+                        other => return (other.opened(&name, wait, &backend), plain),
+                    }
+                }
+            }
         }
-        _ = handle.stop.cancelled() => {
-            discard_unsent(&backend);
-            let reason = handle.reason.get().map_or("", |r| r.as_str());
-            tracing::info!(backend = %candidate.name, reason, "backend became ineligible before answering; routing the client again");
-            return Opened::Rerouted;
-        }
-        _ = hung_up(client) => return Opened::Gone,
+        answer => answer,
+    };
+    match answer {
+        FirstAnswer::NotNow { sqlstate, message } => (Opened::NotNow { sqlstate, message }, plain),
+        _ => (Opened::Answered(Session { places, backend, handle, _open: open, peer, started }), plain),
     }
-    Opened::Answered(Session { places, backend, handle, _open: open, peer, started })
+}
+
+/// What came back for a message sent to a backend before any answer.
+enum Heard {
+    Answer(FirstAnswer),
+    /// Closed or reset without a word (a server going away).
+    Closed,
+    Silent,
+    /// The backend became ineligible before answering.
+    Stopped,
+    Gone,
+}
+
+impl Heard {
+    fn opened<'a>(self, backend: &str, waited: Duration, stream: &TcpStream) -> Opened<'a> {
+        match self {
+            Self::Answer(_) | Self::Closed => Opened::Rerouted,
+            Self::Silent => {
+                discard_unsent(stream);
+                Opened::Silent { backend: backend.to_owned(), waited }
+            }
+            Self::Stopped => {
+                discard_unsent(stream);
+                Opened::Rerouted
+            }
+            Self::Gone => Opened::Gone,
+        }
+    }
+}
+
+/// Sends `message` and waits (up to `wait`) for the backend's first
+/// answer, read as far as [`read_answer`] goes.
+async fn send_and_hear(
+    backend: &mut TcpStream,
+    client: &TcpStream,
+    handle: &SessionHandle,
+    message: &FirstMessage,
+    wait: Duration,
+) -> Heard {
+    if let Err(err) = backend.write_all(&message.bytes).await {
+        tracing::warn!(backend = %handle.backend, error = %err, "backend closed before startup");
+        return Heard::Closed;
+    }
+    let plaintext_startup = matches!(message.kind, FirstKind::Startup { .. }) && !message.via_ssl_request;
+    tokio::select! {
+        answer = read_answer(backend, plaintext_startup) => match answer {
+            Ok(answer) => Heard::Answer(answer),
+            Err(_) => Heard::Closed,
+        },
+        _ = tokio::time::sleep(wait) => Heard::Silent,
+        _ = handle.stop.cancelled() => {
+            let reason = handle.reason.get().map_or("", |r| r.as_str());
+            tracing::info!(backend = %handle.backend, reason, "backend became ineligible before answering; routing the client again");
+            Heard::Stopped
+        }
+        _ = hung_up(client) => Heard::Gone,
+    }
+}
+
+/// How a client's SSLRequest ended.
+enum Declined {
+    /// The backend took it (`S`) or answered otherwise: forward as is.
+    No,
+    /// Declined: the client's next message, a plaintext StartupMessage,
+    /// read by pglb.
+    Startup(FirstMessage),
+    Gone,
+}
+
+/// When the backend answered the client's SSLRequest with `N`: passes the
+/// `N` on and reads the client's StartupMessage, so that it is read (and
+/// replayable) like a plaintext client's. Anything else it sends next is
+/// passed on and forwarded.
+async fn declined(backend: &mut TcpStream, client: &mut TcpStream, timeout: Duration) -> Declined {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    if !matches!(backend.peek(&mut byte).await, Ok(1)) || byte[0] != b'N' {
+        return Declined::No;
+    }
+    if backend.read_exact(&mut byte).await.is_err() || client.write_all(b"N").await.is_err() {
+        return Declined::Gone;
+    }
+    match tokio::time::timeout(timeout, read_first(client)).await {
+        Ok(Ok(next)) if matches!(next.kind, FirstKind::Startup { .. }) => Declined::Startup(next),
+        Ok(Ok(next)) => match backend.write_all(&next.bytes).await {
+            Ok(()) => Declined::No,
+            Err(_) => Declined::Gone,
+        },
+        _ => Declined::Gone,
+    }
+}
+
+/// Waits for the backend's first answer and peeks at it (nothing is
+/// consumed: what the client should see stays queued for it). `Err` when
+/// the backend closed or reset the connection without a word. The answer
+/// to a plaintext StartupMessage is read as far as its first message;
+/// one that does not arrive whole within moments is passed on as is.
+async fn read_answer(backend: &TcpStream, plaintext_startup: bool) -> std::io::Result<FirstAnswer> {
+    let mut buf = [0u8; 1024];
+    for _ in 0..40 {
+        let n = backend.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if !plaintext_startup {
+            return Ok(FirstAnswer::Pass);
+        }
+        match first_answer(&buf[..n]) {
+            FirstAnswer::Incomplete if n < buf.len() => tokio::time::sleep(Duration::from_millis(5)).await,
+            FirstAnswer::Incomplete => return Ok(FirstAnswer::Pass),
+            answer => return Ok(answer),
+        }
+    }
+    Ok(FirstAnswer::Pass)
 }
 
 /// How the backend answered pglb's SSLRequest.

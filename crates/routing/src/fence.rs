@@ -123,11 +123,16 @@ impl Fencing {
         let mut changes = Vec::new();
         self.settle(states);
         for (i, s) in states.iter().enumerate() {
-            if roles[i] == ObservedRole::Replica
-                && s.up
-                && self.fenced.get(&i).is_some_and(|f| f.kind == FenceKind::Timeline)
-            {
+            // One answer in recovery is the evidence (not `rise` of them: a
+            // switchover back may promote it again before that).
+            let timeline_fenced = self.fenced.get(&i).is_some_and(|f| f.kind == FenceKind::Timeline);
+            if timeline_fenced && roles[i] == ObservedRole::Replica {
                 self.clear(i, "seen as a replica", &mut changes);
+            }
+            // Promoted since, past every timeline seen: the newest primary.
+            let newest = s.facts.timeline.is_some_and(|t| t > self.max_timeline);
+            if timeline_fenced && roles[i] == ObservedRole::Primary && newest && s.checked {
+                self.clear(i, "promoted onto a higher timeline than any seen", &mut changes);
             }
             // Unknown (never answered since start, e.g. a fence restored
             // for a node that is down) is neither: the fence stays.

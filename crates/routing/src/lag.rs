@@ -205,16 +205,19 @@ impl LagGate {
     }
 }
 
-/// True if `lag` is over `factor` × the listener's limits. Unknown lag
-/// (no sample yet) is not over anything.
+/// True if `lag` is over `factor` × the listener's limits. Lag that cannot
+/// be measured while a primary is visible (a replica that reports no
+/// replay position) is over any limit: unknown is not small.
 fn exceeds(lag: Lag, listener: &ListenerConfig, factor: f64) -> bool {
     let bytes = match (lag.bytes, listener.max_lag_bytes) {
         (Some(b), Some(max)) => b as f64 > max as f64 * factor,
-        _ => false,
+        (None, Some(_)) => true,
+        (_, None) => false,
     };
     let seconds = match (lag.seconds, listener.max_lag_seconds) {
         (Some(s), Some(max)) => s > max.as_secs_f64() * factor,
-        _ => false,
+        (None, Some(_)) => true,
+        (_, None) => false,
     };
     bytes || seconds
 }
@@ -309,7 +312,7 @@ mod tests {
         let text = "listeners:\n  - {name: ro, listen: 127.0.0.1:1, role: replica, max_lag_bytes: 1000}\nbackends:\n  - {name: a, address: 127.0.0.1:2}\n";
         let config = pglb_config::load_str(std::path::Path::new("t.yaml"), text).expect("config");
         let l = &config.clusters[0].listeners[0];
-        let at = |b: u64| Lag { bytes: Some(b), seconds: None };
+        let at = |b: u64| Lag { bytes: Some(b), seconds: Some(0.0) };
         let mut g = LagGate::default();
         assert_eq!(g.step(at(900), l, 2), None);
         assert_eq!(g.step(at(1001), l, 2), Some(GateChange::Out));
@@ -319,5 +322,7 @@ mod tests {
         assert_eq!(g.step(at(400), l, 2), None);
         assert_eq!(g.step(at(300), l, 2), Some(GateChange::In));
         assert!(g.admitted);
+        // Unknown lag is not small.
+        assert_eq!(g.step(Lag::default(), l, 2), Some(GateChange::Out));
     }
 }

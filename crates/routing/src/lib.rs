@@ -12,6 +12,7 @@ mod fence;
 mod lag;
 mod patroni;
 mod reason;
+mod rejoin;
 mod saved;
 mod select;
 mod state;
@@ -23,6 +24,7 @@ pub use fence::{Fence, FenceChange, FenceKind, Fencing, Identity, IdentitySource
 pub use lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
 pub use patroni::{MemberView, PatroniView, Trust};
 pub use reason::CloseReason;
+pub use rejoin::Rejoin;
 pub use saved::{SavedAdmin, SavedFence, SavedLagging, SavedNotFollowing, SavedState};
 pub use select::Cursor;
 pub use state::{

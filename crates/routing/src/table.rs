@@ -88,6 +88,10 @@ pub struct BackendEntry {
     pub vetoed: Option<String>,
     /// Its static tags and, for a member, Patroni's (static ones win).
     pub tags: Tags,
+    /// Why a replica is kept out of read-only pools although it answers:
+    /// it has not shown it follows the current timeline (see
+    /// [`crate::Rejoin`]).
+    pub rejoining: Option<String>,
 }
 
 impl BackendEntry {
@@ -163,6 +167,9 @@ pub struct RoutingTable {
     pub split_brain: bool,
     /// Some unfenced primary is up (lag is only judged while one is).
     pub primary_visible: bool,
+    /// The cluster's only primary, down with evidence of a restart in
+    /// place and not replaced: rw clients are held for it longer.
+    pub restarting: Option<usize>,
     /// Every backend has been checked at least once.
     pub all_checked: bool,
     /// The cluster's system identifier; nothing is routed while it is

@@ -12,8 +12,9 @@ use pglb_config::{Cluster, MultiPrimary, Role};
 use crate::fence::{FenceChange, FenceKind, Fencing, Identity};
 use crate::lag::{lag, Following, GateChange, Lag, LagGate, WalHistory};
 use crate::patroni::{PatroniView, Trust};
+use crate::rejoin::Rejoin;
 use crate::saved::{SavedAdmin, SavedFence, SavedLagging, SavedNotFollowing, SavedState};
-use crate::state::{BackendState, Observation, ObservedRole, Thresholds, Transition};
+use crate::state::{BackendState, FailureClass, Observation, ObservedRole, Thresholds, Transition};
 use crate::table::{AdminState, BackendEntry, BackendLoad, ListenerRoute, RoutingTable};
 
 /// Something that happened, for one log line (and metrics).
@@ -80,6 +81,15 @@ pub struct Topology {
     wal: Vec<WalHistory>,
     /// Whether each replica follows the current primary, and since when not.
     following: Vec<Following>,
+    /// What each backend has shown of following the current timeline
+    /// since it was last primary or fenced (admission to read pools).
+    rejoin: Vec<Rejoin>,
+    /// The backend last seen serving as primary, by name: a primary that
+    /// restarts in place is taken back on its first good check only if no
+    /// other was seen since.
+    last_primary: Option<String>,
+    /// The highest timeline a serving primary was seen on.
+    timeline: Option<u32>,
     /// `gates[listener][backend]`.
     gates: Vec<Vec<LagGate>>,
     fencing: Fencing,
@@ -111,6 +121,9 @@ impl Topology {
             lags: vec![Lag::default(); n],
             wal: vec![WalHistory::default(); n],
             following: vec![Following::default(); n],
+            rejoin: vec![Rejoin::default(); n],
+            last_primary: None,
+            timeline: None,
             gates: vec![vec![LagGate::default(); n]; config.listeners.len()],
             fencing: Fencing::default(),
             generation: 0,
@@ -162,6 +175,7 @@ impl Topology {
         self.lags = carried.iter().map(|i| i.map(|i| self.lags[i]).unwrap_or_default()).collect();
         self.wal = carried.iter().map(|i| i.map(|i| self.wal[i].clone()).unwrap_or_default()).collect();
         self.following = carried.iter().map(|i| i.map(|i| self.following[i]).unwrap_or_default()).collect();
+        self.rejoin = carried.iter().map(|i| i.map(|i| self.rejoin[i]).unwrap_or_default()).collect();
         let fenced = std::mem::take(&mut self.fencing.fenced);
         for (new, old) in carried.iter().enumerate() {
             if let Some(reason) = old.and_then(|o| fenced.get(&o)) {
@@ -255,7 +269,21 @@ impl Topology {
             _ => {}
         }
         let health = &self.config.health;
-        let thresholds = Thresholds { rise: health.rise, fall: health.fall, down_after: health.down_after };
+        let mut thresholds = Thresholds { rise: health.rise, fall: health.fall, down_after: health.down_after };
+        if self.returns_in_place(i, &obs) {
+            // The cluster's only primary restarted (a crash, a restart by
+            // Patroni): nothing else could have taken its place, and
+            // clients are held for it. No need to wait for `rise`.
+            thresholds.rise = 1;
+        }
+        // A node pinned as a replica that answers as primary is a writable
+        // subscriber, not a demoted primary: nothing to rejoin.
+        let pinned_replica = self.config.backends[i].role == Some(Role::Replica);
+        match &obs {
+            Observation::Up { role: ObservedRole::Primary, .. } if !pinned_replica => self.rejoin[i].reset(),
+            Observation::Up { role: ObservedRole::Replica, facts } => self.rejoin[i].sample(facts.receiver),
+            _ => {}
+        }
         events.extend(
             self.states[i]
                 .observe(obs, thresholds)
@@ -285,8 +313,66 @@ impl Topology {
                 _ => {}
             }
         }
+        for &f in self.fencing.fenced.keys() {
+            self.rejoin[f].reset();
+        }
         self.update_lag(i, replica_sample, now, &mut events);
         events
+    }
+
+    /// Whether an answer as primary is the cluster's last primary coming
+    /// back from a restart in place: it was down, it answers on the same
+    /// system identifier and timeline as before, no higher timeline was
+    /// seen, and no other node was seen as primary since.
+    fn returns_in_place(&self, i: usize, obs: &Observation) -> bool {
+        let Observation::Up { role: ObservedRole::Primary, facts } = obs else { return false };
+        let s = &self.states[i];
+        let roles = self.roles();
+        let name = &self.config.backends[i].name;
+        s.checked
+            && !s.up
+            && s.role == ObservedRole::Primary
+            && self.last_primary.as_deref() == Some(name.as_str())
+            && !self.fencing.fenced.contains_key(&i)
+            && facts.system_id.is_some()
+            && facts.system_id == s.facts.system_id
+            && facts.timeline.is_some()
+            && facts.timeline == s.facts.timeline
+            && facts.timeline >= self.timeline
+            && (0..self.states.len()).all(|j| j == i || !(self.states[j].up && roles[j] == ObservedRole::Primary))
+    }
+
+    /// The cluster's last primary, when it is down with evidence of a
+    /// restart (refused, reset, "starting up", "shutting down") and nothing
+    /// has replaced it: rw clients are held for it (`hold_restart_timeout`).
+    fn restarting(&self, serving_primary: bool) -> Option<usize> {
+        if serving_primary {
+            return None;
+        }
+        let name = self.last_primary.as_deref()?;
+        let i = self.config.backends.iter().position(|b| b.name == name)?;
+        let s = &self.states[i];
+        let restart_evidence = s.last_error.as_ref().is_some_and(|e| {
+            matches!(
+                e.class,
+                FailureClass::Refused | FailureClass::Reset | FailureClass::Shutdown | FailureClass::Connection
+            )
+        });
+        let holder = self.patroni.as_ref().and_then(|p| p.veto_holder());
+        let admin_ok = self.admin[i] != AdminState::Disabled;
+        (!s.up
+            && s.role == ObservedRole::Primary
+            && restart_evidence
+            && admin_ok
+            && !self.fencing.fenced.contains_key(&i)
+            && holder.is_none_or(|h| h == name))
+        .then_some(i)
+    }
+
+    /// The cluster's current timeline: the highest a primary was seen on.
+    fn current_timeline(&self) -> Option<u32> {
+        let fenced = (self.fencing.max_timeline > 0).then_some(self.fencing.max_timeline);
+        self.timeline.max(fenced)
     }
 
     /// Forgets what the checks learnt about backend `i` (not its admin
@@ -296,6 +382,7 @@ impl Topology {
         self.lags[i] = Lag::default();
         self.wal[i] = WalHistory::default();
         self.following[i] = Following::default();
+        self.rejoin[i] = Rejoin::default();
         for gates in &mut self.gates {
             gates[i] = LagGate::default();
         }
@@ -315,6 +402,10 @@ impl Topology {
         if replica_sample {
             let timeline = primary.and_then(|p| self.states[p].facts.timeline);
             self.following[i].track(self.states[i].facts.receiver, timeline, now);
+        }
+        if let Some(p) = primary {
+            self.last_primary = Some(self.config.backends[p].name.clone());
+            self.timeline = self.timeline.max(self.states[p].facts.timeline);
         }
         // No primary visible (a failover): keep the last known lag.
         let Some(p) = primary else { return };
@@ -610,6 +701,7 @@ impl Topology {
     /// changed; a split-brain start or end is reported once.
     pub fn table(&mut self) -> (RoutingTable, Vec<Event>) {
         let roles = self.roles();
+        let timeline = self.current_timeline();
         let backends: Vec<BackendEntry> = (0..self.states.len())
             .map(|i| {
                 let config = &self.config.backends[i];
@@ -627,6 +719,7 @@ impl Topology {
                     member,
                     vetoed: self.vetoed(i, &roles),
                     tags,
+                    rejoining: (roles[i] == ObservedRole::Replica).then(|| self.rejoin[i].why_out(timeline)).flatten(),
                 }
             })
             .collect();
@@ -640,6 +733,7 @@ impl Topology {
             down_after: self.config.health.down_after,
             split_brain: self.config.multi_primary == MultiPrimary::Fence && primaries.len() > 1,
             primary_visible: !primaries.is_empty(),
+            restarting: self.restarting(!primaries.is_empty()),
             // A cluster read from Patroni waits for its first read too.
             all_checked: self.states.iter().all(|s| s.checked)
                 && (self.config.patroni.is_none() || self.patroni.as_ref().is_some_and(|p| p.trust != Trust::NotRead)),
@@ -655,8 +749,14 @@ impl Topology {
             .listeners
             .iter()
             .enumerate()
-            // While no primary is visible, lag is not judged: ro keeps serving.
-            .map(|(l, c)| ListenerRoute::build(c, &table, |i| !primary_visible || gates[l][i].admitted))
+            // While no primary is visible, lag is not judged: ro keeps
+            // serving. A replica that has not shown it follows the current
+            // timeline never serves reads.
+            .map(|(l, c)| {
+                ListenerRoute::build(c, &table, |i| {
+                    table.backends[i].rejoining.is_none() && (!primary_visible || gates[l][i].admitted)
+                })
+            })
             .collect();
         let mut events = Vec::new();
         let was_split = self.last.as_ref().is_some_and(|t| t.split_brain);
@@ -682,6 +782,7 @@ fn routing_differs(a: &RoutingTable, b: &RoutingTable) -> bool {
         || a.standby_leader() != b.standby_leader()
         || a.identity.pending != b.identity.pending
         || a.all_checked != b.all_checked
+        || a.restarting != b.restarting
         || a.backends.len() != b.backends.len()
         || a.backends.iter().zip(&b.backends).any(|(x, y)| backend_key(x) != backend_key(y))
         || a.listeners

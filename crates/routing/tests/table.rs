@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pglb_config::{load_str, Cluster};
-use pglb_routing::{Cursor, Facts, FailureClass, Observation, ObservedRole, RoutingTable, Topology};
+use pglb_routing::{Cursor, Facts, FailureClass, Observation, ObservedRole, RoutingTable, Topology, Wal};
 
 fn config(balance: &str, weights: [u32; 3]) -> Cluster {
     let text = format!(
@@ -34,7 +34,12 @@ fn state(healthy: bool, role: ObservedRole) -> Seen {
 fn table(config: &Cluster, seen: &[Seen]) -> RoutingTable {
     let mut topology = Topology::new(Arc::new(config.clone()));
     for (b, (healthy, role)) in config.backends.iter().zip(seen) {
-        let facts = Facts { timeline: Some(1), system_id: Some(7), ..Facts::default() };
+        // Caught up: the primary at 0/0, replicas replayed all of it.
+        let wal = match role {
+            ObservedRole::Primary => Wal { current: Some(0), flush: Some(0), replay: None },
+            _ => Wal { replay: Some(0), ..Wal::default() },
+        };
+        let facts = Facts { timeline: Some(1), system_id: Some(7), wal, ..Facts::default() };
         let obs = if *healthy {
             Observation::Up { role: *role, facts }
         } else {
