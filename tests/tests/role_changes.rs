@@ -191,6 +191,11 @@ fn switchovers_and_crash_restarts_fail_no_plaintext_connection() {
         cluster.nodes[new].promote().expect("promote");
         cluster.follow(&cluster.nodes[old], &cluster.nodes[new]).expect("the old primary follows the new one");
         back_on(new, since, &format!("switchover {round}: writes on pg{new}"));
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!(
+            "switchover {round}: longest time without an acknowledged write on new connections {:.2} s",
+            plain.longest_gap_since(since).as_secs_f64()
+        );
         primary = new;
     }
 
@@ -214,6 +219,11 @@ fn switchovers_and_crash_restarts_fail_no_plaintext_connection() {
         });
         taken_back.push(taken_back_after);
         back_on(primary, since, &format!("crash restart {round}: writes on {name}"));
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!(
+            "crash restart {round}: longest time without an acknowledged write on new connections {:.2} s",
+            plain.longest_gap_since(since).as_secs_f64()
+        );
     }
 
     let plain_failed = plain.failed_connections_since(t0);
