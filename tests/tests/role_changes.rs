@@ -191,11 +191,9 @@ fn switchovers_and_crash_restarts_fail_no_plaintext_connection() {
         cluster.nodes[new].promote().expect("promote");
         cluster.follow(&cluster.nodes[old], &cluster.nodes[new]).expect("the old primary follows the new one");
         back_on(new, since, &format!("switchover {round}: writes on pg{new}"));
-        std::thread::sleep(Duration::from_millis(500));
-        eprintln!(
-            "switchover {round}: longest time without an acknowledged write on new connections {:.2} s",
-            plain.longest_gap_since(since).as_secs_f64()
-        );
+        // As Patroni would, switch back only to a replica that is in service.
+        pglb.wait_state(&format!("pg{old}"), "healthy", SETTLE);
+        report(&format!("switchover {round}"), &plain, &tls, since);
         primary = new;
     }
 
@@ -219,11 +217,7 @@ fn switchovers_and_crash_restarts_fail_no_plaintext_connection() {
         });
         taken_back.push(taken_back_after);
         back_on(primary, since, &format!("crash restart {round}: writes on {name}"));
-        std::thread::sleep(Duration::from_millis(500));
-        eprintln!(
-            "crash restart {round}: longest time without an acknowledged write on new connections {:.2} s",
-            plain.longest_gap_since(since).as_secs_f64()
-        );
+        report(&format!("crash restart {round}"), &plain, &tls, since);
     }
 
     let plain_failed = plain.failed_connections_since(t0);
@@ -238,6 +232,17 @@ fn switchovers_and_crash_restarts_fail_no_plaintext_connection() {
     eprintln!("checks a restarted primary needed before rw used it (rise 5): {taken_back:?}");
     assert_eq!(plain_failed, 0, "{:?}\n{}", plain.errors_since(t0), pglb.log());
     assert!(taken_back.iter().all(|&n| n <= 2.0), "checks before rw used the restarted primary: {taken_back:?}");
+}
+
+/// One event's cost to the writers since `since`, on stderr.
+fn report(event: &str, plain: &Writers, tls: &Writers, since: Instant) {
+    std::thread::sleep(Duration::from_millis(500));
+    eprintln!(
+        "{event}: failed new connections: plaintext {}, TLS {}; longest time without an acknowledged write on new connections {:.2} s",
+        plain.failed_connections_since(since),
+        tls.failed_connections_since(since),
+        plain.longest_gap_since(since).as_secs_f64()
+    );
 }
 
 /// An old primary restarted as a replica without a rewind (it holds writes
@@ -258,12 +263,16 @@ fn a_demoted_primary_serves_no_reads_until_it_streams_on_the_new_timeline() {
     pglb.wait_eligible("ro", &["pg1"], SETTLE);
     let (pg0, pg1) = (&cluster.nodes[0], &cluster.nodes[1]);
 
-    // The primary goes silent: once it is degraded, pg1 is checked at the
+    // The primary goes silent: while it is degraded, pg1 is checked at the
     // fast pace (at `interval` it would get 3 checks in 3 s).
     pglb.wait_checks(&["pg1"], 3.0, Duration::from_secs(10));
     {
         let _frozen = Freeze::node(pg0);
         pglb.wait_state("pg0", "degraded", Duration::from_secs(10));
+        // Past the settling window the change itself opens (2 × interval +
+        // fast_interval)...
+        pglb.wait_checks(&["pg1"], 25.0, Duration::from_secs(30));
+        // ...checks still run at the fast pace while the primary is silent.
         pglb.wait_checks(&["pg1"], 10.0, Duration::from_secs(3));
     }
     pglb.wait_state("pg0", "healthy", Duration::from_secs(10));

@@ -369,6 +369,16 @@ impl Topology {
         .then_some(i)
     }
 
+    /// Why replica `i` stays out of read-only pools although it answers. A
+    /// Patroni `nostream` member is fed from the WAL archive and never
+    /// streams: it is judged by lag alone, as before.
+    fn rejoining(&self, i: usize, role: ObservedRole, timeline: Option<u32>) -> Option<String> {
+        if role != ObservedRole::Replica || self.member(i).is_some_and(|m| m.nostream()) {
+            return None;
+        }
+        self.rejoin[i].why_out(timeline)
+    }
+
     /// The cluster's current timeline: the highest a primary was seen on.
     fn current_timeline(&self) -> Option<u32> {
         let fenced = (self.fencing.max_timeline > 0).then_some(self.fencing.max_timeline);
@@ -719,7 +729,7 @@ impl Topology {
                     member,
                     vetoed: self.vetoed(i, &roles),
                     tags,
-                    rejoining: (roles[i] == ObservedRole::Replica).then(|| self.rejoin[i].why_out(timeline)).flatten(),
+                    rejoining: self.rejoining(i, roles[i], timeline),
                 }
             })
             .collect();

@@ -189,3 +189,27 @@ fn a_members_drain_is_kept_while_it_is_away() {
     fresh.reconfigure(topology().config().clone());
     assert_eq!(fresh.table().0.backends[2].admin, pglb_routing::AdminState::Disabled);
 }
+
+/// A `nostream` member is fed from the WAL archive: its receiver never
+/// streams, which keeps any other replica out of the read pools, not it.
+#[test]
+fn a_nostream_member_needs_no_streaming_to_serve_reads() {
+    use pglb_routing::{Facts, Observation, ObservedRole, Receiver, Wal};
+    let mut t = topology();
+    let mut v = view(Trust::Lock, Some("a"));
+    v.members.get_mut("c").expect("c").tags.insert("nostream".into(), "true".into());
+    t.set_patroni(v);
+    primary(&mut t, "a", 1, 7);
+    let archive_fed = Facts {
+        system_id: Some(7),
+        wal: Wal { replay: Some(0), ..Wal::default() },
+        receiver: Some(Receiver::NotStreaming),
+        ..Facts::default()
+    };
+    for name in ["b", "c"] {
+        t.observe(name, Observation::Up { role: ObservedRole::Replica, facts: archive_fed }, std::time::Instant::now());
+    }
+    let (table, _) = t.table();
+    assert_eq!(eligible(&table, "ro"), ["c"], "b does not stream and is no nostream member");
+    assert!(table.backends[1].rejoining.is_some());
+}
