@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod docs;
+pub mod etcd;
 pub mod fault;
 pub mod haproxy;
 pub mod patroni;

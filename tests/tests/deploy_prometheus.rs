@@ -93,8 +93,10 @@ fn rules_read_only_series_pglb_exports() {
             used.insert(selector.metric.clone());
             // `up` is Prometheus' own series for every scrape target; the
             // `pglb_patroni_*` ones exist for clusters read from Patroni
-            // (checked in tests/tests/patroni.rs, against real Patroni).
-            if selector.metric != "up" && !selector.metric.starts_with("pglb_patroni_") {
+            // (checked in tests/tests/patroni.rs, against real Patroni), the
+            // `pglb_shared_state_*` ones with `shared_state:` (fleet.rs).
+            let conditional = ["pglb_patroni_", "pglb_shared_state_"];
+            if selector.metric != "up" && !conditional.iter().any(|p| selector.metric.starts_with(p)) {
                 problems.extend(exported.check(&selector, expr));
             }
         }

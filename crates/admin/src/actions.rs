@@ -96,7 +96,17 @@ pub async fn run(clusters: &[TopologyHandle], cluster: Option<&str>, name: &str,
         }
     };
     match result {
-        Ok(body) => reply(200, body),
+        Ok(mut body) => {
+            if let Some(fleet) = &topology.fleet {
+                let fleet = fleet.load();
+                body["shared_state"] = json!(if fleet.reachable && fleet.synced {
+                    "sent to the fleet (etcd)"
+                } else {
+                    "queued locally: etcd is unreachable; applied on this instance, shared when it returns"
+                });
+            }
+            reply(200, body)
+        }
         Err(ActionError::NoSuchBackend(n)) => reply(
             404,
             json!({"error": format!("no backend named `{n}` in cluster `{cluster}`"), "kind": "no_such_backend"}),

@@ -61,6 +61,8 @@ pub struct AdminContext {
     /// `POST /upgrade`: asks the running pglb to start its binary anew and
     /// hand over; the reply says how it went.
     pub upgrade: mpsc::Sender<UpgradeRequest>,
+    /// The fleet's store (`shared_state:`), for `/status`.
+    pub store: Option<Arc<ArcSwap<pglb_store::StoreStatus>>>,
 }
 
 /// An upgrade asked for over the admin endpoint: answered with the new
@@ -278,7 +280,12 @@ async fn route(state: &AdminContext, req: Request<Incoming>, upgrading: &AtomicB
         (&Method::GET, ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics_text(state)),
         (&Method::GET, ["health"]) => health(state),
         (&Method::GET, ["status"]) => {
-            let body = crate::status_json(&state.clusters.load(), &state.live.load(), &state.data_path.listeners());
+            let body = crate::status_json(
+                &state.clusters.load(),
+                &state.live.load(),
+                &state.data_path.listeners(),
+                state.store.as_ref().map(|s| s.load_full()).as_deref(),
+            );
             reply(StatusCode::OK, "application/json", body)
         }
         (&Method::GET, ["connections"]) => {

@@ -3,8 +3,9 @@
 
 use std::time::UNIX_EPOCH;
 
+use pglb_control::fleet::FleetView;
 use pglb_proxy::{ListenerView, SessionView};
-use pglb_routing::{Health, Receiver, RoutingTable};
+use pglb_routing::{Health, ItemKey, NodeKey, Receiver, RoutingTable};
 use serde_json::{json, Value};
 
 use crate::server::LiveConfig;
@@ -12,12 +13,18 @@ use crate::server::LiveConfig;
 /// Renders the `/status` document: per cluster a summary (`clusters`),
 /// every backend and listener with its `cluster`; a single-cluster pglb
 /// also keeps its cluster's summary at the top level, as before clusters.
-pub fn status_json(clusters: &[pglb_control::TopologyHandle], live: &LiveConfig, listeners: &[ListenerView]) -> String {
+pub fn status_json(
+    clusters: &[pglb_control::TopologyHandle],
+    live: &LiveConfig,
+    listeners: &[ListenerView],
+    store: Option<&pglb_store::StoreStatus>,
+) -> String {
     let mut summaries = Vec::new();
     let (mut backends, mut routes) = (Vec::new(), Vec::new());
     for topology in clusters {
         let table = topology.table.load();
-        backends.extend(backends_json(&topology.cluster, &table));
+        let fleet = topology.fleet.as_ref().map(|f| f.load_full());
+        backends.extend(backends_json(&topology.cluster, &table, fleet.as_deref()));
         routes.extend(listeners_json(&topology.cluster, &table, listeners));
         summaries.push(cluster_json(topology, &table));
     }
@@ -33,6 +40,7 @@ pub fn status_json(clusters: &[pglb_control::TopologyHandle], live: &LiveConfig,
                 "error": r.error,
             })),
         },
+        "shared_state": store.map(store_json),
         "clusters": summaries,
         "backends": backends,
         "listeners": routes,
@@ -73,6 +81,7 @@ fn cluster_json(topology: &pglb_control::TopologyHandle, table: &RoutingTable) -
         "restored": *topology.restored,
         "restored_from": topology.restored_from,
         "patroni": table.patroni.as_ref().map(|p| patroni_json(p)),
+        "fleet": topology.fleet.as_ref().map(|f| fleet_json(&f.load())),
         "summary": {
             "primary": primaries,
             "backends": table.backends.len(),
@@ -80,6 +89,69 @@ fn cluster_json(topology: &pglb_control::TopologyHandle, table: &RoutingTable) -
             "fenced": fenced,
         },
     })
+}
+
+/// The fleet's store as this instance sees it.
+fn store_json(store: &pglb_store::StoreStatus) -> Value {
+    json!({
+        "instance": store.instance,
+        "prefix": store.prefix,
+        "reachable": store.reachable,
+        "endpoint": store.endpoint,
+        "revision": store.revision,
+        "last_sync_unix_ms": store.last_sync_unix_ms,
+        "watching": store.watching,
+        "watch_revision": store.watch_revision,
+        "error": store.error,
+    })
+}
+
+/// A cluster's shared items: each with who set it and when.
+fn fleet_json(fleet: &FleetView) -> Value {
+    let items: Vec<Value> = fleet
+        .items
+        .iter()
+        .map(|item| {
+            json!({
+                "item": item.key.path(),
+                "node": item.backend,
+                "value": pglb_control::fleet::describe(&item.stored.value),
+                "instance": item.stored.instance,
+                "at_unix_ms": item.stored.at_unix_ms,
+                "revision": item.stored.revision,
+            })
+        })
+        .collect();
+    let pending: Vec<Value> = fleet
+        .pending
+        .iter()
+        .map(|(key, value)| json!({"item": key.path(), "value": pglb_control::fleet::describe(value)}))
+        .collect();
+    json!({
+        "instance": fleet.instance,
+        "system_identifier": fleet.system_id.map(|id| id.to_string()),
+        "reachable": fleet.reachable,
+        "synced": fleet.synced,
+        "items": items,
+        "pending": pending,
+        "conflicts": fleet.conflicts,
+        "last_conflict": fleet.last_conflict,
+    })
+}
+
+/// Which fleet item holds backend `b`'s admin state, if one does.
+fn admin_origin(b: &pglb_routing::BackendEntry, fleet: Option<&FleetView>) -> Value {
+    let node = match &b.member {
+        Some(_) => NodeKey::Member(b.config.name.clone()),
+        None => NodeKey::Address(b.config.address()),
+    };
+    let key = ItemKey::Admin(node);
+    match fleet.and_then(|f| f.items.iter().find(|i| i.key == key)) {
+        Some(item) => {
+            json!({"instance": item.stored.instance, "at_unix_ms": item.stored.at_unix_ms, "revision": item.stored.revision})
+        }
+        None => Value::Null,
+    }
 }
 
 /// What Patroni said last, and how pglb uses it.
@@ -114,7 +186,7 @@ fn member_json(m: &pglb_routing::MemberView) -> Value {
     })
 }
 
-fn backends_json(cluster: &str, table: &RoutingTable) -> Vec<Value> {
+fn backends_json(cluster: &str, table: &RoutingTable, fleet: Option<&FleetView>) -> Vec<Value> {
     table
         .backends
         .iter()
@@ -151,6 +223,7 @@ fn backends_json(cluster: &str, table: &RoutingTable) -> Vec<Value> {
                 "tags": b.tags,
                 "patroni": b.member.as_ref().map(member_json),
                 "admin_state": b.admin.as_str(),
+                "admin_origin": admin_origin(b, fleet),
                 "lag_bytes": b.lag.bytes,
                 "lag_seconds": b.lag.seconds,
                 "active_connections": b.load.active(),

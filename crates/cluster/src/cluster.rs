@@ -163,6 +163,16 @@ impl Cluster {
             .arg("-D")
             .arg(&node.data);
         run(&mut backup, &format!("pg_basebackup for {}", node.name))?;
+        // The sockets live in the data dirs: the copy holds the primary's
+        // socket lock files (and, cloned from a clone, its own port's, with
+        // a pid that may be a zombie now), which would stop it starting.
+        if let Ok(entries) = std::fs::read_dir(&node.data) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(".s.PGSQL.") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         node.configure(&node_settings(node))
     }
 

@@ -15,6 +15,7 @@ mod patroni;
 mod positions;
 mod raw;
 mod secret;
+mod shared_state;
 mod size;
 mod suggest;
 mod validate;
@@ -24,9 +25,9 @@ pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, Problem};
 pub use load::{load_admin, load_file, load_str};
 pub use model::{
-    sni_matches, tags_match, AdminAccess, AdminConfig, BackendConfig, Balance, Cluster, Config, Forwarder,
+    sni_matches, tags_match, AdminAccess, AdminConfig, BackendConfig, Balance, Cluster, Config, EtcdConfig, Forwarder,
     HealthConfig, Limits, ListenerConfig, LogFormat, MultiPrimary, OnIneligible, OnLag, PatroniConfig, PatroniUrl,
-    Role, SslMode, Tags, DEFAULT_CLUSTER,
+    Role, SharedStateConfig, SslMode, Tags, DEFAULT_CLUSTER,
 };
 pub use secret::{Secret, SecretError, SecretSource};
 pub use size::parse_bytes;

@@ -20,6 +20,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub limits: Limits,
     pub admin: AdminConfig,
+    /// `shared_state:`: the fleet's store; `None`: this instance's state is
+    /// its own.
+    pub shared_state: Option<SharedStateConfig>,
     /// The database clusters pglb fronts, in config order: a config without
     /// `clusters:` is one implicit cluster named `default`.
     pub clusters: Vec<Arc<Cluster>>,
@@ -94,6 +97,35 @@ pub struct PatroniConfig {
     /// A client certificate and key, for `restapi.verify_client`.
     pub certfile: Option<PathBuf>,
     pub keyfile: Option<PathBuf>,
+}
+
+/// `shared_state:`: what a fleet of pglb instances shares through etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedStateConfig {
+    pub etcd: EtcdConfig,
+    /// This instance's name in the store (who changed what): the host name
+    /// unless set.
+    pub instance_id: String,
+    /// How often the whole prefix is read again (linearizable), besides the
+    /// watch: the store's reachability, and what a silent watch missed.
+    pub sync_interval: Duration,
+}
+
+/// `shared_state.etcd`: where the store answers, and as whom.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdConfig {
+    /// Client URLs (etcd's `--advertise-client-urls`), tried in order.
+    pub endpoints: Vec<PatroniUrl>,
+    /// Every key pglb writes starts with it; ends with `/`.
+    pub prefix: String,
+    pub cafile: Option<PathBuf>,
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+    /// etcd's authentication: a user limited to `prefix`.
+    pub user: Option<String>,
+    pub password: Option<SecretSource>,
+    /// Per request (a watch is not bounded by it).
+    pub timeout: Duration,
 }
 
 /// `http://host:port` or `https://host:port` (a path is not allowed).

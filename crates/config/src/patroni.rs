@@ -53,27 +53,7 @@ impl Validator<'_> {
                 "make patroni.remove_after at least twice patroni.interval (default 30s)",
             );
         }
-        let mut file = |key: &str, raw: Option<Text>| -> Option<std::path::PathBuf> {
-            let path = self.base.join(raw?.0);
-            if let Err(e) = std::fs::metadata(&path) {
-                self.problem(
-                    &at(key),
-                    format!("cannot read {}: {e}", path.display()),
-                    "point it at a PEM file (relative paths start at the config file's folder)",
-                );
-            }
-            Some(path)
-        };
-        let cafile = file("cafile", raw.cafile);
-        let certfile = file("certfile", raw.certfile);
-        let keyfile = file("keyfile", raw.keyfile);
-        if certfile.is_some() != keyfile.is_some() {
-            self.problem(
-                item,
-                "certfile and keyfile go together".into(),
-                "give both (the client certificate Patroni's restapi.verify_client checks, and its key), or neither",
-            );
-        }
+        let (cafile, certfile, keyfile) = self.tls_files(item, raw.cafile, raw.certfile, raw.keyfile);
         let tls_options = cafile.is_some() || certfile.is_some();
         if tls_options && !urls.iter().any(|u| u.tls) && !urls.is_empty() {
             self.warning(
@@ -83,6 +63,39 @@ impl Validator<'_> {
             );
         }
         Some(PatroniConfig { urls, interval, timeout, remove_after, cafile, certfile, keyfile })
+    }
+
+    /// `cafile`, `certfile` and `keyfile` of `item` (relative to the
+    /// config's folder): each must be readable, the last two go together.
+    pub(crate) fn tls_files(
+        &mut self,
+        item: &str,
+        cafile: Option<Text>,
+        certfile: Option<Text>,
+        keyfile: Option<Text>,
+    ) -> (Option<std::path::PathBuf>, Option<std::path::PathBuf>, Option<std::path::PathBuf>) {
+        let mut file = |key: &str, raw: Option<Text>| -> Option<std::path::PathBuf> {
+            let path = self.base.join(raw?.0);
+            if let Err(e) = std::fs::metadata(&path) {
+                self.problem(
+                    &format!("{item}.{key}"),
+                    format!("cannot read {}: {e}", path.display()),
+                    "point it at a PEM file (relative paths start at the config file's folder)",
+                );
+            }
+            Some(path)
+        };
+        let cafile = file("cafile", cafile);
+        let certfile = file("certfile", certfile);
+        let keyfile = file("keyfile", keyfile);
+        if certfile.is_some() != keyfile.is_some() {
+            self.problem(
+                item,
+                "certfile and keyfile go together".into(),
+                "give both (the client certificate the server checks, and its key), or neither",
+            );
+        }
+        (cafile, certfile, keyfile)
     }
 
     /// `tags:` of a listener or a backend: names to text values.

@@ -53,6 +53,7 @@ pub struct RawConfig {
     pub defaults: Option<RawDefaults>,
     pub limits: Option<RawLimits>,
     pub admin: Option<RawAdmin>,
+    pub shared_state: Option<RawSharedState>,
     pub health: Option<RawHealth>,
     pub patroni: Option<RawPatroni>,
     #[serde(default)]
@@ -94,6 +95,34 @@ pub struct RawPatroni {
     pub cafile: Option<Text>,
     pub certfile: Option<Text>,
     pub keyfile: Option<Text>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// `shared_state:`: the fleet's store.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawSharedState {
+    pub etcd: Option<RawEtcd>,
+    pub instance_id: Option<Text>,
+    pub sync_interval: Option<Text>,
+    /// Keys this section does not know.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawEtcd {
+    pub endpoints: Option<OneOrMany>,
+    pub prefix: Option<Text>,
+    pub cafile: Option<Text>,
+    pub certfile: Option<Text>,
+    pub keyfile: Option<Text>,
+    pub user: Option<Text>,
+    pub password: Option<Text>,
+    pub password_env: Option<Text>,
+    pub password_file: Option<Text>,
+    pub timeout: Option<Text>,
     /// Keys this section does not know.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
@@ -236,6 +265,7 @@ pub const TOP_KEYS: &[&str] = &[
     "defaults",
     "limits",
     "admin",
+    "shared_state",
     "health",
     "listeners",
     "backends",
@@ -246,6 +276,19 @@ pub const CLUSTER_KEYS: &[&str] =
     &["name", "multi_primary", "system_identifier", "defaults", "health", "patroni", "listeners", "backends"];
 pub const PATRONI_KEYS: &[&str] = &["urls", "interval", "timeout", "remove_after", "cafile", "certfile", "keyfile"];
 pub const LIMITS_KEYS: &[&str] = &["max_pending", "max_pending_per_source"];
+pub const SHARED_STATE_KEYS: &[&str] = &["etcd", "instance_id", "sync_interval"];
+pub const ETCD_KEYS: &[&str] = &[
+    "endpoints",
+    "prefix",
+    "cafile",
+    "certfile",
+    "keyfile",
+    "user",
+    "password",
+    "password_env",
+    "password_file",
+    "timeout",
+];
 pub const ADMIN_KEYS: &[&str] = &["listen", "token_env", "token_file"];
 pub const DEFAULTS_KEYS: &[&str] = &[
     "on_ineligible",
@@ -338,8 +381,14 @@ mod tests {
         assert!(cluster.other.is_empty(), "{:?}", cluster.other.keys());
         let limits: RawLimits = serde_yaml::from_str(&format!("{{{}}}", mapping(LIMITS_KEYS))).expect("limits");
         assert!(limits.other.is_empty(), "{:?}", limits.other.keys());
-        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, system_identifier: x, defaults: {}, limits: {}, admin: {}, health: {}, listeners: [], backends: [], clusters: [], patroni: {}}";
+        let top = "{forwarder: x, shutdown_timeout: x, state_file: x, log_format: x, multi_primary: x, system_identifier: x, defaults: {}, limits: {}, admin: {}, shared_state: {}, health: {}, listeners: [], backends: [], clusters: [], patroni: {}}";
         let c: RawConfig = serde_yaml::from_str(top).expect("top");
-        assert!(c.other.is_empty() && TOP_KEYS.len() == 14, "{:?}", c.other.keys());
+        assert!(c.other.is_empty() && TOP_KEYS.len() == 15, "{:?}", c.other.keys());
+        let shared: RawSharedState =
+            serde_yaml::from_str(&format!("{{{}}}", mapping(SHARED_STATE_KEYS).replace("etcd: x", "etcd: {}")))
+                .expect("shared_state");
+        assert!(shared.other.is_empty(), "{:?}", shared.other.keys());
+        let etcd: RawEtcd = serde_yaml::from_str(&format!("{{{}}}", mapping(ETCD_KEYS))).expect("etcd");
+        assert!(etcd.other.is_empty(), "{:?}", etcd.other.keys());
     }
 }

@@ -71,6 +71,7 @@ impl<'a> Validator<'a> {
             LogFormat::Text,
         );
         let admin = self.admin(raw.admin);
+        let shared_state = raw.shared_state.and_then(|s| self.shared_state(s));
         let top = Layer {
             prefix: String::new(),
             health: raw.health.unwrap_or_default(),
@@ -118,6 +119,7 @@ impl<'a> Validator<'a> {
                 log_format,
                 limits,
                 admin,
+                shared_state,
                 clusters: clusters.into_iter().map(Arc::new).collect(),
                 warnings: self.warnings,
             })
@@ -513,7 +515,7 @@ impl<'a> Validator<'a> {
 
     /// The source of a secret given inline, as `<prefix>_env` or as
     /// `<prefix>_file`; it must resolve now (it is read again when used).
-    fn secret(
+    pub(crate) fn secret(
         &mut self,
         prefix: &str,
         inline: Option<Text>,

@@ -7,6 +7,7 @@
 //! admin endpoint and the binary send it commands.
 #![forbid(unsafe_code)]
 
+pub mod fleet;
 mod publisher;
 mod table_metrics;
 

@@ -16,6 +16,7 @@ use pglb_routing::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::fleet::{Fleet, FleetInput, FleetView};
 use crate::state_file::Update;
 use crate::table_metrics::export_table;
 
@@ -42,6 +43,8 @@ pub enum Command {
     /// The old process's final state, replacing `over` (the state it handed
     /// over first), applied where it fits (as at start).
     Restore { saved: SavedState, over: SavedState, reply: oneshot::Sender<Vec<String>> },
+    /// From the fleet's store (`shared_state:`).
+    Fleet(FleetInput),
 }
 
 /// Handles the rest of pglb holds on the topology task.
@@ -63,6 +66,8 @@ pub struct TopologyHandle {
     /// Woken when a check sees a role change: Patroni is read again at
     /// once rather than at its next interval.
     pub role_changed: Arc<tokio::sync::Notify>,
+    /// The cluster's shared state (with `shared_state:`).
+    pub fleet: Option<Arc<ArcSwap<FleetView>>>,
 }
 
 /// The task's state: one cluster's.
@@ -77,6 +82,8 @@ pub struct Publisher {
     /// Set once the state was handed to a new process: no more writes.
     handed_over: bool,
     role_changed: Arc<tokio::sync::Notify>,
+    /// The link to the fleet's store (with `shared_state:`).
+    fleet: Option<Fleet>,
 }
 
 /// Where the state restored at start comes from.
@@ -96,6 +103,7 @@ impl Publisher {
         cluster: Arc<Cluster>,
         origin: Origin,
         saver: Option<std::sync::mpsc::Sender<Update>>,
+        fleet: Option<Fleet>,
     ) -> (Self, TopologyHandle, mpsc::Receiver<Command>) {
         let name: Arc<str> = cluster.name.as_str().into();
         let mut topology = pglb_routing::Topology::new(cluster);
@@ -109,11 +117,16 @@ impl Publisher {
             Origin::Nothing => (Vec::new(), false, None),
         };
         let saver = saver.map(|writer| (writer, topology.saved()));
+        let (tx, rx) = mpsc::channel(1024);
+        let mut fleet = fleet;
+        if let Some(fleet) = &mut fleet {
+            fleet.set_inbox(tx.downgrade());
+            fleet.step(&mut topology);
+        }
         let (table, _) = topology.table();
         export_table(&name, &table);
         let (generation_tx, generation_rx) = watch::channel(table.generation);
         let (fast_tx, fast_rx) = watch::channel(Instant::now());
-        let (tx, rx) = mpsc::channel(1024);
         let table = Arc::new(ArcSwap::from_pointee(table));
         let role_changed = Arc::new(tokio::sync::Notify::new());
         let handle = TopologyHandle {
@@ -125,6 +138,7 @@ impl Publisher {
             generation: generation_rx,
             fast_until: fast_rx,
             role_changed: role_changed.clone(),
+            fleet: fleet.as_ref().map(Fleet::view),
         };
         let publisher = Self {
             cluster: name,
@@ -135,6 +149,7 @@ impl Publisher {
             saver,
             handed_over,
             role_changed,
+            fleet,
         };
         (publisher, handle, rx)
     }
@@ -204,11 +219,20 @@ impl Publisher {
                 let _ = reply.send(notes);
                 return;
             }
+            Command::Fleet(input) => {
+                if let Some(fleet) = &mut self.fleet {
+                    fleet.input(input, &mut self.topology);
+                }
+                Vec::new()
+            }
         };
         self.publish(events);
     }
 
     fn publish(&mut self, mut events: Vec<Event>) {
+        if let Some(fleet) = &mut self.fleet {
+            fleet.step(&mut self.topology);
+        }
         let (table, more) = self.topology.table();
         events.extend(more);
         let span = tracing::info_span!("cluster", cluster = %self.cluster);

@@ -1,10 +1,11 @@
-//! One GET to a Patroni REST API, over TCP or TLS (with a client
-//! certificate for `restapi.verify_client`), bounded in time and size.
+//! One request to a Patroni REST API (or etcd's JSON gateway), over TCP
+//! or TLS (with a client certificate for `restapi.verify_client`), bounded
+//! in time and size.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::header::HOST;
 use hyper::Request;
@@ -38,7 +39,9 @@ impl ClientError {
     }
 }
 
-/// Reads Patroni's REST API with one cluster's settings.
+/// Reads Patroni's REST API with one cluster's settings; also the HTTP
+/// client of etcd's JSON gateway (`pglb-store`), which needs the same:
+/// TCP or TLS with a client certificate, bounded in time and size.
 #[derive(Clone)]
 pub struct Client {
     tls: Option<TlsConnector>,
@@ -47,68 +50,124 @@ pub struct Client {
 
 impl Client {
     pub fn new(config: &PatroniConfig) -> Result<Self, ClientError> {
-        let tls = match &config.cafile {
-            Some(cafile) => Some(connector(cafile, config.certfile.as_deref(), config.keyfile.as_deref())?),
+        Self::with(config.cafile.as_deref(), config.certfile.as_deref(), config.keyfile.as_deref(), config.timeout)
+    }
+
+    /// A client verifying `https` servers against `cafile`, presenting
+    /// `certfile`/`keyfile` when given; `timeout` per request.
+    pub fn with(
+        cafile: Option<&std::path::Path>,
+        certfile: Option<&std::path::Path>,
+        keyfile: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let tls = match cafile {
+            Some(cafile) => Some(connector(cafile, certfile, keyfile)?),
             None => None,
         };
-        Ok(Self { tls, timeout: config.timeout })
+        Ok(Self { tls, timeout })
     }
 
     /// `GET path` at `url`: the status and the body.
     pub async fn get(&self, url: &PatroniUrl, path: &str) -> Result<(u16, Bytes), ClientError> {
-        let shown = url.to_string();
-        match tokio::time::timeout(self.timeout, self.exchange(url, path)).await {
+        self.call(url, Request::get(path), Bytes::new()).await
+    }
+
+    /// `request` (its method, path and headers) with `body` at `url`, bounded
+    /// by the timeout from connect to the last byte: the status and the body.
+    pub async fn call(
+        &self,
+        url: &PatroniUrl,
+        request: hyper::http::request::Builder,
+        body: Bytes,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let path = request.uri_ref().map(|u| u.to_string()).unwrap_or_default();
+        let exchange = async {
+            let reply = self.open(url, request, body).await?;
+            let status = reply.status().as_u16();
+            let answer = |detail: String| ClientError::Answer { url: url.to_string(), path: path.clone(), detail };
+            let body = Limited::new(reply.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| answer(format!("reading the body: {e}")))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(ClientError::Unreachable {
-                url: shown,
-                detail: format!("no answer within {}", pglb_config::format_duration(self.timeout)),
-            }),
+            Err(_) => Err(self.late(url)),
         }
     }
 
-    async fn exchange(&self, url: &PatroniUrl, path: &str) -> Result<(u16, Bytes), ClientError> {
+    /// Sends `request` with `body` and returns the reply once its head
+    /// arrived (within the timeout); the body is the caller's to read, for
+    /// as long as it streams.
+    pub async fn stream(
+        &self,
+        url: &PatroniUrl,
+        request: hyper::http::request::Builder,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        match tokio::time::timeout(self.timeout, self.open(url, request, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(self.late(url)),
+        }
+    }
+
+    fn late(&self, url: &PatroniUrl) -> ClientError {
+        ClientError::Unreachable {
+            url: url.to_string(),
+            detail: format!("no answer within {}", pglb_config::format_duration(self.timeout)),
+        }
+    }
+
+    async fn open(
+        &self,
+        url: &PatroniUrl,
+        request: hyper::http::request::Builder,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let unreachable = |detail: String| ClientError::Unreachable { url: url.to_string(), detail };
         let stream = TcpStream::connect(url.authority()).await.map_err(|e| unreachable(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         if !url.tls {
-            return self.request(TokioIo::new(stream), url, path).await;
+            return send(TokioIo::new(stream), url, request, body).await;
         }
         let Some(tls) = &self.tls else {
-            return Err(ClientError::Setup(format!("{url} is https but patroni.cafile is not set")));
+            return Err(ClientError::Setup(format!("{url} is https but no cafile is set")));
         };
         let name = ServerName::try_from(url.host.clone())
             .map_err(|e| ClientError::Setup(format!("{url}: not a server name: {e}")))?;
         let stream = tls.connect(name, stream).await.map_err(|e| unreachable(format!("TLS: {e}")))?;
-        self.request(TokioIo::new(stream), url, path).await
+        send(TokioIo::new(stream), url, request, body).await
     }
+}
 
-    async fn request<S>(&self, io: TokioIo<S>, url: &PatroniUrl, path: &str) -> Result<(u16, Bytes), ClientError>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let answer = |detail: String| ClientError::Answer { url: url.to_string(), path: path.to_owned(), detail };
-        let unreachable = |detail: String| ClientError::Unreachable { url: url.to_string(), detail };
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(io).await.map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let request = Request::get(path)
-            .header(HOST, url.authority())
-            .header("user-agent", "pglb")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| answer(e.to_string()))?;
-        // A connection accepted and then closed without a reply is Patroni
-        // failing to serve the request (its handler raised), not silence.
-        let reply = sender.send_request(request).await.map_err(|e| answer(format!("no reply: {e}")))?;
-        let status = reply.status().as_u16();
-        let body = Limited::new(reply.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| answer(format!("reading the body: {e}")))?
-            .to_bytes();
-        Ok((status, body))
-    }
+async fn send<S>(
+    io: TokioIo<S>,
+    url: &PatroniUrl,
+    request: hyper::http::request::Builder,
+    body: Bytes,
+) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let path = request.uri_ref().map(|u| u.to_string()).unwrap_or_default();
+    let answer = |detail: String| ClientError::Answer { url: url.to_string(), path: path.clone(), detail };
+    let unreachable = |detail: String| ClientError::Unreachable { url: url.to_string(), detail };
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(io).await.map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = request
+        .header(HOST, url.authority())
+        .header("user-agent", "pglb")
+        .body(Full::new(body))
+        .map_err(|e| answer(e.to_string()))?;
+    // A connection accepted and then closed without a reply is the server
+    // failing to serve the request (its handler raised), not silence.
+    sender.send_request(request).await.map_err(|e| answer(format!("no reply: {e}")))
 }
 
 /// Verifies the API's certificate against `cafile` (name included), and

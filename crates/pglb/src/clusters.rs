@@ -29,6 +29,8 @@ pub struct Common {
     pub hard_stop: CancellationToken,
     pub budget: Arc<pglb_proxy::Budget>,
     pub contexts: std::sync::Weak<Contexts>,
+    /// The fleet's store agent (`shared_state:`).
+    pub store: Option<pglb_store::Store>,
 }
 
 impl Common {
@@ -78,7 +80,10 @@ impl ClusterRun {
         common: &Common,
         contexts: Arc<Contexts>,
     ) -> anyhow::Result<Self> {
-        let (publisher, topology, inbox) = Publisher::new(config.clone(), origin, saver);
+        let fleet = common.store.as_ref().map(|store| {
+            pglb_control::fleet::Fleet::new(store.requests.clone(), store.instance.clone(), config.name.as_str().into())
+        });
+        let (publisher, topology, inbox) = Publisher::new(config.clone(), origin, saver, fleet);
         control.spawn(publisher.run(inbox));
         let checkers = Checkers::start(control.clone(), config.clone(), tls.clone(), &topology);
         let members = Arc::new(tokio::sync::Mutex::new(Members::new(config.clone(), checkers, tls, topology.clone())));

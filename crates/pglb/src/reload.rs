@@ -129,6 +129,9 @@ impl Server {
         if next.state_file != self.config.state_file {
             return Err("state_file changed: it is read at start only; restart pglb to move it".into());
         }
+        if next.shared_state != self.config.shared_state {
+            return Err("shared_state changed: the store is joined at start only; restart pglb (or upgrade it in place) to change it".into());
+        }
         Ok(())
     }
 

@@ -252,6 +252,12 @@ impl Server {
         let metrics = crate::telemetry::init_metrics()?;
         let (mut origins, saver) = crate::clusters::origins(&config, incoming.as_ref().map(|i| &i.state));
         let control = Control::start()?;
+        let store = match &config.shared_state {
+            Some(shared) => {
+                Some(pglb_store::start(shared, &control.handle).context("shared_state: cannot start the etcd client")?)
+            }
+            None => None,
+        };
         let mut loaded = crate::data_path::Loaded::default();
         let data_path = crate::data_path::choose(&config, &mut loaded)?;
         let fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
@@ -266,6 +272,7 @@ impl Server {
             hard_stop: CancellationToken::new(),
             budget: pglb_proxy::Budget::new(max_pending, per_source),
             contexts: Arc::downgrade(&contexts),
+            store: store.clone(),
         };
         let clusters: Vec<ClusterRun> = config
             .clusters
@@ -294,6 +301,7 @@ impl Server {
             token: ArcSwap::from_pointee(config.admin.token.clone()),
             loopback: config.admin.listen.ip().is_loopback(),
             upgrade,
+            store: store.as_ref().map(|s| s.status.clone()),
         });
         let background = CancellationToken::new();
         // A process taking over accepts nothing until the old one steps aside.

@@ -70,6 +70,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     pglb_health::describe_metrics();
     pglb_patroni::describe_metrics();
     pglb_proxy::describe_metrics();
+    pglb_store::describe_metrics();
     pglb_admin::policy::describe();
     metrics::describe_counter!(
         "pglb_config_reloads_total",

@@ -15,6 +15,7 @@ mod reason;
 mod rejoin;
 mod saved;
 mod select;
+mod shared;
 mod state;
 mod table;
 mod topology;
@@ -27,6 +28,7 @@ pub use reason::CloseReason;
 pub use rejoin::Rejoin;
 pub use saved::{SavedAdmin, SavedFence, SavedLagging, SavedNotFollowing, SavedState};
 pub use select::Cursor;
+pub use shared::{ItemKey, ItemValue, NodeKey};
 pub use state::{
     BackendState, CheckError, Facts, FailureClass, FailureKind, Health, Observation, ObservedRole, Receiver,
     Thresholds, Transition, Wal,

@@ -172,6 +172,10 @@ pub struct RoutingTable {
     pub restarting: Option<usize>,
     /// Every backend has been checked at least once.
     pub all_checked: bool,
+    /// With `shared_state:`, until the fleet's items were first read (or
+    /// the store was found unreachable): no writes, so a restarted pglb
+    /// does not route to an old primary another instance fenced.
+    pub awaiting_shared: bool,
     /// The cluster's system identifier; nothing is routed while it is
     /// pending.
     pub identity: crate::fence::Identity,
@@ -240,7 +244,7 @@ pub(crate) fn candidates_for(role: Role, selector: &Tags, table: &RoutingTable, 
     if table.identity.pending {
         return Vec::new();
     }
-    let primaries_ok = table.all_checked && !table.split_brain;
+    let primaries_ok = table.all_checked && !table.split_brain && !table.awaiting_shared;
     (0..table.backends.len())
         .filter(usable)
         .filter(|&i| match (role, table.backends[i].role) {

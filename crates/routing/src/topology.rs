@@ -100,6 +100,8 @@ pub struct Topology {
     /// Saved fences and admin states of backends not (yet) configured: a
     /// Patroni member's, kept until Patroni lists it again.
     unplaced: SavedState,
+    /// Primaries wait for the fleet's shared state (see the table's field).
+    awaiting_shared: bool,
 }
 
 /// Why an operator action was refused.
@@ -130,6 +132,7 @@ impl Topology {
             last: None,
             patroni: None,
             unplaced: SavedState::default(),
+            awaiting_shared: false,
             config,
         };
         topology.fencing.pin(topology.config.system_identifier);
@@ -660,6 +663,63 @@ impl Topology {
         Ok(())
     }
 
+    /// Whether primaries wait for the fleet's shared state.
+    pub fn set_awaiting_shared(&mut self, awaiting: bool) {
+        self.awaiting_shared = awaiting;
+    }
+
+    /// The cluster's system identifier, once settled.
+    pub fn system_id(&self) -> Option<u64> {
+        self.fencing.system_id
+    }
+
+    /// Backend `i`'s admin state.
+    pub(crate) fn admin_state(&self, i: usize) -> AdminState {
+        self.admin[i]
+    }
+
+    pub(crate) fn set_admin_at(&mut self, i: usize, state: AdminState) {
+        self.admin[i] = state;
+    }
+
+    /// Backend `i`'s fence, if any.
+    pub(crate) fn fence_of(&self, i: usize) -> Option<&crate::fence::Fence> {
+        self.fencing.fenced.get(&i)
+    }
+
+    /// Whether backend `i` is a Patroni member (named by Patroni).
+    pub(crate) fn is_member(&self, i: usize) -> bool {
+        self.member(i).is_some()
+    }
+
+    pub(crate) fn max_timeline(&self) -> u32 {
+        self.fencing.max_timeline
+    }
+
+    /// Sets or clears backend `i`'s timeline fence; a system-identifier
+    /// fence (local evidence only) is left as it is.
+    pub(crate) fn set_timeline_fence(&mut self, i: usize, fence: Option<crate::fence::Fence>) {
+        let current = self.fencing.fenced.get(&i).map(|f| f.kind);
+        match (fence, current) {
+            (_, Some(FenceKind::SystemId)) => {}
+            (Some(fence), _) => {
+                self.fencing.fenced.insert(i, fence);
+            }
+            (None, _) => {
+                self.fencing.fenced.remove(&i);
+            }
+        }
+    }
+
+    /// A highest timeline another instance shared: a maximum, or (an
+    /// operator's unfence there) the new reference.
+    pub(crate) fn shared_timeline(&mut self, timeline: u32, reset: bool) {
+        if self.fencing.system_id.is_none() {
+            return;
+        }
+        self.fencing.max_timeline = if reset { timeline } else { self.fencing.max_timeline.max(timeline) };
+    }
+
     /// Clears a fence (operator action).
     pub fn unfence(&mut self, name: &str) -> Result<bool, ActionError> {
         let i = self.index(name)?;
@@ -747,6 +807,7 @@ impl Topology {
             // A cluster read from Patroni waits for its first read too.
             all_checked: self.states.iter().all(|s| s.checked)
                 && (self.config.patroni.is_none() || self.patroni.as_ref().is_some_and(|p| p.trust != Trust::NotRead)),
+            awaiting_shared: self.awaiting_shared,
             identity: self.identity(),
             patroni: self.patroni.clone(),
             backends,
@@ -792,6 +853,7 @@ fn routing_differs(a: &RoutingTable, b: &RoutingTable) -> bool {
         || a.standby_leader() != b.standby_leader()
         || a.identity.pending != b.identity.pending
         || a.all_checked != b.all_checked
+        || a.awaiting_shared != b.awaiting_shared
         || a.restarting != b.restarting
         || a.backends.len() != b.backends.len()
         || a.backends.iter().zip(&b.backends).any(|(x, y)| backend_key(x) != backend_key(y))

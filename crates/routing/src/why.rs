@@ -48,6 +48,9 @@ pub fn unavailable(route: &ListenerRoute, table: &RoutingTable) -> String {
             primaries.join(", ")
         );
     }
+    if wants_primary && table.awaiting_shared {
+        return "waiting for the fleet's shared state (shared_state: etcd) to be read once: fences other pglb instances set must be known before writes are routed".into();
+    }
     if wants_primary && !table.all_checked {
         return "the first health checks of every backend have not completed yet".into();
     }

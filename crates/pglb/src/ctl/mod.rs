@@ -181,10 +181,14 @@ fn kind(body: &str) -> String {
 /// What an action did, from its JSON answer.
 fn done(body: &str) -> String {
     let value: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    match (value["admin_state"].as_str(), value["unfenced"].as_bool()) {
+    let what = match (value["admin_state"].as_str(), value["unfenced"].as_bool()) {
         (Some(state), _) => format!("admin state is now {state}"),
         (_, Some(true)) => "fence cleared".to_owned(),
         (_, Some(false)) => "was not fenced; nothing to do".to_owned(),
-        _ => body.trim().to_owned(),
+        _ => return body.trim().to_owned(),
+    };
+    match value["shared_state"].as_str() {
+        Some(shared) => format!("{what}; {shared}"),
+        None => what,
     }
 }

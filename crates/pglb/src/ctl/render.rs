@@ -120,6 +120,7 @@ fn cluster_section(notes: &Value, status: &Value, only: Option<&str>) -> String 
         out += &line;
         out += "\n";
     }
+    out += &shared_state(&notes["fleet"], &status["shared_state"]);
     out += "\n";
     let listeners: Vec<Vec<String>> = status_rows("listeners")
         .iter()
@@ -165,7 +166,7 @@ fn cluster_section(notes: &Value, status: &Value, only: Option<&str>) -> String 
                 timeline(b),
                 lag(b),
                 text(&b["active_connections"]),
-                text(&b["admin_state"]),
+                admin(b),
                 note(b),
             ]
         })
@@ -334,6 +335,46 @@ fn seconds(s: f64) -> String {
     } else {
         format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
     }
+}
+
+/// A backend's admin state, and which pglb of the fleet set it.
+fn admin(b: &Value) -> String {
+    let state = text(&b["admin_state"]);
+    let origin = &b["admin_origin"];
+    match (origin["instance"].as_str(), origin["at_unix_ms"].as_u64()) {
+        (Some(instance), Some(at)) => format!("{state} ({instance}, {} ago)", ago(at / 1000)),
+        _ => state,
+    }
+}
+
+/// A cluster's shared state in a line: the store, the items, what waits.
+fn shared_state(cluster: &Value, store: &Value) -> String {
+    if !cluster.is_object() {
+        return String::new();
+    }
+    let items = list(&cluster["items"]).len();
+    let pending = list(&cluster["pending"]);
+    let mut line = match (store["reachable"].as_bool(), cluster["synced"].as_bool()) {
+        (Some(true), Some(true)) => format!(
+            "shared state: etcd {} (as {}), {items} item{}",
+            text(&store["endpoint"]),
+            text(&cluster["instance"]),
+            if items == 1 { "" } else { "s" }
+        ),
+        (Some(true), _) => "shared state: etcd answers; the cluster's items are not read yet".to_owned(),
+        _ => format!(
+            "SHARED STATE: etcd unreachable ({}): routing uses the last known shared state; changes here are queued locally",
+            text(&store["error"])
+        ),
+    };
+    if !pending.is_empty() {
+        let what: Vec<String> = pending.iter().map(|p| format!("{} {}", text(&p["item"]), text(&p["value"]))).collect();
+        line += &format!("; {} queued locally: {}", pending.len(), what.join(", "));
+    }
+    if let Some(n) = cluster["conflicts"].as_u64().filter(|n| *n > 0) {
+        line += &format!("; {n} conflict{} (last: {})", if n == 1 { "" } else { "s" }, text(&cluster["last_conflict"]));
+    }
+    line + "\n"
 }
 
 fn ago(epoch_secs: u64) -> String {
