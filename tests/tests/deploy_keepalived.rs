@@ -1,5 +1,6 @@
 //! deploy/keepalived: the two-node VRRP pair, run for real with Debian's
-//! keepalived in network namespaces this test makes:
+//! keepalived in network namespaces this test makes (and the pair as a
+//! fleet sharing its drains through etcd in the db namespace):
 //!
 //! ```text
 //!   ns a: pglb + keepalived (10.200.0.11) ─┐
@@ -30,6 +31,10 @@ const VIP: &str = "10.200.0.100";
 /// The addresses the example configs use, and what the test maps them to.
 const ADDRESS_MAP: [(&str, &str); 3] = [("10.0.0.3", A), ("10.0.0.4", B), ("10.0.0.5", VIP)];
 const PORT: u16 = 5432;
+/// The second database server of the fleet lab, on the same host.
+const PORT2: u16 = 5433;
+const ETCD: &str = "http://10.200.0.21:2379";
+const TOKEN: &str = "fleet-lab-admin-token-0123456789";
 /// Namespaces of this test: `pglb-ka-<pid>-<role>`.
 const NS_PREFIX: &str = "pglb-ka-";
 
@@ -201,8 +206,9 @@ struct Network {
 }
 
 impl Network {
-    fn create() -> Result<Self, String> {
-        let prefix = format!("{NS_PREFIX}{}", std::process::id());
+    /// The lab's namespaces, `pglb-ka-<pid>-<tag>-<role>`.
+    fn create(tag: &str) -> Result<Self, String> {
+        let prefix = format!("{NS_PREFIX}{}-{tag}", std::process::id());
         let ns = |role: &str| Netns::add(format!("{prefix}-{role}"));
         let net = Self { br: ns("br")?, a: ns("a")?, b: ns("b")?, db: ns("db")?, client: ns("c")? };
         let br = net.br.0.as_str();
@@ -284,7 +290,7 @@ impl Drop for Proc {
     }
 }
 
-/// PostgreSQL in the db namespace, listening on DB:PORT only.
+/// PostgreSQL in the db namespace, listening on DB:`port` only.
 struct Postgres {
     data: PathBuf,
     log: PathBuf,
@@ -293,9 +299,9 @@ struct Postgres {
 }
 
 impl Postgres {
-    fn init(dir: &Path, ns: &Netns) -> Self {
+    fn init(dir: &Path, ns: &Netns, port: u16) -> Self {
         let user = PgUser::detect().expect("the postgres OS user");
-        let root = dir.join("pg");
+        let root = dir.join(format!("pg{port}"));
         fs::create_dir_all(&root).expect("pg dir");
         user.own(&root).expect("chown pg dir");
         let pg = Self { data: root.join("data"), log: root.join("postgres.log"), ns: ns.0.clone(), user };
@@ -307,7 +313,7 @@ impl Postgres {
             .arg(&pg.data);
         run(&mut initdb).expect("initdb");
         let conf = format!(
-            "listen_addresses = '{DB}'\nport = {PORT}\nunix_socket_directories = '{}'\n\
+            "listen_addresses = '{DB}'\nport = {port}\nunix_socket_directories = '{}'\n\
              max_connections = 20\nshared_buffers = 16MB\nfsync = off\n",
             pg.data.display()
         );
@@ -363,9 +369,9 @@ fn pglb_accepts_freebind(dir: &Path) -> bool {
 
 /// Starts pglb in both balancer namespaces and waits until the track script
 /// passes on each; `Err` with the log of one that exited.
-fn start_pglbs(net: &Network, dir: &Path, script: &Path, freebind: bool) -> Result<Vec<Proc>, String> {
+fn start_pglbs(net: &Network, dir: &Path, script: &Path, config_text: &str) -> Result<Vec<Proc>, String> {
     let config = dir.join("lb.yaml");
-    fs::write(&config, pglb_config(freebind)).expect("write lb.yaml");
+    fs::write(&config, config_text).expect("write lb.yaml");
     let mut pglbs = Vec::new();
     for (host, ns) in [("a", &net.a), ("b", &net.b)] {
         let mut cmd = in_ns(&ns.0, pglb_bin());
@@ -398,6 +404,43 @@ fn pglb_config(freebind: bool) -> String {
          backends:\n  - name: db\n    address: {DB}:{PORT}\n",
         if freebind { "    freebind: true\n" } else { "" }
     )
+}
+
+/// keepalived on both balancers, each with its own pid files.
+fn start_keepaliveds(net: &Network, dir: &Path, script: &Path) -> Vec<Proc> {
+    let mut keepaliveds = Vec::new();
+    for (host, ns) in [("a", &net.a), ("b", &net.b)] {
+        let conf = dir.join(format!("keepalived-{host}.conf"));
+        fs::write(&conf, test_keepalived_conf(host, script)).expect("write conf");
+        let pid = |kind: &str| dir.join(format!("keepalived-{host}{kind}.pid"));
+        let mut cmd = in_ns(&ns.0, "keepalived");
+        cmd.args(["-n", "-l", "-D", "-G", "-P", "-f"])
+            .arg(&conf)
+            .arg(format!("--pid={}", pid("").display()))
+            .arg(format!("--vrrp_pid={}", pid("-vrrp").display()))
+            .arg(format!("--checkers_pid={}", pid("-checkers").display()));
+        let log = dir.join(format!("keepalived-{host}.log"));
+        keepaliveds.push(Proc::spawn(&format!("keepalived on {host}"), cmd, log));
+    }
+    keepaliveds
+}
+
+/// One of them takes the VIP (a, by priority, unless b started first):
+/// the active host, the standby, their addresses and the active's index.
+fn wait_for_vip<'n>(
+    net: &'n Network,
+    keepaliveds: &mut [Proc],
+) -> (&'n Netns, &'n Netns, &'static str, &'static str, usize) {
+    wait_until("a host to take the VIP", Duration::from_secs(20), || {
+        for k in keepaliveds.iter_mut() {
+            k.assert_running();
+        }
+        match (net.holds_vip(&net.a), net.holds_vip(&net.b)) {
+            (true, false) => Ok((&net.a, &net.b, A, B, 0)),
+            (false, true) => Ok((&net.b, &net.a, B, A, 1)),
+            other => Err(format!("VIP on (a, b): {other:?}")),
+        }
+    })
 }
 
 /// The client's `inet_server_addr(), inet_client_addr()` through the VIP:
@@ -486,7 +529,8 @@ fn the_virtual_ip_follows_pglb_not_the_database() {
     sweep_stale_namespaces();
     let began = Instant::now();
     let tmp = TempDir::new("ka");
-    let net = match Network::create() {
+    let _lab = pglb_tests::exclusive();
+    let net = match Network::create("vip") {
         Ok(net) => net,
         Err(e) => {
             pglb_tests::skip(&format!("cannot create network namespaces here: {e}"));
@@ -494,7 +538,7 @@ fn the_virtual_ip_follows_pglb_not_the_database() {
         }
     };
 
-    let pg = Postgres::init(&tmp.0, &net.db);
+    let pg = Postgres::init(&tmp.0, &net.db, PORT);
     pg.start();
 
     // pglb on both balancers, listening on the VIP before holding it.
@@ -508,38 +552,12 @@ fn the_virtual_ip_follows_pglb_not_the_database() {
             run(in_ns(&ns.0, "sysctl").args(["-qw", "net.ipv4.ip_nonlocal_bind=1"])).expect("sysctl");
         }
     }
-    let mut pglbs = start_pglbs(&net, &tmp.0, &script, freebind).unwrap_or_else(|e| {
+    let mut pglbs = start_pglbs(&net, &tmp.0, &script, &pglb_config(freebind)).unwrap_or_else(|e| {
         panic!("{e}\n(the config has `freebind: {freebind}`: with it, pglb must bind the VIP it does not hold yet)")
     });
 
-    // keepalived on both, each with its own pid files.
-    let mut keepaliveds = Vec::new();
-    for (host, ns) in [("a", &net.a), ("b", &net.b)] {
-        let conf = tmp.0.join(format!("keepalived-{host}.conf"));
-        fs::write(&conf, test_keepalived_conf(host, &script)).expect("write conf");
-        let pid = |kind: &str| tmp.0.join(format!("keepalived-{host}{kind}.pid"));
-        let mut cmd = in_ns(&ns.0, "keepalived");
-        cmd.args(["-n", "-l", "-D", "-G", "-P", "-f"])
-            .arg(&conf)
-            .arg(format!("--pid={}", pid("").display()))
-            .arg(format!("--vrrp_pid={}", pid("-vrrp").display()))
-            .arg(format!("--checkers_pid={}", pid("-checkers").display()));
-        let log = tmp.0.join(format!("keepalived-{host}.log"));
-        keepaliveds.push(Proc::spawn(&format!("keepalived on {host}"), cmd, log));
-    }
-
-    // One of them takes the VIP (a, by priority, unless b started first).
-    let (active, standby, active_addr, standby_addr, index) =
-        wait_until("a host to take the VIP", Duration::from_secs(20), || {
-            for k in keepaliveds.iter_mut() {
-                k.assert_running();
-            }
-            match (net.holds_vip(&net.a), net.holds_vip(&net.b)) {
-                (true, false) => Ok((&net.a, &net.b, A, B, 0)),
-                (false, true) => Ok((&net.b, &net.a, B, A, 1)),
-                other => Err(format!("VIP on (a, b): {other:?}")),
-            }
-        });
+    let mut keepaliveds = start_keepaliveds(&net, &tmp.0, &script);
+    let (active, standby, active_addr, standby_addr, index) = wait_for_vip(&net, &mut keepaliveds);
     println!("{} holds the VIP after {:?}", active.0, began.elapsed());
     wait_until("the client to reach the primary through the VIP", Duration::from_secs(15), || {
         match client_query(&net)? {
@@ -581,4 +599,175 @@ fn the_virtual_ip_follows_pglb_not_the_database() {
         }
     });
     println!("keepalived pair test took {:?}", began.elapsed());
+}
+
+/// etcd in the db namespace, on DB:2379 (reachable from both balancers).
+fn start_etcd(net: &Network, dir: &Path) -> Proc {
+    let mut cmd = in_ns(&net.db.0, "etcd");
+    cmd.args(["--name", "lab", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .arg(format!("--listen-client-urls={ETCD}"))
+        .arg(format!("--advertise-client-urls={ETCD}"))
+        .args(["--listen-peer-urls=http://127.0.0.1:2380", "--initial-advertise-peer-urls=http://127.0.0.1:2380"])
+        .args(["--initial-cluster=lab=http://127.0.0.1:2380", "--log-level", "warn"]);
+    let etcd = Proc::spawn("etcd", cmd, dir.join("etcd.log"));
+    wait_until("etcd in the db namespace", Duration::from_secs(30), || {
+        run(in_ns(&net.a.0, "curl").args(["-fsS", "--max-time", "1", &format!("{ETCD}/health")]))
+    });
+    etcd
+}
+
+/// Each balancer's config: the rw listener on the VIP over two database
+/// servers (both writable: `multi_primary: allow`), sharing through etcd.
+fn fleet_config(host: &str, system_id: &str) -> String {
+    format!(
+        "admin:\n  listen: 127.0.0.1:9631\n  token_file: admin-token\n\
+         multi_primary: allow\nsystem_identifier: \"{system_id}\"\n\
+         shared_state:\n  instance_id: {host}\n  sync_interval: 1s\n  etcd:\n    endpoints: [{ETCD}]\n    timeout: 1s\n\
+         health:\n  interval: 500ms\n  timeout: 500ms\n  rise: 2\n  fall: 2\n  user: postgres\n  sslmode: disable\n\
+         listeners:\n  - name: rw\n    listen: {VIP}:{PORT}\n    role: primary\n    freebind: true\n\
+         backends:\n  - name: db\n    address: {DB}:{PORT}\n  - name: db2\n    address: {DB}:{PORT2}\n"
+    )
+}
+
+/// POSTs an action to the pglb in `ns`; its answer.
+fn act(ns: &Netns, path: &str) -> Result<serde_json::Value, String> {
+    let mut cmd = in_ns(&ns.0, "curl");
+    cmd.args(["-fsS", "--max-time", "5", "-X", "POST", "-H", &format!("Authorization: Bearer {TOKEN}")])
+        .arg(format!("http://127.0.0.1:9631{path}"));
+    serde_json::from_str(&run(&mut cmd)?).map_err(|e| e.to_string())
+}
+
+fn admin_in(ns: &Netns, backend: &str) -> Result<String, String> {
+    let status = status_in(ns)?;
+    Ok(pglb_tests::pglb::named(&status["backends"], backend)["admin_state"].as_str().unwrap_or_default().to_owned())
+}
+
+fn wait_admin_in(ns: &Netns, backend: &str, want: &str) {
+    wait_until(&format!("{backend} {want} in {}", ns.0), Duration::from_secs(20), || match admin_in(ns, backend)? {
+        state if state == want => Ok(()),
+        state => Err(state),
+    });
+}
+
+/// The port of the server a client reached through the VIP.
+fn server_port(net: &Network) -> Result<u16, String> {
+    let mut cmd = in_ns(&net.client.0, "psql");
+    cmd.args(["-h", VIP, "-p", &PORT.to_string(), "-U", "postgres", "-d", "postgres", "-XAtq"])
+        .args(["-c", "SELECT inet_server_port()"])
+        .env("PGCONNECT_TIMEOUT", "2");
+    let out = run(&mut cmd)?;
+    out.trim().parse().map_err(|_| format!("unexpected psql output `{out}`"))
+}
+
+#[test]
+fn a_pair_sharing_state_through_etcd_keeps_a_drain_when_the_vip_moves() {
+    if let Some(why) = missing_tools() {
+        pglb_tests::skip(&why.to_string());
+        return;
+    }
+    for (tool, package) in [("etcd", "etcd-server"), ("nft", "nftables")] {
+        if which(tool).is_none() {
+            pglb_tests::skip(&format!("`{tool}` not found (apt-get install {package})"));
+            return;
+        }
+    }
+    let _lab = pglb_tests::exclusive();
+    sweep_stale_namespaces();
+    let tmp = TempDir::new("ka-fleet");
+    let net = match Network::create("fleet") {
+        Ok(net) => net,
+        Err(e) => {
+            pglb_tests::skip(&format!("cannot create network namespaces here: {e}"));
+            return;
+        }
+    };
+    let (pg, pg2) = (Postgres::init(&tmp.0, &net.db, PORT), Postgres::init(&tmp.0, &net.db, PORT2));
+    pg.start();
+    pg2.start();
+    let _etcd = start_etcd(&net, &tmp.0);
+    let mut ask = in_ns(&net.db.0, "psql");
+    ask.args(["-h", DB, "-p", &PORT.to_string(), "-U", "postgres", "-XAtqc"])
+        .arg("SELECT system_identifier FROM pg_control_system()");
+    let system_id = run(&mut ask).expect("system identifier").trim().to_owned();
+    fs::write(tmp.0.join("admin-token"), format!("{TOKEN}\n")).expect("token file");
+    let script = tmp.0.join("check_pglb.sh");
+    fs::copy(keepalived_dir().join("check_pglb.sh"), &script).expect("copy script");
+    set_mode(&script, 0o755);
+    let mut pglbs = Vec::new();
+    for (host, ns) in [("a", &net.a), ("b", &net.b)] {
+        let config = tmp.0.join(format!("lb-{host}.yaml"));
+        fs::write(&config, fleet_config(host, &system_id)).expect("write config");
+        let mut cmd = in_ns(&ns.0, pglb_bin());
+        cmd.arg("--config").arg(&config).env("NO_COLOR", "1").env("RUST_LOG", "info");
+        pglbs.push(Proc::spawn(&format!("pglb on {host}"), cmd, tmp.0.join(format!("pglb-{host}.log"))));
+    }
+    for ns in [&net.a, &net.b] {
+        wait_until("pglb to read the shared state", Duration::from_secs(20), || {
+            let status = status_in(ns)?;
+            match status["fleet"]["synced"].as_bool() {
+                Some(true) => Ok(()),
+                _ => Err(format!("{}", status["shared_state"])),
+            }
+        });
+    }
+
+    // A cut off from etcd (nftables in its namespace) while B drains db2
+    // and A enables it: drain prevails over enable when A returns.
+    act(&net.a, "/backends/db2/disable").expect("disable db2 on a");
+    wait_admin_in(&net.b, "db2", "disabled");
+    let cut = format!(
+        "table inet pglbcut {{\n  chain out {{\n    type filter hook output priority 0;\n    ip daddr {DB} tcp dport 2379 drop\n  }}\n}}\n"
+    );
+    let rules = tmp.0.join("cut.nft");
+    fs::write(&rules, cut).expect("write rules");
+    run(in_ns(&net.a.0, "nft").arg("-f").arg(&rules)).expect("nft cuts a off from etcd");
+    wait_until("a to see etcd unreachable", Duration::from_secs(20), || {
+        match status_in(&net.a)?["shared_state"]["reachable"].as_bool() {
+            Some(false) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let drained = act(&net.b, "/backends/db2/drain").expect("drain db2 on b");
+    assert_eq!(drained["shared_state"], "sent to the fleet (etcd)", "{drained}");
+    let enabled = act(&net.a, "/backends/db2/enable").expect("enable db2 on a");
+    assert!(enabled["shared_state"].as_str().unwrap_or_default().starts_with("queued locally"), "{enabled}");
+    assert_eq!(admin_in(&net.a, "db2").expect("status"), "enabled", "applied on a at once");
+    run(in_ns(&net.a.0, "nft").args(["delete", "table", "inet", "pglbcut"])).expect("heal the cut");
+    for ns in [&net.a, &net.b] {
+        wait_admin_in(ns, "db2", "drained");
+    }
+    let a_log = pglbs[0].log();
+    assert!(a_log.contains("shared state conflict"), "{a_log}");
+    println!("partition outcome: db2 drained on both (drain > enable); a logged the conflict");
+
+    // The pair: both enabled, clients through the VIP reach both servers.
+    act(&net.b, "/backends/db2/enable").expect("enable db2 on b");
+    for ns in [&net.a, &net.b] {
+        wait_admin_in(ns, "db2", "enabled");
+    }
+    let mut keepaliveds = start_keepaliveds(&net, &tmp.0, &script);
+    let (active, standby, _, _, index) = wait_for_vip(&net, &mut keepaliveds);
+    wait_until("clients through the VIP reach db2 too", Duration::from_secs(15), || match server_port(&net)? {
+        PORT2 => Ok(()),
+        other => Err(format!("reached {other}")),
+    });
+    // Drain db2 on the active instance, then fail it: the standby takes the
+    // VIP and gives db2 no new client.
+    act(active, "/backends/db2/drain").expect("drain db2 on the active");
+    wait_admin_in(standby, "db2", "drained");
+    pglbs[index].child.kill().expect("kill the active pglb");
+    wait_until("the VIP to move", Duration::from_secs(15), || match (net.holds_vip(active), net.holds_vip(standby)) {
+        (false, true) => Ok(()),
+        other => Err(format!("VIP on (active, standby): {other:?}")),
+    });
+    let mut reached = Vec::new();
+    wait_until("a client through the standby", Duration::from_secs(15), || server_port(&net));
+    for _ in 0..10 {
+        reached.push(server_port(&net).expect("a client through the VIP"));
+    }
+    assert!(reached.iter().all(|p| *p == PORT), "the drained db2 got clients after the VIP moved: {reached:?}");
+    drop(keepaliveds);
+    drop(pglbs);
+    pg2.stop();
 }

@@ -309,7 +309,9 @@ impl Fleet {
     /// A pending change whose base may be stale: written if nothing
     /// changed since, else by precedence.
     fn rebase(&mut self, key: &ItemKey, topology: &mut Topology) {
-        let Some(pending) = self.pending.get(key).cloned() else { return };
+        // A write on its way: its answer decides (sending it twice would
+        // race the copy based on the older revision against the other).
+        let Some(pending) = self.pending.get(key).filter(|p| p.sent.is_none()).cloned() else { return };
         let current = self.known.get(key).cloned();
         let current_revision = current.as_ref().map_or(0, |s| s.revision);
         match current {

@@ -158,3 +158,18 @@ fn a_fleet_fence_is_applied_and_local_evidence_clears_it_for_everyone() {
     fleet.step(&mut t);
     assert_eq!(writes(&mut rx), [(fence_a, ItemValue::Fence(None), 20)]);
 }
+
+#[test]
+fn a_periodic_read_does_not_send_a_write_on_its_way_again() {
+    let (mut fleet, mut rx) = fleet();
+    let mut t = topology();
+    fleet.step(&mut t);
+    fleet.input(FleetInput::Reachable(true), &mut t);
+    fleet.input(FleetInput::Snapshot { system_id: SYSTEM_ID, items: Vec::new() }, &mut t);
+    t.set_admin("b", AdminState::Drained).expect("b");
+    fleet.step(&mut t);
+    assert_eq!(writes(&mut rx).len(), 1);
+    // The periodic read comes back before the store answered the write.
+    fleet.input(FleetInput::Snapshot { system_id: SYSTEM_ID, items: Vec::new() }, &mut t);
+    assert!(writes(&mut rx).is_empty(), "the write on its way was sent again");
+}

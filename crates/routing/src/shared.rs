@@ -175,6 +175,8 @@ impl Topology {
                 }
                 None => false,
             },
+            // Fencing is off (`multi_primary: allow`): so are the fleet's fences.
+            (ItemKey::Fence(_), _) if self.config().multi_primary == pglb_config::MultiPrimary::Allow => false,
             (ItemKey::Fence(node), ItemValue::Fence(fence)) => match find(node) {
                 Some(i) => {
                     let fence = fence.clone().map(|reason| Fence { kind: FenceKind::Timeline, reason });
