@@ -175,8 +175,10 @@ fn a_fleet_shares_drains_and_enables_and_survives_etcd_outages() {
         serves(p.port("ro")).expect("ro serves while etcd is down");
     }
     // Changes meanwhile: queued locally, applied locally.
-    let on_a = post_ok(&a, "/backends/pg1/disable");
-    assert!(on_a["shared_state"].as_str().unwrap_or_default().starts_with("queued locally"), "{on_a}");
+    // From the control command, as an operator would.
+    let on_a = Command::new(pglb_bin()).args(["disable", "pg1", "--config"]).arg(&a.config).output().expect("pglb");
+    let said = String::from_utf8_lossy(&on_a.stdout);
+    assert!(on_a.status.success() && said.contains("admin state is now disabled; queued locally"), "{said}");
     let on_b = post_ok(&b, "/backends/pg1/drain");
     assert!(on_b["shared_state"].as_str().unwrap_or_default().starts_with("queued locally"), "{on_b}");
     assert_eq!((admin_state(&a, "pg1"), admin_state(&b, "pg1")), ("disabled".into(), "drained".into()));
