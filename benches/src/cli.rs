@@ -3,7 +3,7 @@
 pub const USAGE: &str = "\
 usage:
   pglb-bench throughput [--quick] [--duration SECS] [--rounds N] [--scale N] [--rate TPS]
-                        [--copy-rows N] [--memory LOW,HIGH | --no-memory] [--no-build]
+                        [--copy-rows N] [--memory LOW,HIGH | --no-memory] [--targets LIST] [--no-build]
   pglb-bench failover   [--quick] [--promotions N] [--stalls N] [--stall-secs S] [--no-build]
   pglb-bench failover --patroni [--quick] [--promotions N] [--no-build]
   pglb-bench sockmap-pressure [--sessions N] [--parallel N] [--row-mb N] [--pause-ms N] [--hog-gib G]
@@ -17,6 +17,9 @@ throughput  direct vs pglb (splice) vs pglb (sockmap) vs HAProxy on one primary:
             defaults: --duration 10 --rounds 3 --scale 64 --copy-rows 1000000 --memory 2000,6000
             --quick:  --duration 5 --rounds 1 --scale 4 --copy-rows 100000 --memory 200,600
             --rate:   default half of HAProxy's select-only TPS in round 1 (below saturation)
+            --targets: which of direct, pglb, pglb-nolog (connection log off), pglb-sockmap,
+                      haproxy, haproxy-log (option tcplog) to run, comma-separated
+                      (default direct,pglb,pglb-sockmap,haproxy); the memory test is not affected
 failover    pglb vs HAProxy (external-check) through promotions of a replica:
             write-unavailability window and detection time; then stalls
             (SIGSTOP) of the primary: errors clients saw.
@@ -95,6 +98,8 @@ pub struct Throughput {
     pub copy_rows: u64,
     /// Idle connections for the two memory points; `None` skips the test.
     pub memory: Option<(usize, usize)>,
+    /// The pgbench rounds' targets, in table order.
+    pub targets: Vec<crate::targets::Kind>,
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +137,7 @@ struct Given {
     burners: Option<usize>,
     backends: Option<Vec<usize>>,
     window: Option<u64>,
+    targets: Option<Vec<crate::targets::Kind>>,
 }
 
 impl Given {
@@ -154,6 +160,7 @@ impl Given {
             || self.hog_gib.is_some()
             || self.churn_gib.is_some()
             || self.burners.is_some()
+            || self.targets.is_some()
     }
 }
 
@@ -190,6 +197,7 @@ pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, String> 
             "--churn-gib" => given.churn_gib = Some(decimal(&arg, &value()?)?),
             "--backends" => given.backends = Some(counts(&arg, &value()?)?),
             "--window" => given.window = Some(number(&arg, &value()?)?),
+            "--targets" => given.targets = Some(targets(&arg, &value()?)?),
             _ => return Err(format!("unexpected argument `{arg}`")),
         }
     }
@@ -247,6 +255,7 @@ fn throughput(g: &Given) -> Result<Throughput, String> {
         copy_rows: g.copy_rows.unwrap_or(if q { 100_000 } else { 1_000_000 }),
         rate: g.rate,
         memory: g.memory.unwrap_or(Some(if q { (200, 600) } else { (2000, 6000) })),
+        targets: g.targets.clone().unwrap_or_else(|| crate::targets::Kind::DEFAULT.to_vec()),
     };
     if t.duration == 0 || t.rounds == 0 || t.scale == 0 || t.rate == Some(0) {
         return Err("--duration, --rounds, --scale and --rate must be at least 1".into());
@@ -258,7 +267,8 @@ fn throughput(g: &Given) -> Result<Throughput, String> {
 }
 
 fn failover(g: &Given) -> Result<Failover, String> {
-    let throughput_only = g.duration.is_some()
+    let throughput_only = g.targets.is_some()
+        || g.duration.is_some()
         || g.rounds.is_some()
         || g.scale.is_some()
         || g.copy_rows.is_some()
@@ -266,7 +276,8 @@ fn failover(g: &Given) -> Result<Failover, String> {
         || g.memory.is_some();
     if throughput_only {
         return Err(
-            "--duration, --rounds, --scale, --rate, --copy-rows and --memory belong to the throughput suite".into()
+            "--duration, --rounds, --scale, --rate, --copy-rows, --memory and --targets belong to the throughput suite"
+                .into(),
         );
     }
     if g.patroni && (g.stalls.is_some() || g.stall_secs.is_some()) {
@@ -300,6 +311,20 @@ fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
 /// A comma-separated list of whole numbers, e.g. `3,15,30,60`.
 fn counts(flag: &str, text: &str) -> Result<Vec<usize>, String> {
     text.split(',').map(|n| number(flag, n.trim())).collect()
+}
+
+/// A comma-separated list of target names, each once.
+fn targets(flag: &str, text: &str) -> Result<Vec<crate::targets::Kind>, String> {
+    let mut out = Vec::new();
+    for name in text.split(',').map(str::trim) {
+        let kind = crate::targets::Kind::parse(name).ok_or(format!(
+            "{flag}: unknown target `{name}` (direct, pglb, pglb-nolog, pglb-sockmap, haproxy, haproxy-log)"
+        ))?;
+        if !out.contains(&kind) {
+            out.push(kind);
+        }
+    }
+    Ok(out)
 }
 
 /// `LOW,HIGH` with `0 < LOW < HIGH`.

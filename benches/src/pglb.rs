@@ -102,9 +102,19 @@ impl Pglb {
         Self::start_yaml(bin, |admin| config.render(admin))
     }
 
+    /// Like [`Pglb::start`], with `RUST_LOG` set to `rust_log` (e.g. the
+    /// connection log off: `info,pglb::connection=off`).
+    pub fn start_logging(bin: &Path, config: &Config, rust_log: &str) -> Result<Self> {
+        Self::launch(bin, |admin| config.render(admin), rust_log)
+    }
+
     /// Like [`Pglb::start`], for a config written by `yaml`, given the
     /// admin port (for configs [`Config`] cannot express, e.g. `clusters:`).
     pub fn start_yaml(bin: &Path, yaml: impl FnOnce(u16) -> String) -> Result<Self> {
+        Self::launch(bin, yaml, "info")
+    }
+
+    fn launch(bin: &Path, yaml: impl FnOnce(u16) -> String, rust_log: &str) -> Result<Self> {
         let scratch = Scratch::new("pglb")?;
         let admin = free_port().context("cannot find a free port for the admin endpoint")?;
         let file = scratch.file("lb.yaml");
@@ -119,7 +129,7 @@ impl Pglb {
             bail!("pglb rejects the bench's config:\n{}{}", check.stdout, check.stderr);
         }
         let mut cmd = Command::new(bin);
-        cmd.arg("--config").arg(&file).env("RUST_LOG", "info").env("NO_COLOR", "1");
+        cmd.arg("--config").arg(&file).env("RUST_LOG", rust_log).env("NO_COLOR", "1");
         let guard = Guard::spawn("pglb", &mut cmd, &scratch.file("pglb.log"))?;
         Ok(Self { guard, admin: SocketAddr::from(([127, 0, 0, 1], admin)), _scratch: scratch })
     }

@@ -74,7 +74,9 @@ impl Table {
         for &b in &self.baselines {
             let base = stats::mean(samples_of(row, b));
             line.push(match (value, base) {
-                (Some(v), Some(base)) if base != 0.0 => format!("{:.2}x", v / base),
+                (Some(v), Some(base)) if base != 0.0 => {
+                    format!("{:.2}x{}", v / base, spread(samples, samples_of(row, b)))
+                }
                 _ => "-".into(),
             });
         }
@@ -85,6 +87,17 @@ impl Table {
             });
         }
         line
+    }
+}
+
+/// The ratio's spread over rounds: ` (lo..hi)` of the per-round ratios
+/// (round `r` of one target over round `r` of the other, measured side by
+/// side), when there is more than one round.
+fn spread(samples: &[f64], base: &[f64]) -> String {
+    let ratios: Vec<f64> = samples.iter().zip(base).filter(|(_, b)| **b != 0.0).map(|(v, b)| v / b).collect();
+    match (ratios.len() > 1, stats::min(&ratios), stats::max(&ratios)) {
+        (true, Some(lo), Some(hi)) => format!(" ({lo:.2}..{hi:.2})"),
+        _ => String::new(),
     }
 }
 

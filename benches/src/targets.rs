@@ -15,21 +15,47 @@ use crate::pglb::{self, Pglb};
 pub enum Kind {
     Direct,
     PglbSplice,
+    /// pglb (splice) with its connection log off (`pglb::connection=off`).
+    PglbNoLog,
     PglbSockmap,
     Haproxy,
+    /// HAProxy with `option tcplog`: one line per connection to its stdout,
+    /// like pglb's connection log to its stderr (both a file here).
+    HaproxyLog,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::PglbSplice, Kind::PglbSockmap, Kind::Haproxy];
+    pub const ALL: [Kind; 6] =
+        [Kind::Direct, Kind::PglbSplice, Kind::PglbNoLog, Kind::PglbSockmap, Kind::Haproxy, Kind::HaproxyLog];
     pub const BALANCERS: [Kind; 3] = [Kind::PglbSplice, Kind::PglbSockmap, Kind::Haproxy];
+    /// The throughput suite's targets unless `--targets` says otherwise.
+    pub const DEFAULT: [Kind; 4] = [Kind::Direct, Kind::PglbSplice, Kind::PglbSockmap, Kind::Haproxy];
 
     pub fn label(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
             Kind::PglbSplice => "pglb (splice)",
+            Kind::PglbNoLog => "pglb (splice, no log)",
             Kind::PglbSockmap => "pglb (sockmap)",
             Kind::Haproxy => "haproxy",
+            Kind::HaproxyLog => "haproxy (tcplog)",
         }
+    }
+
+    /// The name `--targets` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::PglbSplice => "pglb",
+            Kind::PglbNoLog => "pglb-nolog",
+            Kind::PglbSockmap => "pglb-sockmap",
+            Kind::Haproxy => "haproxy",
+            Kind::HaproxyLog => "haproxy-log",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
     }
 }
 
@@ -82,9 +108,11 @@ pub fn start(kind: Kind, bins: &Bins, route: Route, nodes: &[Node], maxconn: usi
     let primary = nodes.first().context("a cluster without nodes")?;
     let (port, pid, process) = match kind {
         Kind::Direct => (primary.port, None, Process::None),
-        Kind::PglbSplice => start_pglb(bins, "splice", route, nodes)?,
-        Kind::PglbSockmap => start_pglb(bins, "sockmap", route, nodes)?,
-        Kind::Haproxy => start_haproxy(bins, route, nodes, maxconn)?,
+        Kind::PglbSplice => start_pglb(bins, "splice", route, nodes, true)?,
+        Kind::PglbNoLog => start_pglb(bins, "splice", route, nodes, false)?,
+        Kind::PglbSockmap => start_pglb(bins, "sockmap", route, nodes, true)?,
+        Kind::Haproxy => start_haproxy(bins, route, nodes, maxconn, false)?,
+        Kind::HaproxyLog => start_haproxy(bins, route, nodes, maxconn, true)?,
     };
     Ok(Target { kind, port, pid, process })
 }
@@ -94,6 +122,7 @@ fn start_pglb(
     forwarder: &'static str,
     route: Route,
     nodes: &[Node],
+    connection_log: bool,
 ) -> Result<(u16, Option<u32>, Process)> {
     let port = free_port().context("cannot find a free port for pglb")?;
     let (name, role, need) = match route {
@@ -105,12 +134,20 @@ fn start_pglb(
         listeners: vec![pglb::Listener { name, port, role, balance: "round_robin" }],
         backends: nodes.iter().enumerate().map(|(i, n)| (format!("pg{i}"), n.address())).collect(),
     };
-    let mut pglb = Pglb::start(&bins.pglb, &config).with_context(|| format!("cannot start pglb ({forwarder})"))?;
+    let rust_log = if connection_log { "info" } else { "info,pglb::connection=off" };
+    let mut pglb = Pglb::start_logging(&bins.pglb, &config, rust_log)
+        .with_context(|| format!("cannot start pglb ({forwarder})"))?;
     pglb.wait_ready(name, need, Duration::from_secs(30))?;
     Ok((port, Some(pglb.pid()), Process::Pglb(Box::new(pglb))))
 }
 
-fn start_haproxy(bins: &Bins, route: Route, nodes: &[Node], maxconn: usize) -> Result<(u16, Option<u32>, Process)> {
+fn start_haproxy(
+    bins: &Bins,
+    route: Route,
+    nodes: &[Node],
+    maxconn: usize,
+    tcplog: bool,
+) -> Result<(u16, Option<u32>, Process)> {
     let port = free_port().context("cannot find a free port for haproxy")?;
     let (name, servers) = match route {
         Route::Primary => ("rw", &nodes[..1]),
@@ -118,10 +155,20 @@ fn start_haproxy(bins: &Bins, route: Route, nodes: &[Node], maxconn: usize) -> R
     };
     let mut lines = vec!["balance roundrobin".to_owned()];
     lines.extend(servers.iter().map(|n| format!("server {} {}", n.name, n.address())));
+    let (global, mut defaults) = match tcplog {
+        // One line per connection, written by HAProxy itself (no syslog
+        // daemon in between), as pglb writes its connection log.
+        true => (
+            vec!["log stdout format raw local0 info".to_owned()],
+            vec!["log global".to_owned(), "option tcplog".into()],
+        ),
+        false => (Vec::new(), Vec::new()),
+    };
+    defaults.push("option splice-auto".into());
     let config = haproxy::Config {
         maxconn,
-        global: Vec::new(),
-        defaults: vec!["option splice-auto".into()],
+        global,
+        defaults,
         listens: vec![haproxy::Listen { name, port, lines }],
         scripts: Vec::new(),
     };

@@ -138,10 +138,11 @@ impl Results {
 
     /// The table; figures nobody measured are left out.
     pub fn render(&self, opts: &Throughput) -> String {
-        let labels: Vec<&str> = Kind::ALL.iter().map(|k| k.label()).collect();
-        let mut table = Table::new(&labels, &[Kind::Direct.label(), Kind::Haproxy.label()]);
+        let labels: Vec<&str> = opts.targets.iter().map(|k| k.label()).collect();
+        let mut table = Table::new(&labels, &[Kind::Direct.label(), Kind::Haproxy.label(), Kind::HaproxyLog.label()]);
         for fig in Fig::ALL {
-            let samples: Vec<Option<Vec<f64>>> = Kind::ALL
+            let samples: Vec<Option<Vec<f64>>> = opts
+                .targets
                 .iter()
                 .map(|&k| {
                     let applies = k != Kind::Direct || !fig.balancer_only();

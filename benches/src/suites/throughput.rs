@@ -79,7 +79,7 @@ fn pgbench_rounds(opts: &Throughput, bins: &Bins, results: &mut Results) -> Resu
     pgbench::init(primary.port, opts.scale)?;
     settle(&cluster)?;
     let mut all = Vec::new();
-    for kind in Kind::ALL {
+    for &kind in &opts.targets {
         all.push(targets::start(kind, bins, Route::Primary, &cluster.nodes, MAXCONN)?);
     }
     for round in 0..opts.rounds {
@@ -187,7 +187,10 @@ fn fixed_rate(opts: &Throughput, results: &mut Results) -> Result<u64> {
         results.rate = Some(rate);
         return Ok(rate);
     }
-    let haproxy = results.first(Fig::SelectTps, Kind::Haproxy).context("no HAProxy select-only TPS to take half of")?;
+    let haproxy = results
+        .first(Fig::SelectTps, Kind::Haproxy)
+        .or_else(|| results.first(Fig::SelectTps, Kind::HaproxyLog))
+        .context("no HAProxy select-only TPS to take half of: give --rate, or include haproxy in --targets")?;
     let rate = (haproxy / 2.0).round().max(1.0) as u64;
     eprintln!("fixed rate: -R {rate} (half of HAProxy's {haproxy:.0} select-only TPS)");
     results.rate = Some(rate);
