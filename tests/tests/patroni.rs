@@ -330,10 +330,13 @@ fn etcd_lost_without_and_with_failsafe_mode() {
             other => Err(format!("{other:?}")),
         }
     });
-    // A client arriving now is held, not refused: it writes once a leader is back.
+    // A client arriving now is held, not refused: it writes once a leader is
+    // back. It waits as long as rw holds (30 s), not psql's usual 10 s: on
+    // a slow machine etcd's restart and Patroni's next loop can take longer.
     let rw = pglb.port("rw");
     let held = std::thread::spawn(move || {
-        psql(rw, "INSERT INTO pglb_writes (writer) VALUES ('held') RETURNING inet_server_port()", &[])
+        let sql = "INSERT INTO pglb_writes (writer) VALUES ('held') RETURNING inet_server_port()";
+        psql(rw, sql, &[("PGCONNECT_TIMEOUT", "40")])
     });
     let restarted = Instant::now();
     cluster.start_etcd();

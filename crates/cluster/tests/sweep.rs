@@ -46,9 +46,14 @@ fn a_planted_postmaster_pid_is_never_signalled_and_a_planted_folder_never_taken(
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&target, &link).expect("symlink");
     // Someone else's (a user the sweeper does not run as): left alone.
+    // Planted under another name and renamed once it is nobody's: the
+    // other test in this binary sweeps concurrently and would rightly take
+    // it while it is still ours.
     let foreign = tmp.join(format!("pglb-foreign-{id}"));
-    plant(&foreign, victim.id());
-    let chowned = Command::new("chown").args(["-R", "nobody"]).arg(&foreign).status().is_ok_and(|s| s.success());
+    let planting = tmp.join(format!("planting-foreign-{id}"));
+    plant(&planting, victim.id());
+    let chowned = Command::new("chown").args(["-R", "nobody"]).arg(&planting).status().is_ok_and(|s| s.success())
+        && std::fs::rename(&planting, &foreign).is_ok();
 
     let cluster = Cluster::start(&Spec { tag: "sweep".into(), ..Spec::default() }).expect("a cluster");
     let root_mode = std::fs::metadata(&cluster.root).expect("root").permissions().mode() & 0o777;
@@ -59,7 +64,7 @@ fn a_planted_postmaster_pid_is_never_signalled_and_a_planted_folder_never_taken(
     let foreign_kept = foreign.join("owner.pid").exists();
     let _ = victim.kill();
     let _ = victim.wait();
-    for path in [&ours, &target, &foreign] {
+    for path in [&ours, &target, &foreign, &planting] {
         let _ = std::fs::remove_dir_all(path);
     }
     let _ = std::fs::remove_file(&link);
